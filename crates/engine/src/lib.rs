@@ -1,0 +1,172 @@
+//! # tabula-engine
+//!
+//! The numeric core of Tabula: f32 tensors and the handful of transformer ops the models need
+//! (linear layers, norms, activations, rotary embeddings, attention, pooling), behind one
+//! [`Backend`] trait with two implementations: [`cpu::CpuBackend`], the reference (SIMD GEMM via
+//! `matrixmultiply`), and [`gpu::GpuBackend`], WGSL kernels on `wgpu` (Vulkan/Metal/DX12 natively,
+//! WebGPU in browsers). Model code is written once against the trait.
+//!
+//! This crate owns numbers and devices only. It must not know about any model, file format,
+//! tokenizer or network: those live in `tabula-models` and above. It builds for
+//! `wasm32-unknown-unknown` from the same source.
+//!
+//! On the GPU backend every tensor lives in a device buffer and ops only record compute passes;
+//! the only way back to the host is [`Backend::read`], so a whole forward pass runs without a
+//! readback until the caller asks for its result.
+
+pub mod cpu;
+pub mod gpu;
+mod ops;
+
+pub use ops::erf;
+
+use std::future::Future;
+
+/// Errors from the engine. Shapes are checked on every op so that a bad model file or a bad
+/// shard input becomes a precise error, never an out-of-bounds panic.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("no GPU adapter available ({0}); on Debian install mesa-vulkan-drivers for a software Vulkan device, or use --backend cpu")]
+    NoAdapter(String),
+    #[error("GPU error: {0}")]
+    Gpu(String),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+pub(crate) fn shape_err(op: &'static str, detail: impl Into<String>) -> EngineError {
+    EngineError::Shape { op, detail: detail.into() }
+}
+
+/// Geometry of one attention call.
+///
+/// `q` holds `batch * q_len` rows of `heads * head_dim` values. `k` and `v` hold `batch *
+/// kv_rows` rows of `kv_heads * head_dim` values (grouped-query attention when `kv_heads <
+/// heads`): sequence `b` owns rows `[b * kv_rows, b * kv_rows + kv_lens[b])`, the rest is
+/// padding (or free KV-cache space) and is never read. Query row `i` of a sequence sits at
+/// absolute position `pos_offset + i`; with `causal` it only sees keys at positions `<=` its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionParams {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_rows: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub pos_offset: usize,
+}
+
+impl AttentionParams {
+    pub(crate) fn validate(&self, q: &[usize], k: &[usize], v: &[usize], kv_lens: &[u32]) -> Result<()> {
+        let op = "attention";
+        if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 || self.heads % self.kv_heads != 0 {
+            return Err(shape_err(op, format!("bad head layout {self:?}")));
+        }
+        if q != [self.batch * self.q_len, self.heads * self.head_dim] {
+            return Err(shape_err(op, format!("q is {q:?}, expected {:?}", [self.batch * self.q_len, self.heads * self.head_dim])));
+        }
+        let kv = [self.batch * self.kv_rows, self.kv_heads * self.head_dim];
+        if k != kv || v != kv {
+            return Err(shape_err(op, format!("k {k:?} / v {v:?}, expected {kv:?}")));
+        }
+        if kv_lens.len() != self.batch || kv_lens.iter().any(|&l| l as usize > self.kv_rows || l == 0) {
+            return Err(shape_err(op, format!("kv_lens {kv_lens:?} for {} rows per sequence", self.kv_rows)));
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's shape, row-major.
+pub trait Shaped {
+    fn shape(&self) -> &[usize];
+    fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+    /// Rows and columns when viewed as a matrix whose last dimension is the column.
+    fn as_matrix(&self) -> (usize, usize) {
+        let s = self.shape();
+        let cols = *s.last().unwrap_or(&1);
+        (if cols == 0 { 0 } else { self.numel() / cols }, cols)
+    }
+}
+
+/// The op interface every model is written against.
+///
+/// Tensors are immutable values except through [`Backend::write_rows`], which exists for KV
+/// caches. Matrices are row-major; "rows" are tokens and "columns" are features.
+pub trait Backend {
+    type Tensor: Clone + Shaped + std::fmt::Debug;
+
+    /// Human-readable device description, e.g. "cpu" or "llvmpipe (Vulkan)".
+    fn describe(&self) -> String;
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Copies a tensor back to the host. The only device-to-host transfer.
+    fn read(&self, t: &Self::Tensor) -> impl Future<Output = Result<Vec<f32>>>;
+
+    /// `x · wᵀ + b` for `x: [m, k]`, `w: [n, k]`, `b: [n]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// LayerNorm over the last dimension.
+    fn layer_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, beta: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// RMSNorm over the last dimension.
+    fn rms_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// GELU with the exact (erf) form, as BERT uses.
+    fn gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`, the SwiGLU gate.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rows of `table` picked by `ids`: `[ids.len(), dim]`.
+    fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+    /// Rotary embedding on adjacent pairs `(x[2i], x[2i+1])` of each head (GGUF/llama.cpp
+    /// layout); row `r` is at position `pos_offset + r`.
+    fn rope(&self, x: &Self::Tensor, head_dim: usize, pos_offset: usize, theta: f32) -> Result<Self::Tensor>;
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        kv_lens: &[u32],
+        params: &AttentionParams,
+    ) -> Result<Self::Tensor>;
+    /// Overwrites rows `[row, row + src.rows)` of `dst` with `src`.
+    fn write_rows(&self, dst: &mut Self::Tensor, row: usize, src: &Self::Tensor) -> Result<()>;
+    /// Rows `[start, start + count)` of `x`.
+    fn slice_rows(&self, x: &Self::Tensor, start: usize, count: usize) -> Result<Self::Tensor>;
+    /// Mean over the first `lens[b]` rows of each block of `seq` rows: `[batch, dim]`.
+    fn mean_pool(&self, x: &Self::Tensor, seq: usize, lens: &[u32]) -> Result<Self::Tensor>;
+}
+
+pub(crate) fn check_same(op: &'static str, a: &[usize], b: &[usize]) -> Result<()> {
+    if a == b { Ok(()) } else { Err(shape_err(op, format!("{a:?} vs {b:?}"))) }
+}
+
+pub(crate) fn check_linear(x: &[usize], w: &[usize], b: Option<&[usize]>) -> Result<(usize, usize, usize)> {
+    let op = "linear";
+    if x.len() != 2 || w.len() != 2 || x[1] != w[1] {
+        return Err(shape_err(op, format!("x {x:?} · w{w:?}ᵀ")));
+    }
+    if let Some(b) = b
+        && b != [w[0]]
+    {
+        return Err(shape_err(op, format!("bias {b:?} for {} outputs", w[0])));
+    }
+    Ok((x[0], x[1], w[0]))
+}
+
+pub(crate) fn check_pool(x: &[usize], seq: usize, lens: &[u32]) -> Result<(usize, usize)> {
+    let rows = x.first().copied().unwrap_or(0);
+    if x.len() != 2 || seq == 0 || rows != seq * lens.len() || lens.iter().any(|&l| l == 0 || l as usize > seq) {
+        return Err(shape_err("mean_pool", format!("x {x:?}, seq {seq}, lens {lens:?}")));
+    }
+    Ok((lens.len(), x[1]))
+}
+
+pub(crate) fn check_rope(x: &[usize], head_dim: usize) -> Result<()> {
+    if x.len() != 2 || head_dim == 0 || head_dim % 2 != 0 || x[1] % head_dim != 0 {
+        return Err(shape_err("rope", format!("x {x:?}, head_dim {head_dim}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,2 @@
+//! # tabula-models
+pub mod gguf;
