@@ -17,7 +17,7 @@ The benchmark texts are generated deterministically from --seed; --texts-out PAT
 {"short": [...], "long": [...], "prompt": "...", "prompt_ids": [...], ...}) so that Tabula's own
 benchmark measures exactly the same inputs; --texts-in PATH reuses such a file.
 
-Run with the benchmark venv (outside the project, see bench/README or the setup notes):
+Run with the benchmark venv (outside the project: /root/.cache/tabula-bench/venv, with the packages below):
     /root/.cache/tabula-bench/venv/bin/python bench/peers.py --threads 1 --json \
         --texts-out /root/.cache/tabula-bench/texts.json
 Needs: torch, onnxruntime, onnx, transformers, tokenizers, numpy, gguf. Runs fully offline.

