@@ -71,29 +71,55 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let (texts_path, peers) = match &args.peers_python {
         Some(python) => {
             let texts = tmp.path().join("texts.json");
-            eprintln!("running the peers: {} {} --threads {}", python.display(), args.peers_script.display(), args.threads);
+            eprintln!(
+                "running the peers: {} {} --threads {}",
+                python.display(),
+                args.peers_script.display(),
+                args.threads
+            );
             let mut cmd = Command::new(python);
-            cmd.arg(&args.peers_script).args(["--json", "--threads", &args.threads.to_string(), "--reps", &args.reps.to_string(), "--texts-out"]).arg(&texts);
+            cmd.arg(&args.peers_script)
+                .args([
+                    "--json",
+                    "--threads",
+                    &args.threads.to_string(),
+                    "--reps",
+                    &args.reps.to_string(),
+                    "--texts-out",
+                ])
+                .arg(&texts);
             if let Some(only) = &args.only {
                 cmd.args(["--only", only]);
             }
             if let Some(dir) = &args.models_dir {
                 cmd.arg("--models-dir").arg(dir);
             }
-            let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run {}", python.display()))?;
+            let out = cmd
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("cannot run {}", python.display()))?;
             if !out.status.success() {
-                bail!("the peers' benchmark failed ({}); see its messages above", out.status);
+                bail!(
+                    "the peers' benchmark failed ({}); see its messages above",
+                    out.status
+                );
             }
-            let report: PeerReport = serde_json::from_slice(&out.stdout).context("the peers' script printed no valid JSON")?;
+            let report: PeerReport = serde_json::from_slice(&out.stdout)
+                .context("the peers' script printed no valid JSON")?;
             (texts, report.results)
         }
         None => (
-            args.texts.clone().context("give --peers-python (to run the peers and get their texts) or --texts FILE")?,
+            args.texts.clone().context(
+                "give --peers-python (to run the peers and get their texts) or --texts FILE",
+            )?,
             Vec::new(),
         ),
     };
-    let texts: Texts = serde_json::from_slice(&std::fs::read(&texts_path).with_context(|| format!("cannot read {}", texts_path.display()))?)
-        .context("benchmark texts must be JSON with short, long and prompt_ids")?;
+    let texts: Texts = serde_json::from_slice(
+        &std::fs::read(&texts_path)
+            .with_context(|| format!("cannot read {}", texts_path.display()))?,
+    )
+    .context("benchmark texts must be JSON with short, long and prompt_ids")?;
     let mut ours = Vec::new();
     for &backend in &args.backends {
         match backend {
@@ -107,7 +133,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     print_table(&ours, &peers);
     if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_vec_pretty(&serde_json::json!({ "ours": ours, "peers": peers, "threads": args.threads }))?)?;
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(
+                &serde_json::json!({ "ours": ours, "peers": peers, "threads": args.threads }),
+            )?,
+        )?;
     }
     Ok(())
 }
@@ -122,17 +153,30 @@ fn best_of<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     Ok(best)
 }
 
-fn measure<B: Backend>(backend: &B, name: &str, texts: &Texts, args: &BenchArgs) -> Result<Vec<Measurement>> {
+fn measure<B: Backend>(
+    backend: &B,
+    name: &str,
+    texts: &Texts,
+    args: &BenchArgs,
+) -> Result<Vec<Measurement>> {
     let dir = crate::models_dir(args.models_dir.clone());
     let mut out = Vec::new();
     let record = |task: &str, unit: &str, value: f64| {
         eprintln!("{name:40} {task:22} {value:10.1} {unit}");
-        Measurement { peer: name.to_string(), task: task.to_string(), unit: unit.to_string(), value }
+        Measurement {
+            peer: name.to_string(),
+            task: task.to_string(),
+            unit: unit.to_string(),
+            value,
+        }
     };
     if args.only.as_deref() != Some("smollm2") {
         let mut embedder = crate::run::load_embedder(backend, &dir, "all-MiniLM-L6-v2")?;
         embedder.batch_size = BATCH;
-        for (task, list, cut) in [("minilm-short-b32", &texts.short, None), ("minilm-long-b32", &texts.long, Some(128))] {
+        for (task, list, cut) in [
+            ("minilm-short-b32", &texts.short, None),
+            ("minilm-long-b32", &texts.long, Some(128)),
+        ] {
             // Tokenisation is outside the timing, as for the peers; long texts are cut to 128
             // tokens keeping [SEP], as the peers' tokenizer does.
             let mut ids = embedder.tokenize(list)?;
@@ -164,20 +208,35 @@ fn measure<B: Backend>(backend: &B, name: &str, texts: &Texts, args: &BenchArgs)
         for _ in 0..args.reps.max(1) {
             let mut cache = model.new_cache(backend, prompt.len() + DECODE_TOKENS + 1)?;
             let start = Instant::now();
-            let h = model.run_layers(backend, model.embed_tokens(backend, prompt, 0)?, &mut cache)?;
+            let h =
+                model.run_layers(backend, model.embed_tokens(backend, prompt, 0)?, &mut cache)?;
             let logits = pollster::block_on(backend.read(&model.head(backend, &h)?))?;
             prefill = prefill.min(start.elapsed().as_secs_f64());
             let mut sampler = Sampler::greedy();
             let mut token = sampler.pick(&logits);
             let start = Instant::now();
             for step in 0..DECODE_TOKENS {
-                let h = model.run_layers(backend, model.embed_tokens(backend, &[token], prompt.len() + step)?, &mut cache)?;
-                token = sampler.pick(&pollster::block_on(backend.read(&model.head(backend, &h)?))?);
+                let h = model.run_layers(
+                    backend,
+                    model.embed_tokens(backend, &[token], prompt.len() + step)?,
+                    &mut cache,
+                )?;
+                token = sampler.pick(&pollster::block_on(
+                    backend.read(&model.head(backend, &h)?),
+                )?);
             }
             decode = decode.min(start.elapsed().as_secs_f64());
         }
-        out.push(record(&format!("smollm2-prefill-{}", prompt.len()), "tokens/s", prompt.len() as f64 / prefill));
-        out.push(record(&format!("smollm2-decode-{DECODE_TOKENS}"), "tokens/s", DECODE_TOKENS as f64 / decode));
+        out.push(record(
+            &format!("smollm2-prefill-{}", prompt.len()),
+            "tokens/s",
+            prompt.len() as f64 / prefill,
+        ));
+        out.push(record(
+            &format!("smollm2-decode-{DECODE_TOKENS}"),
+            "tokens/s",
+            DECODE_TOKENS as f64 / decode,
+        ));
     }
     Ok(out)
 }
@@ -188,10 +247,22 @@ fn print_table(ours: &[Measurement], peers: &[Measurement]) {
     for m in ours {
         let matching: Vec<&Measurement> = peers.iter().filter(|p| p.task == m.task).collect();
         if matching.is_empty() {
-            println!("| {} | {} | {:.1} {} | – | – | – |", m.task, m.peer, m.value, m.unit);
+            println!(
+                "| {} | {} | {:.1} {} | – | – | – |",
+                m.task, m.peer, m.value, m.unit
+            );
         }
         for p in matching {
-            println!("| {} | {} | {:.1} {} | {} | {:.1} | {:.2}× |", m.task, m.peer, m.value, m.unit, p.peer, p.value, m.value / p.value);
+            println!(
+                "| {} | {} | {:.1} {} | {} | {:.1} | {:.2}× |",
+                m.task,
+                m.peer,
+                m.value,
+                m.unit,
+                p.peer,
+                p.value,
+                m.value / p.value
+            );
         }
     }
 }

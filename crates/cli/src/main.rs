@@ -11,7 +11,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "tabula", version, about = "Browser tabs as a verified inference cluster: models, embeddings, generation, benchmarks")]
+#[command(
+    name = "tabula",
+    version,
+    about = "Browser tabs as a verified inference cluster: models, embeddings, generation, benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,7 +65,10 @@ enum ModelsCommand {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TABULA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TABULA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = dispatch(Cli::parse()) {
@@ -72,8 +79,12 @@ fn main() {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Models { command: ModelsCommand::Fetch { dir, model } } => fetch::fetch(&models_dir(dir), model.as_deref()),
-        Command::Models { command: ModelsCommand::List { dir } } => fetch::list(&models_dir(dir)),
+        Command::Models {
+            command: ModelsCommand::Fetch { dir, model },
+        } => fetch::fetch(&models_dir(dir), model.as_deref()),
+        Command::Models {
+            command: ModelsCommand::List { dir },
+        } => fetch::list(&models_dir(dir)),
         Command::Embed(args) => run::embed(args),
         Command::Generate(args) => run::generate(args),
         Command::Bench(args) => bench::bench(args),

@@ -7,7 +7,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tabula_engine::{Backend, cpu::CpuBackend, gpu::{AdapterChoice, GpuBackend}};
+use tabula_engine::{
+    Backend,
+    cpu::CpuBackend,
+    gpu::{AdapterChoice, GpuBackend},
+};
 use tabula_models::{
     bert::SentenceEmbedder,
     catalog::{self, Family, ModelSpec},
@@ -76,7 +80,14 @@ pub fn gpu_backend() -> Result<GpuBackend> {
 }
 
 fn spec(name: &str, family: Family) -> Result<&'static ModelSpec> {
-    let known = || catalog::ALL.iter().filter(|m| m.family == family).map(|m| m.name).collect::<Vec<_>>().join(", ");
+    let known = || {
+        catalog::ALL
+            .iter()
+            .filter(|m| m.family == family)
+            .map(|m| m.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match catalog::find(name) {
         Some(s) if s.family == family => Ok(s),
         Some(_) => bail!("`{name}` cannot do this; use one of: {}", known()),
@@ -90,22 +101,45 @@ pub fn model_files(dir: &std::path::Path, spec: &ModelSpec) -> Result<Vec<Vec<u8
         .iter()
         .map(|f| {
             let path = dir.join(f.local_path);
-            std::fs::read(&path).with_context(|| format!("cannot read {}: run `tabula models fetch --dir {}` first", path.display(), dir.display()))
+            std::fs::read(&path).with_context(|| {
+                format!(
+                    "cannot read {}: run `tabula models fetch --dir {}` first",
+                    path.display(),
+                    dir.display()
+                )
+            })
         })
         .collect()
 }
 
-pub fn load_embedder<B: Backend>(backend: &B, dir: &std::path::Path, name: &str) -> Result<SentenceEmbedder<B>> {
+pub fn load_embedder<B: Backend>(
+    backend: &B,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<SentenceEmbedder<B>> {
     let spec = spec(name, Family::Bert)?;
     let files = model_files(dir, spec)?;
     let file = |suffix: &str| -> Result<&[u8]> {
-        let i = spec.files.iter().position(|f| f.local_path.ends_with(suffix)).context("catalogue entry lacks a file")?;
+        let i = spec
+            .files
+            .iter()
+            .position(|f| f.local_path.ends_with(suffix))
+            .context("catalogue entry lacks a file")?;
         Ok(&files[i])
     };
-    Ok(SentenceEmbedder::load(backend, file("config.json")?, file("model.safetensors")?, file("tokenizer.json")?)?)
+    Ok(SentenceEmbedder::load(
+        backend,
+        file("config.json")?,
+        file("model.safetensors")?,
+        file("tokenizer.json")?,
+    )?)
 }
 
-pub fn load_generator<B: Backend>(backend: &B, dir: &std::path::Path, name: &str) -> Result<Generator<B>> {
+pub fn load_generator<B: Backend>(
+    backend: &B,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<Generator<B>> {
     let spec = spec(name, Family::Llama)?;
     let files = model_files(dir, spec)?;
     Ok(Generator::load(backend, &files[0])?)
@@ -124,12 +158,19 @@ pub fn embed(args: EmbedArgs) -> Result<()> {
 /// Lines are read and embedded in chunks, so inputs of any length stream through in bounded
 /// memory.
 fn embed_with<B: Backend>(backend: &B, args: &EmbedArgs) -> Result<()> {
-    let mut embedder = load_embedder(backend, &crate::models_dir(args.models_dir.clone()), &args.model)?;
+    let mut embedder = load_embedder(
+        backend,
+        &crate::models_dir(args.models_dir.clone()),
+        &args.model,
+    )?;
     embedder.batch_size = args.batch_size;
     let reader: Box<dyn BufRead> = if args.input == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(std::io::BufReader::new(std::fs::File::open(&args.input).with_context(|| format!("cannot open --input {}", args.input))?))
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(&args.input)
+                .with_context(|| format!("cannot open --input {}", args.input))?,
+        ))
     };
     let mut out = BufWriter::new(std::io::stdout().lock());
     let spinner = indicatif::ProgressBar::new_spinner().with_message("embedding");
@@ -137,14 +178,22 @@ fn embed_with<B: Backend>(backend: &B, args: &EmbedArgs) -> Result<()> {
     let mut chunk: Vec<String> = Vec::new();
     let mut lines = reader.lines();
     loop {
-        let line = lines.next().transpose().with_context(|| format!("reading line {} of the input (is it UTF-8?)", index + chunk.len() + 1))?;
+        let line = lines.next().transpose().with_context(|| {
+            format!(
+                "reading line {} of the input (is it UTF-8?)",
+                index + chunk.len() + 1
+            )
+        })?;
         let done = line.is_none();
         if let Some(line) = line {
             chunk.push(line.trim_end_matches('\r').to_string());
         }
         if chunk.len() >= args.batch_size * 8 || (done && !chunk.is_empty()) {
             for e in pollster::block_on(embedder.embed(backend, &chunk))? {
-                serde_json::to_writer(&mut out, &serde_json::json!({ "index": index, "tokens": e.input_ids.len(), "embedding": e.vector }))?;
+                serde_json::to_writer(
+                    &mut out,
+                    &serde_json::json!({ "index": index, "tokens": e.input_ids.len(), "embedding": e.vector }),
+                )?;
                 out.write_all(b"\n")?;
                 index += 1;
             }
@@ -174,38 +223,51 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn generate_with<B: Backend>(backend: &B, args: &GenerateArgs) -> Result<()> {
-    let generator = load_generator(backend, &crate::models_dir(args.models_dir.clone()), &args.model)?;
+    let generator = load_generator(
+        backend,
+        &crate::models_dir(args.models_dir.clone()),
+        &args.model,
+    )?;
     let prompt = generator.prompt_ids(&args.prompt, args.chat)?;
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
     let mut stdout = std::io::stdout().lock();
     let mut ids = Vec::new();
     let mut printed = 0usize;
-    let (generated, finish) = pollster::block_on(generator.generate(backend, &prompt, args.max_tokens, &mut sampler, |token| {
-        if args.json {
-            return;
-        }
-        // Decode everything so far and print what is new, holding back an incomplete UTF-8
-        // sequence (shown as U+FFFD) until its next byte arrives.
-        ids.push(token);
-        if let Ok(text) = generator.tokenizer.decode(&ids)
-            && !text.ends_with('\u{FFFD}')
-            && text.len() > printed
-            && text.is_char_boundary(printed)
-        {
-            let _ = stdout.write_all(text[printed..].as_bytes());
-            let _ = stdout.flush();
-            printed = text.len();
-        }
-    }))?;
+    let (generated, finish) = pollster::block_on(generator.generate(
+        backend,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        |token| {
+            if args.json {
+                return;
+            }
+            // Decode everything so far and print what is new, holding back an incomplete UTF-8
+            // sequence (shown as U+FFFD) until its next byte arrives.
+            ids.push(token);
+            if let Ok(text) = generator.tokenizer.decode(&ids)
+                && !text.ends_with('\u{FFFD}')
+                && text.len() > printed
+                && text.is_char_boundary(printed)
+            {
+                let _ = stdout.write_all(&text.as_bytes()[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
+            }
+        },
+    ))?;
     let finish = match finish {
         Finish::Stop => "stop",
         Finish::Length => "length",
     };
     if args.json {
         let text = generator.tokenizer.decode(&generated)?;
-        serde_json::to_writer(&mut stdout, &serde_json::json!({
-            "model": args.model, "prompt_ids": prompt, "ids": generated, "text": text, "finish_reason": finish,
-        }))?;
+        serde_json::to_writer(
+            &mut stdout,
+            &serde_json::json!({
+                "model": args.model, "prompt_ids": prompt, "ids": generated, "text": text, "finish_reason": finish,
+            }),
+        )?;
     }
     writeln!(stdout)?;
     Ok(())

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use crate::{
-    AttentionParams, Backend, Result, Shaped, check_linear, check_pool, check_rope, check_same, ops, shape_err,
+    AttentionParams, Backend, Result, Shaped, check_linear, check_pool, check_rope, check_same,
+    ops, shape_err,
 };
 
 /// A host tensor. Cloning is cheap (shared data); `write_rows` copies on write if shared.
@@ -23,7 +24,10 @@ impl std::fmt::Debug for CpuTensor {
 impl CpuTensor {
     fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Self { shape, data: Arc::new(data) }
+        Self {
+            shape,
+            data: Arc::new(data),
+        }
     }
     pub fn data(&self) -> &[f32] {
         &self.data
@@ -47,12 +51,26 @@ struct Strides {
 /// Bounds are checked here so the unsafe SGEMM call below can never read or write outside
 /// the slices.
 #[allow(clippy::too_many_arguments)]
-fn gemm(m: usize, k: usize, n: usize, a: &[f32], sa: Strides, b: &[f32], sb: Strides, beta: f32, c: &mut [f32], sc: Strides) {
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    sa: Strides,
+    b: &[f32],
+    sb: Strides,
+    beta: f32,
+    c: &mut [f32],
+    sc: Strides,
+) {
     if m == 0 || n == 0 {
         return;
     }
     let last = |rows: usize, cols: usize, s: Strides| (rows - 1) * s.row + (cols - 1) * s.col;
-    assert!(k == 0 || (last(m, k, sa) < a.len() && last(k, n, sb) < b.len()), "gemm operand out of bounds");
+    assert!(
+        k == 0 || (last(m, k, sa) < a.len() && last(k, n, sb) < b.len()),
+        "gemm operand out of bounds"
+    );
     assert!(last(m, n, sc) < c.len(), "gemm output out of bounds");
     // SAFETY: the asserts above prove that every index the kernel touches, `i*row + j*col` for
     // i < rows and j < cols of each operand, lies inside its slice; `c` is a unique borrow and
@@ -96,13 +114,19 @@ impl Backend for CpuBackend {
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
         if shape.iter().product::<usize>() != data.len() {
-            return Err(shape_err("upload", format!("{} values for shape {shape:?}", data.len())));
+            return Err(shape_err(
+                "upload",
+                format!("{} values for shape {shape:?}", data.len()),
+            ));
         }
         Ok(CpuTensor::new(shape.to_vec(), data.to_vec()))
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(shape.to_vec(), vec![0.0; shape.iter().product()]))
+        Ok(CpuTensor::new(
+            shape.to_vec(),
+            vec![0.0; shape.iter().product()],
+        ))
     }
 
     async fn read(&self, t: &CpuTensor) -> Result<Vec<f32>> {
@@ -117,16 +141,40 @@ impl Backend for CpuBackend {
         };
         let beta = if b.is_some() { 1.0 } else { 0.0 };
         // wᵀ is read in place: element (kk, j) of wᵀ is w[j * k + kk].
-        gemm(m, k, n, &x.data, Strides { row: k, col: 1 }, &w.data, Strides { row: 1, col: k }, beta, &mut out, Strides { row: n, col: 1 });
+        gemm(
+            m,
+            k,
+            n,
+            &x.data,
+            Strides { row: k, col: 1 },
+            &w.data,
+            Strides { row: 1, col: k },
+            beta,
+            &mut out,
+            Strides { row: n, col: 1 },
+        );
         Ok(CpuTensor::new(vec![m, n], out))
     }
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
         check_same("add", &a.shape, &b.shape)?;
-        Ok(CpuTensor::new(a.shape.clone(), a.data.iter().zip(b.data.iter()).map(|(x, y)| x + y).collect()))
+        Ok(CpuTensor::new(
+            a.shape.clone(),
+            a.data
+                .iter()
+                .zip(b.data.iter())
+                .map(|(x, y)| x + y)
+                .collect(),
+        ))
     }
 
-    fn layer_norm(&self, x: &CpuTensor, gamma: &CpuTensor, beta: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
         let (_, cols) = x.as_matrix();
         check_same("layer_norm", &gamma.shape, &[cols])?;
         check_same("layer_norm", &beta.shape, &[cols])?;
@@ -135,7 +183,11 @@ impl Backend for CpuBackend {
             let mean = row.iter().sum::<f32>() / cols as f32;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
             let inv = 1.0 / (var + eps).sqrt();
-            out.extend(row.iter().zip(gamma.data.iter().zip(beta.data.iter())).map(|(v, (g, b))| (v - mean) * inv * g + b));
+            out.extend(
+                row.iter()
+                    .zip(gamma.data.iter().zip(beta.data.iter()))
+                    .map(|(v, (g, b))| (v - mean) * inv * g + b),
+            );
         }
         Ok(CpuTensor::new(x.shape.clone(), out))
     }
@@ -158,7 +210,14 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         check_same("silu_mul", &gate.shape, &up.shape)?;
-        Ok(CpuTensor::new(gate.shape.clone(), gate.data.iter().zip(up.data.iter()).map(|(&g, &u)| ops::silu(g) * u).collect()))
+        Ok(CpuTensor::new(
+            gate.shape.clone(),
+            gate.data
+                .iter()
+                .zip(up.data.iter())
+                .map(|(&g, &u)| ops::silu(g) * u)
+                .collect(),
+        ))
     }
 
     fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
@@ -167,14 +226,23 @@ impl Backend for CpuBackend {
         for &id in ids {
             let id = id as usize;
             if id >= vocab {
-                return Err(shape_err("embedding", format!("token id {id} outside vocabulary of {vocab}")));
+                return Err(shape_err(
+                    "embedding",
+                    format!("token id {id} outside vocabulary of {vocab}"),
+                ));
             }
             out.extend_from_slice(&table.data[id * dim..(id + 1) * dim]);
         }
         Ok(CpuTensor::new(vec![ids.len(), dim], out))
     }
 
-    fn rope(&self, x: &CpuTensor, head_dim: usize, pos_offset: usize, theta: f32) -> Result<CpuTensor> {
+    fn rope(
+        &self,
+        x: &CpuTensor,
+        head_dim: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Result<CpuTensor> {
         check_rope(&x.shape, head_dim)?;
         let (_, cols) = x.as_matrix();
         let mut out = x.data.to_vec();
@@ -193,15 +261,22 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(x.shape.clone(), out))
     }
 
-    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, kv_lens: &[u32], p: &AttentionParams) -> Result<CpuTensor> {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        kv_lens: &[u32],
+        p: &AttentionParams,
+    ) -> Result<CpuTensor> {
         p.validate(&q.shape, &k.shape, &v.shape, kv_lens)?;
         let (qw, kvw, d) = (p.heads * p.head_dim, p.kv_heads * p.head_dim, p.head_dim);
         let group = p.heads / p.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0.0f32; p.batch * p.q_len * qw];
         let mut scores = vec![0.0f32; p.q_len * p.kv_rows];
-        for b in 0..p.batch {
-            let kv_len = kv_lens[b] as usize;
+        for (b, &kv_len) in kv_lens.iter().enumerate() {
+            let kv_len = kv_len as usize;
             for h in 0..p.heads {
                 let kvh = h / group;
                 let q_at = b * p.q_len * qw + h * d;
@@ -217,11 +292,23 @@ impl Backend for CpuBackend {
                     Strides { row: 1, col: kvw },
                     0.0,
                     &mut scores,
-                    Strides { row: kv_len, col: 1 },
+                    Strides {
+                        row: kv_len,
+                        col: 1,
+                    },
                 );
-                for (i, row) in scores[..p.q_len * kv_len].chunks_exact_mut(kv_len).enumerate() {
-                    let visible = if p.causal { (p.pos_offset + i + 1).min(kv_len) } else { kv_len };
-                    let max = row[..visible].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+                for (i, row) in scores[..p.q_len * kv_len]
+                    .chunks_exact_mut(kv_len)
+                    .enumerate()
+                {
+                    let visible = if p.causal {
+                        (p.pos_offset + i + 1).min(kv_len)
+                    } else {
+                        kv_len
+                    };
+                    let max = row[..visible]
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
                     let mut sum = 0.0;
                     for s in &mut row[..visible] {
                         *s = (*s * scale - max).exp();
@@ -237,7 +324,10 @@ impl Backend for CpuBackend {
                     kv_len,
                     d,
                     &scores,
-                    Strides { row: kv_len, col: 1 },
+                    Strides {
+                        row: kv_len,
+                        col: 1,
+                    },
                     &v.data[kv_at..],
                     Strides { row: kvw, col: 1 },
                     0.0,
@@ -253,7 +343,10 @@ impl Backend for CpuBackend {
         let (rows, cols) = dst.as_matrix();
         let (n, src_cols) = src.as_matrix();
         if cols != src_cols || row + n > rows {
-            return Err(shape_err("write_rows", format!("{:?} at row {row} into {:?}", src.shape, dst.shape)));
+            return Err(shape_err(
+                "write_rows",
+                format!("{:?} at row {row} into {:?}", src.shape, dst.shape),
+            ));
         }
         Arc::make_mut(&mut dst.data)[row * cols..(row + n) * cols].copy_from_slice(&src.data);
         Ok(())
@@ -262,9 +355,15 @@ impl Backend for CpuBackend {
     fn slice_rows(&self, x: &CpuTensor, start: usize, count: usize) -> Result<CpuTensor> {
         let (rows, cols) = x.as_matrix();
         if start + count > rows {
-            return Err(shape_err("slice_rows", format!("rows {start}..{} of {:?}", start + count, x.shape)));
+            return Err(shape_err(
+                "slice_rows",
+                format!("rows {start}..{} of {:?}", start + count, x.shape),
+            ));
         }
-        Ok(CpuTensor::new(vec![count, cols], x.data[start * cols..(start + count) * cols].to_vec()))
+        Ok(CpuTensor::new(
+            vec![count, cols],
+            x.data[start * cols..(start + count) * cols].to_vec(),
+        ))
     }
 
     fn mean_pool(&self, x: &CpuTensor, seq: usize, lens: &[u32]) -> Result<CpuTensor> {
@@ -301,7 +400,16 @@ mod tests {
 
     #[test]
     fn causal_attention_first_query_sees_only_first_key() {
-        let p = AttentionParams { batch: 1, q_len: 2, kv_rows: 4, heads: 2, kv_heads: 1, head_dim: 2, causal: true, pos_offset: 0 };
+        let p = AttentionParams {
+            batch: 1,
+            q_len: 2,
+            kv_rows: 4,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            causal: true,
+            pos_offset: 0,
+        };
         let q = t(&[1.0; 8], &[2, 4]);
         let k = t(&[1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 9.0, 9.0], &[4, 2]);
         let v = t(&[1.0, 2.0, 3.0, 4.0, 100.0, 100.0, 100.0, 100.0], &[4, 2]);

@@ -28,7 +28,9 @@ use std::future::Future;
 pub enum EngineError {
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
-    #[error("no GPU adapter available ({0}); on Debian install mesa-vulkan-drivers for a software Vulkan device, or use --backend cpu")]
+    #[error(
+        "no GPU adapter available ({0}); on Debian install mesa-vulkan-drivers for a software Vulkan device, or use --backend cpu"
+    )]
     NoAdapter(String),
     #[error("GPU error: {0}")]
     Gpu(String),
@@ -37,7 +39,10 @@ pub enum EngineError {
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 pub(crate) fn shape_err(op: &'static str, detail: impl Into<String>) -> EngineError {
-    EngineError::Shape { op, detail: detail.into() }
+    EngineError::Shape {
+        op,
+        detail: detail.into(),
+    }
 }
 
 /// Geometry of one attention call.
@@ -60,20 +65,41 @@ pub struct AttentionParams {
 }
 
 impl AttentionParams {
-    pub(crate) fn validate(&self, q: &[usize], k: &[usize], v: &[usize], kv_lens: &[u32]) -> Result<()> {
+    pub(crate) fn validate(
+        &self,
+        q: &[usize],
+        k: &[usize],
+        v: &[usize],
+        kv_lens: &[u32],
+    ) -> Result<()> {
         let op = "attention";
-        if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || self.head_dim == 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+        {
             return Err(shape_err(op, format!("bad head layout {self:?}")));
         }
         if q != [self.batch * self.q_len, self.heads * self.head_dim] {
-            return Err(shape_err(op, format!("q is {q:?}, expected {:?}", [self.batch * self.q_len, self.heads * self.head_dim])));
+            return Err(shape_err(
+                op,
+                format!(
+                    "q is {q:?}, expected {:?}",
+                    [self.batch * self.q_len, self.heads * self.head_dim]
+                ),
+            ));
         }
         let kv = [self.batch * self.kv_rows, self.kv_heads * self.head_dim];
         if k != kv || v != kv {
             return Err(shape_err(op, format!("k {k:?} / v {v:?}, expected {kv:?}")));
         }
-        if kv_lens.len() != self.batch || kv_lens.iter().any(|&l| l as usize > self.kv_rows || l == 0) {
-            return Err(shape_err(op, format!("kv_lens {kv_lens:?} for {} rows per sequence", self.kv_rows)));
+        if kv_lens.len() != self.batch
+            || kv_lens.iter().any(|&l| l as usize > self.kv_rows || l == 0)
+        {
+            return Err(shape_err(
+                op,
+                format!("kv_lens {kv_lens:?} for {} rows per sequence", self.kv_rows),
+            ));
         }
         Ok(())
     }
@@ -89,7 +115,7 @@ pub trait Shaped {
     fn as_matrix(&self) -> (usize, usize) {
         let s = self.shape();
         let cols = *s.last().unwrap_or(&1);
-        (if cols == 0 { 0 } else { self.numel() / cols }, cols)
+        (self.numel().checked_div(cols).unwrap_or(0), cols)
     }
 }
 
@@ -108,10 +134,21 @@ pub trait Backend {
     fn read(&self, t: &Self::Tensor) -> impl Future<Output = Result<Vec<f32>>>;
 
     /// `x · wᵀ + b` for `x: [m, k]`, `w: [n, k]`, `b: [n]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// LayerNorm over the last dimension.
-    fn layer_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, beta: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
     /// RMSNorm over the last dimension.
     fn rms_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
     /// GELU with the exact (erf) form, as BERT uses.
@@ -122,7 +159,13 @@ pub trait Backend {
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
     /// Rotary embedding on adjacent pairs `(x[2i], x[2i+1])` of each head (GGUF/llama.cpp
     /// layout); row `r` is at position `pos_offset + r`.
-    fn rope(&self, x: &Self::Tensor, head_dim: usize, pos_offset: usize, theta: f32) -> Result<Self::Tensor>;
+    fn rope(
+        &self,
+        x: &Self::Tensor,
+        head_dim: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Result<Self::Tensor>;
     fn attention(
         &self,
         q: &Self::Tensor,
@@ -140,10 +183,18 @@ pub trait Backend {
 }
 
 pub(crate) fn check_same(op: &'static str, a: &[usize], b: &[usize]) -> Result<()> {
-    if a == b { Ok(()) } else { Err(shape_err(op, format!("{a:?} vs {b:?}"))) }
+    if a == b {
+        Ok(())
+    } else {
+        Err(shape_err(op, format!("{a:?} vs {b:?}")))
+    }
 }
 
-pub(crate) fn check_linear(x: &[usize], w: &[usize], b: Option<&[usize]>) -> Result<(usize, usize, usize)> {
+pub(crate) fn check_linear(
+    x: &[usize],
+    w: &[usize],
+    b: Option<&[usize]>,
+) -> Result<(usize, usize, usize)> {
     let op = "linear";
     if x.len() != 2 || w.len() != 2 || x[1] != w[1] {
         return Err(shape_err(op, format!("x {x:?} · w{w:?}ᵀ")));
@@ -158,14 +209,25 @@ pub(crate) fn check_linear(x: &[usize], w: &[usize], b: Option<&[usize]>) -> Res
 
 pub(crate) fn check_pool(x: &[usize], seq: usize, lens: &[u32]) -> Result<(usize, usize)> {
     let rows = x.first().copied().unwrap_or(0);
-    if x.len() != 2 || seq == 0 || rows != seq * lens.len() || lens.iter().any(|&l| l == 0 || l as usize > seq) {
-        return Err(shape_err("mean_pool", format!("x {x:?}, seq {seq}, lens {lens:?}")));
+    if x.len() != 2
+        || seq == 0
+        || rows != seq * lens.len()
+        || lens.iter().any(|&l| l == 0 || l as usize > seq)
+    {
+        return Err(shape_err(
+            "mean_pool",
+            format!("x {x:?}, seq {seq}, lens {lens:?}"),
+        ));
     }
     Ok((lens.len(), x[1]))
 }
 
 pub(crate) fn check_rope(x: &[usize], head_dim: usize) -> Result<()> {
-    if x.len() != 2 || head_dim == 0 || head_dim % 2 != 0 || x[1] % head_dim != 0 {
+    if x.len() != 2
+        || head_dim == 0
+        || !head_dim.is_multiple_of(2)
+        || !x[1].is_multiple_of(head_dim)
+    {
         return Err(shape_err("rope", format!("x {x:?}, head_dim {head_dim}")));
     }
     Ok(())

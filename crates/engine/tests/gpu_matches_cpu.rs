@@ -2,10 +2,15 @@
 //! Needs a GPU adapter; CI provides lavapipe (mesa-vulkan-drivers). No adapter is a failure,
 //! not a skip.
 
-use tabula_engine::{AttentionParams, Backend, Shaped, cpu::CpuBackend, gpu::{AdapterChoice, GpuBackend}};
+use tabula_engine::{
+    AttentionParams, Backend, Shaped,
+    cpu::CpuBackend,
+    gpu::{AdapterChoice, GpuBackend},
+};
 
 fn gpu() -> GpuBackend {
-    pollster::block_on(GpuBackend::new(AdapterChoice::Any)).expect("a GPU adapter (install mesa-vulkan-drivers)")
+    pollster::block_on(GpuBackend::new(AdapterChoice::Any))
+        .expect("a GPU adapter (install mesa-vulkan-drivers)")
 }
 
 /// Deterministic values in [-1, 1).
@@ -26,15 +31,38 @@ struct Pair {
 }
 
 impl Pair {
-    fn both(&self, data: &[f32], shape: &[usize]) -> (<CpuBackend as Backend>::Tensor, <GpuBackend as Backend>::Tensor) {
-        (CpuBackend.upload(data, shape).unwrap(), self.gpu.upload(data, shape).unwrap())
+    fn both(
+        &self,
+        data: &[f32],
+        shape: &[usize],
+    ) -> (
+        <CpuBackend as Backend>::Tensor,
+        <GpuBackend as Backend>::Tensor,
+    ) {
+        (
+            CpuBackend.upload(data, shape).unwrap(),
+            self.gpu.upload(data, shape).unwrap(),
+        )
     }
-    fn check(&self, what: &str, c: &<CpuBackend as Backend>::Tensor, g: &<GpuBackend as Backend>::Tensor, tol: f32) {
+    fn check(
+        &self,
+        what: &str,
+        c: &<CpuBackend as Backend>::Tensor,
+        g: &<GpuBackend as Backend>::Tensor,
+        tol: f32,
+    ) {
         assert_eq!(c.shape(), g.shape(), "{what}: shapes");
         let g = pollster::block_on(self.gpu.read(g)).unwrap();
         let c = c.data();
-        let worst = c.iter().zip(&g).map(|(a, b)| (a - b).abs() / (1.0 + a.abs())).fold(0.0f32, f32::max);
-        assert!(worst <= tol, "{what}: worst relative difference {worst} > {tol}");
+        let worst = c
+            .iter()
+            .zip(&g)
+            .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= tol,
+            "{what}: worst relative difference {worst} > {tol}"
+        );
     }
 }
 
@@ -46,36 +74,131 @@ fn every_op_matches_cpu() {
         let (xc, xg) = p.both(&noise(m * k, 1), &[m, k]);
         let (wc, wg) = p.both(&noise(n * k, 2), &[n, k]);
         let (bc, bg) = p.both(&noise(n, 3), &[n]);
-        p.check("linear+bias", &cpu.linear(&xc, &wc, Some(&bc)).unwrap(), &p.gpu.linear(&xg, &wg, Some(&bg)).unwrap(), 1e-5);
-        p.check("linear", &cpu.linear(&xc, &wc, None).unwrap(), &p.gpu.linear(&xg, &wg, None).unwrap(), 1e-5);
+        p.check(
+            "linear+bias",
+            &cpu.linear(&xc, &wc, Some(&bc)).unwrap(),
+            &p.gpu.linear(&xg, &wg, Some(&bg)).unwrap(),
+            1e-5,
+        );
+        p.check(
+            "linear",
+            &cpu.linear(&xc, &wc, None).unwrap(),
+            &p.gpu.linear(&xg, &wg, None).unwrap(),
+            1e-5,
+        );
     }
     let (xc, xg) = p.both(&noise(5 * 384, 4), &[5, 384]);
     let (yc, yg) = p.both(&noise(5 * 384, 5), &[5, 384]);
     let (gc, gg) = p.both(&noise(384, 6), &[384]);
     let (bc, bg) = p.both(&noise(384, 7), &[384]);
-    p.check("add", &cpu.add(&xc, &yc).unwrap(), &p.gpu.add(&xg, &yg).unwrap(), 1e-6);
-    p.check("gelu", &cpu.gelu(&xc).unwrap(), &p.gpu.gelu(&xg).unwrap(), 1e-6);
-    p.check("silu_mul", &cpu.silu_mul(&xc, &yc).unwrap(), &p.gpu.silu_mul(&xg, &yg).unwrap(), 1e-6);
-    p.check("layer_norm", &cpu.layer_norm(&xc, &gc, &bc, 1e-12).unwrap(), &p.gpu.layer_norm(&xg, &gg, &bg, 1e-12).unwrap(), 1e-5);
-    p.check("rms_norm", &cpu.rms_norm(&xc, &gc, 1e-5).unwrap(), &p.gpu.rms_norm(&xg, &gg, 1e-5).unwrap(), 1e-5);
-    p.check("rope", &cpu.rope(&xc, 64, 7, 100_000.0).unwrap(), &p.gpu.rope(&xg, 64, 7, 100_000.0).unwrap(), 1e-5);
-    p.check("embedding", &cpu.embedding(&xc, &[4, 0, 2]).unwrap(), &p.gpu.embedding(&xg, &[4, 0, 2]).unwrap(), 0.0);
-    assert!(p.gpu.embedding(&xg, &[5]).is_err(), "out-of-vocabulary id must be rejected");
-    p.check("slice_rows", &cpu.slice_rows(&xc, 1, 3).unwrap(), &p.gpu.slice_rows(&xg, 1, 3).unwrap(), 0.0);
-    p.check("mean_pool", &cpu.mean_pool(&xc, 5, &[3]).unwrap(), &p.gpu.mean_pool(&xg, 5, &[3]).unwrap(), 1e-6);
+    p.check(
+        "add",
+        &cpu.add(&xc, &yc).unwrap(),
+        &p.gpu.add(&xg, &yg).unwrap(),
+        1e-6,
+    );
+    p.check(
+        "gelu",
+        &cpu.gelu(&xc).unwrap(),
+        &p.gpu.gelu(&xg).unwrap(),
+        1e-6,
+    );
+    p.check(
+        "silu_mul",
+        &cpu.silu_mul(&xc, &yc).unwrap(),
+        &p.gpu.silu_mul(&xg, &yg).unwrap(),
+        1e-6,
+    );
+    p.check(
+        "layer_norm",
+        &cpu.layer_norm(&xc, &gc, &bc, 1e-12).unwrap(),
+        &p.gpu.layer_norm(&xg, &gg, &bg, 1e-12).unwrap(),
+        1e-5,
+    );
+    p.check(
+        "rms_norm",
+        &cpu.rms_norm(&xc, &gc, 1e-5).unwrap(),
+        &p.gpu.rms_norm(&xg, &gg, 1e-5).unwrap(),
+        1e-5,
+    );
+    p.check(
+        "rope",
+        &cpu.rope(&xc, 64, 7, 100_000.0).unwrap(),
+        &p.gpu.rope(&xg, 64, 7, 100_000.0).unwrap(),
+        1e-5,
+    );
+    p.check(
+        "embedding",
+        &cpu.embedding(&xc, &[4, 0, 2]).unwrap(),
+        &p.gpu.embedding(&xg, &[4, 0, 2]).unwrap(),
+        0.0,
+    );
+    assert!(
+        p.gpu.embedding(&xg, &[5]).is_err(),
+        "out-of-vocabulary id must be rejected"
+    );
+    p.check(
+        "slice_rows",
+        &cpu.slice_rows(&xc, 1, 3).unwrap(),
+        &p.gpu.slice_rows(&xg, 1, 3).unwrap(),
+        0.0,
+    );
+    p.check(
+        "mean_pool",
+        &cpu.mean_pool(&xc, 5, &[3]).unwrap(),
+        &p.gpu.mean_pool(&xg, 5, &[3]).unwrap(),
+        1e-6,
+    );
 
     // Attention: padded batch (BERT) and causal GQA with an offset (Llama decoding), including
     // more than one 128-key chunk.
     for params in [
-        AttentionParams { batch: 3, q_len: 20, kv_rows: 20, heads: 12, kv_heads: 12, head_dim: 32, causal: false, pos_offset: 0 },
-        AttentionParams { batch: 1, q_len: 4, kv_rows: 300, heads: 9, kv_heads: 3, head_dim: 64, causal: true, pos_offset: 196 },
-        AttentionParams { batch: 1, q_len: 150, kv_rows: 160, heads: 9, kv_heads: 3, head_dim: 64, causal: true, pos_offset: 0 },
+        AttentionParams {
+            batch: 3,
+            q_len: 20,
+            kv_rows: 20,
+            heads: 12,
+            kv_heads: 12,
+            head_dim: 32,
+            causal: false,
+            pos_offset: 0,
+        },
+        AttentionParams {
+            batch: 1,
+            q_len: 4,
+            kv_rows: 300,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            causal: true,
+            pos_offset: 196,
+        },
+        AttentionParams {
+            batch: 1,
+            q_len: 150,
+            kv_rows: 160,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            causal: true,
+            pos_offset: 0,
+        },
     ] {
-        let lens: Vec<u32> = if params.causal { vec![(params.pos_offset + params.q_len) as u32] } else { vec![20, 7, 1] };
+        let lens: Vec<u32> = if params.causal {
+            vec![(params.pos_offset + params.q_len) as u32]
+        } else {
+            vec![20, 7, 1]
+        };
         let qn = params.batch * params.q_len * params.heads * params.head_dim;
         let kvn = params.batch * params.kv_rows * params.kv_heads * params.head_dim;
-        let (qc, qg) = p.both(&noise(qn, 8), &[params.batch * params.q_len, params.heads * params.head_dim]);
-        let kv_shape = [params.batch * params.kv_rows, params.kv_heads * params.head_dim];
+        let (qc, qg) = p.both(
+            &noise(qn, 8),
+            &[params.batch * params.q_len, params.heads * params.head_dim],
+        );
+        let kv_shape = [
+            params.batch * params.kv_rows,
+            params.kv_heads * params.head_dim,
+        ];
         let (kc, kg) = p.both(&noise(kvn, 9), &kv_shape);
         let (vc, vg) = p.both(&noise(kvn, 10), &kv_shape);
         p.check(

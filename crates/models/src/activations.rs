@@ -52,7 +52,10 @@ impl Activations {
     pub fn validate(&self) -> Result<()> {
         let (seq, hidden) = (self.seq as usize, self.hidden as usize);
         if self.lens.is_empty() || seq == 0 || hidden == 0 {
-            return Err(err(format!("empty activations (batch {}, seq {seq}, hidden {hidden})", self.lens.len())));
+            return Err(err(format!(
+                "empty activations (batch {}, seq {seq}, hidden {hidden})",
+                self.lens.len()
+            )));
         }
         if let Some(bad) = self.lens.iter().find(|&&l| l == 0 || l > self.seq) {
             return Err(err(format!("sequence length {bad} outside 1..={seq}")));
@@ -63,9 +66,18 @@ impl Activations {
             .checked_mul(seq)
             .and_then(|v| v.checked_mul(hidden))
             .filter(|&v| v <= MAX_VALUES)
-            .ok_or_else(|| err(format!("{} × {seq} × {hidden} values exceed the limit of {MAX_VALUES}", self.lens.len())))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "{} × {seq} × {hidden} values exceed the limit of {MAX_VALUES}",
+                    self.lens.len()
+                ))
+            })?;
         if self.data.len() != values {
-            return Err(err(format!("{} values for {} × {seq} × {hidden}", self.data.len(), self.lens.len())));
+            return Err(err(format!(
+                "{} values for {} × {seq} × {hidden}",
+                self.data.len(),
+                self.lens.len()
+            )));
         }
         Ok(())
     }
@@ -75,7 +87,13 @@ impl Activations {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
-        for v in [self.layer, self.lens.len() as u32, self.seq, self.hidden, self.pos_offset] {
+        for v in [
+            self.layer,
+            self.lens.len() as u32,
+            self.seq,
+            self.hidden,
+            self.pos_offset,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         for l in &self.lens {
@@ -89,32 +107,56 @@ impl Activations {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         if bytes.len() < HEADER {
-            return Err(err(format!("{} bytes is shorter than the {HEADER}-byte header", bytes.len())));
+            return Err(err(format!(
+                "{} bytes is shorter than the {HEADER}-byte header",
+                bytes.len()
+            )));
         }
         if &bytes[..4] != MAGIC {
             return Err(err("bad magic (expected `TBLA`)"));
         }
         let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         if u16_at(4) != VERSION {
             return Err(err(format!("unsupported version {}", u16_at(4))));
         }
         if u16_at(6) != 0 {
             return Err(err(format!("unsupported element type {}", u16_at(6))));
         }
-        let (layer, batch, seq, hidden, pos_offset) = (u32_at(8), u32_at(12) as usize, u32_at(16), u32_at(20), u32_at(24));
+        let (layer, batch, seq, hidden, pos_offset) = (
+            u32_at(8),
+            u32_at(12) as usize,
+            u32_at(16),
+            u32_at(20),
+            u32_at(24),
+        );
         let values = batch
             .checked_mul(seq as usize)
             .and_then(|v| v.checked_mul(hidden as usize))
             .filter(|&v| v <= MAX_VALUES)
-            .ok_or_else(|| err(format!("{batch} × {seq} × {hidden} values exceed the limit of {MAX_VALUES}")))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "{batch} × {seq} × {hidden} values exceed the limit of {MAX_VALUES}"
+                ))
+            })?;
         let expected = HEADER + 4 * batch + 4 * values;
         if bytes.len() != expected {
-            return Err(err(format!("{} bytes, expected {expected} for {batch} × {seq} × {hidden}", bytes.len())));
+            return Err(err(format!(
+                "{} bytes, expected {expected} for {batch} × {seq} × {hidden}",
+                bytes.len()
+            )));
         }
         let lens = (0..batch).map(|b| u32_at(HEADER + 4 * b)).collect();
         let data = f32_from_le(&bytes[HEADER + 4 * batch..]);
-        let out = Self { layer, seq, hidden, pos_offset, lens, data };
+        let out = Self {
+            layer,
+            seq,
+            hidden,
+            pos_offset,
+            lens,
+            data,
+        };
         out.validate()?;
         Ok(out)
     }
@@ -125,7 +167,14 @@ mod tests {
     use super::*;
 
     fn sample() -> Activations {
-        Activations { layer: 3, seq: 2, hidden: 3, pos_offset: 5, lens: vec![2, 1], data: (0..12).map(|v| v as f32 * 0.5).collect() }
+        Activations {
+            layer: 3,
+            seq: 2,
+            hidden: 3,
+            pos_offset: 5,
+            lens: vec![2, 1],
+            data: (0..12).map(|v| v as f32 * 0.5).collect(),
+        }
     }
 
     #[test]
@@ -138,11 +187,19 @@ mod tests {
     fn rejects_every_truncation_and_corrupt_headers() {
         let bytes = sample().to_bytes();
         for n in 0..bytes.len() {
-            assert!(Activations::from_bytes(&bytes[..n]).is_err(), "truncated to {n}");
+            assert!(
+                Activations::from_bytes(&bytes[..n]).is_err(),
+                "truncated to {n}"
+            );
         }
         let mut huge = bytes.clone();
         huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(Activations::from_bytes(&huge).unwrap_err().to_string().contains("limit"));
+        assert!(
+            Activations::from_bytes(&huge)
+                .unwrap_err()
+                .to_string()
+                .contains("limit")
+        );
         let mut zero_len = bytes.clone();
         zero_len[28..32].copy_from_slice(&0u32.to_le_bytes());
         assert!(Activations::from_bytes(&zero_len).is_err());
@@ -167,7 +224,13 @@ pub struct Hidden<B: tabula_engine::Backend> {
 // Manual impl: a derive would demand `B: Clone`, but only the tensor handle is cloned.
 impl<B: tabula_engine::Backend> Clone for Hidden<B> {
     fn clone(&self) -> Self {
-        Self { x: self.x.clone(), layer: self.layer, seq: self.seq, lens: self.lens.clone(), pos_offset: self.pos_offset }
+        Self {
+            x: self.x.clone(),
+            layer: self.layer,
+            seq: self.seq,
+            lens: self.lens.clone(),
+            pos_offset: self.pos_offset,
+        }
     }
 }
 
@@ -199,15 +262,26 @@ impl<B: tabula_engine::Backend> Hidden<B> {
 }
 
 /// Checks that a shard for `range` of a model with `layers` layers can take `hidden`.
-pub(crate) fn check_range(range: &std::ops::Range<usize>, layers: usize, at: usize, hidden: usize, want_hidden: usize) -> Result<()> {
+pub(crate) fn check_range(
+    range: &std::ops::Range<usize>,
+    layers: usize,
+    at: usize,
+    hidden: usize,
+    want_hidden: usize,
+) -> Result<()> {
     if range.start > range.end || range.end > layers {
         return Err(err(format!("layer range {range:?} outside 0..{layers}")));
     }
     if at != range.start {
-        return Err(err(format!("activations are at layer {at}, this shard starts at layer {}", range.start)));
+        return Err(err(format!(
+            "activations are at layer {at}, this shard starts at layer {}",
+            range.start
+        )));
     }
     if hidden != want_hidden {
-        return Err(err(format!("activations have width {hidden}, the model {want_hidden}")));
+        return Err(err(format!(
+            "activations have width {hidden}, the model {want_hidden}"
+        )));
     }
     Ok(())
 }

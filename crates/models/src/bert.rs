@@ -43,12 +43,22 @@ fn default_act() -> String {
 
 impl BertConfig {
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let c: Self = serde_json::from_slice(bytes).map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
-        if c.hidden_size == 0 || c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
-            return Err(ModelError::Format(format!("config.json: {} heads do not divide width {}", c.num_attention_heads, c.hidden_size)));
+        let c: Self = serde_json::from_slice(bytes)
+            .map_err(|e| ModelError::Format(format!("config.json: {e}")))?;
+        if c.hidden_size == 0
+            || c.num_attention_heads == 0
+            || !c.hidden_size.is_multiple_of(c.num_attention_heads)
+        {
+            return Err(ModelError::Format(format!(
+                "config.json: {} heads do not divide width {}",
+                c.num_attention_heads, c.hidden_size
+            )));
         }
         if c.hidden_act != "gelu" {
-            return Err(ModelError::Format(format!("config.json: activation `{}` is not supported (gelu only)", c.hidden_act)));
+            return Err(ModelError::Format(format!(
+                "config.json: activation `{}` is not supported (gelu only)",
+                c.hidden_act
+            )));
         }
         Ok(c)
     }
@@ -90,27 +100,53 @@ impl<B: Backend> BertModel<B> {
     }
 
     /// Loads only what layers `range` need.
-    pub fn load_layers(backend: &B, safetensors: &[u8], config: BertConfig, range: Range<usize>) -> Result<Self> {
+    pub fn load_layers(
+        backend: &B,
+        safetensors: &[u8],
+        config: BertConfig,
+        range: Range<usize>,
+    ) -> Result<Self> {
         if range.start > range.end || range.end > config.num_hidden_layers {
-            return Err(ModelError::Input(format!("layer range {range:?} outside 0..{}", config.num_hidden_layers)));
+            return Err(ModelError::Input(format!(
+                "layer range {range:?} outside 0..{}",
+                config.num_hidden_layers
+            )));
         }
         let file = SafetensorsFile::parse(safetensors)?;
         let h = config.hidden_size;
         // sentence-transformers checkpoints have no `bert.` prefix; Hugging Face ones do.
-        let prefix = if file.has("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let prefix = if file.has("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
         let load = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
             Ok(backend.upload(&file.f32(&format!("{prefix}{name}"), shape)?, shape)?)
         };
         let linear = |name: &str, out: usize, inp: usize| -> Result<(B::Tensor, B::Tensor)> {
-            Ok((load(&format!("{name}.weight"), &[out, inp])?, load(&format!("{name}.bias"), &[out])?))
+            Ok((
+                load(&format!("{name}.weight"), &[out, inp])?,
+                load(&format!("{name}.bias"), &[out])?,
+            ))
         };
-        let norm = |name: &str| -> Result<(B::Tensor, B::Tensor)> { Ok((load(&format!("{name}.weight"), &[h])?, load(&format!("{name}.bias"), &[h])?)) };
+        let norm = |name: &str| -> Result<(B::Tensor, B::Tensor)> {
+            Ok((
+                load(&format!("{name}.weight"), &[h])?,
+                load(&format!("{name}.bias"), &[h])?,
+            ))
+        };
         let embeddings = if range.start == 0 {
             let (ln_gamma, ln_beta) = norm("embeddings.LayerNorm")?;
             Some(Embeddings {
                 word: load("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
-                position: load("embeddings.position_embeddings.weight", &[config.max_position_embeddings, h])?,
-                token_type: load("embeddings.token_type_embeddings.weight", &[config.type_vocab_size, h])?,
+                position: load(
+                    "embeddings.position_embeddings.weight",
+                    &[config.max_position_embeddings, h],
+                )?,
+                token_type: load(
+                    "embeddings.token_type_embeddings.weight",
+                    &[config.type_vocab_size, h],
+                )?,
                 ln_gamma,
                 ln_beta,
             })
@@ -134,7 +170,12 @@ impl<B: Backend> BertModel<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { config, range, embeddings, layers })
+        Ok(Self {
+            config,
+            range,
+            embeddings,
+            layers,
+        })
     }
 
     pub fn layer_range(&self) -> Range<usize> {
@@ -144,13 +185,20 @@ impl<B: Backend> BertModel<B> {
     /// Token, position and type embeddings of a padded batch: the hidden states entering
     /// layer 0. Needs a model loaded from layer 0.
     pub fn embed_tokens(&self, backend: &B, batch: &[Vec<u32>]) -> Result<Hidden<B>> {
-        let e = self.embeddings.as_ref().ok_or_else(|| ModelError::Input("this shard does not hold the embeddings (layer 0)".into()))?;
+        let e = self.embeddings.as_ref().ok_or_else(|| {
+            ModelError::Input("this shard does not hold the embeddings (layer 0)".into())
+        })?;
         let seq = batch.iter().map(Vec::len).max().unwrap_or(0);
         if batch.is_empty() || batch.iter().any(Vec::is_empty) {
-            return Err(ModelError::Input("every sequence needs at least one token".into()));
+            return Err(ModelError::Input(
+                "every sequence needs at least one token".into(),
+            ));
         }
         if seq > self.config.max_position_embeddings {
-            return Err(ModelError::Input(format!("{seq} tokens exceed the model's {} positions", self.config.max_position_embeddings)));
+            return Err(ModelError::Input(format!(
+                "{seq} tokens exceed the model's {} positions",
+                self.config.max_position_embeddings
+            )));
         }
         let mut ids = Vec::with_capacity(batch.len() * seq);
         for seq_ids in batch {
@@ -159,16 +207,31 @@ impl<B: Backend> BertModel<B> {
         }
         let positions: Vec<u32> = (0..batch.len()).flat_map(|_| 0..seq as u32).collect();
         let types = vec![0u32; ids.len()];
-        let x = backend.add(&backend.embedding(&e.word, &ids)?, &backend.embedding(&e.position, &positions)?)?;
+        let x = backend.add(
+            &backend.embedding(&e.word, &ids)?,
+            &backend.embedding(&e.position, &positions)?,
+        )?;
         let x = backend.add(&x, &backend.embedding(&e.token_type, &types)?)?;
         let x = backend.layer_norm(&x, &e.ln_gamma, &e.ln_beta, self.config.layer_norm_eps)?;
-        Ok(Hidden { x, layer: 0, seq, lens: batch.iter().map(|s| s.len() as u32).collect(), pos_offset: 0 })
+        Ok(Hidden {
+            x,
+            layer: 0,
+            seq,
+            lens: batch.iter().map(|s| s.len() as u32).collect(),
+            pos_offset: 0,
+        })
     }
 
     /// Runs every loaded layer on `h`, which must be at this shard's first layer.
     pub fn run_layers(&self, backend: &B, h: Hidden<B>) -> Result<Hidden<B>> {
         let c = &self.config;
-        check_range(&self.range, c.num_hidden_layers, h.layer, h.x.as_matrix().1, c.hidden_size)?;
+        check_range(
+            &self.range,
+            c.num_hidden_layers,
+            h.layer,
+            h.x.as_matrix().1,
+            c.hidden_size,
+        )?;
         let heads = c.num_attention_heads;
         let params = AttentionParams {
             batch: h.lens.len(),
@@ -187,19 +250,36 @@ impl<B: Backend> BertModel<B> {
             let v = backend.linear(&x, &layer.v.0, Some(&layer.v.1))?;
             let a = backend.attention(&q, &k, &v, &h.lens, &params)?;
             let a = backend.linear(&a, &layer.attn_out.0, Some(&layer.attn_out.1))?;
-            x = backend.layer_norm(&backend.add(&a, &x)?, &layer.ln1.0, &layer.ln1.1, c.layer_norm_eps)?;
+            x = backend.layer_norm(
+                &backend.add(&a, &x)?,
+                &layer.ln1.0,
+                &layer.ln1.1,
+                c.layer_norm_eps,
+            )?;
             let f = backend.gelu(&backend.linear(&x, &layer.ffn_in.0, Some(&layer.ffn_in.1))?)?;
             let f = backend.linear(&f, &layer.ffn_out.0, Some(&layer.ffn_out.1))?;
-            x = backend.layer_norm(&backend.add(&f, &x)?, &layer.ln2.0, &layer.ln2.1, c.layer_norm_eps)?;
+            x = backend.layer_norm(
+                &backend.add(&f, &x)?,
+                &layer.ln2.0,
+                &layer.ln2.1,
+                c.layer_norm_eps,
+            )?;
         }
-        Ok(Hidden { x, layer: self.range.end, ..h })
+        Ok(Hidden {
+            x,
+            layer: self.range.end,
+            ..h
+        })
     }
 
     /// Sentence embeddings from the final hidden states: mean over each sequence's real
     /// tokens, then L2 normalisation.
     pub async fn pool(&self, backend: &B, h: &Hidden<B>) -> Result<Vec<Vec<f32>>> {
         if h.layer != self.config.num_hidden_layers {
-            return Err(ModelError::Input(format!("pooling needs the output of the last layer, got layer {}", h.layer)));
+            return Err(ModelError::Input(format!(
+                "pooling needs the output of the last layer, got layer {}",
+                h.layer
+            )));
         }
         let pooled = backend.mean_pool(&h.x, h.seq, &h.lens)?;
         let dim = pooled.as_matrix().1;
@@ -234,14 +314,26 @@ pub const MAX_SEQ_LEN: usize = 256;
 
 impl<B: Backend> SentenceEmbedder<B> {
     /// From the three files of a BERT sentence-embedding model.
-    pub fn load(backend: &B, config_json: &[u8], safetensors: &[u8], tokenizer_json: &[u8]) -> Result<Self> {
+    pub fn load(
+        backend: &B,
+        config_json: &[u8],
+        safetensors: &[u8],
+        tokenizer_json: &[u8],
+    ) -> Result<Self> {
         let config = BertConfig::from_json(config_json)?;
         let max_len = MAX_SEQ_LEN.min(config.max_position_embeddings);
-        Ok(Self { model: BertModel::load(backend, safetensors, config)?, tokenizer: BertTokenizer::from_json(tokenizer_json, max_len)?, batch_size: 32 })
+        Ok(Self {
+            model: BertModel::load(backend, safetensors, config)?,
+            tokenizer: BertTokenizer::from_json(tokenizer_json, max_len)?,
+            batch_size: 32,
+        })
     }
 
     pub fn tokenize(&self, texts: &[impl AsRef<str>]) -> Result<Vec<Vec<u32>>> {
-        texts.iter().map(|t| self.tokenizer.encode(t.as_ref())).collect()
+        texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t.as_ref()))
+            .collect()
     }
 
     /// Embeds token sequences in input order. Sequences are grouped by length so that padding
@@ -252,7 +344,9 @@ impl<B: Backend> SentenceEmbedder<B> {
         let mut out = vec![Vec::new(); ids.len()];
         for chunk in order.chunks(self.batch_size.max(1)) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-            let h = self.model.run_layers(backend, self.model.embed_tokens(backend, &batch)?)?;
+            let h = self
+                .model
+                .run_layers(backend, self.model.embed_tokens(backend, &batch)?)?;
             for (&i, v) in chunk.iter().zip(self.model.pool(backend, &h).await?) {
                 out[i] = v;
             }
@@ -263,6 +357,10 @@ impl<B: Backend> SentenceEmbedder<B> {
     pub async fn embed(&self, backend: &B, texts: &[impl AsRef<str>]) -> Result<Vec<Embedding>> {
         let ids = self.tokenize(texts)?;
         let vectors = self.embed_ids(backend, &ids).await?;
-        Ok(ids.into_iter().zip(vectors).map(|(input_ids, vector)| Embedding { input_ids, vector }).collect())
+        Ok(ids
+            .into_iter()
+            .zip(vectors)
+            .map(|(input_ids, vector)| Embedding { input_ids, vector })
+            .collect())
     }
 }

@@ -84,7 +84,9 @@ pub fn default_models_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("TABULA_MODELS").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("tabula").join("models")
 }
 

@@ -15,8 +15,8 @@ pub mod bert;
 pub mod catalog;
 pub mod gguf;
 pub mod llama;
-pub mod sampling;
 mod safetensors_io;
+pub mod sampling;
 pub mod tokenize;
 
 pub use activations::Activations;
@@ -46,5 +46,8 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 /// Decodes little-endian f32 bytes.
 pub(crate) fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }

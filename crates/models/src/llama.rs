@@ -35,14 +35,25 @@ impl LlamaConfig {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let arch = gguf.get_str("general.architecture")?;
         if arch != "llama" {
-            return Err(ModelError::Format(format!("architecture `{arch}` is not supported (llama only)")));
+            return Err(ModelError::Format(format!(
+                "architecture `{arch}` is not supported (llama only)"
+            )));
         }
         let key = |k: &str| format!("{arch}.{k}");
         let dim = gguf.get_u32(&key("embedding_length"))? as usize;
         let heads = gguf.get_u32(&key("attention.head_count"))? as usize;
-        let kv_heads = gguf.get_u32(&key("attention.head_count_kv")).map(|v| v as usize).unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || dim % heads != 0 || heads % kv_heads != 0 {
-            return Err(ModelError::Format(format!("inconsistent heads: {heads} heads, {kv_heads} KV heads, width {dim}")));
+        let kv_heads = gguf
+            .get_u32(&key("attention.head_count_kv"))
+            .map(|v| v as usize)
+            .unwrap_or(heads);
+        if heads == 0
+            || kv_heads == 0
+            || !dim.is_multiple_of(heads)
+            || !heads.is_multiple_of(kv_heads)
+        {
+            return Err(ModelError::Format(format!(
+                "inconsistent heads: {heads} heads, {kv_heads} KV heads, width {dim}"
+            )));
         }
         let vocab_size = gguf
             .tensor("token_embd.weight")
@@ -56,9 +67,14 @@ impl LlamaConfig {
             kv_heads,
             head_dim: dim / heads,
             ffn_dim: gguf.get_u32(&key("feed_forward_length"))? as usize,
-            rms_eps: gguf.get_f32(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            rms_eps: gguf
+                .get_f32(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
             rope_theta: gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0),
-            context_length: gguf.get_u32(&key("context_length")).map(|v| v as usize).unwrap_or(2048),
+            context_length: gguf
+                .get_u32(&key("context_length"))
+                .map(|v| v as usize)
+                .unwrap_or(2048),
         })
     }
 
@@ -111,31 +127,59 @@ impl<B: Backend> LlamaModel<B> {
         Self::load_layers(backend, gguf, bytes, 0..n)
     }
 
-    pub fn load_layers(backend: &B, gguf: &GgufFile, bytes: &[u8], range: Range<usize>) -> Result<Self> {
+    pub fn load_layers(
+        backend: &B,
+        gguf: &GgufFile,
+        bytes: &[u8],
+        range: Range<usize>,
+    ) -> Result<Self> {
         let config = LlamaConfig::from_gguf(gguf)?;
         if range.start > range.end || range.end > config.layers {
-            return Err(ModelError::Input(format!("layer range {range:?} outside 0..{}", config.layers)));
+            return Err(ModelError::Input(format!(
+                "layer range {range:?} outside 0..{}",
+                config.layers
+            )));
         }
         let load = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
-            let info = gguf.tensor(name).ok_or_else(|| ModelError::Format(format!("missing tensor `{name}`")))?;
+            let info = gguf
+                .tensor(name)
+                .ok_or_else(|| ModelError::Format(format!("missing tensor `{name}`")))?;
             if info.shape_row_major() != shape {
-                return Err(ModelError::Format(format!("tensor `{name}` has shape {:?}, expected {shape:?}", info.shape_row_major())));
+                return Err(ModelError::Format(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    info.shape_row_major()
+                )));
             }
             Ok(backend.upload(&gguf.tensor_f32(bytes, name)?, shape)?)
         };
-        let (d, kv, ffn, vocab) = (config.dim, config.kv_dim(), config.ffn_dim, config.vocab_size);
+        let (d, kv, ffn, vocab) = (
+            config.dim,
+            config.kv_dim(),
+            config.ffn_dim,
+            config.vocab_size,
+        );
         let is_last = range.end == config.layers;
-        let token_embd = if range.start == 0 || (is_last && gguf.tensor("output.weight").is_none()) {
+        let token_embd = if range.start == 0 || (is_last && gguf.tensor("output.weight").is_none())
+        {
             Some(load("token_embd.weight", &[vocab, d])?)
         } else {
             None
         };
-        let output = if is_last && gguf.tensor("output.weight").is_some() { Some(load("output.weight", &[vocab, d])?) } else { None };
-        let output_norm = if is_last { Some(load("output_norm.weight", &[d])?) } else { None };
+        let output = if is_last && gguf.tensor("output.weight").is_some() {
+            Some(load("output.weight", &[vocab, d])?)
+        } else {
+            None
+        };
+        let output_norm = if is_last {
+            Some(load("output_norm.weight", &[d])?)
+        } else {
+            None
+        };
         let layers = range
             .clone()
             .map(|i| {
-                let t = |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
+                let t =
+                    |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
                 Ok(Layer {
                     attn_norm: t("attn_norm", &[d])?,
                     wq: t("attn_q", &[d, d])?,
@@ -149,7 +193,14 @@ impl<B: Backend> LlamaModel<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { config, range, token_embd, output_norm, output, layers })
+        Ok(Self {
+            config,
+            range,
+            token_embd,
+            output_norm,
+            output,
+            layers,
+        })
     }
 
     pub fn layer_range(&self) -> Range<usize> {
@@ -172,24 +223,42 @@ impl<B: Backend> LlamaModel<B> {
     /// Embeddings of `ids` at positions `pos_offset..`: the hidden states entering layer 0.
     pub fn embed_tokens(&self, backend: &B, ids: &[u32], pos_offset: usize) -> Result<Hidden<B>> {
         let table = self.token_embd.as_ref().filter(|_| self.range.start == 0);
-        let table = table.ok_or_else(|| ModelError::Input("this shard does not hold the embeddings (layer 0)".into()))?;
+        let table = table.ok_or_else(|| {
+            ModelError::Input("this shard does not hold the embeddings (layer 0)".into())
+        })?;
         if ids.is_empty() {
             return Err(ModelError::Input("no tokens".into()));
         }
-        Ok(Hidden { x: backend.embedding(table, ids)?, layer: 0, seq: ids.len(), lens: vec![ids.len() as u32], pos_offset })
+        Ok(Hidden {
+            x: backend.embedding(table, ids)?,
+            layer: 0,
+            seq: ids.len(),
+            lens: vec![ids.len() as u32],
+            pos_offset,
+        })
     }
 
     /// Runs this shard's layers on `h` (one sequence), appending its keys and values to `cache`.
-    pub fn run_layers(&self, backend: &B, h: Hidden<B>, cache: &mut KvCache<B>) -> Result<Hidden<B>> {
+    pub fn run_layers(
+        &self,
+        backend: &B,
+        h: Hidden<B>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Hidden<B>> {
         let c = &self.config;
         check_range(&self.range, c.layers, h.layer, h.x.as_matrix().1, c.dim)?;
         if h.lens.len() != 1 {
-            return Err(ModelError::Input("the decoder runs one sequence at a time".into()));
+            return Err(ModelError::Input(
+                "the decoder runs one sequence at a time".into(),
+            ));
         }
         let n = h.seq;
         let total = h.pos_offset + n;
         if total > cache.capacity || cache.k.len() != self.layers.len() {
-            return Err(ModelError::Input(format!("{total} positions exceed the KV cache of {}", cache.capacity)));
+            return Err(ModelError::Input(format!(
+                "{total} positions exceed the KV cache of {}",
+                cache.capacity
+            )));
         }
         let params = AttentionParams {
             batch: 1,
@@ -204,29 +273,60 @@ impl<B: Backend> LlamaModel<B> {
         let mut x = h.x;
         for (i, layer) in self.layers.iter().enumerate() {
             let a = backend.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let q = backend.rope(&backend.linear(&a, &layer.wq, None)?, c.head_dim, h.pos_offset, c.rope_theta)?;
-            let k = backend.rope(&backend.linear(&a, &layer.wk, None)?, c.head_dim, h.pos_offset, c.rope_theta)?;
+            let q = backend.rope(
+                &backend.linear(&a, &layer.wq, None)?,
+                c.head_dim,
+                h.pos_offset,
+                c.rope_theta,
+            )?;
+            let k = backend.rope(
+                &backend.linear(&a, &layer.wk, None)?,
+                c.head_dim,
+                h.pos_offset,
+                c.rope_theta,
+            )?;
             let v = backend.linear(&a, &layer.wv, None)?;
             backend.write_rows(&mut cache.k[i], h.pos_offset, &k)?;
             backend.write_rows(&mut cache.v[i], h.pos_offset, &v)?;
             let att = backend.attention(&q, &cache.k[i], &cache.v[i], &[total as u32], &params)?;
             x = backend.add(&x, &backend.linear(&att, &layer.wo, None)?)?;
             let f = backend.rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let g = backend.silu_mul(&backend.linear(&f, &layer.gate, None)?, &backend.linear(&f, &layer.up, None)?)?;
+            let g = backend.silu_mul(
+                &backend.linear(&f, &layer.gate, None)?,
+                &backend.linear(&f, &layer.up, None)?,
+            )?;
             x = backend.add(&x, &backend.linear(&g, &layer.down, None)?)?;
         }
-        Ok(Hidden { x, layer: self.range.end, ..h })
+        Ok(Hidden {
+            x,
+            layer: self.range.end,
+            ..h
+        })
     }
 
     /// Logits of the last row of the final hidden states: `[1, vocab]`, still on the device.
     pub fn head(&self, backend: &B, h: &Hidden<B>) -> Result<B::Tensor> {
         if h.layer != self.config.layers {
-            return Err(ModelError::Input(format!("the head needs the output of the last layer, got layer {}", h.layer)));
+            return Err(ModelError::Input(format!(
+                "the head needs the output of the last layer, got layer {}",
+                h.layer
+            )));
         }
-        let norm = self.output_norm.as_ref().ok_or_else(|| ModelError::Input("this shard does not hold the output head".into()))?;
-        let w = self.output.as_ref().or(self.token_embd.as_ref()).ok_or_else(|| ModelError::Input("no output weights".into()))?;
+        let norm = self
+            .output_norm
+            .as_ref()
+            .ok_or_else(|| ModelError::Input("this shard does not hold the output head".into()))?;
+        let w = self
+            .output
+            .as_ref()
+            .or(self.token_embd.as_ref())
+            .ok_or_else(|| ModelError::Input("no output weights".into()))?;
         let last = backend.slice_rows(&h.x, h.seq - 1, 1)?;
-        Ok(backend.linear(&backend.rms_norm(&last, norm, self.config.rms_eps)?, w, None)?)
+        Ok(backend.linear(
+            &backend.rms_norm(&last, norm, self.config.rms_eps)?,
+            w,
+            None,
+        )?)
     }
 }
 
@@ -262,7 +362,11 @@ impl<B: Backend> Generator<B> {
 
     /// Prompt ids for `prompt`, through the chat template when `chat`.
     pub fn prompt_ids(&self, prompt: &str, chat: bool) -> Result<Vec<u32>> {
-        if chat { self.tokenizer.encode(&self.tokenizer.chat_prompt(prompt)?) } else { self.tokenizer.encode(prompt) }
+        if chat {
+            self.tokenizer.encode(&self.tokenizer.chat_prompt(prompt)?)
+        } else {
+            self.tokenizer.encode(prompt)
+        }
     }
 
     /// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new id as
@@ -279,8 +383,14 @@ impl<B: Backend> Generator<B> {
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt has no tokens".into()));
         }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.model.config.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} outside the vocabulary of {}", self.model.config.vocab_size)));
+        if let Some(&bad) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.config.vocab_size)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} outside the vocabulary of {}",
+                self.model.config.vocab_size
+            )));
         }
         let capacity = prompt.len() + max_tokens;
         if capacity > self.model.config.context_length {

@@ -10,21 +10,38 @@ pub(crate) struct SafetensorsFile<'a> {
 
 impl<'a> SafetensorsFile<'a> {
     pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self> {
-        let inner = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+        let inner =
+            SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
         Ok(Self { inner })
     }
 
     /// The tensor `name` as f32, checking that its shape is `shape`.
     pub(crate) fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let view = self.inner.tensor(name).map_err(|e| ModelError::Safetensors(format!("tensor `{name}`: {e}")))?;
+        let view = self
+            .inner
+            .tensor(name)
+            .map_err(|e| ModelError::Safetensors(format!("tensor `{name}`: {e}")))?;
         if view.shape() != shape {
-            return Err(ModelError::Safetensors(format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape())));
+            return Err(ModelError::Safetensors(format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?}",
+                view.shape()
+            )));
         }
         match view.dtype() {
             Dtype::F32 => Ok(f32_from_le(view.data())),
-            Dtype::F16 => Ok(view.data().chunks_exact(2).map(|c| crate::gguf::f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()),
-            Dtype::BF16 => Ok(view.data().chunks_exact(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect()),
-            other => Err(ModelError::Safetensors(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            Dtype::F16 => Ok(view
+                .data()
+                .chunks_exact(2)
+                .map(|c| crate::gguf::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect()),
+            Dtype::BF16 => Ok(view
+                .data()
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect()),
+            other => Err(ModelError::Safetensors(format!(
+                "tensor `{name}` has unsupported dtype {other:?}"
+            ))),
         }
     }
 }

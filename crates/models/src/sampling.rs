@@ -33,7 +33,11 @@ pub struct Sampler {
 impl Sampler {
     /// `temperature <= 0` means greedy.
     pub fn new(temperature: f32, top_p: f32, seed: u64) -> Self {
-        Self { temperature, top_p: top_p.clamp(0.0, 1.0), rng: SplitMix64::new(seed) }
+        Self {
+            temperature,
+            top_p: top_p.clamp(0.0, 1.0),
+            rng: SplitMix64::new(seed),
+        }
     }
 
     pub fn greedy() -> Self {

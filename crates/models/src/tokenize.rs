@@ -25,13 +25,21 @@ impl BertTokenizer {
         let mut inner = Tokenizer::from_bytes(bytes).map_err(tok_err)?;
         inner.with_padding(None);
         inner
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
             .map_err(tok_err)?;
         Ok(Self { inner })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.inner.encode(text, true).map_err(tok_err)?.get_ids().to_vec())
+        Ok(self
+            .inner
+            .encode(text, true)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
     }
 }
 
@@ -55,20 +63,38 @@ impl LlamaTokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model = gguf.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!("tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)")));
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)"
+            )));
         }
         let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
         let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
-        let types = gguf.get_i32_array("tokenizer.ggml.token_type").unwrap_or_default();
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let types = gguf
+            .get_i32_array("tokenizer.ggml.token_type")
+            .unwrap_or_default();
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         let merges = merges
             .iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(format!("malformed merge `{m}`"))))
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
         let mut inner = Tokenizer::new(bpe);
         // llama.cpp's `smollm`/`gpt2` pre-tokenisers: digits one by one, then the GPT-2 regex.
-        inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()])));
+        inner.with_pre_tokenizer(Some(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         let special: Vec<AddedToken> = tokens
             .iter()
@@ -86,10 +112,16 @@ impl LlamaTokenizer {
                 stop.push(id as u32);
             }
         }
-        let add_bos = matches!(gguf.get("tokenizer.ggml.add_bos_token"), Some(crate::gguf::MetaValue::Bool(true)));
+        let add_bos = matches!(
+            gguf.get("tokenizer.ggml.add_bos_token"),
+            Some(crate::gguf::MetaValue::Bool(true))
+        );
         Ok(Self {
             inner,
-            chat_template: gguf.get_str("tokenizer.chat_template").ok().map(str::to_string),
+            chat_template: gguf
+                .get_str("tokenizer.chat_template")
+                .ok()
+                .map(str::to_string),
             bos,
             eos,
             stop,
@@ -121,13 +153,26 @@ impl LlamaTokenizer {
 
     /// Renders the GGUF's chat template for one user message with the generation prompt.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
-        let template = self.chat_template.as_deref().ok_or_else(|| ModelError::Template("this model has no chat template".into()))?;
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::Template("this model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| ModelError::Template(e.to_string()))?;
-        let token = |id: Option<u32>| id.and_then(|id| self.inner.id_to_token(id)).unwrap_or_default();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
+        let token = |id: Option<u32>| {
+            id.and_then(|id| self.inner.id_to_token(id))
+                .unwrap_or_default()
+        };
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {

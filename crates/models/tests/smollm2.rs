@@ -20,8 +20,21 @@ fn check_greedy<B: Backend>(backend: &B) {
     for f in smollm2_fixtures() {
         let ids = generator.prompt_ids(&f.prompt, f.chat).unwrap();
         assert_eq!(ids, f.prompt_ids, "prompt ids of {:?}", f.prompt);
-        let (out, _) = pollster::block_on(generator.generate(backend, &ids, f.greedy_ids.len(), &mut Sampler::greedy(), |_| {})).unwrap();
-        assert_eq!(out, f.greedy_ids, "greedy continuation of {:?} on {}", f.prompt, backend.describe());
+        let (out, _) = pollster::block_on(generator.generate(
+            backend,
+            &ids,
+            f.greedy_ids.len(),
+            &mut Sampler::greedy(),
+            |_| {},
+        ))
+        .unwrap();
+        assert_eq!(
+            out,
+            f.greedy_ids,
+            "greedy continuation of {:?} on {}",
+            f.prompt,
+            backend.describe()
+        );
     }
 }
 
@@ -42,14 +55,32 @@ fn check_shards<B: Backend>(backend: &B) {
     let n = full.config.layers;
     let prompt = smollm2_fixtures()[0].prompt_ids.clone();
     let mut cache = full.new_cache(backend, 16).unwrap();
-    let whole = full.run_layers(backend, full.embed_tokens(backend, &prompt, 0).unwrap(), &mut cache).unwrap();
-    let whole_logits = pollster::block_on(backend.read(&full.head(backend, &whole).unwrap())).unwrap();
+    let whole = full
+        .run_layers(
+            backend,
+            full.embed_tokens(backend, &prompt, 0).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
+    let whole_logits =
+        pollster::block_on(backend.read(&full.head(backend, &whole).unwrap())).unwrap();
     let k = n / 2;
     let first = LlamaModel::load_layers(backend, &gguf, &bytes, 0..k).unwrap();
     let second = LlamaModel::load_layers(backend, &gguf, &bytes, k..n).unwrap();
-    let (mut c1, mut c2) = (first.new_cache(backend, 16).unwrap(), second.new_cache(backend, 16).unwrap());
-    let mid = first.run_layers(backend, first.embed_tokens(backend, &prompt, 0).unwrap(), &mut c1).unwrap();
-    let wire = pollster::block_on(mid.to_activations(backend)).unwrap().to_bytes();
+    let (mut c1, mut c2) = (
+        first.new_cache(backend, 16).unwrap(),
+        second.new_cache(backend, 16).unwrap(),
+    );
+    let mid = first
+        .run_layers(
+            backend,
+            first.embed_tokens(backend, &prompt, 0).unwrap(),
+            &mut c1,
+        )
+        .unwrap();
+    let wire = pollster::block_on(mid.to_activations(backend))
+        .unwrap()
+        .to_bytes();
     let mid = Hidden::from_activations(backend, &Activations::from_bytes(&wire).unwrap()).unwrap();
     let out = second.run_layers(backend, mid, &mut c2).unwrap();
     assert_eq!(
@@ -60,7 +91,12 @@ fn check_shards<B: Backend>(backend: &B) {
     );
     let logits = pollster::block_on(backend.read(&second.head(backend, &out).unwrap())).unwrap();
     assert_eq!(logits, whole_logits);
-    assert!(first.head(backend, &mid_dummy(backend, &first, &prompt)).is_err(), "the first shard has no head");
+    assert!(
+        first
+            .head(backend, &mid_dummy(backend, &first, &prompt))
+            .is_err(),
+        "the first shard has no head"
+    );
 }
 
 fn mid_dummy<B: Backend>(backend: &B, first: &LlamaModel<B>, prompt: &[u32]) -> Hidden<B> {

@@ -3,19 +3,21 @@
 //! ([`Backend::read`]). Kernels are WGSL, so the same code runs on Vulkan/Metal/DX12 natively
 //! and on WebGPU in a browser.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use wgpu::util::DeviceExt;
 
 use crate::{
-    AttentionParams, Backend, EngineError, Result, Shaped, check_linear, check_pool, check_rope, check_same, shape_err,
+    AttentionParams, Backend, EngineError, Result, Shaped, check_linear, check_pool, check_rope,
+    check_same, shape_err,
 };
 
 /// A device tensor: a storage buffer plus its shape. Cloning shares the buffer.
 #[derive(Clone)]
 pub struct GpuTensor {
     shape: Vec<usize>,
-    buffer: Arc<wgpu::Buffer>,
+    /// wgpu buffers are reference-counted handles: cloning shares the buffer.
+    buffer: wgpu::Buffer,
 }
 
 impl std::fmt::Debug for GpuTensor {
@@ -32,6 +34,7 @@ impl Shaped for GpuTensor {
 
 struct Pipelines {
     linear: wgpu::ComputePipeline,
+    linear4: wgpu::ComputePipeline,
     matvec: wgpu::ComputePipeline,
     norm: wgpu::ComputePipeline,
     add: wgpu::ComputePipeline,
@@ -71,7 +74,11 @@ const MAX_GROUPS: u32 = 65_535;
 
 fn grid(groups: usize) -> (u32, u32) {
     let groups = groups.max(1) as u32;
-    if groups <= MAX_GROUPS { (groups, 1) } else { (MAX_GROUPS, groups.div_ceil(MAX_GROUPS)) }
+    if groups <= MAX_GROUPS {
+        (groups, 1)
+    } else {
+        (MAX_GROUPS, groups.div_ceil(MAX_GROUPS))
+    }
 }
 
 #[repr(C)]
@@ -119,7 +126,8 @@ struct AttnParams {
 }
 
 fn u32_of(v: usize, what: &'static str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| shape_err(what, format!("{v} does not fit the GPU's 32-bit indices")))
+    u32::try_from(v)
+        .map_err(|_| shape_err(what, format!("{v} does not fit the GPU's 32-bit indices")))
 }
 
 impl GpuBackend {
@@ -140,7 +148,8 @@ impl GpuBackend {
         let limits = wgpu::Limits {
             max_storage_buffer_binding_size: supported.max_storage_buffer_binding_size,
             max_buffer_size: supported.max_buffer_size,
-            max_storage_buffers_per_shader_stage: 6.max(wgpu::Limits::downlevel_defaults().max_storage_buffers_per_shader_stage),
+            max_storage_buffers_per_shader_stage: 6
+                .max(wgpu::Limits::downlevel_defaults().max_storage_buffers_per_shader_stage),
             ..wgpu::Limits::downlevel_defaults()
         };
         let (device, queue) = adapter
@@ -176,20 +185,26 @@ impl GpuBackend {
                 self.max_binding
             )));
         }
-        Ok(self.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: bytes, usage: USAGE, mapped_at_creation: false }))
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage: USAGE,
+            mapped_at_creation: false,
+        }))
     }
 
     fn tensor(&self, shape: Vec<usize>) -> Result<GpuTensor> {
         let buffer = self.alloc(shape.iter().product())?;
-        Ok(GpuTensor { shape, buffer: Arc::new(buffer) })
+        Ok(GpuTensor { shape, buffer })
     }
 
     fn uniform<T: bytemuck::Pod>(&self, value: &T) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::bytes_of(value),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::bytes_of(value),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
     }
 
     fn u32_buffer(&self, values: &[u32]) -> wgpu::Buffer {
@@ -200,36 +215,62 @@ impl GpuBackend {
         } else {
             values
         };
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(contents),
-            usage: wgpu::BufferUsages::STORAGE,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(contents),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
     }
 
     fn with_encoder(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
         let mut guard = self.encoder.lock().unwrap_or_else(|e| e.into_inner());
-        let encoder = guard.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        let encoder =
+            guard.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
         f(encoder);
     }
 
     /// Records one dispatch of `pipeline` with `buffers` bound at bindings 0, 1, 2, …
-    fn dispatch(&self, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], groups: (u32, u32, u32)) {
-        let numbered: Vec<_> = buffers.iter().enumerate().map(|(i, b)| (i as u32, *b)).collect();
+    fn dispatch(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+        groups: (u32, u32, u32),
+    ) {
+        let numbered: Vec<_> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u32, *b))
+            .collect();
         self.dispatch_at(pipeline, &numbered, groups);
     }
 
     /// Like [`Self::dispatch`] with explicit binding numbers, for entry points whose derived
     /// layout omits bindings they never use.
-    fn dispatch_at(&self, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)], groups: (u32, u32, u32)) {
+    fn dispatch_at(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[(u32, &wgpu::Buffer)],
+        groups: (u32, u32, u32),
+    ) {
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<_> = buffers
             .iter()
-            .map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() })
+            .map(|&(binding, b)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            })
             .collect();
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        });
         self.with_encoder(|encoder| {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
             pass.set_pipeline(pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups.0, groups.1, groups.2);
@@ -237,35 +278,68 @@ impl GpuBackend {
     }
 
     fn flush(&self) {
-        let encoder = self.encoder.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let encoder = self
+            .encoder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(encoder) = encoder {
             self.queue.submit([encoder.finish()]);
         }
     }
 
-    fn elementwise(&self, pipeline: &wgpu::ComputePipeline, a: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
+    fn elementwise(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        a: &GpuTensor,
+        b: Option<&GpuTensor>,
+    ) -> Result<GpuTensor> {
         let out = self.tensor(a.shape.clone())?;
         let n = a.numel();
         let params = self.uniform(&[u32_of(n, "elementwise")?, 0, 0, 0]);
         let (x, y) = grid(n.div_ceil(256));
         match b {
-            Some(b) => self.dispatch(pipeline, &[&a.buffer, &b.buffer, &out.buffer, &params], (x, y, 1)),
+            Some(b) => self.dispatch(
+                pipeline,
+                &[&a.buffer, &b.buffer, &out.buffer, &params],
+                (x, y, 1),
+            ),
             // Entry points that ignore `b` get a layout without binding 1.
-            None => self.dispatch_at(pipeline, &[(0, &a.buffer), (2, &out.buffer), (3, &params)], (x, y, 1)),
+            None => self.dispatch_at(
+                pipeline,
+                &[(0, &a.buffer), (2, &out.buffer), (3, &params)],
+                (x, y, 1),
+            ),
         }
         Ok(out)
     }
 
     /// A `misc.wgsl` entry point; `idx` is `None` for those that declare no index buffer.
-    fn misc(&self, pipeline: &wgpu::ComputePipeline, src: &GpuTensor, idx: Option<&[u32]>, out: GpuTensor, params: MiscParams, threads: usize) -> Result<GpuTensor> {
+    fn misc(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        src: &GpuTensor,
+        idx: Option<&[u32]>,
+        out: GpuTensor,
+        params: MiscParams,
+        threads: usize,
+    ) -> Result<GpuTensor> {
         let params = self.uniform(&params);
         let (x, y) = grid(threads.div_ceil(256));
         match idx {
             Some(idx) => {
                 let idx = self.u32_buffer(idx);
-                self.dispatch(pipeline, &[&src.buffer, &idx, &out.buffer, &params], (x, y, 1));
+                self.dispatch(
+                    pipeline,
+                    &[&src.buffer, &idx, &out.buffer, &params],
+                    (x, y, 1),
+                );
             }
-            None => self.dispatch_at(pipeline, &[(0, &src.buffer), (2, &out.buffer), (3, &params)], (x, y, 1)),
+            None => self.dispatch_at(
+                pipeline,
+                &[(0, &src.buffer), (2, &out.buffer), (3, &params)],
+                (x, y, 1),
+            ),
         }
         Ok(out)
     }
@@ -274,7 +348,10 @@ impl GpuBackend {
 impl Pipelines {
     fn new(device: &wgpu::Device) -> Self {
         let module = |label: &str, src: &'static str| {
-            device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(src.into()) })
+            device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            })
         };
         let pipeline = |module: &wgpu::ShaderModule, entry: &str| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -287,6 +364,7 @@ impl Pipelines {
             })
         };
         let linear = module("linear", include_str!("linear.wgsl"));
+        let linear4 = module("linear4", include_str!("linear4.wgsl"));
         let matvec = module("matvec", include_str!("matvec.wgsl"));
         let norm = module("norm", include_str!("norm.wgsl"));
         let elementwise = module("elementwise", include_str!("elementwise.wgsl"));
@@ -294,6 +372,7 @@ impl Pipelines {
         let attention = module("attention", include_str!("attention.wgsl"));
         Self {
             linear: pipeline(&linear, "main"),
+            linear4: pipeline(&linear4, "main"),
             matvec: pipeline(&matvec, "main"),
             norm: pipeline(&norm, "main"),
             add: pipeline(&elementwise, "add"),
@@ -316,11 +395,15 @@ impl Backend for GpuBackend {
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
         if shape.iter().product::<usize>() != data.len() {
-            return Err(shape_err("upload", format!("{} values for shape {shape:?}", data.len())));
+            return Err(shape_err(
+                "upload",
+                format!("{} values for shape {shape:?}", data.len()),
+            ));
         }
         let out = self.tensor(shape.to_vec())?;
         if !data.is_empty() {
-            self.queue.write_buffer(&out.buffer, 0, bytemuck::cast_slice(data));
+            self.queue
+                .write_buffer(&out.buffer, 0, bytemuck::cast_slice(data));
         }
         Ok(out)
     }
@@ -341,7 +424,9 @@ impl Backend for GpuBackend {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        self.with_encoder(|encoder| encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, bytes));
+        self.with_encoder(|encoder| {
+            encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, bytes)
+        });
         self.flush();
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -354,7 +439,9 @@ impl Backend for GpuBackend {
         rx.await
             .map_err(|_| EngineError::Gpu("readback was cancelled".into()))?
             .map_err(|e| EngineError::Gpu(format!("readback: {e}")))?;
-        let view = staging.get_mapped_range(..).map_err(|e| EngineError::Gpu(format!("readback: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| EngineError::Gpu(format!("readback: {e}")))?;
         let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
         drop(view);
         staging.unmap();
@@ -371,13 +458,32 @@ impl Backend for GpuBackend {
             has_bias: b.is_some() as u32,
         });
         // Binding 2 must be bound even without a bias; the kernel never reads it then.
-        let bias = b.map_or(&*w.buffer, |b| &*b.buffer);
+        let bias = b.map_or(&w.buffer, |b| &b.buffer);
         if m <= 4 {
             let (gx, gy) = grid(n);
-            self.dispatch(&self.pipelines.matvec, &[&x.buffer, &w.buffer, bias, &out.buffer, &params], (gx, gy, m as u32));
+            self.dispatch(
+                &self.pipelines.matvec,
+                &[&x.buffer, &w.buffer, bias, &out.buffer, &params],
+                (gx, gy, m as u32),
+            );
+        } else if k % 4 == 0 {
+            let groups = (
+                u32_of(n.div_ceil(32), "linear")?,
+                u32_of(m.div_ceil(32), "linear")?,
+                1,
+            );
+            self.dispatch(
+                &self.pipelines.linear4,
+                &[&x.buffer, &w.buffer, bias, &out.buffer, &params],
+                groups,
+            );
         } else {
             let groups = (n.div_ceil(64) as u32, u32_of(m.div_ceil(64), "linear")?, 1);
-            self.dispatch(&self.pipelines.linear, &[&x.buffer, &w.buffer, bias, &out.buffer, &params], groups);
+            self.dispatch(
+                &self.pipelines.linear,
+                &[&x.buffer, &w.buffer, bias, &out.buffer, &params],
+                groups,
+            );
         }
         Ok(out)
     }
@@ -387,14 +493,29 @@ impl Backend for GpuBackend {
         self.elementwise(&self.pipelines.add, a, Some(b))
     }
 
-    fn layer_norm(&self, x: &GpuTensor, gamma: &GpuTensor, beta: &GpuTensor, eps: f32) -> Result<GpuTensor> {
+    fn layer_norm(
+        &self,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: &GpuTensor,
+        eps: f32,
+    ) -> Result<GpuTensor> {
         let (rows, cols) = x.as_matrix();
         check_same("layer_norm", &gamma.shape, &[cols])?;
         check_same("layer_norm", &beta.shape, &[cols])?;
         let out = self.tensor(x.shape.clone())?;
-        let params = self.uniform(&NormParams { rows: u32_of(rows, "layer_norm")?, cols: cols as u32, eps, rms: 0 });
-        let (gx, gy) = grid(rows);
-        self.dispatch(&self.pipelines.norm, &[&x.buffer, &gamma.buffer, &beta.buffer, &out.buffer, &params], (gx, gy, 1));
+        let params = self.uniform(&NormParams {
+            rows: u32_of(rows, "layer_norm")?,
+            cols: cols as u32,
+            eps,
+            rms: 0,
+        });
+        let (gx, gy) = grid(rows.div_ceil(64));
+        self.dispatch(
+            &self.pipelines.norm,
+            &[&x.buffer, &gamma.buffer, &beta.buffer, &out.buffer, &params],
+            (gx, gy, 1),
+        );
         Ok(out)
     }
 
@@ -402,10 +523,25 @@ impl Backend for GpuBackend {
         let (rows, cols) = x.as_matrix();
         check_same("rms_norm", &gamma.shape, &[cols])?;
         let out = self.tensor(x.shape.clone())?;
-        let params = self.uniform(&NormParams { rows: u32_of(rows, "rms_norm")?, cols: cols as u32, eps, rms: 1 });
-        let (gx, gy) = grid(rows);
+        let params = self.uniform(&NormParams {
+            rows: u32_of(rows, "rms_norm")?,
+            cols: cols as u32,
+            eps,
+            rms: 1,
+        });
+        let (gx, gy) = grid(rows.div_ceil(64));
         // beta is unused with rms = 1, but the shared kernel declares it.
-        self.dispatch(&self.pipelines.norm, &[&x.buffer, &gamma.buffer, &gamma.buffer, &out.buffer, &params], (gx, gy, 1));
+        self.dispatch(
+            &self.pipelines.norm,
+            &[
+                &x.buffer,
+                &gamma.buffer,
+                &gamma.buffer,
+                &out.buffer,
+                &params,
+            ],
+            (gx, gy, 1),
+        );
         Ok(out)
     }
 
@@ -421,14 +557,37 @@ impl Backend for GpuBackend {
     fn embedding(&self, table: &GpuTensor, ids: &[u32]) -> Result<GpuTensor> {
         let (vocab, dim) = table.as_matrix();
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(shape_err("embedding", format!("token id {bad} outside vocabulary of {vocab}")));
+            return Err(shape_err(
+                "embedding",
+                format!("token id {bad} outside vocabulary of {vocab}"),
+            ));
         }
         let out = self.tensor(vec![ids.len(), dim])?;
-        let params = MiscParams { rows: u32_of(ids.len(), "embedding")?, cols: dim as u32, a: 0, b: 0, f: 0.0, _pad: [0; 3] };
-        self.misc(&self.pipelines.embedding, table, Some(ids), out, params, ids.len() * dim)
+        let params = MiscParams {
+            rows: u32_of(ids.len(), "embedding")?,
+            cols: dim as u32,
+            a: 0,
+            b: 0,
+            f: 0.0,
+            _pad: [0; 3],
+        };
+        self.misc(
+            &self.pipelines.embedding,
+            table,
+            Some(ids),
+            out,
+            params,
+            ids.len() * dim,
+        )
     }
 
-    fn rope(&self, x: &GpuTensor, head_dim: usize, pos_offset: usize, theta: f32) -> Result<GpuTensor> {
+    fn rope(
+        &self,
+        x: &GpuTensor,
+        head_dim: usize,
+        pos_offset: usize,
+        theta: f32,
+    ) -> Result<GpuTensor> {
         check_rope(&x.shape, head_dim)?;
         let (rows, cols) = x.as_matrix();
         let out = self.tensor(x.shape.clone())?;
@@ -443,10 +602,23 @@ impl Backend for GpuBackend {
         self.misc(&self.pipelines.rope, x, None, out, params, rows * cols / 2)
     }
 
-    fn attention(&self, q: &GpuTensor, k: &GpuTensor, v: &GpuTensor, kv_lens: &[u32], p: &AttentionParams) -> Result<GpuTensor> {
+    fn attention(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        kv_lens: &[u32],
+        p: &AttentionParams,
+    ) -> Result<GpuTensor> {
         p.validate(&q.shape, &k.shape, &v.shape, kv_lens)?;
-        if p.head_dim > 128 {
-            return Err(shape_err("attention", format!("head_dim {} > 128 is not supported on the GPU backend", p.head_dim)));
+        if p.head_dim > 128 || !p.head_dim.is_multiple_of(4) {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "head_dim {} must be a multiple of 4 up to 128 on the GPU backend",
+                    p.head_dim
+                ),
+            ));
         }
         let rows = p.batch * p.q_len;
         let out = self.tensor(vec![rows, p.heads * p.head_dim])?;
@@ -463,13 +635,11 @@ impl Backend for GpuBackend {
             _pad: [0; 3],
         });
         let lens = self.u32_buffer(kv_lens);
-        if rows > MAX_GROUPS as usize || p.heads > MAX_GROUPS as usize {
-            return Err(shape_err("attention", format!("{rows} query rows exceed one dispatch")));
-        }
+        let (gx, gy) = grid((rows * p.heads).div_ceil(64));
         self.dispatch(
             &self.pipelines.attention,
             &[&q.buffer, &k.buffer, &v.buffer, &lens, &out.buffer, &params],
-            (rows as u32, p.heads as u32, 1),
+            (gx, gy, 1),
         );
         Ok(out)
     }
@@ -478,11 +648,16 @@ impl Backend for GpuBackend {
         let (rows, cols) = dst.as_matrix();
         let (n, src_cols) = src.as_matrix();
         if cols != src_cols || row + n > rows {
-            return Err(shape_err("write_rows", format!("{:?} at row {row} into {:?}", src.shape, dst.shape)));
+            return Err(shape_err(
+                "write_rows",
+                format!("{:?} at row {row} into {:?}", src.shape, dst.shape),
+            ));
         }
         let bytes = (n * cols * 4) as u64;
         if bytes > 0 {
-            self.with_encoder(|e| e.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, (row * cols * 4) as u64, bytes));
+            self.with_encoder(|e| {
+                e.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, (row * cols * 4) as u64, bytes)
+            });
         }
         Ok(())
     }
@@ -490,12 +665,17 @@ impl Backend for GpuBackend {
     fn slice_rows(&self, x: &GpuTensor, start: usize, count: usize) -> Result<GpuTensor> {
         let (rows, cols) = x.as_matrix();
         if start + count > rows {
-            return Err(shape_err("slice_rows", format!("rows {start}..{} of {:?}", start + count, x.shape)));
+            return Err(shape_err(
+                "slice_rows",
+                format!("rows {start}..{} of {:?}", start + count, x.shape),
+            ));
         }
         let out = self.tensor(vec![count, cols])?;
         let bytes = (count * cols * 4) as u64;
         if bytes > 0 {
-            self.with_encoder(|e| e.copy_buffer_to_buffer(&x.buffer, (start * cols * 4) as u64, &out.buffer, 0, bytes));
+            self.with_encoder(|e| {
+                e.copy_buffer_to_buffer(&x.buffer, (start * cols * 4) as u64, &out.buffer, 0, bytes)
+            });
         }
         Ok(out)
     }
@@ -503,7 +683,21 @@ impl Backend for GpuBackend {
     fn mean_pool(&self, x: &GpuTensor, seq: usize, lens: &[u32]) -> Result<GpuTensor> {
         let (batch, dim) = check_pool(&x.shape, seq, lens)?;
         let out = self.tensor(vec![batch, dim])?;
-        let params = MiscParams { rows: batch as u32, cols: dim as u32, a: u32_of(seq, "mean_pool")?, b: 0, f: 0.0, _pad: [0; 3] };
-        self.misc(&self.pipelines.mean_pool, x, Some(lens), out, params, batch * dim)
+        let params = MiscParams {
+            rows: batch as u32,
+            cols: dim as u32,
+            a: u32_of(seq, "mean_pool")?,
+            b: 0,
+            f: 0.0,
+            _pad: [0; 3],
+        };
+        self.misc(
+            &self.pipelines.mean_pool,
+            x,
+            Some(lens),
+            out,
+            params,
+            batch * dim,
+        )
     }
 }

@@ -23,7 +23,10 @@ pub fn fixtures_dir() -> PathBuf {
 
 fn read_jsonl<T: for<'de> Deserialize<'de>>(name: &str) -> Vec<T> {
     let text = std::fs::read_to_string(fixtures_dir().join(name)).expect("fixture file");
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("fixture line")).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("fixture line"))
+        .collect()
 }
 
 #[derive(Deserialize)]

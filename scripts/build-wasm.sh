@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds crates/web for the browser into www/pkg (wasm-bindgen --target web).
+# wasm-bindgen must match the wasm-bindgen crate in Cargo.lock; .ci/run installs it into
+# $TABULA_TOOLS (default ~/.cache/tabula-ci) and this script looks there first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools=${TABULA_TOOLS:-$HOME/.cache/tabula-ci}
+version=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
+bindgen="$tools/wasm-bindgen-$version/bin/wasm-bindgen"
+if [ ! -x "$bindgen" ]; then
+  bindgen=$(command -v wasm-bindgen || true)
+  if [ -z "$bindgen" ] || [ "$("$bindgen" --version | awk '{print $2}')" != "$version" ]; then
+    echo "wasm-bindgen $version not found: cargo install wasm-bindgen-cli --version $version --root $tools/wasm-bindgen-$version" >&2
+    exit 1
+  fi
+fi
+target_dir=${CARGO_TARGET_DIR:-target}
+cargo build -p tabula-web --target wasm32-unknown-unknown --release
+"$bindgen" --target web --out-dir www/pkg "$target_dir/wasm32-unknown-unknown/release/tabula_web.wasm"
+gzip -9 -c www/pkg/tabula_web_bg.wasm | wc -c | awk '{printf "www/pkg/tabula_web_bg.wasm: %d bytes gzipped\n", $1}'

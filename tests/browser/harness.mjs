@@ -1,0 +1,58 @@
+// Shared pieces of the browser tests: a static server for the page, the wasm package, the
+// model files and the fixtures; and a headless Chromium with WebGPU (SwiftShader) enabled.
+import http from 'node:http';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const modelsDir = process.env.TABULA_MODELS || path.join(os.homedir(), '.cache/tabula/models');
+
+const types = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json' };
+
+// Routes: /pkg/* -> www/pkg, /models/* -> the models directory, anything else -> tests/browser.
+export function serve() {
+  const server = http.createServer((req, res) => {
+    const url = decodeURIComponent(new URL(req.url, 'http://x').pathname);
+    let file;
+    if (url.startsWith('/pkg/')) file = path.join(root, 'www', url);
+    else if (url.startsWith('/models/')) file = path.join(modelsDir, url.slice('/models/'.length));
+    else file = path.join(root, 'tests/browser', url);
+    if (file.includes('..') || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
+      res.writeHead(404).end(`not found: ${url}`);
+      return;
+    }
+    res.writeHead(200, { 'content-type': types[path.extname(file)] || 'application/octet-stream' });
+    fs.createReadStream(file).pipe(res);
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(server)));
+}
+
+export async function launch({ webgpu = true } = {}) {
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'tabula-chromium-'));
+  const args = [
+    '--headless=new', '--no-sandbox', '--disable-gpu-sandbox', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic',
+    `--user-data-dir=${profile}`, '--remote-debugging-pipe',
+  ];
+  if (webgpu) args.push('--enable-unsafe-webgpu', '--enable-webgpu-developer-features');
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    ignoreDefaultArgs: true,
+    args,
+    timeout: 60_000,
+  });
+  return browser;
+}
+
+export function readJsonl(file) {
+  return fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l));
+}
+
+export function cosine(a, b) {
+  let dot = 0, na = 0, nb = 0;
+  for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; na += a[i] * a[i]; nb += b[i] * b[i]; }
+  return dot / Math.sqrt(na * nb);
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every test of the project. Needs what .ci/run installs (lavapipe, Chromium, the wasm target,
+# wasm-bindgen-cli, npm packages); fetches the real models first (idempotent, sha256-checked).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TABULA_TOOLS=${TABULA_TOOLS:-$HOME/.cache/tabula-ci}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$TABULA_TOOLS/target}
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+
+step "formatting and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p tabula-web --target wasm32-unknown-unknown -- -D warnings
+
+step "real model weights"
+cargo run -q -p tabula-cli -- models fetch
+
+step "Rust tests (CPU backend, wgpu on the machine's Vulkan device, the CLI end to end)"
+cargo test --workspace
+
+step "wasm build and browser tests (headless Chromium, WebGPU on SwiftShader and wasm CPU)"
+bash scripts/build-wasm.sh
+node --test tests/browser/
+step "all tests passed"
