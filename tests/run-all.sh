@@ -16,7 +16,7 @@ step "real model weights"
 cargo run -q -p tabula-cli -- models fetch
 
 step "Rust tests (CPU backend, wgpu on the machine's Vulkan device, the CLI end to end)"
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 
 step "wasm build and browser tests (headless Chromium, WebGPU on SwiftShader and wasm CPU)"
 bash scripts/build-wasm.sh
