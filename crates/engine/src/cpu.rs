@@ -95,13 +95,64 @@ fn gemm(
     }
 }
 
+/// Up to this many rows, `linear` streams the weights once with dot products instead of calling
+/// SGEMM, which would first pack the whole weight matrix (decoding is one row per token).
+const MATVEC_MAX_ROWS: usize = 4;
+
+/// `out[r, j] += x[r] · w[j]` for every row `r` of `x` and row `j` of `w` (both `k` wide).
+fn matvec(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    if k == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all the
+        // target_feature function requires; it only reads and writes through safe slices.
+        unsafe { matvec_avx2(x, w, k, out) };
+        return;
+    }
+    matvec_generic(x, w, k, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn matvec_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    matvec_generic(x, w, k, out);
+}
+
+/// Sixteen independent partial sums per dot product, so the compiler can keep them in vector
+/// registers (f32 addition is not reassociated on its own).
+#[inline(always)]
+fn matvec_generic(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    const LANES: usize = 16;
+    let n = w.len() / k.max(1);
+    for (row, out_row) in x.chunks_exact(k).zip(out.chunks_exact_mut(n.max(1))) {
+        for (wj, o) in w.chunks_exact(k).zip(out_row.iter_mut()) {
+            let mut acc = [0.0f32; LANES];
+            let (xc, xr) = row.split_at(k - k % LANES);
+            let (wc, wr) = wj.split_at(k - k % LANES);
+            for (a, b) in xc.chunks_exact(LANES).zip(wc.chunks_exact(LANES)) {
+                for i in 0..LANES {
+                    acc[i] += a[i] * b[i];
+                }
+            }
+            let tail: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            *o += acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
 /// The CPU backend. Stateless; single-threaded (callers parallelise across units).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
 impl CpuBackend {
     fn map(&self, x: &CpuTensor, f: impl Fn(f32) -> f32) -> CpuTensor {
-        CpuTensor::new(x.shape.clone(), x.data.iter().map(|&v| f(v)).collect())
+        let mut out = vec![0.0; x.data.len()];
+        for (o, &v) in out.iter_mut().zip(x.data.iter()) {
+            *o = f(v);
+        }
+        CpuTensor::new(x.shape.clone(), out)
     }
 }
 
@@ -139,6 +190,10 @@ impl Backend for CpuBackend {
             Some(b) => b.data.repeat(m),
             None => vec![0.0; m * n],
         };
+        if m <= MATVEC_MAX_ROWS {
+            matvec(&x.data, &w.data, k, &mut out);
+            return Ok(CpuTensor::new(vec![m, n], out));
+        }
         let beta = if b.is_some() { 1.0 } else { 0.0 };
         // wᵀ is read in place: element (kk, j) of wᵀ is w[j * k + kk].
         gemm(
@@ -311,7 +366,7 @@ impl Backend for CpuBackend {
                         .fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
                     let mut sum = 0.0;
                     for s in &mut row[..visible] {
-                        *s = (*s * scale - max).exp();
+                        *s = ops::exp(*s * scale - max);
                         sum += *s;
                     }
                     let inv = 1.0 / sum;
