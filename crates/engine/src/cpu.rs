@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::{
     AttentionParams, Backend, Result, Shaped, check_linear, check_pool, check_rope, check_same,
-    ops, shape_err,
+    check_slice_rows, check_write_rows, ops, shape_err,
 };
 
 /// A host tensor. Cloning is cheap (shared data); `write_rows` copies on write if shared.
@@ -395,26 +395,13 @@ impl Backend for CpuBackend {
     }
 
     fn write_rows(&self, dst: &mut CpuTensor, row: usize, src: &CpuTensor) -> Result<()> {
-        let (rows, cols) = dst.as_matrix();
-        let (n, src_cols) = src.as_matrix();
-        if cols != src_cols || row + n > rows {
-            return Err(shape_err(
-                "write_rows",
-                format!("{:?} at row {row} into {:?}", src.shape, dst.shape),
-            ));
-        }
+        let (n, cols) = check_write_rows(dst.shape(), row, src.shape())?;
         Arc::make_mut(&mut dst.data)[row * cols..(row + n) * cols].copy_from_slice(&src.data);
         Ok(())
     }
 
     fn slice_rows(&self, x: &CpuTensor, start: usize, count: usize) -> Result<CpuTensor> {
-        let (rows, cols) = x.as_matrix();
-        if start + count > rows {
-            return Err(shape_err(
-                "slice_rows",
-                format!("rows {start}..{} of {:?}", start + count, x.shape),
-            ));
-        }
+        let cols = check_slice_rows(x.shape(), start, count)?;
         Ok(CpuTensor::new(
             vec![count, cols],
             x.data[start * cols..(start + count) * cols].to_vec(),

@@ -232,3 +232,38 @@ pub(crate) fn check_rope(x: &[usize], head_dim: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Rows and columns of `src` when written at `row` of `dst`.
+pub(crate) fn check_write_rows(dst: &[usize], row: usize, src: &[usize]) -> Result<(usize, usize)> {
+    let (rows, cols) = (
+        dst.first().copied().unwrap_or(0),
+        dst.get(1).copied().unwrap_or(0),
+    );
+    let (n, src_cols) = (
+        src.first().copied().unwrap_or(0),
+        src.get(1).copied().unwrap_or(0),
+    );
+    if dst.len() != 2
+        || src.len() != 2
+        || cols != src_cols
+        || row.checked_add(n).is_none_or(|end| end > rows)
+    {
+        return Err(shape_err(
+            "write_rows",
+            format!("{src:?} at row {row} into {dst:?}"),
+        ));
+    }
+    Ok((n, cols))
+}
+
+/// Columns of `x` when rows `[start, start + count)` are taken.
+pub(crate) fn check_slice_rows(x: &[usize], start: usize, count: usize) -> Result<usize> {
+    let rows = x.first().copied().unwrap_or(0);
+    if x.len() != 2 || start.checked_add(count).is_none_or(|end| end > rows) {
+        return Err(shape_err(
+            "slice_rows",
+            format!("rows {start}..{start}+{count} of {x:?}"),
+        ));
+    }
+    Ok(x[1])
+}

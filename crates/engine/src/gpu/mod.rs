@@ -9,7 +9,7 @@ use wgpu::util::DeviceExt;
 
 use crate::{
     AttentionParams, Backend, EngineError, Result, Shaped, check_linear, check_pool, check_rope,
-    check_same, shape_err,
+    check_same, check_slice_rows, check_write_rows, shape_err,
 };
 
 /// A device tensor: a storage buffer plus its shape. Cloning shares the buffer.
@@ -645,14 +645,7 @@ impl Backend for GpuBackend {
     }
 
     fn write_rows(&self, dst: &mut GpuTensor, row: usize, src: &GpuTensor) -> Result<()> {
-        let (rows, cols) = dst.as_matrix();
-        let (n, src_cols) = src.as_matrix();
-        if cols != src_cols || row + n > rows {
-            return Err(shape_err(
-                "write_rows",
-                format!("{:?} at row {row} into {:?}", src.shape, dst.shape),
-            ));
-        }
+        let (n, cols) = check_write_rows(dst.shape(), row, src.shape())?;
         let bytes = (n * cols * 4) as u64;
         if bytes > 0 {
             self.with_encoder(|e| {
@@ -663,13 +656,7 @@ impl Backend for GpuBackend {
     }
 
     fn slice_rows(&self, x: &GpuTensor, start: usize, count: usize) -> Result<GpuTensor> {
-        let (rows, cols) = x.as_matrix();
-        if start + count > rows {
-            return Err(shape_err(
-                "slice_rows",
-                format!("rows {start}..{} of {:?}", start + count, x.shape),
-            ));
-        }
+        let cols = check_slice_rows(x.shape(), start, count)?;
         let out = self.tensor(vec![count, cols])?;
         let bytes = (count * cols * 4) as u64;
         if bytes > 0 {
