@@ -176,17 +176,14 @@ fn embed_with<B: Backend>(backend: &B, args: &EmbedArgs) -> Result<()> {
     let spinner = indicatif::ProgressBar::new_spinner().with_message("embedding");
     let mut index = 0usize;
     let mut chunk: Vec<String> = Vec::new();
-    let mut lines = reader.lines();
+    let mut reader = reader;
+    let mut line_no = 0usize;
     loop {
-        let line = lines.next().transpose().with_context(|| {
-            format!(
-                "reading line {} of the input (is it UTF-8?)",
-                index + chunk.len() + 1
-            )
-        })?;
+        let line = read_line(&mut reader, line_no + 1)?;
         let done = line.is_none();
         if let Some(line) = line {
-            chunk.push(line.trim_end_matches('\r').to_string());
+            line_no += 1;
+            chunk.push(line);
         }
         if chunk.len() >= args.batch_size * 8 || (done && !chunk.is_empty()) {
             for e in pollster::block_on(embedder.embed(backend, &chunk))? {
@@ -207,6 +204,34 @@ fn embed_with<B: Backend>(backend: &B, args: &EmbedArgs) -> Result<()> {
     }
     spinner.finish_and_clear();
     Ok(())
+}
+
+/// Longest input line `embed` accepts. Only the first 256 tokens of a text are embedded, so
+/// this bounds memory, not what can be embedded.
+const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// One line without its `\n` / `\r\n`, or `None` at the end of the input.
+fn read_line(reader: &mut impl BufRead, line_no: usize) -> Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = std::io::Read::take(reader, MAX_LINE_BYTES as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .with_context(|| format!("reading line {line_no} of the input"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    } else if buf.len() > MAX_LINE_BYTES {
+        bail!(
+            "line {line_no} of the input is longer than 1 MiB; split it (only its first 256 tokens would be embedded)"
+        );
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .with_context(|| format!("line {line_no} of the input is not valid UTF-8"))
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {

@@ -224,3 +224,33 @@ fn fetch_explains_a_missing_pip_or_registry() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn embed_rejects_oversized_and_non_utf8_lines_with_their_line_number() {
+    let dir = std::env::temp_dir().join(format!("tabula-embed-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 2] = [
+        (
+            "long.txt",
+            [b"fine\n".to_vec(), vec![b'a'; 2 << 20]].concat(),
+            "line 2 of the input is longer than 1 MiB",
+        ),
+        (
+            "latin1.txt",
+            b"ok\nok\ncaf\xe9\n".to_vec(),
+            "line 3 of the input is not valid UTF-8",
+        ),
+    ];
+    for (name, bytes, message) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let o = tabula(&["embed", "--input", path.to_str().unwrap()], None);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "{name}: expected {message:?} in {stderr:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
