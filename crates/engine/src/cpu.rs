@@ -120,24 +120,12 @@ fn matvec_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     matvec_generic(x, w, k, out);
 }
 
-/// Sixteen independent partial sums per dot product, so the compiler can keep them in vector
-/// registers (f32 addition is not reassociated on its own).
 #[inline(always)]
 fn matvec_generic(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
-    const LANES: usize = 16;
     let n = w.len() / k.max(1);
     for (row, out_row) in x.chunks_exact(k).zip(out.chunks_exact_mut(n.max(1))) {
         for (wj, o) in w.chunks_exact(k).zip(out_row.iter_mut()) {
-            let mut acc = [0.0f32; LANES];
-            let (xc, xr) = row.split_at(k - k % LANES);
-            let (wc, wr) = wj.split_at(k - k % LANES);
-            for (a, b) in xc.chunks_exact(LANES).zip(wc.chunks_exact(LANES)) {
-                for i in 0..LANES {
-                    acc[i] += a[i] * b[i];
-                }
-            }
-            let tail: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-            *o += acc.iter().sum::<f32>() + tail;
+            *o += dot(row, wj);
         }
     }
 }
@@ -177,6 +165,34 @@ fn map_into_generic(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
         *o = f(v);
     }
 }
+
+/// `a · b` with sixteen independent partial sums, so the compiler can keep them in vector
+/// registers (f32 addition is not reassociated on its own).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let len = a.len().min(b.len());
+    let split = len - len % LANES;
+    let mut acc = [0.0f32; LANES];
+    for (x, y) in a[..split]
+        .chunks_exact(LANES)
+        .zip(b[..split].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a[split..len]
+        .iter()
+        .zip(&b[split..len])
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Up to this many query rows, attention computes its two products with direct loops: SGEMM's
+/// packing costs more than the arithmetic for a head of a short text or one decoding step.
+const DIRECT_ATTENTION_ROWS: usize = 32;
 
 /// The CPU backend. Stateless; single-threaded (callers parallelise across units).
 #[derive(Clone, Copy, Debug, Default)]
@@ -370,22 +386,32 @@ impl Backend for CpuBackend {
                 let kvh = h / group;
                 let q_at = b * p.q_len * qw + h * d;
                 let kv_at = b * p.kv_rows * kvw + kvh * d;
-                // scores = Q_h · K_hᵀ, one row per query, read straight out of the packed rows.
-                gemm(
-                    p.q_len,
-                    d,
-                    kv_len,
-                    &q.data[q_at..],
-                    Strides { row: qw, col: 1 },
-                    &k.data[kv_at..],
-                    Strides { row: 1, col: kvw },
-                    0.0,
-                    &mut scores,
-                    Strides {
-                        row: kv_len,
-                        col: 1,
-                    },
-                );
+                let direct = p.q_len <= DIRECT_ATTENTION_ROWS;
+                if direct {
+                    for i in 0..p.q_len {
+                        let qi = &q.data[q_at + i * qw..q_at + i * qw + d];
+                        for (j, s) in scores[i * kv_len..(i + 1) * kv_len].iter_mut().enumerate() {
+                            *s = dot(qi, &k.data[kv_at + j * kvw..kv_at + j * kvw + d]);
+                        }
+                    }
+                } else {
+                    // scores = Q_h · K_hᵀ, one row per query, read straight out of the packed rows.
+                    gemm(
+                        p.q_len,
+                        d,
+                        kv_len,
+                        &q.data[q_at..],
+                        Strides { row: qw, col: 1 },
+                        &k.data[kv_at..],
+                        Strides { row: 1, col: kvw },
+                        0.0,
+                        &mut scores,
+                        Strides {
+                            row: kv_len,
+                            col: 1,
+                        },
+                    );
+                }
                 for (i, row) in scores[..p.q_len * kv_len]
                     .chunks_exact_mut(kv_len)
                     .enumerate()
@@ -407,22 +433,32 @@ impl Backend for CpuBackend {
                     row[..visible].iter_mut().for_each(|s| *s *= inv);
                     row[visible..].iter_mut().for_each(|s| *s = 0.0);
                 }
-                // out_h = P · V_h, written into the head's columns of the output rows.
-                gemm(
-                    p.q_len,
-                    kv_len,
-                    d,
-                    &scores,
-                    Strides {
-                        row: kv_len,
-                        col: 1,
-                    },
-                    &v.data[kv_at..],
-                    Strides { row: kvw, col: 1 },
-                    0.0,
-                    &mut out[q_at..],
-                    Strides { row: qw, col: 1 },
-                );
+                if direct {
+                    for i in 0..p.q_len {
+                        let oi = &mut out[q_at + i * qw..q_at + i * qw + d];
+                        for (j, &pij) in scores[i * kv_len..(i + 1) * kv_len].iter().enumerate() {
+                            let vj = &v.data[kv_at + j * kvw..kv_at + j * kvw + d];
+                            oi.iter_mut().zip(vj).for_each(|(o, v)| *o += pij * v);
+                        }
+                    }
+                } else {
+                    // out_h = P · V_h, written into the head's columns of the output rows.
+                    gemm(
+                        p.q_len,
+                        kv_len,
+                        d,
+                        &scores,
+                        Strides {
+                            row: kv_len,
+                            col: 1,
+                        },
+                        &v.data[kv_at..],
+                        Strides { row: kvw, col: 1 },
+                        0.0,
+                        &mut out[q_at..],
+                        Strides { row: qw, col: 1 },
+                    );
+                }
             }
         }
         Ok(CpuTensor::new(vec![p.batch * p.q_len, qw], out))
