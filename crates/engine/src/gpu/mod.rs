@@ -314,6 +314,38 @@ impl GpuBackend {
         Ok(out)
     }
 
+    /// LayerNorm (with `beta`) or RMSNorm (without) through the shared `norm.wgsl` kernel.
+    fn norm(
+        &self,
+        op: &'static str,
+        x: &GpuTensor,
+        gamma: &GpuTensor,
+        beta: Option<&GpuTensor>,
+        eps: f32,
+    ) -> Result<GpuTensor> {
+        let (rows, cols) = x.as_matrix();
+        check_same(op, &gamma.shape, &[cols])?;
+        if let Some(beta) = beta {
+            check_same(op, &beta.shape, &[cols])?;
+        }
+        let out = self.tensor(x.shape.clone())?;
+        let params = self.uniform(&NormParams {
+            rows: u32_of(rows, op)?,
+            cols: cols as u32,
+            eps,
+            rms: beta.is_none() as u32,
+        });
+        let (gx, gy) = grid(rows.div_ceil(64));
+        // The kernel declares beta even for RMSNorm, where it never reads it.
+        let beta = beta.unwrap_or(gamma);
+        self.dispatch(
+            &self.pipelines.norm,
+            &[&x.buffer, &gamma.buffer, &beta.buffer, &out.buffer, &params],
+            (gx, gy, 1),
+        );
+        Ok(out)
+    }
+
     /// A `misc.wgsl` entry point; `idx` is `None` for those that declare no index buffer.
     fn misc(
         &self,
@@ -500,49 +532,11 @@ impl Backend for GpuBackend {
         beta: &GpuTensor,
         eps: f32,
     ) -> Result<GpuTensor> {
-        let (rows, cols) = x.as_matrix();
-        check_same("layer_norm", &gamma.shape, &[cols])?;
-        check_same("layer_norm", &beta.shape, &[cols])?;
-        let out = self.tensor(x.shape.clone())?;
-        let params = self.uniform(&NormParams {
-            rows: u32_of(rows, "layer_norm")?,
-            cols: cols as u32,
-            eps,
-            rms: 0,
-        });
-        let (gx, gy) = grid(rows.div_ceil(64));
-        self.dispatch(
-            &self.pipelines.norm,
-            &[&x.buffer, &gamma.buffer, &beta.buffer, &out.buffer, &params],
-            (gx, gy, 1),
-        );
-        Ok(out)
+        self.norm("layer_norm", x, gamma, Some(beta), eps)
     }
 
     fn rms_norm(&self, x: &GpuTensor, gamma: &GpuTensor, eps: f32) -> Result<GpuTensor> {
-        let (rows, cols) = x.as_matrix();
-        check_same("rms_norm", &gamma.shape, &[cols])?;
-        let out = self.tensor(x.shape.clone())?;
-        let params = self.uniform(&NormParams {
-            rows: u32_of(rows, "rms_norm")?,
-            cols: cols as u32,
-            eps,
-            rms: 1,
-        });
-        let (gx, gy) = grid(rows.div_ceil(64));
-        // beta is unused with rms = 1, but the shared kernel declares it.
-        self.dispatch(
-            &self.pipelines.norm,
-            &[
-                &x.buffer,
-                &gamma.buffer,
-                &gamma.buffer,
-                &out.buffer,
-                &params,
-            ],
-            (gx, gy, 1),
-        );
-        Ok(out)
+        self.norm("rms_norm", x, gamma, None, eps)
     }
 
     fn gelu(&self, x: &GpuTensor) -> Result<GpuTensor> {
