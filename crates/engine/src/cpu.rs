@@ -9,32 +9,65 @@ use crate::{
 };
 
 /// A host tensor. Cloning is cheap (shared data); `write_rows` copies on write if shared.
+/// `f32` for fast precision, `i32` words for exact precision.
 #[derive(Clone)]
-pub struct CpuTensor {
+pub struct CpuTensor<T = f32> {
     shape: Vec<usize>,
-    data: Arc<Vec<f32>>,
+    data: Arc<Vec<T>>,
 }
 
-impl std::fmt::Debug for CpuTensor {
+impl<T> std::fmt::Debug for CpuTensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CpuTensor{:?}", self.shape)
     }
 }
 
-impl CpuTensor {
-    fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+impl<T: Copy> CpuTensor<T> {
+    pub(crate) fn new(shape: Vec<usize>, data: Vec<T>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Self {
             shape,
             data: Arc::new(data),
         }
     }
-    pub fn data(&self) -> &[f32] {
+    pub fn data(&self) -> &[T] {
         &self.data
+    }
+
+    /// Overwrites rows `[row, row + src.rows)`; copies the data first if it is shared.
+    pub(crate) fn write_rows(&mut self, row: usize, src: &Self) -> Result<()> {
+        let (n, cols) = check_write_rows(&self.shape, row, &src.shape)?;
+        Arc::make_mut(&mut self.data)[row * cols..(row + n) * cols].copy_from_slice(&src.data);
+        Ok(())
+    }
+
+    pub(crate) fn slice_rows(&self, start: usize, count: usize) -> Result<Self> {
+        let cols = check_slice_rows(&self.shape, start, count)?;
+        Ok(Self::new(
+            vec![count, cols],
+            self.data[start * cols..(start + count) * cols].to_vec(),
+        ))
+    }
+
+    /// Rows picked by `ids`, each checked against the table's height.
+    pub(crate) fn gather(&self, ids: &[u32]) -> Result<Self> {
+        let (vocab, dim) = self.as_matrix();
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        for &id in ids {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(shape_err(
+                    "embedding",
+                    format!("token id {id} outside vocabulary of {vocab}"),
+                ));
+            }
+            out.extend_from_slice(&self.data[id * dim..(id + 1) * dim]);
+        }
+        Ok(Self::new(vec![ids.len(), dim], out))
     }
 }
 
-impl Shaped for CpuTensor {
+impl<T> Shaped for CpuTensor<T> {
     fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -326,19 +359,7 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
-        let (vocab, dim) = table.as_matrix();
-        let mut out = Vec::with_capacity(ids.len() * dim);
-        for &id in ids {
-            let id = id as usize;
-            if id >= vocab {
-                return Err(shape_err(
-                    "embedding",
-                    format!("token id {id} outside vocabulary of {vocab}"),
-                ));
-            }
-            out.extend_from_slice(&table.data[id * dim..(id + 1) * dim]);
-        }
-        Ok(CpuTensor::new(vec![ids.len(), dim], out))
+        table.gather(ids)
     }
 
     fn rope(
@@ -465,17 +486,11 @@ impl Backend for CpuBackend {
     }
 
     fn write_rows(&self, dst: &mut CpuTensor, row: usize, src: &CpuTensor) -> Result<()> {
-        let (n, cols) = check_write_rows(dst.shape(), row, src.shape())?;
-        Arc::make_mut(&mut dst.data)[row * cols..(row + n) * cols].copy_from_slice(&src.data);
-        Ok(())
+        dst.write_rows(row, src)
     }
 
     fn slice_rows(&self, x: &CpuTensor, start: usize, count: usize) -> Result<CpuTensor> {
-        let cols = check_slice_rows(x.shape(), start, count)?;
-        Ok(CpuTensor::new(
-            vec![count, cols],
-            x.data[start * cols..(start + count) * cols].to_vec(),
-        ))
+        x.slice_rows(start, count)
     }
 
     fn mean_pool(&self, x: &CpuTensor, seq: usize, lens: &[u32]) -> Result<CpuTensor> {

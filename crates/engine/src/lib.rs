@@ -15,6 +15,7 @@
 //! readback until the caller asks for its result.
 
 pub mod cpu;
+pub mod exact;
 pub mod gpu;
 mod ops;
 

@@ -3,7 +3,7 @@
 //! ([`Backend::read`]). Kernels are WGSL, so the same code runs on Vulkan/Metal/DX12 natively
 //! and on WebGPU in a browser.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use wgpu::util::DeviceExt;
 
@@ -23,6 +23,12 @@ pub struct GpuTensor {
 impl std::fmt::Debug for GpuTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GpuTensor{:?}", self.shape)
+    }
+}
+
+impl GpuTensor {
+    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
     }
 }
 
@@ -64,6 +70,11 @@ pub struct GpuBackend {
     pipelines: Pipelines,
     encoder: Mutex<Option<wgpu::CommandEncoder>>,
     max_binding: u64,
+    /// Whether WGSL's `dot4I8Packed` is available (it is polyfilled where the device lacks
+    /// the instruction, with the same result).
+    packed_dot: bool,
+    /// Exact-precision kernels, compiled on first use.
+    exact: OnceLock<crate::exact::gpu::ExactPipelines>,
 }
 
 const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -72,7 +83,7 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 /// WebGPU caps a dispatch at 65 535 workgroups per dimension; larger grids fold into y.
 const MAX_GROUPS: u32 = 65_535;
 
-fn grid(groups: usize) -> (u32, u32) {
+pub(crate) fn grid(groups: usize) -> (u32, u32) {
     let groups = groups.max(1) as u32;
     if groups <= MAX_GROUPS {
         (groups, 1)
@@ -125,7 +136,7 @@ struct AttnParams {
     _pad: [u32; 3],
 }
 
-fn u32_of(v: usize, what: &'static str) -> Result<u32> {
+pub(crate) fn u32_of(v: usize, what: &'static str) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| shape_err(what, format!("{v} does not fit the GPU's 32-bit indices")))
 }
@@ -162,6 +173,9 @@ impl GpuBackend {
             .map_err(|e| EngineError::Gpu(format!("request_device on {}: {e}", info.name)))?;
         tracing::info!(adapter = %info.name, backend = ?info.backend, "GPU backend ready");
         let pipelines = Pipelines::new(&device);
+        let packed_dot = instance
+            .wgsl_language_features()
+            .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
         Ok(Self {
             device,
             queue,
@@ -169,7 +183,113 @@ impl GpuBackend {
             pipelines,
             encoder: Mutex::new(None),
             max_binding: limits.max_storage_buffer_binding_size,
+            packed_dot,
+            exact: OnceLock::new(),
         })
+    }
+
+    /// Whether exact-precision kernels use WGSL's `dot4I8Packed`.
+    pub fn has_packed_dot(&self) -> bool {
+        self.packed_dot
+    }
+
+    /// Uses the portable int8 dot product instead of `dot4I8Packed` from now on (tests use it to
+    /// check that both give the same bits).
+    pub fn use_portable_dot(&mut self) {
+        self.packed_dot = false;
+        self.exact = OnceLock::new();
+    }
+
+    pub(crate) fn exact_pipelines(&self) -> &crate::exact::gpu::ExactPipelines {
+        self.exact
+            .get_or_init(|| crate::exact::gpu::ExactPipelines::new(&self.device, self.packed_dot))
+    }
+
+    /// A tensor holding `words` (4-byte values of any type).
+    pub(crate) fn upload_words(&self, words: &[u32], shape: &[usize]) -> Result<GpuTensor> {
+        if shape.iter().product::<usize>() != words.len() {
+            return Err(shape_err(
+                "upload",
+                format!("{} values for shape {shape:?}", words.len()),
+            ));
+        }
+        let out = self.tensor(shape.to_vec())?;
+        if !words.is_empty() {
+            self.queue
+                .write_buffer(&out.buffer, 0, bytemuck::cast_slice(words));
+        }
+        Ok(out)
+    }
+
+    /// Copies a tensor's words back to the host: the only device-to-host transfer.
+    pub(crate) async fn read_words<T: bytemuck::Pod>(&self, t: &GpuTensor) -> Result<Vec<T>> {
+        let bytes = (t.numel() * 4) as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.with_encoder(|encoder| {
+            encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, bytes)
+        });
+        self.flush();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Gpu(format!("device poll: {e}")))?;
+        rx.await
+            .map_err(|_| EngineError::Gpu("readback was cancelled".into()))?
+            .map_err(|e| EngineError::Gpu(format!("readback: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| EngineError::Gpu(format!("readback: {e}")))?;
+        let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Overwrites rows `[row, row + src.rows)` of `dst` with `src` (any word type).
+    pub(crate) fn copy_rows_into(
+        &self,
+        dst: &mut GpuTensor,
+        row: usize,
+        src: &GpuTensor,
+    ) -> Result<()> {
+        let (n, cols) = check_write_rows(dst.shape(), row, src.shape())?;
+        let bytes = (n * cols * 4) as u64;
+        if bytes > 0 {
+            self.with_encoder(|e| {
+                e.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, (row * cols * 4) as u64, bytes)
+            });
+        }
+        Ok(())
+    }
+
+    /// Rows `[start, start + count)` of `x` as a new tensor (any word type).
+    pub(crate) fn copy_rows_out(
+        &self,
+        x: &GpuTensor,
+        start: usize,
+        count: usize,
+    ) -> Result<GpuTensor> {
+        let cols = check_slice_rows(x.shape(), start, count)?;
+        let out = self.tensor(vec![count, cols])?;
+        let bytes = (count * cols * 4) as u64;
+        if bytes > 0 {
+            self.with_encoder(|e| {
+                e.copy_buffer_to_buffer(&x.buffer, (start * cols * 4) as u64, &out.buffer, 0, bytes)
+            });
+        }
+        Ok(out)
     }
 
     /// Whether the adapter is a software implementation (lavapipe, SwiftShader).
@@ -193,12 +313,12 @@ impl GpuBackend {
         }))
     }
 
-    fn tensor(&self, shape: Vec<usize>) -> Result<GpuTensor> {
+    pub(crate) fn tensor(&self, shape: Vec<usize>) -> Result<GpuTensor> {
         let buffer = self.alloc(shape.iter().product())?;
         Ok(GpuTensor { shape, buffer })
     }
 
-    fn uniform<T: bytemuck::Pod>(&self, value: &T) -> wgpu::Buffer {
+    pub(crate) fn uniform<T: bytemuck::Pod>(&self, value: &T) -> wgpu::Buffer {
         self.device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: None,
@@ -207,7 +327,7 @@ impl GpuBackend {
             })
     }
 
-    fn u32_buffer(&self, values: &[u32]) -> wgpu::Buffer {
+    pub(crate) fn u32_buffer(&self, values: &[u32]) -> wgpu::Buffer {
         let padded;
         let contents = if values.is_empty() {
             padded = [0u32];
@@ -247,7 +367,7 @@ impl GpuBackend {
 
     /// Like [`Self::dispatch`] with explicit binding numbers, for entry points whose derived
     /// layout omits bindings they never use.
-    fn dispatch_at(
+    pub(crate) fn dispatch_at(
         &self,
         pipeline: &wgpu::ComputePipeline,
         buffers: &[(u32, &wgpu::Buffer)],
@@ -426,18 +546,7 @@ impl Backend for GpuBackend {
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(shape_err(
-                "upload",
-                format!("{} values for shape {shape:?}", data.len()),
-            ));
-        }
-        let out = self.tensor(shape.to_vec())?;
-        if !data.is_empty() {
-            self.queue
-                .write_buffer(&out.buffer, 0, bytemuck::cast_slice(data));
-        }
-        Ok(out)
+        self.upload_words(bytemuck::cast_slice(data), shape)
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<GpuTensor> {
@@ -446,38 +555,7 @@ impl Backend for GpuBackend {
     }
 
     async fn read(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        let bytes = (t.numel() * 4) as u64;
-        if bytes == 0 {
-            return Ok(Vec::new());
-        }
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.with_encoder(|encoder| {
-            encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, bytes)
-        });
-        self.flush();
-        let (tx, rx) = futures_channel::oneshot::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| EngineError::Gpu(format!("device poll: {e}")))?;
-        rx.await
-            .map_err(|_| EngineError::Gpu("readback was cancelled".into()))?
-            .map_err(|e| EngineError::Gpu(format!("readback: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| EngineError::Gpu(format!("readback: {e}")))?;
-        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        self.read_words(t).await
     }
 
     fn linear(&self, x: &GpuTensor, w: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
@@ -639,26 +717,11 @@ impl Backend for GpuBackend {
     }
 
     fn write_rows(&self, dst: &mut GpuTensor, row: usize, src: &GpuTensor) -> Result<()> {
-        let (n, cols) = check_write_rows(dst.shape(), row, src.shape())?;
-        let bytes = (n * cols * 4) as u64;
-        if bytes > 0 {
-            self.with_encoder(|e| {
-                e.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, (row * cols * 4) as u64, bytes)
-            });
-        }
-        Ok(())
+        self.copy_rows_into(dst, row, src)
     }
 
     fn slice_rows(&self, x: &GpuTensor, start: usize, count: usize) -> Result<GpuTensor> {
-        let cols = check_slice_rows(x.shape(), start, count)?;
-        let out = self.tensor(vec![count, cols])?;
-        let bytes = (count * cols * 4) as u64;
-        if bytes > 0 {
-            self.with_encoder(|e| {
-                e.copy_buffer_to_buffer(&x.buffer, (start * cols * 4) as u64, &out.buffer, 0, bytes)
-            });
-        }
-        Ok(out)
+        self.copy_rows_out(x, start, count)
     }
 
     fn mean_pool(&self, x: &GpuTensor, seq: usize, lens: &[u32]) -> Result<GpuTensor> {

@@ -1,0 +1,396 @@
+//! Exact ops on the CPU: the reference implementation of the integer specification in
+//! [`super`]. Integer arithmetic is exact, so SIMD (AVX2/AVX-512 here, simd128 in wasm) may
+//! reorder sums freely without changing a bit.
+
+use super::{
+    ActTable, ExactBackend, GroupScale, NORM_FRAC, QActs, QMatrix, QNorm, RopeTable, ScoreScale,
+    bit_len, check_attention_int, check_norm, check_qlinear, check_qmatrix, check_quantize,
+    div_round, exp2_neg_q15, isqrt, mul_shift, quantize_group, requantize, score, table_lookup,
+    value_weight,
+};
+use crate::{
+    AttentionParams, Result, Shaped, check_pool, check_same, cpu::CpuBackend, cpu::CpuTensor,
+    shape_err,
+};
+
+pub type CpuInt = CpuTensor<i32>;
+
+fn bytes(words: &[i32]) -> &[i8] {
+    bytemuck::cast_slice(words)
+}
+
+fn scale_at(words: &[i32], index: usize) -> GroupScale {
+    GroupScale {
+        reduced: words[2 * index],
+        shift: words[2 * index + 1],
+    }
+}
+
+/// `Σ a[i] · b[i]` over int8 slices.
+fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            // SAFETY: the CPU has AVX-512BW and VNNI (checked just above); the function only
+            // reads through safe slices.
+            return unsafe { dot_i8_avx512(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked just above); safe slice code only.
+            return unsafe { dot_i8_avx2(a, b) };
+        }
+    }
+    dot_i8_generic(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn dot_i8_avx512(a: &[i8], b: &[i8]) -> i32 {
+    dot_i8_generic(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_i8_avx2(a: &[i8], b: &[i8]) -> i32 {
+    dot_i8_generic(a, b)
+}
+
+/// Written as widening multiply-adds so the compiler emits `pmaddwd`-style instructions.
+#[inline(always)]
+fn dot_i8_generic(a: &[i8], b: &[i8]) -> i32 {
+    const LANES: usize = 32;
+    let len = a.len().min(b.len());
+    let split = len - len % LANES;
+    let mut acc = [0i32; LANES];
+    for (x, y) in a[..split]
+        .chunks_exact(LANES)
+        .zip(b[..split].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[i] += i32::from(x[i]) * i32::from(y[i]);
+        }
+    }
+    let mut sum: i32 = acc.iter().sum();
+    for i in split..len {
+        sum += i32::from(a[i]) * i32::from(b[i]);
+    }
+    sum
+}
+
+impl ExactBackend for CpuBackend {
+    type Int = CpuInt;
+
+    fn upload_int(&self, data: &[i32], shape: &[usize]) -> Result<CpuInt> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(shape_err(
+                "upload_int",
+                format!("{} values for shape {shape:?}", data.len()),
+            ));
+        }
+        Ok(CpuInt::new(shape.to_vec(), data.to_vec()))
+    }
+
+    fn zeros_int(&self, shape: &[usize]) -> Result<CpuInt> {
+        Ok(CpuInt::new(shape.to_vec(), vec![0; shape.iter().product()]))
+    }
+
+    async fn read_int(&self, t: &CpuInt) -> Result<Vec<i32>> {
+        Ok(t.data().to_vec())
+    }
+
+    fn quantize(&self, x: &CpuInt, group: usize) -> Result<QActs<CpuInt>> {
+        let (rows, cols) = check_quantize(x.shape(), group)?;
+        let groups = rows * cols / group;
+        let mut buf = vec![0i32; rows * cols / 4 + 2 * groups];
+        let (data, scales) = buf.split_at_mut(rows * cols / 4);
+        let data: &mut [i8] = bytemuck::cast_slice_mut(data);
+        for (g, (src, dst)) in x
+            .data()
+            .chunks_exact(group)
+            .zip(data.chunks_exact_mut(group))
+            .enumerate()
+        {
+            let s = quantize_group(src, dst);
+            scales[2 * g] = s.reduced;
+            scales[2 * g + 1] = s.shift;
+        }
+        let len = buf.len();
+        Ok(QActs {
+            rows,
+            cols,
+            group,
+            buf: CpuInt::new(vec![len], buf),
+        })
+    }
+
+    fn qlinear(&self, x: &QActs<CpuInt>, w: &QMatrix<CpuInt>) -> Result<CpuInt> {
+        check_qlinear(x, w)?;
+        let (m, k, n) = (x.rows, x.cols, w.rows);
+        let (xdata, xscales) = x.buf.data().split_at(x.scales_offset());
+        let xdata = bytes(xdata);
+        let wdata = bytes(w.data.data());
+        let requant = w.requant.data();
+        let bias = w.bias.as_ref().map(|b| b.data());
+        let mut out = vec![0i32; m * n];
+        for (r, (xrow, orow)) in xdata
+            .chunks_exact(k)
+            .zip(out.chunks_exact_mut(n))
+            .enumerate()
+        {
+            let xs = scale_at(xscales, r);
+            for (c, (wrow, o)) in wdata.chunks_exact(k).zip(orow.iter_mut()).enumerate() {
+                let acc = dot_i8(xrow, wrow);
+                let y = requantize(acc, xs, requant[2 * c], requant[2 * c + 1]);
+                *o = y.wrapping_add(bias.map_or(0, |b| b[c]));
+            }
+        }
+        Ok(CpuInt::new(vec![m, n], out))
+    }
+
+    fn qembedding(&self, table: &QMatrix<CpuInt>, ids: &[u32]) -> Result<CpuInt> {
+        check_qmatrix("qembedding", table)?;
+        let dim = table.cols;
+        let data = bytes(table.data.data());
+        let requant = table.requant.data();
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        for &id in ids {
+            let id = id as usize;
+            if id >= table.rows {
+                return Err(shape_err(
+                    "qembedding",
+                    format!("token id {id} outside vocabulary of {}", table.rows),
+                ));
+            }
+            let (mult, exp) = (requant[2 * id], requant[2 * id + 1]);
+            out.extend(
+                data[id * dim..(id + 1) * dim]
+                    .iter()
+                    .map(|&q| mul_shift(i32::from(q), mult, exp)),
+            );
+        }
+        Ok(CpuInt::new(vec![ids.len(), dim], out))
+    }
+
+    fn gather_int(&self, table: &CpuInt, ids: &[u32]) -> Result<CpuInt> {
+        table.gather(ids)
+    }
+
+    fn add_int(&self, a: &CpuInt, b: &CpuInt) -> Result<CpuInt> {
+        check_same("add_int", a.shape(), b.shape())?;
+        let out = a
+            .data()
+            .iter()
+            .zip(b.data())
+            .map(|(x, y)| x.wrapping_add(*y))
+            .collect();
+        Ok(CpuInt::new(a.shape().to_vec(), out))
+    }
+
+    fn mul_int(&self, a: &CpuInt, b: &CpuInt, shift: i32) -> Result<CpuInt> {
+        check_same("mul_int", a.shape(), b.shape())?;
+        let out = a
+            .data()
+            .iter()
+            .zip(b.data())
+            .map(|(x, y)| mul_shift(*x, *y, shift))
+            .collect();
+        Ok(CpuInt::new(a.shape().to_vec(), out))
+    }
+
+    fn norm_int(&self, x: &CpuInt, norm: &QNorm<CpuInt>, frac: u32) -> Result<CpuInt> {
+        let (_, cols) = check_norm(x.shape(), norm)?;
+        let gamma = norm.gamma.data();
+        let beta = norm.beta.as_ref().map(|b| b.data());
+        let mut out = vec![0i32; x.numel()];
+        for (row, orow) in x.data().chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+            norm_row(row, gamma, beta, frac, orow);
+        }
+        Ok(CpuInt::new(x.shape().to_vec(), out))
+    }
+
+    fn act_int(&self, x: &CpuInt, table: &ActTable<CpuInt>) -> Result<CpuInt> {
+        if table.table.numel() != table.len + 1 || table.step_shift == 0 || table.step_shift > 30 {
+            return Err(shape_err("act_int", "malformed activation table"));
+        }
+        let t = table.table.data();
+        let out = x
+            .data()
+            .iter()
+            .map(|&v| table_lookup(v, t, table.lo, table.step_shift))
+            .collect();
+        Ok(CpuInt::new(x.shape().to_vec(), out))
+    }
+
+    fn rope_int(&self, x: &CpuInt, table: &RopeTable<CpuInt>, pos_offset: usize) -> Result<CpuInt> {
+        let (rows, cols) = x.as_matrix();
+        let hd = table.head_dim;
+        if hd == 0
+            || !hd.is_multiple_of(2)
+            || !cols.is_multiple_of(hd)
+            || table.table.numel() != table.positions * hd
+            || pos_offset + rows > table.positions
+        {
+            return Err(shape_err(
+                "rope_int",
+                format!(
+                    "{rows} rows of {cols} at position {pos_offset} with a table of {} positions × {hd}",
+                    table.positions
+                ),
+            ));
+        }
+        let t = table.table.data();
+        let mut out = x.data().to_vec();
+        for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+            let trow = &t[(pos_offset + r) * hd..(pos_offset + r + 1) * hd];
+            for head in row.chunks_exact_mut(hd) {
+                for (pair, cs) in head.chunks_exact_mut(2).zip(trow.chunks_exact(2)) {
+                    let (a, b) = (pair[0], pair[1]);
+                    let (c, s) = (cs[0], cs[1]);
+                    pair[0] = mul_shift(a, c, 30).wrapping_sub(mul_shift(b, s, 30));
+                    pair[1] = mul_shift(a, s, 30).wrapping_add(mul_shift(b, c, 30));
+                }
+            }
+        }
+        Ok(CpuInt::new(x.shape().to_vec(), out))
+    }
+
+    fn attention_int(
+        &self,
+        q: &QActs<CpuInt>,
+        k: &QActs<CpuInt>,
+        v: &QActs<CpuInt>,
+        kv_lens: &[u32],
+        p: &AttentionParams,
+        scale: ScoreScale,
+    ) -> Result<CpuInt> {
+        check_attention_int(q, k, v, kv_lens, p)?;
+        let hd = p.head_dim;
+        let (qd, qs) = q.buf.data().split_at(q.scales_offset());
+        let (kd, ks) = k.buf.data().split_at(k.scales_offset());
+        let (vd, vs) = v.buf.data().split_at(v.scales_offset());
+        let (qd, kd, vd) = (bytes(qd), bytes(kd), bytes(vd));
+        let group_ratio = p.heads / p.kv_heads;
+        let mut out = vec![0i32; q.rows * q.cols];
+        let mut scores = Vec::with_capacity(p.kv_rows);
+        let mut acc = vec![0i32; hd];
+        for (b, &kv_len) in kv_lens.iter().enumerate() {
+            for i in 0..p.q_len {
+                let qrow = b * p.q_len + i;
+                let visible = if p.causal {
+                    (p.pos_offset + i + 1).min(kv_len as usize)
+                } else {
+                    kv_len as usize
+                };
+                for h in 0..p.heads {
+                    let kvh = h / group_ratio;
+                    let qg = qrow * p.heads + h;
+                    let qvec = &qd[qg * hd..(qg + 1) * hd];
+                    let qscale = scale_at(qs, qg);
+                    scores.clear();
+                    for j in 0..visible {
+                        let kg = (b * p.kv_rows + j) * p.kv_heads + kvh;
+                        let dot = dot_i8(qvec, &kd[kg * hd..(kg + 1) * hd]);
+                        scores.push(score(dot, qscale, scale_at(ks, kg), scale));
+                    }
+                    let max = scores.iter().copied().max().unwrap_or(0);
+                    let mut sum = 0u32;
+                    for s in scores.iter_mut() {
+                        let e = exp2_neg_q15((max as u32).wrapping_sub(*s as u32));
+                        sum += e;
+                        *s = e as i32;
+                    }
+                    acc.fill(0);
+                    for (j, &e) in scores.iter().enumerate() {
+                        let prob = ((e as u32) << 16).wrapping_add(sum / 2) / sum;
+                        let vg = (b * p.kv_rows + j) * p.kv_heads + kvh;
+                        let w = value_weight(prob, scale_at(vs, vg));
+                        for (a, &vq) in acc.iter_mut().zip(&vd[vg * hd..(vg + 1) * hd]) {
+                            *a = a.wrapping_add(i32::from(vq).wrapping_mul(w));
+                        }
+                    }
+                    let dst = &mut out[qrow * q.cols + h * hd..qrow * q.cols + (h + 1) * hd];
+                    for (o, &a) in dst.iter_mut().zip(&acc) {
+                        *o = mul_shift(a, 1, 8);
+                    }
+                }
+            }
+        }
+        Ok(CpuInt::new(vec![q.rows, q.cols], out))
+    }
+
+    fn write_rows_int(&self, dst: &mut CpuInt, row: usize, src: &CpuInt) -> Result<()> {
+        dst.write_rows(row, src)
+    }
+
+    fn slice_rows_int(&self, x: &CpuInt, start: usize, count: usize) -> Result<CpuInt> {
+        x.slice_rows(start, count)
+    }
+
+    fn mean_pool_int(&self, x: &CpuInt, seq: usize, lens: &[u32]) -> Result<CpuInt> {
+        let (batch, dim) = check_pool(x.shape(), seq, lens)?;
+        let mut out = vec![0i32; batch * dim];
+        for (b, acc) in out.chunks_exact_mut(dim).enumerate() {
+            let len = lens[b] as usize;
+            for row in x.data()[b * seq * dim..].chunks_exact(dim).take(len) {
+                acc.iter_mut()
+                    .zip(row)
+                    .for_each(|(a, v)| *a = a.wrapping_add(*v));
+            }
+            acc.iter_mut().for_each(|a| *a = div_round(*a, len as u32));
+        }
+        Ok(CpuInt::new(vec![batch, dim], out))
+    }
+}
+
+/// One row of LayerNorm (`beta` given) or RMSNorm: see the module docs for the error bound.
+///
+/// 1. `xc = x - round(mean)` (LayerNorm only).
+/// 2. `xs = xc · 2^-s` with `s` chosen so that `max |xs| ∈ [2^14, 2^15)`.
+/// 3. `var8 = Σ (xs² >> 8) / cols`, normalised by an even shift `2t` into `[2^28, 2^30)`;
+///    `r = isqrt(var8 · 4^t)`, so `std(xc) = r · 2^(4 - t + s)`.
+/// 4. `y = round(xc · 2^30 / r) · 2^(t - s - 18)` (Q16), `· gamma` (Q16) to Fx, `+ beta`.
+pub(crate) fn norm_row(x: &[i32], gamma: &[i32], beta: Option<&[i32]>, frac: u32, out: &mut [i32]) {
+    let cols = x.len() as u32;
+    let mean = if beta.is_some() {
+        let sum = x.iter().fold(0i32, |a, v| a.wrapping_add(*v));
+        div_round(sum, cols)
+    } else {
+        0
+    };
+    let amax = x
+        .iter()
+        .map(|v| v.wrapping_sub(mean).unsigned_abs())
+        .max()
+        .unwrap_or(0);
+    if amax == 0 {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = beta.map_or(0, |b| b[i]);
+        }
+        return;
+    }
+    let s = bit_len(amax) as i32 - 15;
+    let mut sq = 0u32;
+    for v in x {
+        let xc = v.wrapping_sub(mean);
+        let xs = if s >= 0 { xc >> s } else { xc << -s };
+        let m = xs.unsigned_abs();
+        sq = sq.wrapping_add((m * m) >> 8);
+    }
+    let var8 = sq / cols;
+    let mut t = 0i32;
+    let mut v = var8.max(1);
+    while v < (1 << 28) {
+        v <<= 2;
+        t += 1;
+    }
+    let r = isqrt(v);
+    let inv = ((1u32 << 30) / r) as i32;
+    for (i, (o, v)) in out.iter_mut().zip(x).enumerate() {
+        let xc = v.wrapping_sub(mean);
+        let nrm = mul_shift(xc, inv, 18 - t + s);
+        let y = mul_shift(nrm, gamma[i], 2 * NORM_FRAC as i32 - frac as i32);
+        *o = y.wrapping_add(beta.map_or(0, |b| b[i]));
+    }
+}
