@@ -251,8 +251,10 @@ fn run(packed: bool) {
     assert!(p.gpu.rope_int(&x.1, &ropes.1, 36).is_err());
 
     // Attention: bidirectional with padding, and causal grouped-query with an offset.
-    let (m, e) =
-        split_scale(1.4427 / (32f64.sqrt() * 127.0 * 127.0 * 2f64.powi(32)) * 65536.0).unwrap();
+    let (m, e) = split_scale(
+        std::f64::consts::LOG2_E / (32f64.sqrt() * 127.0 * 127.0 * 2f64.powi(32)) * 65536.0,
+    )
+    .unwrap();
     let scale = ScoreScale { mult: m, exp: e };
     let cases = [
         AttentionParams {
