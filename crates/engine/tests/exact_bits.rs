@@ -72,6 +72,7 @@ impl Pair {
         &self,
         rows: usize,
         cols: usize,
+        group: usize,
         seed: u64,
         bias: bool,
     ) -> (QMatrix<CpuT>, QMatrix<GpuT>) {
@@ -79,19 +80,21 @@ impl Pair {
             .into_iter()
             .map(|w| w as i32)
             .collect();
+        let blocks = rows * cols / group;
         let mut requant = Vec::new();
-        for (i, w) in words(rows, seed + 1).into_iter().enumerate() {
+        for (i, w) in words(blocks, seed + 1).into_iter().enumerate() {
             let (m, e) = split_scale(1e-5 * (1.0 + (w % 1000) as f64 / 100.0)).unwrap();
             requant.extend([m, e + (i % 3) as i32]);
         }
         let bias_data = ints(rows, seed + 2, 20);
         let d = self.up(&data, &[rows, cols / 4]);
-        let r = self.up(&requant, &[rows, 2]);
+        let r = self.up(&requant, &[rows, cols / group, 2]);
         let b = self.up(&bias_data, &[rows]);
         (
             QMatrix {
                 rows,
                 cols,
+                group,
                 data: d.0,
                 requant: r.0,
                 bias: bias.then_some(b.0),
@@ -99,6 +102,7 @@ impl Pair {
             QMatrix {
                 rows,
                 cols,
+                group,
                 data: d.1,
                 requant: r.1,
                 bias: bias.then_some(b.1),
@@ -127,25 +131,31 @@ fn run(packed: bool) {
     let g = p.gpu.add_int(&ag, &bg).unwrap();
     p.same("add", &c, &g);
 
-    // Quantisation and the int8 linear layer, with and without bias, odd row counts.
-    for (m, k, n, bits) in [
-        (1, 384, 384, 20),
-        (7, 384, 1536, 24),
-        (13, 64, 36, 31),
-        (5, 32, 8, 3),
+    // Quantisation and the int8 linear layer: with and without bias, one scale per row or
+    // per block, activation groups smaller than rows, odd row counts.
+    for (m, k, n, bits, group) in [
+        (1, 384, 384, 20, 384),
+        (7, 384, 1536, 24, 32),
+        (13, 64, 36, 31, 64),
+        (5, 32, 8, 3, 32),
+        (3, 576, 20, 12, 32),
     ] {
         let x = p.up(&ints(m * k, 10 + m as u64, bits), &[m, k]);
-        let q = p.quantize(&x, k);
-        for bias in [false, true] {
-            let w = p.matrix(n, k, 20 + n as u64, bias);
+        let q = p.quantize(&x, group);
+        for (bias, w_group) in [(false, k), (true, k), (true, group)] {
+            let w = p.matrix(n, k, w_group, 20 + n as u64, bias);
             let c = CpuBackend.qlinear(&q.0, &w.0).unwrap();
             let g = p.gpu.qlinear(&q.1, &w.1).unwrap();
-            p.same(&format!("qlinear {m}x{k}x{n}"), &c, &g);
+            p.same(
+                &format!("qlinear {m}x{k}x{n} groups {group}/{w_group}"),
+                &c,
+                &g,
+            );
         }
     }
 
     // Embedding lookups.
-    let table = p.matrix(50, 64, 7, false);
+    let table = p.matrix(50, 64, 32, 7, false);
     let ids = [0u32, 49, 3, 3, 17];
     p.same(
         "qembedding",

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// The fields of a Hugging Face BERT `config.json` that the forward pass needs.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 pub struct BertConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

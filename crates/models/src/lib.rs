@@ -13,6 +13,7 @@
 pub mod activations;
 pub mod bert;
 pub mod catalog;
+pub mod exact;
 pub mod gguf;
 pub mod llama;
 mod safetensors_io;

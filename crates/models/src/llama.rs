@@ -17,7 +17,7 @@ use crate::{
     tokenize::LlamaTokenizer,
 };
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
     pub dim: usize,

@@ -134,16 +134,33 @@ impl ExactBackend for CpuBackend {
         let requant = w.requant.data();
         let bias = w.bias.as_ref().map(|b| b.data());
         let mut out = vec![0i32; m * n];
+        let group = x.group;
+        let groups = k / group;
+        let w_groups = k / w.group;
+        let per_w = w.group / group;
         for (r, (xrow, orow)) in xdata
             .chunks_exact(k)
             .zip(out.chunks_exact_mut(n))
             .enumerate()
         {
-            let xs = scale_at(xscales, r);
             for (c, (wrow, o)) in wdata.chunks_exact(k).zip(orow.iter_mut()).enumerate() {
-                let acc = dot_i8(xrow, wrow);
-                let y = requantize(acc, xs, requant[2 * c], requant[2 * c + 1]);
-                *o = y.wrapping_add(bias.map_or(0, |b| b[c]));
+                let mut y = bias.map_or(0, |b| b[c]);
+                for (g, (xg, wg)) in xrow
+                    .chunks_exact(group)
+                    .zip(wrow.chunks_exact(group))
+                    .enumerate()
+                {
+                    let acc = dot_i8(xg, wg);
+                    let at = 2 * (c * w_groups + g / per_w);
+                    let (mult, exp) = (requant[at], requant[at + 1]);
+                    y = y.wrapping_add(requantize(
+                        acc,
+                        scale_at(xscales, r * groups + g),
+                        mult,
+                        exp,
+                    ));
+                }
+                *o = y;
             }
         }
         Ok(CpuInt::new(vec![m, n], out))
@@ -163,11 +180,15 @@ impl ExactBackend for CpuBackend {
                     format!("token id {id} outside vocabulary of {}", table.rows),
                 ));
             }
-            let (mult, exp) = (requant[2 * id], requant[2 * id + 1]);
+            let blocks = dim / table.group;
             out.extend(
                 data[id * dim..(id + 1) * dim]
                     .iter()
-                    .map(|&q| mul_shift(i32::from(q), mult, exp)),
+                    .enumerate()
+                    .map(|(col, &q)| {
+                        let at = 2 * (id * blocks + col / table.group);
+                        mul_shift(i32::from(q), requant[at], requant[at + 1])
+                    }),
             );
         }
         Ok(CpuInt::new(vec![ids.len(), dim], out))

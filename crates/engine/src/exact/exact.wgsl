@@ -166,40 +166,60 @@ fn quantize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     out[p.n2 + 2u * g + 1u] = i32(shift);
 }
 
-// a: quantised x (scales at n4), b: int8 weight words, c: (M, E) per channel, d: bias.
-// n0 = m, n1 = k, n2 = n, n3 = has bias. A 4×4 output block per invocation, workgroup 8×8.
+// a: quantised x (scales at n4, groups of n5 values), b: int8 weight words, c: (M, E) per
+// channel and block of n6 values, d: bias. n0 = m, n1 = k, n2 = n, n3 = has bias. A 4×4 output block per invocation,
+// workgroup 8×8; each group's sums are requantised and added to the block, as on the CPU.
 @compute @workgroup_size(8, 8)
 fn qlinear(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r0 = gid.y * 4u;
     let c0 = gid.x * 4u;
     if (r0 >= p.n0 || c0 >= p.n2) { return; }
     let k4 = p.n1 / 4u;
+    let gw = p.n5 / 4u;
+    let groups = p.n1 / p.n5;
+    let w_groups = p.n1 / p.n6;
+    let per_w = p.n6 / p.n5;
     var cols = array<u32, 4>(c0, min(c0 + 1u, p.n2 - 1u), min(c0 + 2u, p.n2 - 1u), min(c0 + 3u, p.n2 - 1u));
     var rows = array<u32, 4>(r0, min(r0 + 1u, p.n0 - 1u), min(r0 + 2u, p.n0 - 1u), min(r0 + 3u, p.n0 - 1u));
-    var acc: array<vec4<i32>, 4>;
-    for (var kk = 0u; kk < k4; kk++) {
-        let w = vec4<i32>(b[cols[0] * k4 + kk], b[cols[1] * k4 + kk], b[cols[2] * k4 + kk], b[cols[3] * k4 + kk]);
+    var y: array<vec4<i32>, 4>;
+    for (var j = 0u; j < 4u; j++) {
+        if (p.n3 != 0u) {
+            let bias = d[cols[j]];
+            for (var i = 0u; i < 4u; i++) { y[i][j] = bias; }
+        }
+    }
+    for (var g = 0u; g < groups; g++) {
+        var acc: array<vec4<i32>, 4>;
+        for (var kk = g * gw; kk < (g + 1u) * gw; kk++) {
+            let w = vec4<i32>(b[cols[0] * k4 + kk], b[cols[1] * k4 + kk], b[cols[2] * k4 + kk], b[cols[3] * k4 + kk]);
+            for (var i = 0u; i < 4u; i++) {
+                let x = a[rows[i] * k4 + kk];
+                acc[i] += vec4<i32>(dot4(x, w.x), dot4(x, w.y), dot4(x, w.z), dot4(x, w.w));
+            }
+        }
         for (var i = 0u; i < 4u; i++) {
-            let x = a[rows[i] * k4 + kk];
-            acc[i] += vec4<i32>(dot4(x, w.x), dot4(x, w.y), dot4(x, w.z), dot4(x, w.w));
+            let at = p.n4 + 2u * (rows[i] * groups + g);
+            let reduced = a[at];
+            let shift = a[at + 1u];
+            for (var j = 0u; j < 4u; j++) {
+                let wat = 2u * (cols[j] * w_groups + g / per_w);
+                y[i][j] += requantize(acc[i][j], reduced, shift, c[wat], c[wat + 1u]);
+            }
         }
     }
     for (var i = 0u; i < 4u; i++) {
         let r = r0 + i;
         if (r >= p.n0) { break; }
-        let reduced = a[p.n4 + 2u * r];
-        let shift = a[p.n4 + 2u * r + 1u];
         for (var j = 0u; j < 4u; j++) {
             let col = c0 + j;
             if (col >= p.n2) { break; }
-            var y = requantize(acc[i][j], reduced, shift, c[2u * col], c[2u * col + 1u]);
-            if (p.n3 != 0u) { y += d[col]; }
-            out[r * p.n2 + col] = y;
+            out[r * p.n2 + col] = y[i][j];
         }
     }
 }
 
-// a: int8 table words, b: (M, E) per row, c: ids. n0 = ids, n1 = dim. One value per invocation.
+// a: int8 table words, b: (M, E) per row and block of n2 values, c: ids. n0 = ids, n1 = dim.
+// One value per invocation.
 @compute @workgroup_size(64)
 fn qembedding(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = index(gid, nwg);
@@ -208,7 +228,8 @@ fn qembedding(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let col = i % p.n1;
     let word = a[(row * p.n1 + col) / 4u];
     let q = extractBits(word, 8u * (col % 4u), 8u);
-    out[i] = mul_shift(q, b[2u * row], b[2u * row + 1u]);
+    let at = 2u * (row * (p.n1 / p.n2) + col / p.n2);
+    out[i] = mul_shift(q, b[at], b[at + 1u]);
 }
 
 // a: word table, c: ids. n0 = ids, n1 = dim.

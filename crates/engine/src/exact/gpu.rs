@@ -170,12 +170,14 @@ impl ExactBackend for GpuBackend {
         let (m, k, n) = (x.rows, x.cols, w.rows);
         let out = self.tensor(vec![m, n])?;
         let mut params = Params::default();
-        params.n[..5].copy_from_slice(&[
+        params.n[..7].copy_from_slice(&[
             u32_of(m, "qlinear")?,
             u32_of(k, "qlinear")?,
             u32_of(n, "qlinear")?,
             w.bias.is_some() as u32,
             u32_of(x.scales_offset(), "qlinear")?,
+            x.group as u32,
+            w.group as u32,
         ]);
         let groups = (
             u32_of(n.div_ceil(32), "qlinear")?,
@@ -204,7 +206,11 @@ impl ExactBackend for GpuBackend {
         let out = self.tensor(vec![ids.len(), dim])?;
         let idx = self.ids_buffer(ids);
         let mut params = Params::default();
-        params.n[..2].copy_from_slice(&[u32_of(ids.len(), "qembedding")?, dim as u32]);
+        params.n[..3].copy_from_slice(&[
+            u32_of(ids.len(), "qembedding")?,
+            dim as u32,
+            table.group as u32,
+        ]);
         self.exact_run(
             |p| &p.qembedding,
             Binds {

@@ -213,15 +213,18 @@ impl<T> QActs<T> {
     }
 }
 
-/// An int8 matrix with one scale per row: a linear layer's weight (rows = output channels)
-/// or an embedding table (rows = tokens).
+/// An int8 matrix with one scale per row and block of `group` columns (`group == cols`: one
+/// scale per row): a linear layer's weight (rows = output channels) or an embedding table
+/// (rows = tokens).
 #[derive(Clone, Debug)]
 pub struct QMatrix<T> {
     pub rows: usize,
     pub cols: usize,
     /// `[rows, cols / 4]` words, four int8 each, the first in the lowest byte.
     pub data: T,
-    /// `[rows, 2]`: `(M, E)`, the row's scale `M · 2^-E`.
+    /// Columns per scale.
+    pub group: usize,
+    /// `[rows, cols / group, 2]`: `(M, E)`, each block's scale `M · 2^-E`.
     pub requant: T,
     /// `[rows]` Fx, added after requantisation.
     pub bias: Option<T>,
@@ -310,7 +313,8 @@ pub trait ExactBackend {
 
     /// Quantises Fx `x: [rows, cols]` to int8 in groups of `group` columns.
     fn quantize(&self, x: &Self::Int, group: usize) -> Result<QActs<Self::Int>>;
-    /// `x · wᵀ (+ bias)` in Fx from quantised rows (one group per row).
+    /// `x · wᵀ (+ bias)` in Fx from quantised rows. Each group's int8 sum is requantised on its
+    /// own and the Fx results are added (wrapping), so smaller groups isolate outliers.
     fn qlinear(&self, x: &QActs<Self::Int>, w: &QMatrix<Self::Int>) -> Result<Self::Int>;
     /// Rows of an int8 table picked by `ids`, in Fx.
     fn qembedding(&self, table: &QMatrix<Self::Int>, ids: &[u32]) -> Result<Self::Int>;
@@ -348,12 +352,16 @@ pub trait ExactBackend {
 }
 
 pub(crate) fn check_qlinear<T: Shaped>(x: &QActs<T>, w: &QMatrix<T>) -> Result<()> {
-    if x.cols != w.cols || x.group != x.cols {
+    if x.cols != w.cols
+        || x.group == 0
+        || !x.cols.is_multiple_of(x.group)
+        || !w.group.is_multiple_of(x.group)
+    {
         return Err(shape_err(
             "qlinear",
             format!(
-                "input [{}, {}] (groups of {}) against weight [{}, {}]",
-                x.rows, x.cols, x.group, w.rows, w.cols
+                "input [{}, {}] (groups of {}) against weight [{}, {}] (groups of {})",
+                x.rows, x.cols, x.group, w.rows, w.cols, w.group
             ),
         ));
     }
@@ -362,8 +370,10 @@ pub(crate) fn check_qlinear<T: Shaped>(x: &QActs<T>, w: &QMatrix<T>) -> Result<(
 
 pub(crate) fn check_qmatrix<T: Shaped>(op: &'static str, w: &QMatrix<T>) -> Result<()> {
     let ok = w.cols.is_multiple_of(4)
+        && w.group > 0
+        && w.cols.is_multiple_of(w.group)
         && w.data.numel() == w.rows * w.cols / 4
-        && w.requant.numel() == w.rows * 2
+        && w.requant.numel() == w.rows * (w.cols / w.group) * 2
         && w.bias.as_ref().is_none_or(|b| b.numel() == w.rows);
     if ok {
         Ok(())

@@ -1,0 +1,263 @@
+//! Llama in exact precision: the graph of [`crate::llama`] in integers. The KV cache holds Fx
+//! keys and values; they are quantised per (row, head) when read, so a row's cached value never
+//! depends on how the prompt was split into steps.
+
+use tabula_engine::{
+    AttentionParams,
+    exact::{ActTable, ExactBackend, QMatrix, QNorm, RopeTable, ScoreScale},
+};
+
+use super::{ExactArch, ExactFile, hash_ints};
+use crate::{
+    ModelError, Result,
+    llama::{Finish, LlamaConfig},
+    sampling::ExactSampler,
+    tokenize::LlamaTokenizer,
+};
+
+struct Layer<T> {
+    attn_norm: QNorm<T>,
+    wq: QMatrix<T>,
+    wk: QMatrix<T>,
+    wv: QMatrix<T>,
+    wo: QMatrix<T>,
+    ffn_norm: QNorm<T>,
+    gate: QMatrix<T>,
+    up: QMatrix<T>,
+    down: QMatrix<T>,
+}
+
+/// A quantised Llama decoder on one backend.
+pub struct ExactLlama<B: ExactBackend> {
+    pub config: LlamaConfig,
+    pub frac: u32,
+    group: usize,
+    token_embd: QMatrix<B::Int>,
+    output: QMatrix<B::Int>,
+    output_norm: QNorm<B::Int>,
+    silu: ActTable<B::Int>,
+    rope: RopeTable<B::Int>,
+    score: ScoreScale,
+    layers: Vec<Layer<B::Int>>,
+}
+
+/// Keys and values of past positions, per layer, in Fx.
+pub struct ExactCache<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    capacity: usize,
+}
+
+impl<B: ExactBackend> ExactLlama<B> {
+    pub fn load(backend: &B, file: &ExactFile<'_>) -> Result<Self> {
+        let ExactArch::Llama(config) = &file.header.config else {
+            return Err(ModelError::Format("not a Llama model".into()));
+        };
+        let c = config.clone();
+        let (d, kv, ffn, vocab) = (c.dim, c.kv_heads * c.head_dim, c.ffn_dim, c.vocab_size);
+        let token_embd = file.matrix(backend, "token_embd", vocab, d, false)?;
+        let output = if file.has("output.q") {
+            file.matrix(backend, "output", vocab, d, false)?
+        } else {
+            QMatrix {
+                requant: file.upload(
+                    backend,
+                    "output.requant",
+                    &[vocab, file.weight_blocks(d)?, 2],
+                )?,
+                ..token_embd.clone()
+            }
+        };
+        let layers = (0..c.layers)
+            .map(|i| {
+                let m = |name: &str, rows, cols| {
+                    file.matrix(backend, &format!("layer.{i}.{name}"), rows, cols, false)
+                };
+                Ok(Layer {
+                    attn_norm: file.norm(backend, &format!("layer.{i}.attn_norm"), d, false)?,
+                    wq: m("wq", d, d)?,
+                    wk: m("wk", kv, d)?,
+                    wv: m("wv", kv, d)?,
+                    wo: m("wo", d, d)?,
+                    ffn_norm: file.norm(backend, &format!("layer.{i}.ffn_norm"), d, false)?,
+                    gate: m("gate", ffn, d)?,
+                    up: m("up", ffn, d)?,
+                    down: m("down", d, ffn)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            frac: file.header.frac_bits,
+            group: file.header.group,
+            token_embd,
+            output,
+            output_norm: file.norm(backend, "output_norm", d, false)?,
+            silu: file.act_table(backend)?,
+            rope: file.rope_table(backend, c.head_dim)?,
+            score: file.score_scale(),
+            layers,
+            config: c,
+        })
+    }
+
+    /// The longest sequence this model can run (its context, bounded by the rotary table).
+    pub fn max_positions(&self) -> usize {
+        self.rope.positions.min(self.config.context_length)
+    }
+
+    pub fn new_cache(&self, backend: &B, capacity: usize) -> Result<ExactCache<B::Int>> {
+        let capacity = capacity.clamp(1, self.max_positions());
+        let shape = [capacity, self.config.kv_heads * self.config.head_dim];
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in &self.layers {
+            k.push(backend.zeros_int(&shape)?);
+            v.push(backend.zeros_int(&shape)?);
+        }
+        Ok(ExactCache { k, v, capacity })
+    }
+
+    /// Runs `ids` at positions `pos..` and returns the Fx logits of the last one.
+    pub async fn step(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        pos: usize,
+        cache: &mut ExactCache<B::Int>,
+    ) -> Result<Vec<i32>> {
+        let c = &self.config;
+        let n = ids.len();
+        let total = pos + n;
+        if n == 0 || total > cache.capacity || cache.k.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "{total} positions exceed the KV cache of {}",
+                cache.capacity
+            )));
+        }
+        let hd = c.head_dim;
+        let params = AttentionParams {
+            batch: 1,
+            q_len: n,
+            kv_rows: total,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: hd,
+            causal: true,
+            pos_offset: pos,
+        };
+        let mut x = backend.qembedding(&self.token_embd, ids)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let a =
+                backend.quantize(&backend.norm_int(&x, &l.attn_norm, self.frac)?, self.group)?;
+            let q = backend.rope_int(&backend.qlinear(&a, &l.wq)?, &self.rope, pos)?;
+            let k = backend.rope_int(&backend.qlinear(&a, &l.wk)?, &self.rope, pos)?;
+            let v = backend.qlinear(&a, &l.wv)?;
+            backend.write_rows_int(&mut cache.k[i], pos, &k)?;
+            backend.write_rows_int(&mut cache.v[i], pos, &v)?;
+            let keys = backend.quantize(&backend.slice_rows_int(&cache.k[i], 0, total)?, hd)?;
+            let values = backend.quantize(&backend.slice_rows_int(&cache.v[i], 0, total)?, hd)?;
+            let q = backend.quantize(&q, hd)?;
+            let att =
+                backend.attention_int(&q, &keys, &values, &[total as u32], &params, self.score)?;
+            let o = backend.qlinear(&backend.quantize(&att, self.group)?, &l.wo)?;
+            x = backend.add_int(&x, &o)?;
+            let f = backend.quantize(&backend.norm_int(&x, &l.ffn_norm, self.frac)?, self.group)?;
+            let g = backend.act_int(&backend.qlinear(&f, &l.gate)?, &self.silu)?;
+            let u = backend.qlinear(&f, &l.up)?;
+            let gu = backend.mul_int(&g, &u, self.frac as i32)?;
+            let down = backend.qlinear(&backend.quantize(&gu, self.group)?, &l.down)?;
+            x = backend.add_int(&x, &down)?;
+        }
+        let last = backend.slice_rows_int(&x, n - 1, 1)?;
+        let h = backend.quantize(
+            &backend.norm_int(&last, &self.output_norm, self.frac)?,
+            self.group,
+        )?;
+        Ok(backend
+            .read_int(&backend.qlinear(&h, &self.output)?)
+            .await?)
+    }
+}
+
+/// One generated token in exact precision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExactStep {
+    pub token: u32,
+    /// SHA-256 of the step's integer logits (little-endian `i32`s).
+    pub logits_sha256: String,
+}
+
+/// Tokenizer + exact Llama: text generation whose every logit is reproducible bit for bit.
+pub struct ExactGenerator<B: ExactBackend> {
+    pub model: ExactLlama<B>,
+    pub tokenizer: LlamaTokenizer,
+}
+
+impl<B: ExactBackend> ExactGenerator<B> {
+    pub fn new(model: ExactLlama<B>, tokenizer: LlamaTokenizer) -> Result<Self> {
+        if tokenizer.vocab_size() > model.config.vocab_size {
+            return Err(ModelError::Format(format!(
+                "tokenizer has {} tokens, the model {}",
+                tokenizer.vocab_size(),
+                model.config.vocab_size
+            )));
+        }
+        Ok(Self { model, tokenizer })
+    }
+
+    pub fn prompt_ids(&self, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+        if chat {
+            self.tokenizer.encode(&self.tokenizer.chat_prompt(prompt)?)
+        } else {
+            self.tokenizer.encode(prompt)
+        }
+    }
+
+    /// Like [`crate::llama::Generator::generate`], with exact arithmetic and sampling; each
+    /// step also reports the hash of its logits.
+    pub async fn generate(
+        &self,
+        backend: &B,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut ExactSampler,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<(Vec<ExactStep>, Finish)> {
+        let vocab = self.model.config.vocab_size;
+        if prompt.is_empty() {
+            return Err(ModelError::Input("the prompt has no tokens".into()));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} outside the vocabulary of {vocab}"
+            )));
+        }
+        let capacity = prompt.len() + max_tokens;
+        if capacity > self.model.max_positions() {
+            return Err(ModelError::Input(format!(
+                "{} prompt tokens + {max_tokens} new tokens exceed the model's context of {}",
+                prompt.len(),
+                self.model.max_positions()
+            )));
+        }
+        let mut cache = self.model.new_cache(backend, capacity)?;
+        let mut out = Vec::new();
+        let mut next = prompt.to_vec();
+        let mut pos = 0;
+        while out.len() < max_tokens {
+            let logits = self.model.step(backend, &next, pos, &mut cache).await?;
+            pos += next.len();
+            let token = sampler.pick(&logits, self.model.frac);
+            out.push(ExactStep {
+                token,
+                logits_sha256: hash_ints(&logits),
+            });
+            if self.tokenizer.stop.contains(&token) {
+                return Ok((out, Finish::Stop));
+            }
+            on_token(token);
+            next = vec![token];
+        }
+        Ok((out, Finish::Length))
+    }
+}
