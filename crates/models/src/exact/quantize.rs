@@ -65,8 +65,9 @@ fn quantize_rows(w: &[f32], cols: usize, group: Option<usize>) -> Result<(Vec<i3
     let mut q = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(w.len() / group);
     for row in w.chunks_exact(group) {
+        // f32::max skips NaN, so check every value.
         let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if !amax.is_finite() {
+        if row.iter().any(|v| !v.is_finite()) {
             return Err(ModelError::Format("weights contain NaN or infinity".into()));
         }
         let scale = amax as f64 / Q_MAX as f64;
