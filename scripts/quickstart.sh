@@ -9,5 +9,9 @@ echo
 echo "== embeddings (first values of each 384-dimensional vector)"
 printf 'A man is eating food.\nA man is eating a piece of bread.\n' | "$tabula" embed | cut -c1-110
 echo
+echo "== exact precision: integer-only, the same bits on every device (sha256 of each embedding)"
+printf 'A man is eating food.\nA man is eating a piece of bread.\n' | "$tabula" embed --precision exact \
+  | python3 -c 'import sys, json; [print(json.loads(l)["sha256"]) for l in sys.stdin]'
+echo
 echo "== generation (SmolLM2-135M-Instruct, chat, greedy)"
 "$tabula" generate --model SmolLM2-135M-Instruct --chat --prompt "What is the capital of France?" --max-tokens 48

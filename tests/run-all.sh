@@ -12,8 +12,9 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p tabula-web --target wasm32-unknown-unknown -- -D warnings
 
-step "real model weights"
+step "real model weights, and their exact-precision (int8) files"
 cargo run -q -p tabula-cli -- models fetch
+cargo run -q -p tabula-cli -- models quantize
 
 step "Rust tests (CPU backend, wgpu on the machine's Vulkan device, the CLI end to end)"
 cargo test --workspace --no-fail-fast

@@ -3,6 +3,7 @@
 
 mod bench;
 mod fetch;
+mod quantize;
 mod run;
 
 use std::path::PathBuf;
@@ -61,6 +62,27 @@ enum ModelsCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Write the exact-precision (int8) file of each model, named by its SHA-256 so every
+    /// volunteer computes with the same integers. Deterministic: the same source gives the same
+    /// file. `--precision exact` runs this on first use.
+    Quantize {
+        /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Only this model (default: all).
+        #[arg(long)]
+        model: Option<String>,
+    },
+}
+
+/// Numeric precision of a forward pass.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Precision {
+    /// f32: closest to the reference; results differ in the last bits between devices.
+    Fast,
+    /// Integer-only (int8 weights and activations): the same bits on every backend and
+    /// device, so redundant results compare by hash.
+    Exact,
 }
 
 fn main() {
@@ -85,6 +107,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Models {
             command: ModelsCommand::List { dir },
         } => fetch::list(&models_dir(dir)),
+        Command::Models {
+            command: ModelsCommand::Quantize { dir, model },
+        } => quantize::quantize(&models_dir(dir), model.as_deref()),
         Command::Embed(args) => run::embed(args),
         Command::Generate(args) => run::generate(args),
         Command::Bench(args) => bench::bench(args),

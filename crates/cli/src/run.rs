@@ -10,16 +10,20 @@ use clap::Args;
 use tabula_engine::{
     Backend,
     cpu::CpuBackend,
+    exact::ExactBackend,
     gpu::{AdapterChoice, GpuBackend},
 };
 use tabula_models::{
     bert::SentenceEmbedder,
     catalog::{self, Family, ModelSpec},
+    exact::{ExactEmbedder, ExactEmbedding, ExactFile, ExactGenerator, ExactLlama},
+    gguf::GgufFile,
     llama::{Finish, Generator},
-    sampling::Sampler,
+    sampling::{ExactSampler, Sampler},
+    tokenize::LlamaTokenizer,
 };
 
-use crate::BackendChoice;
+use crate::{BackendChoice, Precision};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -31,6 +35,10 @@ pub struct EmbedArgs {
     input: String,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendChoice,
+    /// `exact` adds `embedding_q15` (the integer unit vector, scale 2^-15) and its `sha256`,
+    /// identical on every backend.
+    #[arg(long, value_enum, default_value = "fast")]
+    precision: Precision,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -64,6 +72,10 @@ pub struct GenerateArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendChoice,
+    /// `exact`: integer-only, with integer sampling: the same tokens (and, with --json, the same
+    /// `logits_sha256` per step) on every backend for a given --seed.
+    #[arg(long, value_enum, default_value = "fast")]
+    precision: Precision,
     /// Print one JSON object (prompt and generated token ids, text, finish reason) instead of
     /// streaming text.
     #[arg(long)]
@@ -149,14 +161,14 @@ pub fn embed(args: EmbedArgs) -> Result<()> {
     if args.batch_size == 0 || args.batch_size > 1024 {
         bail!("--batch-size must be between 1 and 1024");
     }
-    match args.backend {
-        BackendChoice::Cpu => embed_with(&CpuBackend, &args),
-        BackendChoice::Gpu => embed_with(&gpu_backend()?, &args),
+    match (args.backend, args.precision) {
+        (BackendChoice::Cpu, Precision::Fast) => embed_with(&CpuBackend, &args),
+        (BackendChoice::Gpu, Precision::Fast) => embed_with(&gpu_backend()?, &args),
+        (BackendChoice::Cpu, Precision::Exact) => embed_exact_with(&CpuBackend, &args),
+        (BackendChoice::Gpu, Precision::Exact) => embed_exact_with(&gpu_backend()?, &args),
     }
 }
 
-/// Lines are read and embedded in chunks, so inputs of any length stream through in bounded
-/// memory.
 fn embed_with<B: Backend>(backend: &B, args: &EmbedArgs) -> Result<()> {
     let mut embedder = load_embedder(
         backend,
@@ -164,6 +176,64 @@ fn embed_with<B: Backend>(backend: &B, args: &EmbedArgs) -> Result<()> {
         &args.model,
     )?;
     embedder.batch_size = args.batch_size;
+    embed_lines(args, |chunk| {
+        Ok(pollster::block_on(embedder.embed(backend, chunk))?
+            .into_iter()
+            .map(|e| serde_json::json!({ "tokens": e.input_ids.len(), "embedding": e.vector }))
+            .collect())
+    })
+}
+
+pub fn load_exact_embedder<B: ExactBackend>(
+    backend: &B,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<ExactEmbedder<B>> {
+    let spec = spec(name, Family::Bert)?;
+    let (bytes, hash) = crate::quantize::exact_file(dir, spec)?;
+    let file = ExactFile::open(&bytes, &hash)?;
+    let tokenizer = model_files(dir, spec)?
+        .into_iter()
+        .zip(spec.files)
+        .find(|(_, f)| f.local_path.ends_with("tokenizer.json"))
+        .map(|(b, _)| b)
+        .context("catalogue entry lacks tokenizer.json")?;
+    Ok(ExactEmbedder::load(backend, &file, &tokenizer)?)
+}
+
+/// The JSON fields of one exact embedding.
+pub fn exact_embedding_json(e: &ExactEmbedding) -> serde_json::Value {
+    serde_json::json!({
+        "tokens": e.input_ids.len(),
+        "embedding": e.to_f32(),
+        "embedding_q15": e.q15,
+        "embedding_scale": ExactEmbedding::SCALE,
+        "sha256": e.sha256,
+    })
+}
+
+fn embed_exact_with<B: ExactBackend>(backend: &B, args: &EmbedArgs) -> Result<()> {
+    let mut embedder = load_exact_embedder(
+        backend,
+        &crate::models_dir(args.models_dir.clone()),
+        &args.model,
+    )?;
+    embedder.batch_size = args.batch_size;
+    embed_lines(args, |chunk| {
+        Ok(pollster::block_on(embedder.embed(backend, chunk))?
+            .iter()
+            .map(exact_embedding_json)
+            .collect())
+    })
+}
+
+/// Reads the input in chunks of lines, embeds each chunk with `embed_chunk` (one JSON object
+/// per line, without its index) and writes JSONL, so inputs of any length stream through in
+/// bounded memory.
+fn embed_lines(
+    args: &EmbedArgs,
+    mut embed_chunk: impl FnMut(&[String]) -> Result<Vec<serde_json::Value>>,
+) -> Result<()> {
     let reader: Box<dyn BufRead> = if args.input == "-" {
         Box::new(std::io::stdin().lock())
     } else {
@@ -186,11 +256,9 @@ fn embed_with<B: Backend>(backend: &B, args: &EmbedArgs) -> Result<()> {
             chunk.push(line);
         }
         if chunk.len() >= args.batch_size * 8 || (done && !chunk.is_empty()) {
-            for e in pollster::block_on(embedder.embed(backend, &chunk))? {
-                serde_json::to_writer(
-                    &mut out,
-                    &serde_json::json!({ "index": index, "tokens": e.input_ids.len(), "embedding": e.vector }),
-                )?;
+            for mut value in embed_chunk(&chunk)? {
+                value["index"] = index.into();
+                serde_json::to_writer(&mut out, &value)?;
                 out.write_all(b"\n")?;
                 index += 1;
             }
@@ -241,10 +309,103 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    match args.backend {
-        BackendChoice::Cpu => generate_with(&CpuBackend, &args),
-        BackendChoice::Gpu => generate_with(&gpu_backend()?, &args),
+    match (args.backend, args.precision) {
+        (BackendChoice::Cpu, Precision::Fast) => generate_with(&CpuBackend, &args),
+        (BackendChoice::Gpu, Precision::Fast) => generate_with(&gpu_backend()?, &args),
+        (BackendChoice::Cpu, Precision::Exact) => generate_exact_with(&CpuBackend, &args),
+        (BackendChoice::Gpu, Precision::Exact) => generate_exact_with(&gpu_backend()?, &args),
     }
+}
+
+/// Prints generated text as it grows: decodes everything so far and writes what is new,
+/// holding back an incomplete UTF-8 sequence (shown as U+FFFD) until its next byte arrives.
+struct TextStream<'a> {
+    tokenizer: &'a LlamaTokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(tokenizer: &'a LlamaTokenizer) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    fn push(&mut self, token: u32, out: &mut impl Write) {
+        self.ids.push(token);
+        if let Ok(text) = self.tokenizer.decode(&self.ids)
+            && !text.ends_with('\u{FFFD}')
+            && text.len() > self.printed
+            && text.is_char_boundary(self.printed)
+        {
+            let _ = out.write_all(&text.as_bytes()[self.printed..]);
+            let _ = out.flush();
+            self.printed = text.len();
+        }
+    }
+}
+
+fn finish_reason(finish: Finish) -> &'static str {
+    match finish {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+pub fn load_exact_generator<B: ExactBackend>(
+    backend: &B,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<ExactGenerator<B>> {
+    let spec = spec(name, Family::Llama)?;
+    let (bytes, hash) = crate::quantize::exact_file(dir, spec)?;
+    let file = ExactFile::open(&bytes, &hash)?;
+    let gguf = model_files(dir, spec)?.remove(0);
+    let tokenizer = LlamaTokenizer::from_gguf(&GgufFile::parse(&gguf)?)?;
+    Ok(ExactGenerator::new(
+        ExactLlama::load(backend, &file)?,
+        tokenizer,
+    )?)
+}
+
+fn generate_exact_with<B: ExactBackend>(backend: &B, args: &GenerateArgs) -> Result<()> {
+    let generator = load_exact_generator(
+        backend,
+        &crate::models_dir(args.models_dir.clone()),
+        &args.model,
+    )?;
+    let prompt = generator.prompt_ids(&args.prompt, args.chat)?;
+    let mut sampler = ExactSampler::new(args.temperature, args.top_p, args.seed);
+    let mut stdout = std::io::stdout().lock();
+    let mut stream = TextStream::new(&generator.tokenizer);
+    let (steps, finish) = pollster::block_on(generator.generate(
+        backend,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        |token| {
+            if !args.json {
+                stream.push(token, &mut std::io::stdout().lock());
+            }
+        },
+    ))?;
+    if args.json {
+        let ids: Vec<u32> = steps.iter().map(|s| s.token).collect();
+        let hashes: Vec<&str> = steps.iter().map(|s| s.logits_sha256.as_str()).collect();
+        let text = generator.tokenizer.decode(&ids)?;
+        serde_json::to_writer(
+            &mut stdout,
+            &serde_json::json!({
+                "model": args.model, "precision": "exact", "prompt_ids": prompt, "ids": ids,
+                "text": text, "finish_reason": finish_reason(finish), "logits_sha256": hashes,
+            }),
+        )?;
+    }
+    writeln!(stdout)?;
+    Ok(())
 }
 
 fn generate_with<B: Backend>(backend: &B, args: &GenerateArgs) -> Result<()> {
@@ -255,36 +416,20 @@ fn generate_with<B: Backend>(backend: &B, args: &GenerateArgs) -> Result<()> {
     )?;
     let prompt = generator.prompt_ids(&args.prompt, args.chat)?;
     let mut sampler = Sampler::new(args.temperature, args.top_p, args.seed);
-    let mut stdout = std::io::stdout().lock();
-    let mut ids = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = TextStream::new(&generator.tokenizer);
     let (generated, finish) = pollster::block_on(generator.generate(
         backend,
         &prompt,
         args.max_tokens,
         &mut sampler,
         |token| {
-            if args.json {
-                return;
-            }
-            // Decode everything so far and print what is new, holding back an incomplete UTF-8
-            // sequence (shown as U+FFFD) until its next byte arrives.
-            ids.push(token);
-            if let Ok(text) = generator.tokenizer.decode(&ids)
-                && !text.ends_with('\u{FFFD}')
-                && text.len() > printed
-                && text.is_char_boundary(printed)
-            {
-                let _ = stdout.write_all(&text.as_bytes()[printed..]);
-                let _ = stdout.flush();
-                printed = text.len();
+            if !args.json {
+                stream.push(token, &mut std::io::stdout().lock());
             }
         },
     ))?;
-    let finish = match finish {
-        Finish::Stop => "stop",
-        Finish::Length => "length",
-    };
+    let finish = finish_reason(finish);
+    let mut stdout = std::io::stdout().lock();
     if args.json {
         let text = generator.tokenizer.decode(&generated)?;
         serde_json::to_writer(

@@ -258,3 +258,143 @@ fn embed_rejects_oversized_and_non_utf8_lines_with_their_line_number() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn exact_precision_gives_the_same_bits_on_cpu_and_gpu() {
+    let fixtures = fixture_lines("minilm.jsonl");
+    let texts: Vec<&str> = fixtures
+        .iter()
+        .take(6)
+        .map(|f| f["text"].as_str().unwrap())
+        .collect();
+    let input = texts.join("\n");
+    let run = |backend: &str| {
+        json_lines(&stdout(&tabula(
+            &["embed", "--precision", "exact", "--backend", backend],
+            Some(&input),
+        )))
+    };
+    let (cpu, gpu) = (run("cpu"), run("gpu"));
+    assert_eq!(cpu.len(), texts.len());
+    for ((c, g), f) in cpu.iter().zip(&gpu).zip(&fixtures) {
+        assert_eq!(c["sha256"], g["sha256"]);
+        assert_eq!(c["embedding_q15"], g["embedding_q15"]);
+        assert_eq!(c["embedding_scale"], 1.0 / 32768.0);
+        let dot: f64 = c["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(f["embedding"].as_array().unwrap())
+            .map(|(a, b)| a.as_f64().unwrap() * b.as_f64().unwrap())
+            .sum();
+        assert!(dot > 0.99, "cosine {dot} for {}", f["text"]);
+    }
+
+    // Sampled generation: the seed fixes the tokens, and every step's logits hash, everywhere.
+    let generate = |backend: &str, seed: &str| -> serde_json::Value {
+        let args = [
+            "generate",
+            "--precision",
+            "exact",
+            "--backend",
+            backend,
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--seed",
+            seed,
+            "--json",
+        ];
+        serde_json::from_str(stdout(&tabula(&args, None)).trim()).unwrap()
+    };
+    let (c, g) = (generate("cpu", "3"), generate("gpu", "3"));
+    assert_eq!(c["ids"], g["ids"]);
+    assert_eq!(c["logits_sha256"], g["logits_sha256"]);
+    assert_eq!(c["logits_sha256"].as_array().unwrap().len(), 6);
+    let other = generate("cpu", "4");
+    assert_ne!(
+        c["ids"], other["ids"],
+        "a different seed should sample differently"
+    );
+}
+
+#[test]
+fn quantize_is_deterministic_and_loaders_check_the_hash() {
+    let models = tabula_models::catalog::default_models_dir();
+    let dir = std::env::temp_dir().join(format!("tabula-quantize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("all-MiniLM-L6-v2")).unwrap();
+    for f in tabula_models::catalog::MINILM.files {
+        std::os::unix::fs::symlink(models.join(f.local_path), dir.join(f.local_path)).unwrap();
+    }
+    let d = dir.to_str().unwrap();
+    let quantised = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".exact."))
+            .collect();
+        names.sort();
+        names
+    };
+
+    // First use quantises on its own, with a note on stderr.
+    let first = tabula(
+        &["embed", "--precision", "exact", "--models-dir", d],
+        Some("hello"),
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("quantising it now"));
+    let first_line = stdout(&first);
+    let names = quantised();
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    // An explicit quantise gives the same bytes, hence the same name.
+    let out = stdout(&tabula(
+        &[
+            "models",
+            "quantize",
+            "--dir",
+            d,
+            "--model",
+            "all-MiniLM-L6-v2",
+        ],
+        None,
+    ));
+    assert!(out.contains(&names[0]), "{out}");
+    assert_eq!(quantised(), names);
+    let again = stdout(&tabula(
+        &["embed", "--precision", "exact", "--models-dir", d],
+        Some("hello"),
+    ));
+    assert_eq!(
+        json_lines(&again)[0]["sha256"],
+        json_lines(&first_line)[0]["sha256"]
+    );
+
+    // One flipped byte: refused, with what to do.
+    let path = dir.join(&names[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let bad = tabula(
+        &["embed", "--precision", "exact", "--models-dir", d],
+        Some("hello"),
+    );
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("hashes to") && err.contains("tabula models quantize"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
