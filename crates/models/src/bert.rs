@@ -309,6 +309,29 @@ pub struct SentenceEmbedder<B: Backend> {
     pub batch_size: usize,
 }
 
+/// Groups sequences (by index) into forward passes: longest first, at most `batch_size` per
+/// pass, and a pass closes early once padding to its longest sequence would exceed 64 tokens
+/// per slot, so one long text does not make 31 short ones pay for 256 positions.
+pub(crate) fn batches_by_length(ids: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let budget = batch_size * 64;
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        match batches.last_mut() {
+            Some(b)
+                if b.len() < batch_size
+                    && ids[b[0]].len() * (b.len() + 1) <= budget.max(ids[b[0]].len()) =>
+            {
+                b.push(i)
+            }
+            _ => batches.push(vec![i]),
+        }
+    }
+    batches
+}
+
 /// Maximum tokens per text, as sentence-transformers' `max_seq_length` for MiniLM.
 pub const MAX_SEQ_LEN: usize = 256;
 
@@ -339,10 +362,8 @@ impl<B: Backend> SentenceEmbedder<B> {
     /// Embeds token sequences in input order. Sequences are grouped by length so that padding
     /// stays small.
     pub async fn embed_ids(&self, backend: &B, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
         let mut out = vec![Vec::new(); ids.len()];
-        for chunk in order.chunks(self.batch_size.max(1)) {
+        for chunk in &batches_by_length(ids, self.batch_size) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
             let h = self
                 .model

@@ -12,7 +12,11 @@ use tabula_engine::{
     cpu::CpuBackend,
     gpu::{AdapterChoice, GpuBackend},
 };
-use tabula_models::bert::SentenceEmbedder;
+use tabula_models::{
+    bert::SentenceEmbedder,
+    exact::{ExactEmbedder as ExactBertEmbedder, ExactFile, ExactLlama},
+    sampling::ExactSampler,
+};
 use wasm_bindgen::prelude::*;
 
 enum Engine {
@@ -95,6 +99,178 @@ impl Embedder {
                 embedding: e.vector,
             })
             .collect();
+        serde_wasm_bindgen::to_value(&out).map_err(js_err)
+    }
+}
+
+/// Opens the backend named by `backend`: `"gpu"` (WebGPU) or `"cpu"` (wasm).
+async fn open_gpu_or_cpu(backend: &str) -> Result<Option<GpuBackend>, JsError> {
+    match backend {
+        "cpu" => Ok(None),
+        "gpu" => Ok(Some(
+            GpuBackend::new(AdapterChoice::Any).await.map_err(js_err)?,
+        )),
+        other => Err(JsError::new(&format!(
+            "unknown backend `{other}` (expected \"gpu\" or \"cpu\")"
+        ))),
+    }
+}
+
+/// One of a model's two homes: the wasm CPU path or WebGPU.
+enum OnDevice<C, G> {
+    Cpu(C),
+    Gpu(Box<GpuBackend>, G),
+}
+
+#[derive(Serialize)]
+struct ExactEmbeddingOut {
+    input_ids: Vec<u32>,
+    /// The unit vector in Q15 (scale 2^-15).
+    q15: Vec<i32>,
+    sha256: String,
+}
+
+/// MiniLM in exact precision: the same bits as the native build, on WebGPU or wasm.
+#[wasm_bindgen]
+pub struct ExactEmbedder {
+    model: OnDevice<ExactBertEmbedder<CpuBackend>, ExactBertEmbedder<GpuBackend>>,
+    device: String,
+}
+
+#[wasm_bindgen]
+impl ExactEmbedder {
+    /// Loads the quantised file (checked against `sha256`, the hash in its name) and the
+    /// tokenizer on `"gpu"` or `"cpu"`.
+    pub async fn load(
+        quantised: &[u8],
+        sha256: &str,
+        tokenizer_json: &[u8],
+        backend: &str,
+    ) -> Result<ExactEmbedder, JsError> {
+        let file = ExactFile::open(quantised, sha256).map_err(js_err)?;
+        Ok(match open_gpu_or_cpu(backend).await? {
+            None => ExactEmbedder {
+                model: OnDevice::Cpu(
+                    ExactBertEmbedder::load(&CpuBackend, &file, tokenizer_json).map_err(js_err)?,
+                ),
+                device: CpuBackend.describe(),
+            },
+            Some(gpu) => {
+                let model = ExactBertEmbedder::load(&gpu, &file, tokenizer_json).map_err(js_err)?;
+                let device = gpu.describe();
+                ExactEmbedder {
+                    model: OnDevice::Gpu(Box::new(gpu), model),
+                    device,
+                }
+            }
+        })
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    /// Embeds an array of strings: `[{input_ids, q15, sha256}]` in input order.
+    pub async fn embed(&self, texts: JsValue) -> Result<JsValue, JsError> {
+        let texts: Vec<String> = serde_wasm_bindgen::from_value(texts)
+            .map_err(|e| JsError::new(&format!("expected an array of strings: {e}")))?;
+        let out = match &self.model {
+            OnDevice::Cpu(m) => m.embed(&CpuBackend, &texts).await,
+            OnDevice::Gpu(gpu, m) => m.embed(gpu.as_ref(), &texts).await,
+        }
+        .map_err(js_err)?;
+        let out: Vec<ExactEmbeddingOut> = out
+            .into_iter()
+            .map(|e| ExactEmbeddingOut {
+                input_ids: e.input_ids,
+                q15: e.q15,
+                sha256: e.sha256,
+            })
+            .collect();
+        serde_wasm_bindgen::to_value(&out).map_err(js_err)
+    }
+}
+
+#[derive(Serialize)]
+struct ExactGenerationOut {
+    ids: Vec<u32>,
+    logits_sha256: Vec<String>,
+}
+
+/// A Llama decoder (SmolLM2) in exact precision, driven by token ids.
+#[wasm_bindgen]
+pub struct ExactDecoder {
+    model: OnDevice<ExactLlama<CpuBackend>, ExactLlama<GpuBackend>>,
+    device: String,
+}
+
+#[wasm_bindgen]
+impl ExactDecoder {
+    pub async fn load(
+        quantised: &[u8],
+        sha256: &str,
+        backend: &str,
+    ) -> Result<ExactDecoder, JsError> {
+        let file = ExactFile::open(quantised, sha256).map_err(js_err)?;
+        Ok(match open_gpu_or_cpu(backend).await? {
+            None => ExactDecoder {
+                model: OnDevice::Cpu(ExactLlama::load(&CpuBackend, &file).map_err(js_err)?),
+                device: CpuBackend.describe(),
+            },
+            Some(gpu) => {
+                let model = ExactLlama::load(&gpu, &file).map_err(js_err)?;
+                let device = gpu.describe();
+                ExactDecoder {
+                    model: OnDevice::Gpu(Box::new(gpu), model),
+                    device,
+                }
+            }
+        })
+    }
+
+    #[wasm_bindgen(getter)]
+    pub fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    /// Greedy continuation of `prompt_ids` by `max_tokens` tokens (no stop tokens: the ids
+    /// are all there is). Returns `{ids, logits_sha256}`.
+    pub async fn greedy(
+        &self,
+        prompt_ids: Vec<u32>,
+        max_tokens: usize,
+    ) -> Result<JsValue, JsError> {
+        let mut sampler = ExactSampler::greedy();
+        let (steps, _) = match &self.model {
+            OnDevice::Cpu(m) => {
+                m.generate(
+                    &CpuBackend,
+                    &prompt_ids,
+                    max_tokens,
+                    &mut sampler,
+                    &[],
+                    |_| {},
+                )
+                .await
+            }
+            OnDevice::Gpu(gpu, m) => {
+                m.generate(
+                    gpu.as_ref(),
+                    &prompt_ids,
+                    max_tokens,
+                    &mut sampler,
+                    &[],
+                    |_| {},
+                )
+                .await
+            }
+        }
+        .map_err(js_err)?;
+        let out = ExactGenerationOut {
+            ids: steps.iter().map(|s| s.token).collect(),
+            logits_sha256: steps.into_iter().map(|s| s.logits_sha256).collect(),
+        };
         serde_wasm_bindgen::to_value(&out).map_err(js_err)
     }
 }

@@ -29,25 +29,10 @@ fn scale_at(words: &[i32], index: usize) -> GroupScale {
 /// `Σ a[i] · b[i]` over int8 slices.
 fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-        {
-            // SAFETY: the CPU has AVX-512BW and VNNI (checked just above); the function only
-            // reads through safe slices.
-            return unsafe { dot_i8_avx512(a, b) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present (checked just above); safe slice code only.
-            return unsafe { dot_i8_avx2(a, b) };
-        }
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above); safe slice code only.
+        return unsafe { dot_i8_avx2(a, b) };
     }
-    dot_i8_generic(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn dot_i8_avx512(a: &[i8], b: &[i8]) -> i32 {
     dot_i8_generic(a, b)
 }
 
@@ -57,26 +42,77 @@ fn dot_i8_avx2(a: &[i8], b: &[i8]) -> i32 {
     dot_i8_generic(a, b)
 }
 
-/// Written as widening multiply-adds so the compiler emits `pmaddwd`-style instructions.
+/// A plain widening dot product: the compiler turns it into `pmaddwd` (x86) or
+/// `i32x4.dot_i16x8_s` (wasm simd128) sums.
+/// Wrapping on purpose: the spec's sums wrap, and overflow checks (debug builds) would keep the
+/// loop scalar.
 #[inline(always)]
 fn dot_i8_generic(a: &[i8], b: &[i8]) -> i32 {
-    const LANES: usize = 32;
-    let len = a.len().min(b.len());
-    let split = len - len % LANES;
-    let mut acc = [0i32; LANES];
-    for (x, y) in a[..split]
-        .chunks_exact(LANES)
-        .zip(b[..split].chunks_exact(LANES))
+    a.iter().zip(b).fold(0i32, |acc, (&x, &y)| {
+        acc.wrapping_add(i32::from(x) * i32::from(y))
+    })
+}
+
+/// Shapes and data of one [`ExactBackend::qlinear`] call.
+struct QLinearJob<'a> {
+    x: &'a [i8],
+    x_scales: &'a [i32],
+    w: &'a [i8],
+    requant: &'a [i32],
+    bias: Option<&'a [i32]>,
+    k: usize,
+    n: usize,
+    group: usize,
+    w_group: usize,
+}
+
+fn qlinear_rows(job: &QLinearJob<'_>, out: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked just above); the function only uses safe slices.
+        unsafe { qlinear_rows_avx2(job, out) };
+        return;
+    }
+    qlinear_rows_generic(job, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn qlinear_rows_avx2(job: &QLinearJob<'_>, out: &mut [i32]) {
+    qlinear_rows_generic(job, out);
+}
+
+/// Every output: per activation group, an int8 dot product requantised to Fx, summed.
+#[inline(always)]
+fn qlinear_rows_generic(job: &QLinearJob<'_>, out: &mut [i32]) {
+    let (k, group) = (job.k, job.group);
+    let groups = k / group;
+    let w_groups = k / job.w_group;
+    let per_w = job.w_group / group;
+    let mut scales = Vec::with_capacity(groups);
+    for (r, (xrow, orow)) in job
+        .x
+        .chunks_exact(k)
+        .zip(out.chunks_exact_mut(job.n))
+        .enumerate()
     {
-        for i in 0..LANES {
-            acc[i] += i32::from(x[i]) * i32::from(y[i]);
+        scales.clear();
+        scales.extend((0..groups).map(|g| scale_at(job.x_scales, r * groups + g)));
+        for (c, (wrow, o)) in job.w.chunks_exact(k).zip(orow.iter_mut()).enumerate() {
+            let requant = &job.requant[2 * c * w_groups..2 * (c + 1) * w_groups];
+            let mut y = job.bias.map_or(0, |b| b[c]);
+            for (g, (xg, wg)) in xrow
+                .chunks_exact(group)
+                .zip(wrow.chunks_exact(group))
+                .enumerate()
+            {
+                let acc = dot_i8_generic(xg, wg);
+                let at = 2 * (g / per_w);
+                y = y.wrapping_add(requantize(acc, scales[g], requant[at], requant[at + 1]));
+            }
+            *o = y;
         }
     }
-    let mut sum: i32 = acc.iter().sum();
-    for i in split..len {
-        sum += i32::from(a[i]) * i32::from(b[i]);
-    }
-    sum
 }
 
 impl ExactBackend for CpuBackend {
@@ -128,41 +164,20 @@ impl ExactBackend for CpuBackend {
     fn qlinear(&self, x: &QActs<CpuInt>, w: &QMatrix<CpuInt>) -> Result<CpuInt> {
         check_qlinear(x, w)?;
         let (m, k, n) = (x.rows, x.cols, w.rows);
-        let (xdata, xscales) = x.buf.data().split_at(x.scales_offset());
-        let xdata = bytes(xdata);
-        let wdata = bytes(w.data.data());
-        let requant = w.requant.data();
-        let bias = w.bias.as_ref().map(|b| b.data());
+        let (xdata, x_scales) = x.buf.data().split_at(x.scales_offset());
+        let job = QLinearJob {
+            x: bytes(xdata),
+            x_scales,
+            w: bytes(w.data.data()),
+            requant: w.requant.data(),
+            bias: w.bias.as_ref().map(|b| b.data()),
+            k,
+            n,
+            group: x.group,
+            w_group: w.group,
+        };
         let mut out = vec![0i32; m * n];
-        let group = x.group;
-        let groups = k / group;
-        let w_groups = k / w.group;
-        let per_w = w.group / group;
-        for (r, (xrow, orow)) in xdata
-            .chunks_exact(k)
-            .zip(out.chunks_exact_mut(n))
-            .enumerate()
-        {
-            for (c, (wrow, o)) in wdata.chunks_exact(k).zip(orow.iter_mut()).enumerate() {
-                let mut y = bias.map_or(0, |b| b[c]);
-                for (g, (xg, wg)) in xrow
-                    .chunks_exact(group)
-                    .zip(wrow.chunks_exact(group))
-                    .enumerate()
-                {
-                    let acc = dot_i8(xg, wg);
-                    let at = 2 * (c * w_groups + g / per_w);
-                    let (mult, exp) = (requant[at], requant[at + 1]);
-                    y = y.wrapping_add(requantize(
-                        acc,
-                        scale_at(xscales, r * groups + g),
-                        mult,
-                        exp,
-                    ));
-                }
-                *o = y;
-            }
-        }
+        qlinear_rows(&job, &mut out);
         Ok(CpuInt::new(vec![m, n], out))
     }
 

@@ -10,7 +10,7 @@ use tabula_engine::{
 use super::{ExactArch, ExactFile, hash_ints, l2_normalize_q15};
 use crate::{
     ModelError, Result,
-    bert::{BertConfig, MAX_SEQ_LEN},
+    bert::{BertConfig, MAX_SEQ_LEN, batches_by_length},
     tokenize::BertTokenizer,
 };
 
@@ -187,10 +187,8 @@ impl<B: ExactBackend> ExactEmbedder<B> {
 
     /// Embeds token sequences in input order (batched by length; batching never changes bits).
     pub async fn embed_ids(&self, backend: &B, ids: &[Vec<u32>]) -> Result<Vec<ExactEmbedding>> {
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
         let mut out = vec![None; ids.len()];
-        for chunk in order.chunks(self.batch_size.max(1)) {
+        for chunk in &batches_by_length(ids, self.batch_size) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
             for (&i, pooled) in chunk.iter().zip(self.model.pooled(backend, &batch).await?) {
                 let q15 = l2_normalize_q15(&pooled);

@@ -177,6 +177,55 @@ impl<B: ExactBackend> ExactLlama<B> {
             .read_int(&backend.qlinear(&h, &self.output)?)
             .await?)
     }
+
+    /// Generates up to `max_tokens` after `prompt`. A token in `stop` ends generation: it is
+    /// the last step returned but is not passed to `on_token`.
+    pub async fn generate(
+        &self,
+        backend: &B,
+        prompt: &[u32],
+        max_tokens: usize,
+        sampler: &mut ExactSampler,
+        stop: &[u32],
+        mut on_token: impl FnMut(u32),
+    ) -> Result<(Vec<ExactStep>, Finish)> {
+        let vocab = self.config.vocab_size;
+        if prompt.is_empty() {
+            return Err(ModelError::Input("the prompt has no tokens".into()));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} outside the vocabulary of {vocab}"
+            )));
+        }
+        let capacity = prompt.len() + max_tokens;
+        if capacity > self.max_positions() {
+            return Err(ModelError::Input(format!(
+                "{} prompt tokens + {max_tokens} new tokens exceed the model's context of {}",
+                prompt.len(),
+                self.max_positions()
+            )));
+        }
+        let mut cache = self.new_cache(backend, capacity)?;
+        let mut out = Vec::new();
+        let mut next = prompt.to_vec();
+        let mut pos = 0;
+        while out.len() < max_tokens {
+            let logits = self.step(backend, &next, pos, &mut cache).await?;
+            pos += next.len();
+            let token = sampler.pick(&logits, self.frac);
+            out.push(ExactStep {
+                token,
+                logits_sha256: hash_ints(&logits),
+            });
+            if stop.contains(&token) {
+                return Ok((out, Finish::Stop));
+            }
+            on_token(token);
+            next = vec![token];
+        }
+        Ok((out, Finish::Length))
+    }
 }
 
 /// One generated token in exact precision.
@@ -221,43 +270,17 @@ impl<B: ExactBackend> ExactGenerator<B> {
         prompt: &[u32],
         max_tokens: usize,
         sampler: &mut ExactSampler,
-        mut on_token: impl FnMut(u32),
+        on_token: impl FnMut(u32),
     ) -> Result<(Vec<ExactStep>, Finish)> {
-        let vocab = self.model.config.vocab_size;
-        if prompt.is_empty() {
-            return Err(ModelError::Input("the prompt has no tokens".into()));
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} outside the vocabulary of {vocab}"
-            )));
-        }
-        let capacity = prompt.len() + max_tokens;
-        if capacity > self.model.max_positions() {
-            return Err(ModelError::Input(format!(
-                "{} prompt tokens + {max_tokens} new tokens exceed the model's context of {}",
-                prompt.len(),
-                self.model.max_positions()
-            )));
-        }
-        let mut cache = self.model.new_cache(backend, capacity)?;
-        let mut out = Vec::new();
-        let mut next = prompt.to_vec();
-        let mut pos = 0;
-        while out.len() < max_tokens {
-            let logits = self.model.step(backend, &next, pos, &mut cache).await?;
-            pos += next.len();
-            let token = sampler.pick(&logits, self.model.frac);
-            out.push(ExactStep {
-                token,
-                logits_sha256: hash_ints(&logits),
-            });
-            if self.tokenizer.stop.contains(&token) {
-                return Ok((out, Finish::Stop));
-            }
-            on_token(token);
-            next = vec![token];
-        }
-        Ok((out, Finish::Length))
+        self.model
+            .generate(
+                backend,
+                prompt,
+                max_tokens,
+                sampler,
+                &self.tokenizer.stop,
+                on_token,
+            )
+            .await
     }
 }

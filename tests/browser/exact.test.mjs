@@ -1,0 +1,92 @@
+// Exact precision in headless Chromium: WebGPU (SwiftShader) and the wasm CPU path must give
+// the same bytes as the native CLI (CPU backend) for every input: MiniLM's integer embeddings
+// by SHA-256, SmolLM2's chosen tokens and the SHA-256 of every step's integer logits.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { serve, launch, readJsonl, root, modelsDir } from './harness.mjs';
+
+const minilm = readJsonl(path.join(root, 'tests/fixtures/minilm.jsonl'));
+const smol = readJsonl(path.join(root, 'tests/fixtures/smollm2.jsonl'));
+const targetDir = process.env.CARGO_TARGET_DIR || path.join(root, 'target');
+const tabula = process.env.TABULA_BIN || path.join(targetDir, 'debug/tabula');
+// Decoding steps per prompt in the browser (SwiftShader is slow; every step is still hashed).
+const STEPS = 3;
+let server, browser, base;
+
+function quantisedFile(model) {
+  const files = fs.readdirSync(modelsDir).filter((f) => f.startsWith(`${model}.exact.`));
+  assert.equal(files.length, 1, `one quantised file of ${model} in ${modelsDir} (run \`tabula models quantize\`)`);
+  return { file: files[0], sha256: files[0].split('.exact.')[1].replace('.safetensors', '') };
+}
+
+function nativeEmbeddings() {
+  const out = execFileSync(tabula, ['embed', '--precision', 'exact'], {
+    input: minilm.map((f) => f.text).join('\n'),
+    maxBuffer: 1 << 28,
+  });
+  return out.toString().trim().split('\n').map((l) => JSON.parse(l));
+}
+
+function nativeGeneration(f) {
+  const args = ['generate', '--precision', 'exact', '--prompt', f.prompt, '--max-tokens', String(STEPS), '--json'];
+  if (f.chat) args.push('--chat');
+  const out = JSON.parse(execFileSync(tabula, args).toString());
+  assert.deepEqual(out.prompt_ids, f.prompt_ids);
+  return out;
+}
+
+before(async () => {
+  assert.ok(fs.existsSync(path.join(root, 'www/pkg/tabula_web.js')), 'www/pkg is missing: run `npm run build:wasm` first');
+  assert.ok(fs.existsSync(tabula), `native tabula binary missing at ${tabula} (set TABULA_BIN)`);
+  server = await serve();
+  base = `http://127.0.0.1:${server.address().port}`;
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  server?.close();
+});
+
+async function inPage(fn, args) {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(`${base}/exact.html`);
+  await page.waitForFunction(() => window.testReady === true, null, { timeout: 30_000 });
+  const result = await page.evaluate(([name, a]) => window[name](...a), [fn, args]);
+  await page.close();
+  assert.deepEqual(errors, []);
+  return result;
+}
+
+const native = {};
+
+for (const backend of ['cpu', 'gpu']) {
+  test(`MiniLM exact on ${backend === 'gpu' ? 'WebGPU (SwiftShader)' : 'the wasm CPU path'}: every fixture text hashes as natively`, { timeout: 1_800_000 }, async () => {
+    native.embeddings ??= nativeEmbeddings();
+    const { file, sha256 } = quantisedFile('all-MiniLM-L6-v2');
+    const result = await inPage('runExactEmbed', [backend, file, sha256, minilm.map((f) => f.text)]);
+    assert.equal(result.out.length, minilm.length);
+    result.out.forEach((e, i) => {
+      assert.deepEqual(e.input_ids, minilm[i].input_ids);
+      assert.equal(e.sha256, native.embeddings[i].sha256, `text ${i} ${JSON.stringify(minilm[i].text)} on ${result.device}`);
+      assert.deepEqual(e.q15, native.embeddings[i].embedding_q15);
+    });
+    console.log(`exact MiniLM ${backend}: device=${result.device} texts=${minilm.length} ms=${result.ms.toFixed(0)}`);
+  });
+
+  test(`SmolLM2 exact on ${backend === 'gpu' ? 'WebGPU (SwiftShader)' : 'the wasm CPU path'}: tokens and logits hashes as natively`, { timeout: 1_800_000 }, async () => {
+    native.generation ??= smol.map(nativeGeneration);
+    const { file, sha256 } = quantisedFile('SmolLM2-135M-Instruct');
+    const result = await inPage('runExactDecode', [backend, file, sha256, smol.map((f) => f.prompt_ids), STEPS]);
+    result.out.forEach((g, i) => {
+      assert.deepEqual(g.ids, native.generation[i].ids, `tokens for ${JSON.stringify(smol[i].prompt)}`);
+      assert.deepEqual(g.logits_sha256, native.generation[i].logits_sha256, `logits for ${JSON.stringify(smol[i].prompt)}`);
+    });
+    console.log(`exact SmolLM2 ${backend}: device=${result.device} prompts=${smol.length} steps=${STEPS} ms=${result.ms.toFixed(0)}`);
+  });
+}
