@@ -65,6 +65,13 @@ async function inPage(fn, args) {
 
 const native = {};
 
+for (const portable of [false, true]) {
+  test(`every exact op on WebGPU matches the wasm CPU bit for bit (${portable ? 'portable int8 dot' : 'dot4I8Packed'})`, { timeout: 600_000 }, async () => {
+    const result = await inPage('runSelfCheck', [portable]);
+    assert.deepEqual(result.diffs, [], `packed_dot=${result.packed_dot}`);
+  });
+}
+
 for (const backend of ['cpu', 'gpu']) {
   test(`MiniLM exact on ${backend === 'gpu' ? 'WebGPU (SwiftShader)' : 'the wasm CPU path'}: every fixture text hashes as natively`, { timeout: 1_800_000 }, async () => {
     native.embeddings ??= nativeEmbeddings();

@@ -7,10 +7,10 @@ use std::{path::PathBuf, process::Command, time::Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tabula_engine::{Backend, cpu::CpuBackend};
-use tabula_models::sampling::Sampler;
+use tabula_engine::{Backend, cpu::CpuBackend, exact::ExactBackend};
+use tabula_models::sampling::{ExactSampler, Sampler};
 
-use crate::BackendChoice;
+use crate::{BackendChoice, Precision};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Our backends to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu,gpu")]
     backends: Vec<BackendChoice>,
+    /// Precisions to measure (each on every backend).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fast,exact")]
+    precisions: Vec<Precision>,
     /// Only one model.
     #[arg(long, value_parser = ["minilm", "smollm2"])]
     only: Option<String>,
@@ -122,13 +125,24 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     .context("benchmark texts must be JSON with short, long and prompt_ids")?;
     let mut ours = Vec::new();
     for &backend in &args.backends {
-        match backend {
-            BackendChoice::Cpu => ours.extend(measure(&CpuBackend, "tabula-cpu", &texts, &args)?),
-            BackendChoice::Gpu => {
-                let gpu = crate::run::gpu_backend()?;
-                let name = format!("tabula-gpu ({})", gpu.describe());
-                ours.extend(measure(&gpu, &name, &texts, &args)?);
-            }
+        let gpu = match backend {
+            BackendChoice::Cpu => None,
+            BackendChoice::Gpu => Some(crate::run::gpu_backend()?),
+        };
+        let device = gpu.as_ref().map_or("tabula-cpu".to_string(), |g| {
+            format!("tabula-gpu ({})", g.describe())
+        });
+        for &precision in &args.precisions {
+            let name = match precision {
+                Precision::Fast => device.clone(),
+                Precision::Exact => format!("{device} exact"),
+            };
+            ours.extend(match (&gpu, precision) {
+                (None, Precision::Fast) => measure(&CpuBackend, &name, &texts, &args)?,
+                (None, Precision::Exact) => measure_exact(&CpuBackend, &name, &texts, &args)?,
+                (Some(g), Precision::Fast) => measure(g, &name, &texts, &args)?,
+                (Some(g), Precision::Exact) => measure_exact(g, &name, &texts, &args)?,
+            });
         }
     }
     print_table(&ours, &peers);
@@ -153,6 +167,123 @@ fn best_of<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     Ok(best)
 }
 
+fn record(name: &str, task: &str, unit: &str, value: f64) -> Measurement {
+    eprintln!("{name:40} {task:22} {value:10.1} {unit}");
+    Measurement {
+        peer: name.to_string(),
+        task: task.to_string(),
+        unit: unit.to_string(),
+        value,
+    }
+}
+
+/// The two MiniLM workloads: task name and token ids. Tokenisation is outside the timing, as
+/// for the peers; long texts are cut to 128 tokens keeping [SEP], as the peers' tokenizer does.
+fn minilm_workloads(
+    tokenize: impl Fn(&[String]) -> Result<Vec<Vec<u32>>>,
+    texts: &Texts,
+) -> Result<Vec<(&'static str, Vec<Vec<u32>>)>> {
+    let mut out = Vec::new();
+    for (task, list, cut) in [
+        ("minilm-short-b32", &texts.short, None),
+        ("minilm-long-b32", &texts.long, Some(128)),
+    ] {
+        let mut ids = tokenize(list)?;
+        if let Some(cut) = cut {
+            for seq in &mut ids {
+                if seq.len() > cut {
+                    let sep = *seq.last().unwrap_or(&0);
+                    seq.truncate(cut - 1);
+                    seq.push(sep);
+                }
+            }
+        }
+        out.push((task, ids));
+    }
+    Ok(out)
+}
+
+/// Sentences per second of `embed` over batches of 32 (after one warm-up batch).
+fn embed_rate(
+    reps: usize,
+    ids: &[Vec<u32>],
+    mut embed: impl FnMut(&[Vec<u32>]) -> Result<()>,
+) -> Result<f64> {
+    embed(&ids[..BATCH.min(ids.len())])?;
+    let secs = best_of(reps, || {
+        for batch in ids.chunks(BATCH) {
+            embed(batch)?;
+        }
+        Ok(())
+    })?;
+    Ok(ids.len() as f64 / secs)
+}
+
+fn measure_exact<B: ExactBackend>(
+    backend: &B,
+    name: &str,
+    texts: &Texts,
+    args: &BenchArgs,
+) -> Result<Vec<Measurement>> {
+    let dir = crate::models_dir(args.models_dir.clone());
+    let mut out = Vec::new();
+    if args.only.as_deref() != Some("smollm2") {
+        let mut embedder = crate::run::load_exact_embedder(backend, &dir, "all-MiniLM-L6-v2")?;
+        embedder.batch_size = BATCH;
+        let tokenize = |list: &[String]| -> Result<Vec<Vec<u32>>> {
+            list.iter()
+                .map(|t| Ok(embedder.tokenizer.encode(t)?))
+                .collect()
+        };
+        for (task, ids) in minilm_workloads(tokenize, texts)? {
+            let rate = embed_rate(args.reps, &ids, |batch| {
+                pollster::block_on(embedder.embed_ids(backend, batch))?;
+                Ok(())
+            })?;
+            out.push(record(name, task, "sentences/s", rate));
+        }
+    }
+    if args.only.as_deref() != Some("minilm") {
+        let generator = crate::run::load_exact_generator(backend, &dir, "SmolLM2-135M-Instruct")?;
+        let model = &generator.model;
+        let prompt = &texts.prompt_ids;
+        let mut prefill = f64::INFINITY;
+        let mut decode = f64::INFINITY;
+        for _ in 0..args.reps.max(1) {
+            let mut cache = model.new_cache(backend, prompt.len() + DECODE_TOKENS + 1)?;
+            let start = Instant::now();
+            let logits = pollster::block_on(model.step(backend, prompt, 0, &mut cache))?;
+            prefill = prefill.min(start.elapsed().as_secs_f64());
+            let mut sampler = ExactSampler::greedy();
+            let mut token = sampler.pick(&logits, model.frac);
+            let start = Instant::now();
+            for step in 0..DECODE_TOKENS {
+                let logits = pollster::block_on(model.step(
+                    backend,
+                    &[token],
+                    prompt.len() + step,
+                    &mut cache,
+                ))?;
+                token = sampler.pick(&logits, model.frac);
+            }
+            decode = decode.min(start.elapsed().as_secs_f64());
+        }
+        out.push(record(
+            name,
+            &format!("smollm2-prefill-{}", prompt.len()),
+            "tokens/s",
+            prompt.len() as f64 / prefill,
+        ));
+        out.push(record(
+            name,
+            &format!("smollm2-decode-{DECODE_TOKENS}"),
+            "tokens/s",
+            DECODE_TOKENS as f64 / decode,
+        ));
+    }
+    Ok(out)
+}
+
 fn measure<B: Backend>(
     backend: &B,
     name: &str,
@@ -161,42 +292,15 @@ fn measure<B: Backend>(
 ) -> Result<Vec<Measurement>> {
     let dir = crate::models_dir(args.models_dir.clone());
     let mut out = Vec::new();
-    let record = |task: &str, unit: &str, value: f64| {
-        eprintln!("{name:40} {task:22} {value:10.1} {unit}");
-        Measurement {
-            peer: name.to_string(),
-            task: task.to_string(),
-            unit: unit.to_string(),
-            value,
-        }
-    };
     if args.only.as_deref() != Some("smollm2") {
         let mut embedder = crate::run::load_embedder(backend, &dir, "all-MiniLM-L6-v2")?;
         embedder.batch_size = BATCH;
-        for (task, list, cut) in [
-            ("minilm-short-b32", &texts.short, None),
-            ("minilm-long-b32", &texts.long, Some(128)),
-        ] {
-            // Tokenisation is outside the timing, as for the peers; long texts are cut to 128
-            // tokens keeping [SEP], as the peers' tokenizer does.
-            let mut ids = embedder.tokenize(list)?;
-            if let Some(cut) = cut {
-                for seq in &mut ids {
-                    if seq.len() > cut {
-                        let sep = *seq.last().unwrap_or(&0);
-                        seq.truncate(cut - 1);
-                        seq.push(sep);
-                    }
-                }
-            }
-            pollster::block_on(embedder.embed_ids(backend, &ids[..BATCH.min(ids.len())]))?; // warm-up
-            let secs = best_of(args.reps, || {
-                for batch in ids.chunks(BATCH) {
-                    pollster::block_on(embedder.embed_ids(backend, batch))?;
-                }
+        for (task, ids) in minilm_workloads(|list| Ok(embedder.tokenize(list)?), texts)? {
+            let rate = embed_rate(args.reps, &ids, |batch| {
+                pollster::block_on(embedder.embed_ids(backend, batch))?;
                 Ok(())
             })?;
-            out.push(record(task, "sentences/s", ids.len() as f64 / secs));
+            out.push(record(name, task, "sentences/s", rate));
         }
     }
     if args.only.as_deref() != Some("minilm") {
@@ -228,11 +332,13 @@ fn measure<B: Backend>(
             decode = decode.min(start.elapsed().as_secs_f64());
         }
         out.push(record(
+            name,
             &format!("smollm2-prefill-{}", prompt.len()),
             "tokens/s",
             prompt.len() as f64 / prefill,
         ));
         out.push(record(
+            name,
             &format!("smollm2-decode-{DECODE_TOKENS}"),
             "tokens/s",
             DECODE_TOKENS as f64 / decode,

@@ -274,3 +274,27 @@ impl ExactDecoder {
         serde_wasm_bindgen::to_value(&out).map_err(js_err)
     }
 }
+
+/// Runs every exact-precision op on WebGPU and on the wasm CPU path and returns the ops whose
+/// bits differ (an empty array when all agree). `portable_dot` avoids `dot4I8Packed`.
+#[wasm_bindgen]
+pub async fn exact_selfcheck(portable_dot: bool) -> Result<JsValue, JsError> {
+    let mut gpu = GpuBackend::new(AdapterChoice::Any).await.map_err(js_err)?;
+    if portable_dot {
+        gpu.use_portable_dot();
+    }
+    let diffs = tabula_engine::exact::selfcheck::compare_with_cpu(&gpu)
+        .await
+        .map_err(js_err)?;
+    serde_wasm_bindgen::to_value(&SelfCheck {
+        diffs,
+        packed_dot: gpu.has_packed_dot(),
+    })
+    .map_err(js_err)
+}
+
+#[derive(Serialize)]
+struct SelfCheck {
+    diffs: Vec<String>,
+    packed_dot: bool,
+}

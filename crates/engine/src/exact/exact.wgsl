@@ -188,8 +188,11 @@ fn qlinear(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var i = 0u; i < 4u; i++) { y[i][j] = bias; }
         }
     }
+    // Declared once and zeroed explicitly per group: SwiftShader (Chromium) does not
+    // re-initialise a `var` declared inside a loop body, which WGSL requires.
+    var acc: array<vec4<i32>, 4>;
     for (var g = 0u; g < groups; g++) {
-        var acc: array<vec4<i32>, 4>;
+        for (var i = 0u; i < 4u; i++) { acc[i] = vec4<i32>(0); }
         for (var kk = g * gw; kk < (g + 1u) * gw; kk++) {
             let w = vec4<i32>(b[cols[0] * k4 + kk], b[cols[1] * k4 + kk], b[cols[2] * k4 + kk], b[cols[3] * k4 + kk]);
             for (var i = 0u; i < 4u; i++) {

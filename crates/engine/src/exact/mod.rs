@@ -45,6 +45,7 @@ mod exp2_table;
 
 pub mod cpu;
 pub mod gpu;
+pub mod selfcheck;
 
 pub use exp2_table::EXP2_NEG_Q30;
 
