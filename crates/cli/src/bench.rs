@@ -177,12 +177,15 @@ fn record(name: &str, task: &str, unit: &str, value: f64) -> Measurement {
     }
 }
 
+/// A benchmark task name and its token ids.
+type Workload = (&'static str, Vec<Vec<u32>>);
+
 /// The two MiniLM workloads: task name and token ids. Tokenisation is outside the timing, as
 /// for the peers; long texts are cut to 128 tokens keeping [SEP], as the peers' tokenizer does.
 fn minilm_workloads(
     tokenize: impl Fn(&[String]) -> Result<Vec<Vec<u32>>>,
     texts: &Texts,
-) -> Result<Vec<(&'static str, Vec<Vec<u32>>)>> {
+) -> Result<Vec<Workload>> {
     let mut out = Vec::new();
     for (task, list, cut) in [
         ("minilm-short-b32", &texts.short, None),
