@@ -73,23 +73,101 @@ fn qlinear_rows(job: &QLinearJob<'_>, out: &mut [i32]) {
         unsafe { qlinear_rows_avx2(job, out) };
         return;
     }
-    qlinear_rows_generic(job, out);
+    qlinear_rows_generic(job, out, group_dots_generic);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn qlinear_rows_avx2(job: &QLinearJob<'_>, out: &mut [i32]) {
-    qlinear_rows_generic(job, out);
+    qlinear_rows_generic(job, out, |x, w, group, accs| {
+        if group == 32 {
+            // Safe to call: a closure inherits this function's AVX2 target feature.
+            group_dots_32_avx2(x, w, accs)
+        } else {
+            group_dots_generic(x, w, group, accs)
+        }
+    });
+}
+
+/// `accs[g]` = the dot product of group `g` of `x` and `w`.
+#[inline(always)]
+fn group_dots_generic(x: &[i8], w: &[i8], group: usize, accs: &mut [i32]) {
+    for (acc, (xg, wg)) in accs
+        .iter_mut()
+        .zip(x.chunks_exact(group).zip(w.chunks_exact(group)))
+    {
+        *acc = dot_i8_generic(xg, wg);
+    }
+}
+
+/// [`group_dots_generic`] for groups of 32 with AVX2: each group is one 32-byte load per
+/// operand widened to i16 and multiplied with `vpmaddwd` (exact for every int8 value), and eight
+/// groups are reduced together by a tree of horizontal adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn group_dots_32_avx2(x: &[i8], w: &[i8], accs: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let groups = accs.len().min(x.len() / 32).min(w.len() / 32);
+    let mut g = 0;
+    while g + 8 <= groups {
+        let mut v = [_mm256_setzero_si256(); 8];
+        for (j, vj) in v.iter_mut().enumerate() {
+            let at = (g + j) * 32;
+            let (xs, ws) = (&x[at..at + 32], &w[at..at + 32]);
+            // SAFETY: `xs` and `ws` are 32-byte slices (bounds-checked just above) and
+            // `loadu` has no alignment requirement.
+            let (xa, wa) = unsafe {
+                (
+                    _mm256_loadu_si256(xs.as_ptr().cast()),
+                    _mm256_loadu_si256(ws.as_ptr().cast()),
+                )
+            };
+            let lo = _mm256_madd_epi16(
+                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xa)),
+                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(wa)),
+            );
+            let hi = _mm256_madd_epi16(
+                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(xa)),
+                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(wa)),
+            );
+            *vj = _mm256_add_epi32(lo, hi);
+        }
+        let ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let cd = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        let sums = _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(ab, cd),
+            _mm256_permute2x128_si256::<0x31>(ab, cd),
+        );
+        let out = &mut accs[g..g + 8];
+        // SAFETY: `out` is an 8-value (32-byte) slice; `storeu` has no alignment requirement.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), sums) };
+        g += 8;
+    }
+    group_dots_generic(&x[g * 32..], &w[g * 32..], 32, &mut accs[g..]);
 }
 
 /// Every output: per activation group, an int8 dot product requantised to Fx, summed.
+///
+/// When every scale is in the range the quantiser produces (checked once per call, see
+/// [`fast_requant_applies`]), requantisation takes a branch-free form of [`requantize`] that
+/// gives the same bits and vectorises across groups; otherwise the general form runs.
 #[inline(always)]
-fn qlinear_rows_generic(job: &QLinearJob<'_>, out: &mut [i32]) {
+fn qlinear_rows_generic(
+    job: &QLinearJob<'_>,
+    out: &mut [i32],
+    group_dots: impl Fn(&[i8], &[i8], usize, &mut [i32]),
+) {
     let (k, group) = (job.k, job.group);
     let groups = k / group;
     let w_groups = k / job.w_group;
     let per_w = job.w_group / group;
+    let fast = fast_requant_applies(job);
     let mut scales = Vec::with_capacity(groups);
+    let mut reduced = vec![0u32; groups];
+    let mut shifts = vec![0i32; groups];
+    let mut accs = vec![0i32; groups];
+    let mut mults = vec![0u32; groups];
+    let mut exps = vec![0i32; groups];
     for (r, (xrow, orow)) in job
         .x
         .chunks_exact(k)
@@ -98,21 +176,69 @@ fn qlinear_rows_generic(job: &QLinearJob<'_>, out: &mut [i32]) {
     {
         scales.clear();
         scales.extend((0..groups).map(|g| scale_at(job.x_scales, r * groups + g)));
+        for (g, s) in scales.iter().enumerate() {
+            reduced[g] = s.reduced as u32;
+            shifts[g] = s.shift;
+        }
         for (c, (wrow, o)) in job.w.chunks_exact(k).zip(orow.iter_mut()).enumerate() {
             let requant = &job.requant[2 * c * w_groups..2 * (c + 1) * w_groups];
+            group_dots(xrow, wrow, group, &mut accs);
             let mut y = job.bias.map_or(0, |b| b[c]);
-            for (g, (xg, wg)) in xrow
-                .chunks_exact(group)
-                .zip(wrow.chunks_exact(group))
-                .enumerate()
-            {
-                let acc = dot_i8_generic(xg, wg);
-                let at = 2 * (g / per_w);
-                y = y.wrapping_add(requantize(acc, scales[g], requant[at], requant[at + 1]));
+            if fast {
+                for g in 0..groups {
+                    let at = 2 * (g / per_w);
+                    mults[g] = requant[at] as u32;
+                    exps[g] = requant[at + 1];
+                }
+                for g in 0..groups {
+                    y = y.wrapping_add(requantize_in_range(
+                        accs[g], reduced[g], shifts[g], mults[g], exps[g],
+                    ));
+                }
+            } else {
+                for (g, &acc) in accs.iter().enumerate() {
+                    let at = 2 * (g / per_w);
+                    y = y.wrapping_add(requantize(acc, scales[g], requant[at], requant[at + 1]));
+                }
             }
             *o = y;
         }
     }
+}
+
+/// Whether every scale of `job` is in the range where [`requantize_in_range`] equals
+/// [`requantize`]: activation scales `reduced < 2^15`, `0 <= shift <= 17` (what
+/// `quantize_group` produces), multipliers `0 <= M < 2^31`, and every final shift in `1..=62`.
+fn fast_requant_applies(job: &QLinearJob<'_>) -> bool {
+    let (mut min_shift, mut max_shift) = (i32::MAX, i32::MIN);
+    for s in job.x_scales.chunks_exact(2) {
+        if !(0..1 << 15).contains(&s[0]) {
+            return false;
+        }
+        min_shift = min_shift.min(s[1]);
+        max_shift = max_shift.max(s[1]);
+    }
+    if min_shift < 0 || max_shift > 17 {
+        return min_shift == i32::MAX; // no rows at all
+    }
+    job.requant.chunks_exact(2).all(|r| {
+        r[0] >= 0 && {
+            let lo = i64::from(r[1]) - 15 - i64::from(max_shift);
+            let hi = i64::from(r[1]) - 15 - i64::from(min_shift);
+            lo >= 1 && hi <= 62
+        }
+    })
+}
+
+/// [`requantize`] for in-range scales (see [`fast_requant_applies`]), without branches.
+#[inline(always)]
+fn requantize_in_range(acc: i32, reduced: u32, shift: i32, mult: u32, exp: i32) -> i32 {
+    // reduced < 2^15 and mult < 2^31: the rounded product fits 31 bits, as in `mul_shift`.
+    let combined = (u64::from(reduced) * u64::from(mult) + (1 << 14)) >> 15;
+    let s = (exp - 15 - shift) as u32;
+    let magnitude = ((u64::from(acc.unsigned_abs()) * combined + (1u64 << (s - 1))) >> s)
+        .min(i32::MAX as u64) as i32;
+    if acc < 0 { -magnitude } else { magnitude }
 }
 
 impl ExactBackend for CpuBackend {
@@ -428,5 +554,39 @@ pub(crate) fn norm_row(x: &[i32], gamma: &[i32], beta: Option<&[i32]>, frac: u32
         let nrm = mul_shift(xc, inv, 18 - t + s);
         let y = mul_shift(nrm, gamma[i], 2 * NORM_FRAC as i32 - frac as i32);
         *o = y.wrapping_add(beta.map_or(0, |b| b[i]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_range_requantisation_equals_the_general_one() {
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for i in 0..200_000 {
+            let acc = (next() as i32) >> (next() % 32);
+            let reduced = (next() % (1 << 15)) as i32;
+            let shift = (next() % 18) as i32;
+            let mult = (next() % (1 << 31)) as i32;
+            let exp = 16 + 17 + (next() % 45) as i32;
+            let (acc, reduced) = match i {
+                0 => (i32::MIN, (1 << 15) - 1),
+                1 => (i32::MAX, (1 << 15) - 1),
+                _ => (acc, reduced),
+            };
+            let scale = GroupScale { reduced, shift };
+            assert_eq!(
+                requantize_in_range(acc, reduced as u32, shift, mult as u32, exp),
+                requantize(acc, scale, mult, exp),
+                "acc {acc} reduced {reduced} shift {shift} mult {mult} exp {exp}"
+            );
+        }
     }
 }
