@@ -162,6 +162,8 @@ fn qlinear_rows_generic(
     let w_groups = k / job.w_group;
     let per_w = job.w_group / group;
     let fast = fast_requant_applies(job);
+    // Where group g's weight scale sits in a row's (M, E) pairs.
+    let w_index: Vec<usize> = (0..groups).map(|g| 2 * (g / per_w)).collect();
     let mut scales = Vec::with_capacity(groups);
     let mut reduced = vec![0u32; groups];
     let mut shifts = vec![0i32; groups];
@@ -185,10 +187,14 @@ fn qlinear_rows_generic(
             group_dots(xrow, wrow, group, &mut accs);
             let mut y = job.bias.map_or(0, |b| b[c]);
             if fast {
-                for g in 0..groups {
-                    let at = 2 * (g / per_w);
-                    mults[g] = requant[at] as u32;
-                    exps[g] = requant[at + 1];
+                if w_groups == 1 {
+                    mults.fill(requant[0] as u32);
+                    exps.fill(requant[1]);
+                } else {
+                    for (g, &at) in w_index.iter().enumerate() {
+                        mults[g] = requant[at] as u32;
+                        exps[g] = requant[at + 1];
+                    }
                 }
                 for g in 0..groups {
                     y = y.wrapping_add(requantize_in_range(
@@ -196,8 +202,7 @@ fn qlinear_rows_generic(
                     ));
                 }
             } else {
-                for (g, &acc) in accs.iter().enumerate() {
-                    let at = 2 * (g / per_w);
+                for (g, (&acc, &at)) in accs.iter().zip(&w_index).enumerate() {
                     y = y.wrapping_add(requantize(acc, scales[g], requant[at], requant[at + 1]));
                 }
             }
