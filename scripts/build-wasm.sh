@@ -18,3 +18,11 @@ target_dir=${CARGO_TARGET_DIR:-target}
 cargo build -p tabula-web --target wasm32-unknown-unknown --release
 "$bindgen" --target web --out-dir www/pkg "$target_dir/wasm32-unknown-unknown/release/tabula_web.wasm"
 gzip -9 -c www/pkg/tabula_web_bg.wasm | wc -c | awk '{printf "www/pkg/tabula_web_bg.wasm: %d bytes gzipped\n", $1}'
+
+# A second build with wasm relaxed SIMD (int8 dot products), for browsers that have it; same
+# bits as the first. RUSTFLAGS replaces .cargo/config.toml's flags, so they are repeated, and
+# its own target dir keeps the two builds from invalidating each other.
+RUSTFLAGS='--cfg getrandom_backend="wasm_js" -C target-feature=+simd128,+relaxed-simd' \
+  cargo build -p tabula-web --target wasm32-unknown-unknown --release --target-dir "$target_dir/relaxed-simd"
+"$bindgen" --target web --out-dir www/pkg-relaxed "$target_dir/relaxed-simd/wasm32-unknown-unknown/release/tabula_web.wasm"
+gzip -9 -c www/pkg-relaxed/tabula_web_bg.wasm | wc -c | awk '{printf "www/pkg-relaxed/tabula_web_bg.wasm: %d bytes gzipped\n", $1}'

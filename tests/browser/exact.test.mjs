@@ -39,7 +39,9 @@ function nativeGeneration(f) {
 }
 
 before(async () => {
-  assert.ok(fs.existsSync(path.join(root, 'www/pkg/tabula_web.js')), 'www/pkg is missing: run `npm run build:wasm` first');
+  for (const pkg of ['pkg', 'pkg-relaxed']) {
+    assert.ok(fs.existsSync(path.join(root, `www/${pkg}/tabula_web.js`)), `www/${pkg} is missing: run \`npm run build:wasm\` first`);
+  }
   assert.ok(fs.existsSync(tabula), `native tabula binary missing at ${tabula} (set TABULA_BIN)`);
   server = await serve();
   base = `http://127.0.0.1:${server.address().port}`;
@@ -51,11 +53,11 @@ after(async () => {
   server?.close();
 });
 
-async function inPage(fn, args) {
+async function inPage(fn, args, pkg = 'pkg') {
   const page = await browser.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(e.message));
-  await page.goto(`${base}/exact.html`);
+  await page.goto(`${base}/exact.html?pkg=${pkg}`);
   await page.waitForFunction(() => window.testReady === true, null, { timeout: 30_000 });
   const result = await page.evaluate(([name, a]) => window[name](...a), [fn, args]);
   await page.close();
@@ -97,3 +99,14 @@ for (const backend of ['cpu', 'gpu']) {
     console.log(`exact SmolLM2 ${backend}: device=${result.device} prompts=${smol.length} steps=${STEPS} ms=${result.ms.toFixed(0)}`);
   });
 }
+
+test('MiniLM exact on the wasm CPU path with relaxed SIMD: every fixture text hashes as natively', { timeout: 1_800_000 }, async () => {
+  native.embeddings ??= nativeEmbeddings();
+  const { file, sha256 } = quantisedFile('all-MiniLM-L6-v2');
+  const result = await inPage('runExactEmbed', ['cpu', file, sha256, minilm.map((f) => f.text)], 'pkg-relaxed');
+  assert.equal(result.relaxed, true, 'the pkg-relaxed build uses relaxed SIMD');
+  result.out.forEach((e, i) => {
+    assert.equal(e.sha256, native.embeddings[i].sha256, `text ${i} ${JSON.stringify(minilm[i].text)} with relaxed SIMD`);
+  });
+  console.log(`exact MiniLM cpu relaxed-simd: texts=${minilm.length} ms=${result.ms.toFixed(0)}`);
+});

@@ -298,3 +298,10 @@ struct SelfCheck {
     diffs: Vec<String>,
     packed_dot: bool,
 }
+
+/// Whether this build uses wasm relaxed SIMD for int8 dot products (the `pkg-relaxed` build);
+/// the results are the same bits either way.
+#[wasm_bindgen]
+pub fn uses_relaxed_simd() -> bool {
+    cfg!(target_feature = "relaxed-simd")
+}

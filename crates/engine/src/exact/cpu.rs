@@ -33,7 +33,40 @@ fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
         // SAFETY: AVX2 is present (checked just above); safe slice code only.
         return unsafe { dot_i8_avx2(a, b) };
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
+    return dot_i8_relaxed(a, b);
+    #[allow(unreachable_code)]
     dot_i8_generic(a, b)
+}
+
+/// [`dot_i8_generic`] with wasm relaxed SIMD, giving the same result on every engine.
+///
+/// `i32x4.relaxed_dot_i8x16_i7x16_add_s` is deterministic only when the second operand's bytes
+/// have their top bit clear, so each weight byte is split as `w = lo - 128 · neg` with
+/// `lo = w & 0x7f` and `neg` its sign bit, both in `0..=127`; the pairwise i16 sums then stay
+/// within ±32 512, so no engine saturates or wraps them.
+#[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
+fn dot_i8_relaxed(a: &[i8], b: &[i8]) -> i32 {
+    use core::arch::wasm32::*;
+    let len = a.len().min(b.len());
+    let split = len - len % 16;
+    let mut low = i32x4_splat(0);
+    let mut neg = i32x4_splat(0);
+    for (x, w) in a[..split].chunks_exact(16).zip(b[..split].chunks_exact(16)) {
+        // SAFETY: both chunks are exactly 16 bytes; `v128_load` has no alignment requirement.
+        let (xv, wv) = unsafe { (v128_load(x.as_ptr().cast()), v128_load(w.as_ptr().cast())) };
+        low = i32x4_relaxed_dot_i8x16_i7x16_add(xv, v128_and(wv, i8x16_splat(0x7f)), low);
+        neg = i32x4_relaxed_dot_i8x16_i7x16_add(xv, u8x16_shr(wv, 7), neg);
+    }
+    let lanes = |v: v128| {
+        i32x4_extract_lane::<0>(v)
+            .wrapping_add(i32x4_extract_lane::<1>(v))
+            .wrapping_add(i32x4_extract_lane::<2>(v))
+            .wrapping_add(i32x4_extract_lane::<3>(v))
+    };
+    lanes(low)
+        .wrapping_sub(lanes(neg).wrapping_mul(128))
+        .wrapping_add(dot_i8_generic(&a[split..len], &b[split..len]))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -73,6 +106,16 @@ fn qlinear_rows(job: &QLinearJob<'_>, out: &mut [i32]) {
         unsafe { qlinear_rows_avx2(job, out) };
         return;
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
+    return qlinear_rows_generic(job, out, |x, w, group, accs| {
+        for (acc, (xg, wg)) in accs
+            .iter_mut()
+            .zip(x.chunks_exact(group).zip(w.chunks_exact(group)))
+        {
+            *acc = dot_i8_relaxed(xg, wg);
+        }
+    });
+    #[allow(unreachable_code)]
     qlinear_rows_generic(job, out, group_dots_generic);
 }
 
