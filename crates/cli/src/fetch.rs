@@ -50,6 +50,21 @@ pub fn list(dir: &Path) -> Result<()> {
         for (path, s) in files {
             println!("    {path}: {s:?}");
         }
+        let quantised = crate::quantize::present(dir, spec)?;
+        if quantised.is_empty() {
+            println!(
+                "    exact precision: not quantised yet (`tabula models quantize`, or on first use)"
+            );
+        }
+        for (path, hash) in quantised {
+            let state = match fs::read(&path) {
+                Ok(bytes) if catalog::sha256_hex(&bytes) == hash => "Ok",
+                Ok(_) => "Corrupt (does not hash to its name; run `tabula models quantize`)",
+                Err(_) => "Unreadable",
+            };
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            println!("    exact precision: {name}: {state}");
+        }
     }
     Ok(())
 }

@@ -11,8 +11,8 @@ use tabula_models::{
 
 use crate::run::model_files;
 
-/// The quantised files of `spec` present in `dir`, with their hashes.
-fn present(dir: &Path, spec: &ModelSpec) -> Result<Vec<(PathBuf, String)>> {
+/// The quantised files of `spec` present in `dir`, with the hashes in their names.
+pub fn present(dir: &Path, spec: &ModelSpec) -> Result<Vec<(PathBuf, String)>> {
     let mut found = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,

@@ -371,6 +371,11 @@ fn quantize_is_deterministic_and_loaders_check_the_hash() {
     ));
     assert!(out.contains(&names[0]), "{out}");
     assert_eq!(quantised(), names);
+    let list = stdout(&tabula(&["models", "list", "--dir", d], None));
+    assert!(
+        list.contains(&format!("exact precision: {}: Ok", names[0])),
+        "{list}"
+    );
     let again = stdout(&tabula(
         &["embed", "--precision", "exact", "--models-dir", d],
         Some("hello"),
@@ -395,6 +400,11 @@ fn quantize_is_deterministic_and_loaders_check_the_hash() {
     assert!(
         err.contains("hashes to") && err.contains("tabula models quantize"),
         "{err}"
+    );
+    let list = stdout(&tabula(&["models", "list", "--dir", d], None));
+    assert!(
+        list.contains("Corrupt (does not hash to its name"),
+        "{list}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
