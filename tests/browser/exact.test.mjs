@@ -110,3 +110,18 @@ test('MiniLM exact on the wasm CPU path with relaxed SIMD: every fixture text ha
   });
   console.log(`exact MiniLM cpu relaxed-simd: texts=${minilm.length} ms=${result.ms.toFixed(0)}`);
 });
+
+test('SmolLM2 exact sampling (temperature 0.8, seed 3) gives the native tokens on wasm and WebGPU', { timeout: 900_000 }, async () => {
+  const f = smol.find((x) => !x.chat);
+  const args = ['generate', '--precision', 'exact', '--prompt', f.prompt, '--max-tokens', '4',
+    '--temperature', '0.8', '--seed', '3', '--json'];
+  const want = JSON.parse(execFileSync(tabula, args).toString());
+  assert.equal(want.finish_reason, 'length');
+  const { file, sha256 } = quantisedFile('SmolLM2-135M-Instruct');
+  const sampling = { temperature: 0.8, topP: 1, seed: 3 };
+  for (const backend of ['cpu', 'gpu']) {
+    const result = await inPage('runExactDecode', [backend, file, sha256, [want.prompt_ids], 4, sampling]);
+    assert.deepEqual(result.out[0].ids, want.ids, `sampled tokens on ${result.device}`);
+    assert.deepEqual(result.out[0].logits_sha256, want.logits_sha256, `logits on ${result.device}`);
+  }
+});

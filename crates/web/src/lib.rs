@@ -234,14 +234,19 @@ impl ExactDecoder {
         self.device.clone()
     }
 
-    /// Greedy continuation of `prompt_ids` by `max_tokens` tokens (no stop tokens: the ids
-    /// are all there is). Returns `{ids, logits_sha256}`.
-    pub async fn greedy(
+    /// Continues `prompt_ids` by `max_tokens` tokens (no stop tokens: the ids are all there
+    /// is) with exact sampling: `temperature` 0 is greedy; otherwise temperature/top-p with
+    /// `seed`, the same tokens as the native `tabula generate --precision exact`. Returns
+    /// `{ids, logits_sha256}`.
+    pub async fn generate(
         &self,
         prompt_ids: Vec<u32>,
         max_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        seed: u64,
     ) -> Result<JsValue, JsError> {
-        let mut sampler = ExactSampler::greedy();
+        let mut sampler = ExactSampler::new(temperature, top_p, seed);
         let (steps, _) = match &self.model {
             OnDevice::Cpu(m) => {
                 m.generate(
