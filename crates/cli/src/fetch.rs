@@ -69,8 +69,9 @@ pub fn list(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn fetch(dir: &Path, only: Option<&str>) -> Result<()> {
-    let specs: Vec<&ModelSpec> = match only {
+/// The model named by `--model`, or every known model.
+pub fn selected_models(only: Option<&str>) -> Result<Vec<&'static ModelSpec>> {
+    Ok(match only {
         Some(name) => vec![catalog::find(name).ok_or_else(|| {
             anyhow!(
                 "unknown model `{name}`; known: {}",
@@ -82,7 +83,11 @@ pub fn fetch(dir: &Path, only: Option<&str>) -> Result<()> {
             )
         })?],
         None => catalog::ALL.iter().collect(),
-    };
+    })
+}
+
+pub fn fetch(dir: &Path, only: Option<&str>) -> Result<()> {
+    let specs = selected_models(only)?;
     fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the models directory {}", dir.display()))?;
     for spec in specs {

@@ -9,7 +9,7 @@ use tabula_models::{
     exact::{exact_file_name, hash_in_name, quantize_bert, quantize_llama},
 };
 
-use crate::run::model_files;
+use crate::run::{file_by_suffix, model_files};
 
 /// The quantised files of `spec` present in `dir`, with the hashes in their names.
 pub fn present(dir: &Path, spec: &ModelSpec) -> Result<Vec<(PathBuf, String)>> {
@@ -46,14 +46,7 @@ pub fn quantize_one(dir: &Path, spec: &ModelSpec) -> Result<(PathBuf, String)> {
     let spinner = indicatif::ProgressBar::new_spinner()
         .with_message(format!("quantising {} to int8", spec.name));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let file = |suffix: &str| -> Result<&[u8]> {
-        let i = spec
-            .files
-            .iter()
-            .position(|f| f.local_path.ends_with(suffix))
-            .context("catalogue entry lacks a file")?;
-        Ok(&files[i])
-    };
+    let file = |suffix| file_by_suffix(spec, &files, suffix);
     let (bytes, hash) = match spec.family {
         Family::Bert => quantize_bert(spec.name, file("config.json")?, file("model.safetensors")?)?,
         Family::Llama => quantize_llama(spec.name, file(".gguf")?)?,
@@ -74,20 +67,7 @@ pub fn quantize_one(dir: &Path, spec: &ModelSpec) -> Result<(PathBuf, String)> {
 
 /// `tabula models quantize`.
 pub fn quantize(dir: &Path, only: Option<&str>) -> Result<()> {
-    let specs: Vec<&ModelSpec> = match only {
-        Some(name) => vec![catalog::find(name).with_context(|| {
-            format!(
-                "unknown model `{name}`; known: {}",
-                catalog::ALL
-                    .iter()
-                    .map(|m| m.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?],
-        None => catalog::ALL.iter().collect(),
-    };
-    for spec in specs {
+    for spec in crate::fetch::selected_models(only)? {
         let started = std::time::Instant::now();
         let (path, _) = quantize_one(dir, spec)?;
         let size = std::fs::metadata(&path)?.len();

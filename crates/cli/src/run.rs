@@ -124,6 +124,21 @@ pub fn model_files(dir: &std::path::Path, spec: &ModelSpec) -> Result<Vec<Vec<u8
         .collect()
 }
 
+/// The bytes of the catalogue file of `spec` whose path ends with `suffix`, out of `files` as
+/// [`model_files`] read them.
+pub fn file_by_suffix<'a>(
+    spec: &ModelSpec,
+    files: &'a [Vec<u8>],
+    suffix: &str,
+) -> Result<&'a [u8]> {
+    let i = spec
+        .files
+        .iter()
+        .position(|f| f.local_path.ends_with(suffix))
+        .with_context(|| format!("the catalogue entry of {} has no `{suffix}`", spec.name))?;
+    Ok(&files[i])
+}
+
 pub fn load_embedder<B: Backend>(
     backend: &B,
     dir: &std::path::Path,
@@ -131,14 +146,7 @@ pub fn load_embedder<B: Backend>(
 ) -> Result<SentenceEmbedder<B>> {
     let spec = spec(name, Family::Bert)?;
     let files = model_files(dir, spec)?;
-    let file = |suffix: &str| -> Result<&[u8]> {
-        let i = spec
-            .files
-            .iter()
-            .position(|f| f.local_path.ends_with(suffix))
-            .context("catalogue entry lacks a file")?;
-        Ok(&files[i])
-    };
+    let file = |suffix| file_by_suffix(spec, &files, suffix);
     Ok(SentenceEmbedder::load(
         backend,
         file("config.json")?,
@@ -192,13 +200,9 @@ pub fn load_exact_embedder<B: ExactBackend>(
     let spec = spec(name, Family::Bert)?;
     let (bytes, hash) = crate::quantize::exact_file(dir, spec)?;
     let file = ExactFile::open(&bytes, &hash)?;
-    let tokenizer = model_files(dir, spec)?
-        .into_iter()
-        .zip(spec.files)
-        .find(|(_, f)| f.local_path.ends_with("tokenizer.json"))
-        .map(|(b, _)| b)
-        .context("catalogue entry lacks tokenizer.json")?;
-    Ok(ExactEmbedder::load(backend, &file, &tokenizer)?)
+    let files = model_files(dir, spec)?;
+    let tokenizer = file_by_suffix(spec, &files, "tokenizer.json")?;
+    Ok(ExactEmbedder::load(backend, &file, tokenizer)?)
 }
 
 /// The JSON fields of one exact embedding.

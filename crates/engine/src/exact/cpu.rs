@@ -4,9 +4,9 @@
 
 use super::{
     ActTable, ExactBackend, GroupScale, NORM_FRAC, QActs, QMatrix, QNorm, RopeTable, ScoreScale,
-    bit_len, check_attention_int, check_norm, check_qlinear, check_qmatrix, check_quantize,
-    div_round, exp2_neg_q15, isqrt, mul_shift, quantize_group, requantize, score, table_lookup,
-    value_weight,
+    bit_len, check_act_table, check_attention_int, check_norm, check_qlinear, check_qmatrix,
+    check_quantize, check_rope_int, div_round, exp2_neg_q15, isqrt, mul_shift, quantize_group,
+    requantize, score, table_lookup, value_weight,
 };
 use crate::{
     AttentionParams, Result, Shaped, check_pool, check_same, cpu::CpuBackend, cpu::CpuTensor,
@@ -421,9 +421,7 @@ impl ExactBackend for CpuBackend {
     }
 
     fn act_int(&self, x: &CpuInt, table: &ActTable<CpuInt>) -> Result<CpuInt> {
-        if table.table.numel() != table.len + 1 || table.step_shift == 0 || table.step_shift > 30 {
-            return Err(shape_err("act_int", "malformed activation table"));
-        }
+        check_act_table(table)?;
         let t = table.table.data();
         let out = x
             .data()
@@ -434,22 +432,8 @@ impl ExactBackend for CpuBackend {
     }
 
     fn rope_int(&self, x: &CpuInt, table: &RopeTable<CpuInt>, pos_offset: usize) -> Result<CpuInt> {
-        let (rows, cols) = x.as_matrix();
+        let (_, cols) = check_rope_int(x.shape(), table, pos_offset)?;
         let hd = table.head_dim;
-        if hd == 0
-            || !hd.is_multiple_of(2)
-            || !cols.is_multiple_of(hd)
-            || table.table.numel() != table.positions * hd
-            || pos_offset + rows > table.positions
-        {
-            return Err(shape_err(
-                "rope_int",
-                format!(
-                    "{rows} rows of {cols} at position {pos_offset} with a table of {} positions × {hd}",
-                    table.positions
-                ),
-            ));
-        }
         let t = table.table.data();
         let mut out = x.data().to_vec();
         for (r, row) in out.chunks_exact_mut(cols).enumerate() {

@@ -3,7 +3,8 @@
 
 use super::{
     ActTable, EXP2_NEG_Q30, ExactBackend, QActs, QMatrix, QNorm, RopeTable, ScoreScale,
-    check_attention_int, check_norm, check_qlinear, check_qmatrix, check_quantize,
+    check_act_table, check_attention_int, check_norm, check_qlinear, check_qmatrix, check_quantize,
+    check_rope_int,
 };
 use crate::{
     AttentionParams, Result, Shaped, check_pool, check_same,
@@ -283,9 +284,7 @@ impl ExactBackend for GpuBackend {
     }
 
     fn act_int(&self, x: &GpuTensor, table: &ActTable<GpuTensor>) -> Result<GpuTensor> {
-        if table.table.numel() != table.len + 1 || table.step_shift == 0 || table.step_shift > 30 {
-            return Err(shape_err("act_int", "malformed activation table"));
-        }
+        check_act_table(table)?;
         let n = x.numel();
         let out = self.tensor(x.shape().to_vec())?;
         let mut params = Params::default();
@@ -315,22 +314,8 @@ impl ExactBackend for GpuBackend {
         table: &RopeTable<GpuTensor>,
         pos_offset: usize,
     ) -> Result<GpuTensor> {
-        let (rows, cols) = x.as_matrix();
+        let (rows, cols) = check_rope_int(x.shape(), table, pos_offset)?;
         let hd = table.head_dim;
-        if hd == 0
-            || !hd.is_multiple_of(2)
-            || !cols.is_multiple_of(hd)
-            || table.table.numel() != table.positions * hd
-            || pos_offset + rows > table.positions
-        {
-            return Err(shape_err(
-                "rope_int",
-                format!(
-                    "{rows} rows of {cols} at position {pos_offset} with a table of {} positions × {hd}",
-                    table.positions
-                ),
-            ));
-        }
         let out = self.tensor(x.shape().to_vec())?;
         let mut params = Params::default();
         params.n[..4].copy_from_slice(&[

@@ -400,6 +400,43 @@ pub(crate) fn check_quantize(shape: &[usize], group: usize) -> Result<(usize, us
     Ok((rows, cols))
 }
 
+pub(crate) fn check_act_table<T: Shaped>(table: &ActTable<T>) -> Result<()> {
+    if table.table.numel() != table.len + 1 || table.step_shift == 0 || table.step_shift > 30 {
+        return Err(shape_err("act_int", "malformed activation table"));
+    }
+    Ok(())
+}
+
+/// Rows and columns of a `rope_int` input, checked against the table.
+pub(crate) fn check_rope_int<T: Shaped>(
+    shape: &[usize],
+    table: &RopeTable<T>,
+    pos_offset: usize,
+) -> Result<(usize, usize)> {
+    let cols = *shape.last().unwrap_or(&0);
+    let rows = shape
+        .iter()
+        .product::<usize>()
+        .checked_div(cols)
+        .unwrap_or(0);
+    let hd = table.head_dim;
+    if hd == 0
+        || !hd.is_multiple_of(2)
+        || !cols.is_multiple_of(hd)
+        || table.table.numel() != table.positions * hd
+        || pos_offset + rows > table.positions
+    {
+        return Err(shape_err(
+            "rope_int",
+            format!(
+                "{rows} rows of {cols} at position {pos_offset} with a table of {} positions × {hd}",
+                table.positions
+            ),
+        ));
+    }
+    Ok((rows, cols))
+}
+
 pub(crate) fn check_norm<T: Shaped>(shape: &[usize], norm: &QNorm<T>) -> Result<(usize, usize)> {
     let cols = *shape.last().unwrap_or(&0);
     let rows = shape
