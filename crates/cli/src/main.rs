@@ -1,7 +1,9 @@
 //! `tabula`: the command-line face of Tabula. Fetches the real models, embeds text, generates
-//! text and runs benchmarks, on the CPU or the GPU backend.
+//! text and runs benchmarks, on the CPU or the GPU backend; runs the coordinator (`serve`) and
+//! volunteer workers (`worker`).
 
 mod bench;
+mod cluster;
 mod fetch;
 mod quantize;
 mod run;
@@ -15,7 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "tabula",
     version,
-    about = "Browser tabs as a verified inference cluster: models, embeddings, generation, benchmarks"
+    about = "Browser tabs as a verified inference cluster: models, embeddings, generation, the coordinator and workers"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +45,21 @@ enum Command {
     Generate(run::GenerateArgs),
     /// Measure our throughput next to onnxruntime and PyTorch on this machine.
     Bench(bench::BenchArgs),
+    /// Run the coordinator: the OpenAI-compatible API, worker sockets, verification, ledger.
+    Serve(cluster::ServeArgs),
+    /// Requester API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Contribute this machine to a coordinator: take units, compute, earn credit.
+    Worker(cluster::WorkerArgs),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an API key and print it on stdout (only its hash is stored).
+    Create(cluster::KeysArgs),
 }
 
 #[derive(Subcommand)]
@@ -113,6 +130,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Embed(args) => run::embed(args),
         Command::Generate(args) => run::generate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Serve(args) => cluster::serve(args),
+        Command::Keys {
+            command: KeysCommand::Create(args),
+        } => cluster::create_key(args),
+        Command::Worker(args) => cluster::worker(args),
     }
 }
 

@@ -332,6 +332,27 @@ pub(crate) fn batches_by_length(ids: &[Vec<u32>], batch_size: usize) -> Vec<Vec<
     batches
 }
 
+impl<B: Backend> BertModel<B> {
+    /// Mean-pooled, L2-normalised sentence embeddings of token sequences, in input order, at
+    /// most `batch_size` per forward pass. Needs no tokenizer (a worker gets token ids).
+    pub async fn embed_ids(
+        &self,
+        backend: &B,
+        ids: &[Vec<u32>],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = vec![Vec::new(); ids.len()];
+        for chunk in &batches_by_length(ids, batch_size) {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            let h = self.run_layers(backend, self.embed_tokens(backend, &batch)?)?;
+            for (&i, v) in chunk.iter().zip(self.pool(backend, &h).await?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Maximum tokens per text, as sentence-transformers' `max_seq_length` for MiniLM.
 pub const MAX_SEQ_LEN: usize = 256;
 
@@ -362,17 +383,7 @@ impl<B: Backend> SentenceEmbedder<B> {
     /// Embeds token sequences in input order. Sequences are grouped by length so that padding
     /// stays small.
     pub async fn embed_ids(&self, backend: &B, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let mut out = vec![Vec::new(); ids.len()];
-        for chunk in &batches_by_length(ids, self.batch_size) {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-            let h = self
-                .model
-                .run_layers(backend, self.model.embed_tokens(backend, &batch)?)?;
-            for (&i, v) in chunk.iter().zip(self.model.pool(backend, &h).await?) {
-                out[i] = v;
-            }
-        }
-        Ok(out)
+        self.model.embed_ids(backend, ids, self.batch_size).await
     }
 
     pub async fn embed(&self, backend: &B, texts: &[impl AsRef<str>]) -> Result<Vec<Embedding>> {

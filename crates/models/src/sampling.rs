@@ -133,6 +133,17 @@ impl ExactSampler {
         Self::new(0.0, 1.0, 0)
     }
 
+    /// From the integers themselves (as a work unit carries them); `top_p_q16` is capped at
+    /// 65536.
+    pub fn from_parts(temperature_milli: u32, top_p_q16: u32, seed: u64) -> Self {
+        Self {
+            temperature_milli,
+            top_p_q16: top_p_q16.min(65536),
+            seed,
+            draws: 0,
+        }
+    }
+
     pub fn pick(&mut self, logits: &[i32], frac: u32) -> u32 {
         let Some(&max) = logits.iter().max() else {
             return 0;

@@ -18,6 +18,7 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 /// never pads (the engine batches sequences of different lengths itself).
 pub struct BertTokenizer {
     inner: Tokenizer,
+    max_len: usize,
 }
 
 impl BertTokenizer {
@@ -30,7 +31,12 @@ impl BertTokenizer {
                 ..Default::default()
             }))
             .map_err(tok_err)?;
-        Ok(Self { inner })
+        Ok(Self { inner, max_len })
+    }
+
+    /// The most tokens [`Self::encode`] returns (longer texts are truncated).
+    pub fn max_len(&self) -> usize {
+        self.max_len
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -153,6 +159,12 @@ impl LlamaTokenizer {
 
     /// Renders the GGUF's chat template for one user message with the generation prompt.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
+        self.chat_prompt_messages(&[("user", user)])
+    }
+
+    /// The prompt for a conversation of `(role, content)` messages, ending with the
+    /// assistant's turn, through the model's chat template.
+    pub fn chat_prompt_messages(&self, messages: &[(&str, &str)]) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
@@ -176,7 +188,10 @@ impl LlamaTokenizer {
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
-                    messages => vec![minijinja::context! { role => "user", content => user }],
+                    messages => messages
+                        .iter()
+                        .map(|(role, content)| minijinja::context! { role => role, content => content })
+                        .collect::<Vec<_>>(),
                     add_generation_prompt => true,
                     bos_token => token(self.bos),
                     eos_token => token(self.eos),

@@ -145,6 +145,32 @@ impl<B: ExactBackend> ExactBert<B> {
     }
 }
 
+impl<B: ExactBackend> ExactBert<B> {
+    /// Sentence embeddings of token sequences, in input order, `batch_size` per forward pass
+    /// at most (batched by length; batching never changes bits). Needs no tokenizer: this is
+    /// what a worker runs on the token ids of a unit.
+    pub async fn embed_ids(
+        &self,
+        backend: &B,
+        ids: &[Vec<u32>],
+        batch_size: usize,
+    ) -> Result<Vec<ExactEmbedding>> {
+        let mut out = vec![None; ids.len()];
+        for chunk in &batches_by_length(ids, batch_size) {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            for (&i, pooled) in chunk.iter().zip(self.pooled(backend, &batch).await?) {
+                let q15 = l2_normalize_q15(&pooled);
+                out[i] = Some(ExactEmbedding {
+                    input_ids: ids[i].clone(),
+                    sha256: hash_ints(&q15),
+                    q15,
+                });
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
 /// One text embedded in exact precision.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExactEmbedding {
@@ -187,19 +213,7 @@ impl<B: ExactBackend> ExactEmbedder<B> {
 
     /// Embeds token sequences in input order (batched by length; batching never changes bits).
     pub async fn embed_ids(&self, backend: &B, ids: &[Vec<u32>]) -> Result<Vec<ExactEmbedding>> {
-        let mut out = vec![None; ids.len()];
-        for chunk in &batches_by_length(ids, self.batch_size) {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-            for (&i, pooled) in chunk.iter().zip(self.model.pooled(backend, &batch).await?) {
-                let q15 = l2_normalize_q15(&pooled);
-                out[i] = Some(ExactEmbedding {
-                    input_ids: ids[i].clone(),
-                    sha256: hash_ints(&q15),
-                    q15,
-                });
-            }
-        }
-        Ok(out.into_iter().flatten().collect())
+        self.model.embed_ids(backend, ids, self.batch_size).await
     }
 
     pub async fn embed(

@@ -1,0 +1,1079 @@
+//! The HTTP API: OpenAI-compatible requester endpoints behind API keys, the public ledger,
+//! content-addressed weights, the worker socket, health, metrics and the OpenAPI document.
+//! Every error is OpenAI's JSON shape with a 4xx/5xx status and a message that says what to
+//! do next.
+
+use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{
+        ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State as Extract,
+        WebSocketUpgrade, rejection::JsonRejection,
+    },
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response, Sse, sse::Event},
+    routing::{get, post},
+};
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use serde_json::{Value, json};
+use tabula_protocol::{Hash, Precision, Task, UnitOutput};
+
+use crate::{
+    models::{ModelKind, ServedModel},
+    scheduler::State,
+};
+
+type AppState = Arc<State>;
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param,
+            code: None,
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: None,
+            code: Some("not_found"),
+        }
+    }
+}
+
+impl From<crate::CoordinatorError> for ApiError {
+    fn from(e: crate::CoordinatorError) -> Self {
+        tracing::error!("request failed: {e}");
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            message: "the coordinator failed to handle this request; it is logged, retry later"
+                .into(),
+            param: None,
+            code: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// `Json` whose rejections (bad JSON, wrong content type, too large) are OpenAI errors.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let message = match &rejection {
+                    JsonRejection::MissingJsonContentType(_) => {
+                        "send the body as JSON with `Content-Type: application/json`".to_string()
+                    }
+                    _ => format!("invalid JSON body: {}", rejection.body_text()),
+                };
+                Err(ApiError {
+                    status: if status == StatusCode::PAYLOAD_TOO_LARGE {
+                        status
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    },
+                    kind: "invalid_request_error",
+                    message,
+                    param: None,
+                    code: None,
+                })
+            }
+        }
+    }
+}
+
+/// The largest JSON request body.
+const MAX_BODY: usize = 4 << 20;
+const MAX_INPUTS: usize = 2048;
+const MAX_PROMPTS: usize = 16;
+const MAX_TEXT_BYTES: usize = 64 << 10;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/models", get(list_models))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/ledger", get(ledger_list))
+        .route("/v1/ledger/{id}", get(ledger))
+        .route("/v1/weights/{sha256}", get(weights))
+        .route("/v1/worker", get(worker_socket))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn healthz(Extract(state): Extract<AppState>) -> ApiResult<Json<Value>> {
+    sqlx::query("SELECT 1")
+        .execute(&state.db.pool)
+        .await
+        .map_err(crate::CoordinatorError::from)?;
+    Ok(Json(json!({
+        "status": "ok",
+        "workers_connected": state.metrics.workers_connected.load(Ordering::Relaxed),
+        "database": format!("{:?}", state.db.flavor).to_lowercase(),
+    })))
+}
+
+async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
+    let m = &state.metrics;
+    let counters = [
+        (
+            "tabula_leases_granted_total",
+            "Leases handed to workers",
+            &m.leases_granted,
+        ),
+        (
+            "tabula_leases_expired_total",
+            "Leases that ran past their deadline",
+            &m.leases_expired,
+        ),
+        (
+            "tabula_results_submitted_total",
+            "Results received",
+            &m.results_submitted,
+        ),
+        (
+            "tabula_results_rejected_total",
+            "Results refused on receipt",
+            &m.results_rejected,
+        ),
+        (
+            "tabula_results_wrong_total",
+            "Results that disagreed with the verified output",
+            &m.results_wrong,
+        ),
+        (
+            "tabula_units_verified_total",
+            "Units verified",
+            &m.units_verified,
+        ),
+        (
+            "tabula_units_refereed_total",
+            "Units re-executed by the coordinator",
+            &m.units_refereed,
+        ),
+        ("tabula_jobs_created_total", "Jobs created", &m.jobs_created),
+    ];
+    let mut text = String::new();
+    for (name, help, value) in counters {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+            value.load(Ordering::Relaxed)
+        ));
+    }
+    text.push_str(&format!(
+        "# HELP tabula_workers_connected Worker sessions open now\n# TYPE tabula_workers_connected gauge\ntabula_workers_connected {}\n",
+        m.workers_connected.load(Ordering::Relaxed)
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+async fn list_models(Extract(state): Extract<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .registry
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "tabula",
+                "kind": match m.kind { ModelKind::Embedding { .. } => "embedding", ModelKind::Generation { .. } => "generation" },
+            })
+        })
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+async fn authorize(state: &State, headers: &HeaderMap) -> ApiResult<String> {
+    let unauthorized = |message: &str| ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        kind: "invalid_request_error",
+        message: message.into(),
+        param: None,
+        code: Some("invalid_api_key"),
+    };
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            unauthorized(
+                "missing API key: send `Authorization: Bearer KEY`; create one with `tabula keys create`",
+            )
+        })?;
+    let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
+    if key.len() > 200 || !state.db.api_key_valid(key).await? {
+        return Err(unauthorized(
+            "invalid API key; create one with `tabula keys create`",
+        ));
+    }
+    Ok(key.to_string())
+}
+
+/// The idempotency key of a request, scoped to the API key that sent it.
+fn idempotency(headers: &HeaderMap, api_key: &str) -> ApiResult<Option<String>> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => {
+            let v = v
+                .to_str()
+                .ok()
+                .filter(|v| !v.is_empty() && v.len() <= 200)
+                .ok_or_else(|| {
+                    ApiError::invalid("Idempotency-Key must be 1 to 200 visible characters", None)
+                })?;
+            Ok(Some(format!(
+                "{}:{v}",
+                &tabula_protocol::sha256(api_key.as_bytes()).to_hex()[..16]
+            )))
+        }
+    }
+}
+
+fn find_model<'a>(state: &'a State, body: &Value, want: &str) -> ApiResult<&'a ServedModel> {
+    let name = body.get("model").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(
+            "`model` is required (a string); see GET /v1/models",
+            Some("model"),
+        )
+    })?;
+    let model = state.registry.find(name).ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        message: format!(
+            "the model `{}` does not exist; available: {}",
+            name.chars().take(100).collect::<String>(),
+            state.registry.names().join(", ")
+        ),
+        param: Some("model"),
+        code: Some("model_not_found"),
+    })?;
+    let ok = matches!(
+        (&model.kind, want),
+        (ModelKind::Embedding { .. }, "embedding") | (ModelKind::Generation { .. }, "generation")
+    );
+    if !ok {
+        return Err(ApiError::invalid(
+            format!(
+                "`{}` is not a{} model",
+                model.name,
+                if want == "embedding" {
+                    "n embedding"
+                } else {
+                    " text generation"
+                }
+            ),
+            Some("model"),
+        ));
+    }
+    Ok(model)
+}
+
+fn precision(body: &Value) -> ApiResult<Precision> {
+    match body.get("precision") {
+        None | Some(Value::Null) => Ok(Precision::Exact),
+        Some(Value::String(s)) if s == "exact" => Ok(Precision::Exact),
+        Some(Value::String(s)) if s == "fast" => Ok(Precision::Fast),
+        _ => Err(ApiError::invalid(
+            "`precision` must be \"exact\" or \"fast\"",
+            Some("precision"),
+        )),
+    }
+}
+
+fn token_list(v: &Value, vocab: usize, param: &'static str) -> ApiResult<Vec<u32>> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| ApiError::invalid("expected an array of token ids", Some(param)))?;
+    items
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .filter(|&t| (t as usize) < vocab)
+                .map(|t| t as u32)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("token ids must be integers from 0 to {}", vocab - 1),
+                        Some(param),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn check_text(s: &str, param: &'static str) -> ApiResult<()> {
+    if s.len() > MAX_TEXT_BYTES {
+        return Err(ApiError::invalid(
+            format!(
+                "a text of {} bytes exceeds the limit of {MAX_TEXT_BYTES}",
+                s.len()
+            ),
+            Some(param),
+        ));
+    }
+    Ok(())
+}
+
+async fn run_job(
+    state: &State,
+    headers: &HeaderMap,
+    api_key: &str,
+    kind: &str,
+    model: &ServedModel,
+    precision: Precision,
+    tasks: Vec<(Task, i64)>,
+) -> ApiResult<(String, Vec<UnitOutput>)> {
+    let idem = idempotency(headers, api_key)?;
+    let job = state
+        .create_job(
+            kind,
+            &model.name,
+            precision,
+            &json!({}),
+            tasks,
+            idem.as_deref(),
+        )
+        .await?;
+    let done = state
+        .wait_job(&job, Duration::from_millis(state.config.request_timeout_ms))
+        .await?;
+    if !done {
+        return Err(ApiError {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            kind: "timeout",
+            message: format!(
+                "job {job} is not verified yet ({} workers connected); it keeps running: \
+                 retry with the same Idempotency-Key to get its result, and start workers with \
+                 `tabula worker --coordinator URL`",
+                state.metrics.workers_connected.load(Ordering::Relaxed)
+            ),
+            param: None,
+            code: Some("job_pending"),
+        });
+    }
+    let outputs = state.job_outputs(&job).await?;
+    Ok((job, outputs))
+}
+
+fn micro(gflop: f64) -> i64 {
+    (gflop * 1e6).round() as i64
+}
+
+async fn embeddings(
+    Extract(state): Extract<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Json<Value>> {
+    let api_key = authorize(&state, &headers).await?;
+    let model = find_model(&state, &body, "embedding")?;
+    let ModelKind::Embedding {
+        tokenizer,
+        dim,
+        vocab,
+    } = &model.kind
+    else {
+        unreachable!("checked by find_model")
+    };
+    let precision = precision(&body)?;
+    let base64 = match body.get("encoding_format").and_then(Value::as_str) {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "`encoding_format` must be \"float\" or \"base64\"",
+                Some("encoding_format"),
+            ));
+        }
+    };
+    if let Some(d) = body.get("dimensions").filter(|d| !d.is_null())
+        && d.as_u64() != Some(*dim as u64)
+    {
+        return Err(ApiError::invalid(
+            format!("{} produces {dim} dimensions only", model.name),
+            Some("dimensions"),
+        ));
+    }
+    let input = body
+        .get("input")
+        .ok_or_else(|| ApiError::invalid("`input` is required", Some("input")))?;
+    let max_len = tokenizer.max_len();
+    let sequences: Vec<Vec<u32>> = match input {
+        Value::String(s) => {
+            check_text(s, "input")?;
+            vec![
+                tokenizer
+                    .encode(s)
+                    .map_err(|e| ApiError::invalid(e.to_string(), Some("input")))?,
+            ]
+        }
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid(
+                "`input` must not be empty",
+                Some("input"),
+            ));
+        }
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            if items.len() > MAX_INPUTS {
+                return Err(ApiError::invalid(
+                    format!("at most {MAX_INPUTS} inputs per request"),
+                    Some("input"),
+                ));
+            }
+            items
+                .iter()
+                .map(|s| {
+                    let s = s.as_str().unwrap_or_default();
+                    check_text(s, "input")?;
+                    tokenizer
+                        .encode(s)
+                        .map_err(|e| ApiError::invalid(e.to_string(), Some("input")))
+                })
+                .collect::<ApiResult<_>>()?
+        }
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            vec![token_list(input, *vocab, "input")?]
+        }
+        Value::Array(items) if items.iter().all(Value::is_array) => {
+            if items.len() > MAX_INPUTS {
+                return Err(ApiError::invalid(
+                    format!("at most {MAX_INPUTS} inputs per request"),
+                    Some("input"),
+                ));
+            }
+            items
+                .iter()
+                .map(|i| token_list(i, *vocab, "input"))
+                .collect::<ApiResult<_>>()?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "`input` must be a string, an array of strings, an array of token ids or an array of such arrays",
+                Some("input"),
+            ));
+        }
+    };
+    if let Some(s) = sequences.iter().find(|s| s.is_empty() || s.len() > max_len) {
+        return Err(ApiError::invalid(
+            format!("an input of {} tokens; each needs 1 to {max_len}", s.len()),
+            Some("input"),
+        ));
+    }
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    let model_ref = model.model_ref(precision);
+    let tasks: Vec<(Task, i64)> = sequences
+        .chunks(state.config.unit_sequences)
+        .map(|chunk| {
+            let n: usize = chunk.iter().map(Vec::len).sum();
+            (
+                Task::Embed {
+                    model: model_ref.clone(),
+                    precision,
+                    sequences: chunk.to_vec(),
+                },
+                micro(model.gflop_per_token * n as f64),
+            )
+        })
+        .collect();
+    let (_, outputs) = run_job(&state, &headers, &api_key, "embd", model, precision, tasks).await?;
+    let mut data = Vec::new();
+    for out in outputs {
+        let vectors: Vec<Vec<f32>> = match out {
+            UnitOutput::ExactEmbeddings { dim, q15 } => q15
+                .chunks(dim as usize)
+                .map(|v| v.iter().map(|&x| (f64::from(x) / 32768.0) as f32).collect())
+                .collect(),
+            UnitOutput::FastEmbeddings { dim, values } => {
+                values.chunks(dim as usize).map(<[f32]>::to_vec).collect()
+            }
+            UnitOutput::Generation { .. } => {
+                return Err(crate::CoordinatorError::Corrupt(
+                    "a generation in an embedding job".into(),
+                )
+                .into());
+            }
+        };
+        for v in vectors {
+            let embedding = if base64 {
+                Value::String(
+                    B64.encode(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+                )
+            } else {
+                json!(v)
+            };
+            data.push(
+                json!({ "object": "embedding", "index": data.len(), "embedding": embedding }),
+            );
+        }
+    }
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.name,
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+    })))
+}
+
+/// Sampling settings shared by completions and chat completions.
+struct Sampling {
+    max_tokens: u32,
+    temperature_milli: u32,
+    top_p_q16: u32,
+    seed: u64,
+    stop: Vec<String>,
+    stream: bool,
+}
+
+fn sampling(body: &Value, default_max: u32) -> ApiResult<Sampling> {
+    for unsupported in [
+        "logprobs",
+        "echo",
+        "best_of",
+        "tools",
+        "functions",
+        "logit_bias",
+    ] {
+        if body
+            .get(unsupported)
+            .is_some_and(|v| !v.is_null() && v != &json!(false))
+        {
+            return Err(ApiError::invalid(
+                format!("`{unsupported}` is not supported"),
+                Some("model"),
+            ));
+        }
+    }
+    if body
+        .get("n")
+        .is_some_and(|n| !n.is_null() && n.as_u64() != Some(1))
+    {
+        return Err(ApiError::invalid("only `n: 1` is supported", Some("n")));
+    }
+    let num = |name: &'static str, default: f64, lo: f64, hi: f64| -> ApiResult<f64> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && (lo..=hi).contains(x))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("`{name}` must be a number from {lo} to {hi}"),
+                        Some(name),
+                    )
+                }),
+        }
+    };
+    let max_tokens = body
+        .get("max_completion_tokens")
+        .filter(|v| !v.is_null())
+        .or_else(|| body.get("max_tokens").filter(|v| !v.is_null()));
+    let max_tokens = match max_tokens {
+        None => default_max,
+        Some(v) => v
+            .as_u64()
+            .filter(|&m| (1..=u64::from(tabula_protocol::MAX_NEW_TOKENS)).contains(&m))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!(
+                        "`max_tokens` must be an integer from 1 to {}",
+                        tabula_protocol::MAX_NEW_TOKENS
+                    ),
+                    Some("max_tokens"),
+                )
+            })? as u32,
+    };
+    let temperature = num("temperature", 1.0, 0.0, 2.0)?;
+    let top_p = num("top_p", 1.0, 0.0, 1.0)?;
+    let seed = match body.get("seed") {
+        None | Some(Value::Null) => u64::from_le_bytes(crate::db::random_bytes()),
+        Some(v) => v
+            .as_i64()
+            .map(|s| s as u64)
+            .or_else(|| v.as_u64())
+            .ok_or_else(|| ApiError::invalid("`seed` must be an integer", Some("seed")))?,
+    };
+    let stop = match body.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.len() <= 4 && items.iter().all(Value::is_string) => {
+            items
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "`stop` must be a string or up to 4 strings",
+                Some("stop"),
+            ));
+        }
+    };
+    if stop.iter().any(|s| s.is_empty() || s.len() > 200) {
+        return Err(ApiError::invalid(
+            "each `stop` string needs 1 to 200 bytes",
+            Some("stop"),
+        ));
+    }
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        _ => {
+            return Err(ApiError::invalid(
+                "`stream` must be a boolean",
+                Some("stream"),
+            ));
+        }
+    };
+    Ok(Sampling {
+        max_tokens,
+        temperature_milli: (temperature * 1000.0).round() as u32,
+        top_p_q16: (top_p * 65536.0).round() as u32,
+        seed,
+        stop,
+        stream,
+    })
+}
+
+/// One finished generation: text (cut at a stop string), finish reason, token count.
+struct Choice {
+    text: String,
+    finish: &'static str,
+    completion_tokens: usize,
+}
+
+fn choices(
+    model: &ServedModel,
+    outputs: Vec<UnitOutput>,
+    stop: &[String],
+) -> ApiResult<Vec<Choice>> {
+    let ModelKind::Generation { tokenizer, .. } = &model.kind else {
+        unreachable!("generation model")
+    };
+    outputs
+        .into_iter()
+        .map(|out| {
+            let UnitOutput::Generation {
+                tokens, stopped, ..
+            } = out
+            else {
+                return Err(crate::CoordinatorError::Corrupt("not a generation".into()).into());
+            };
+            let n = tokens.len();
+            let content = if stopped {
+                &tokens[..n - 1]
+            } else {
+                &tokens[..]
+            };
+            let mut text = tokenizer
+                .decode(content)
+                .map_err(crate::CoordinatorError::from)?;
+            let mut finish = if stopped { "stop" } else { "length" };
+            if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                finish = "stop";
+            }
+            Ok(Choice {
+                text,
+                finish,
+                completion_tokens: n,
+            })
+        })
+        .collect()
+}
+
+fn generation_tasks(
+    model: &ServedModel,
+    precision: Precision,
+    prompts: &[Vec<u32>],
+    s: &Sampling,
+) -> ApiResult<Vec<(Task, i64)>> {
+    let ModelKind::Generation {
+        tokenizer, context, ..
+    } = &model.kind
+    else {
+        unreachable!("generation model")
+    };
+    prompts
+        .iter()
+        .map(|p| {
+            if p.is_empty() {
+                return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+            }
+            if p.len() + s.max_tokens as usize > *context
+                || p.len() > tabula_protocol::MAX_SEQUENCE_TOKENS * 4
+            {
+                return Err(ApiError::invalid(
+                    format!(
+                        "{} prompt tokens + max_tokens {} exceed the context of {context}",
+                        p.len(),
+                        s.max_tokens
+                    ),
+                    Some("max_tokens"),
+                ));
+            }
+            Ok((
+                Task::Generate {
+                    model: model.model_ref(precision),
+                    precision,
+                    prompt: p.clone(),
+                    max_tokens: s.max_tokens,
+                    temperature_milli: s.temperature_milli,
+                    top_p_q16: s.top_p_q16,
+                    seed: s.seed,
+                    stop: tokenizer.stop.clone(),
+                },
+                micro(model.gflop_per_token * (p.len() + s.max_tokens as usize) as f64),
+            ))
+        })
+        .collect()
+}
+
+fn now_s() -> i64 {
+    crate::db::now_ms() / 1000
+}
+
+async fn completions(
+    Extract(state): Extract<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Response> {
+    let api_key = authorize(&state, &headers).await?;
+    let model = find_model(&state, &body, "generation")?;
+    let ModelKind::Generation {
+        tokenizer, vocab, ..
+    } = &model.kind
+    else {
+        unreachable!()
+    };
+    let precision = precision(&body)?;
+    let s = sampling(&body, 16)?;
+    let prompt = body
+        .get("prompt")
+        .ok_or_else(|| ApiError::invalid("`prompt` is required", Some("prompt")))?;
+    let encode = |t: &str| -> ApiResult<Vec<u32>> {
+        check_text(t, "prompt")?;
+        tokenizer
+            .encode(t)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
+    };
+    let prompts: Vec<Vec<u32>> = match prompt {
+        Value::String(t) => vec![encode(t)?],
+        Value::Array(items)
+            if !items.is_empty()
+                && items.len() <= MAX_PROMPTS
+                && items.iter().all(Value::is_string) =>
+        {
+            items
+                .iter()
+                .map(|t| encode(t.as_str().unwrap_or_default()))
+                .collect::<ApiResult<_>>()?
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            vec![token_list(prompt, *vocab, "prompt")?]
+        }
+        Value::Array(items)
+            if !items.is_empty()
+                && items.len() <= MAX_PROMPTS
+                && items.iter().all(Value::is_array) =>
+        {
+            items
+                .iter()
+                .map(|i| token_list(i, *vocab, "prompt"))
+                .collect::<ApiResult<_>>()?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                format!("`prompt` must be a string, up to {MAX_PROMPTS} strings, or token ids"),
+                Some("prompt"),
+            ));
+        }
+    };
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let tasks = generation_tasks(model, precision, &prompts, &s)?;
+    let (job, outputs) =
+        run_job(&state, &headers, &api_key, "cmpl", model, precision, tasks).await?;
+    let choices = choices(model, outputs, &s.stop)?;
+    let id = format!("cmpl-{job}");
+    let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    if s.stream {
+        let mut events = Vec::new();
+        for (i, c) in choices.iter().enumerate() {
+            events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": model.name,
+                "choices": [{ "index": i, "text": c.text, "finish_reason": null, "logprobs": null }] }));
+            events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": model.name,
+                "choices": [{ "index": i, "text": "", "finish_reason": c.finish, "logprobs": null }] }));
+        }
+        return Ok(sse(events));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": now_s(),
+        "model": model.name,
+        "choices": choices.iter().enumerate().map(|(i, c)| json!({
+            "index": i, "text": c.text, "finish_reason": c.finish, "logprobs": null,
+        })).collect::<Vec<_>>(),
+        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens },
+    }))
+    .into_response())
+}
+
+/// Server-sent events of `events`, then `[DONE]`, as OpenAI streams. The result is verified
+/// before the first event: a stream never shows text that could still be rejected.
+fn sse(events: Vec<Value>) -> Response {
+    let items: Vec<Result<Event, std::convert::Infallible>> = events
+        .into_iter()
+        .map(|e| Ok(Event::default().data(e.to_string())))
+        .chain(std::iter::once(Ok(Event::default().data("[DONE]"))))
+        .collect();
+    Sse::new(futures_util::stream::iter(items)).into_response()
+}
+
+async fn chat_completions(
+    Extract(state): Extract<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Response> {
+    let api_key = authorize(&state, &headers).await?;
+    let model = find_model(&state, &body, "generation")?;
+    let ModelKind::Generation { tokenizer, .. } = &model.kind else {
+        unreachable!()
+    };
+    let precision = precision(&body)?;
+    let s = sampling(&body, 256)?;
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty() && m.len() <= 256)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "`messages` must be an array of 1 to 256 messages",
+                Some("messages"),
+            )
+        })?;
+    let mut turns: Vec<(String, String)> = Vec::new();
+    for m in messages {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .filter(|r| ["system", "user", "assistant", "developer"].contains(r));
+        let content = match m.get("content") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(|p| {
+                    (p.get("type").and_then(Value::as_str) == Some("text"))
+                        .then(|| p.get("text").and_then(Value::as_str))
+                        .flatten()
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|t| t.concat()),
+            _ => None,
+        };
+        let (Some(role), Some(content)) = (role, content) else {
+            return Err(ApiError::invalid(
+                "each message needs a `role` (system, user, assistant) and a text `content`",
+                Some("messages"),
+            ));
+        };
+        check_text(&content, "messages")?;
+        turns.push((
+            if role == "developer" { "system" } else { role }.to_string(),
+            content,
+        ));
+    }
+    let pairs: Vec<(&str, &str)> = turns
+        .iter()
+        .map(|(r, c)| (r.as_str(), c.as_str()))
+        .collect();
+    let prompt = tokenizer
+        .chat_prompt_messages(&pairs)
+        .and_then(|p| tokenizer.encode(&p))
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let prompt_tokens = prompt.len();
+    let tasks = generation_tasks(model, precision, &[prompt], &s)?;
+    let (job, outputs) =
+        run_job(&state, &headers, &api_key, "chat", model, precision, tasks).await?;
+    let choice = choices(model, outputs, &s.stop)?.remove(0);
+    let id = format!("chatcmpl-{job}");
+    if s.stream {
+        let chunk = |delta: Value, finish: Value| {
+            json!({ "id": id, "object": "chat.completion.chunk", "created": now_s(), "model": model.name,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+        };
+        return Ok(sse(vec![
+            chunk(json!({ "role": "assistant", "content": "" }), Value::Null),
+            chunk(json!({ "content": choice.text }), Value::Null),
+            chunk(json!({}), json!(choice.finish)),
+        ]));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": now_s(),
+        "model": model.name,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": choice.text }, "finish_reason": choice.finish, "logprobs": null }],
+        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": choice.completion_tokens, "total_tokens": prompt_tokens + choice.completion_tokens },
+    }))
+    .into_response())
+}
+
+async fn ledger_list(Extract(state): Extract<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(state.ledger_list().await?))
+}
+
+async fn ledger(
+    Extract(state): Extract<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    match state.ledger(&id).await? {
+        Some(v) => Ok(Json(v)),
+        None => Err(ApiError::not_found(
+            "no worker key (64 hex digits) or payout address (0x + 40 hex digits) with that id in the ledger",
+        )),
+    }
+}
+
+async fn weights(
+    Extract(state): Extract<AppState>,
+    Path(sha): Path<String>,
+) -> ApiResult<Response> {
+    let hash = Hash::from_hex(&sha).map_err(|_| {
+        ApiError::invalid("weights are named by their SHA-256 (64 hex digits)", None)
+    })?;
+    let path = state
+        .registry
+        .path(&hash)
+        .ok_or_else(|| ApiError::not_found("no weights file with that hash"))?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| crate::CoordinatorError::Config(e.to_string()))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| crate::CoordinatorError::Config(e.to_string()))?
+        .len();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (
+                header::CACHE_CONTROL,
+                "public, max-age=31536000, immutable".to_string(),
+            ),
+            (header::ETAG, format!("\"{sha}\"")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn worker_socket(
+    Extract(state): Extract<AppState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .max_message_size(tabula_protocol::MAX_WORKER_FRAME)
+        .max_frame_size(tabula_protocol::MAX_WORKER_FRAME)
+        .on_upgrade(move |socket| crate::ws::session(socket, addr, state))
+}
+
+async fn openapi() -> Json<Value> {
+    let op = |summary: &str, auth: bool| {
+        let mut o = json!({ "summary": summary, "responses": {
+            "200": { "description": "OK" },
+            "4XX": { "description": "OpenAI-shaped error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } } } });
+        if auth {
+            o["security"] = json!([{ "bearer": [] }]);
+        }
+        o
+    };
+    let body_op = |summary: &str, schema: &str| {
+        let mut o = op(summary, true);
+        o["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } });
+        o
+    };
+    Json(json!({
+        "openapi": "3.1.0",
+        "info": { "title": "Tabula coordinator", "version": env!("CARGO_PKG_VERSION"),
+            "description": "OpenAI-compatible inference verified by redundant execution on volunteer workers." },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object",
+                    "properties": { "message": { "type": "string" }, "type": { "type": "string" }, "param": { "type": ["string", "null"] }, "code": { "type": ["string", "null"] } } } } },
+                "EmbeddingRequest": { "type": "object", "required": ["model", "input"], "properties": {
+                    "model": { "type": "string" },
+                    "input": { "oneOf": [ { "type": "string" }, { "type": "array", "items": { "type": "string" } },
+                        { "type": "array", "items": { "type": "integer" } }, { "type": "array", "items": { "type": "array", "items": { "type": "integer" } } } ] },
+                    "encoding_format": { "enum": ["float", "base64"] },
+                    "precision": { "enum": ["exact", "fast"] } } },
+                "CompletionRequest": { "type": "object", "required": ["model", "prompt"], "properties": {
+                    "model": { "type": "string" }, "prompt": {}, "max_tokens": { "type": "integer" }, "temperature": { "type": "number" },
+                    "top_p": { "type": "number" }, "seed": { "type": "integer" }, "stop": {}, "stream": { "type": "boolean" },
+                    "precision": { "enum": ["exact", "fast"] } } },
+                "ChatCompletionRequest": { "type": "object", "required": ["model", "messages"], "properties": {
+                    "model": { "type": "string" }, "messages": { "type": "array", "items": { "type": "object" } }, "max_tokens": { "type": "integer" },
+                    "temperature": { "type": "number" }, "top_p": { "type": "number" }, "seed": { "type": "integer" }, "stop": {},
+                    "stream": { "type": "boolean" }, "precision": { "enum": ["exact", "fast"] } } }
+            }
+        },
+        "paths": {
+            "/v1/models": { "get": op("List the served models", false) },
+            "/v1/embeddings": { "post": body_op("Sentence embeddings, verified", "EmbeddingRequest") },
+            "/v1/completions": { "post": body_op("Text completion, verified", "CompletionRequest") },
+            "/v1/chat/completions": { "post": body_op("Chat completion, verified", "ChatCompletionRequest") },
+            "/v1/ledger": { "get": op("Every worker and its verified credit", false) },
+            "/v1/ledger/{id}": { "get": op("Credit, receipts and record of a worker key or payout address", false) },
+            "/v1/weights/{sha256}": { "get": op("A content-addressed model file", false) },
+            "/v1/worker": { "get": op("The worker WebSocket (binary frames, see crates/protocol)", false) },
+            "/healthz": { "get": op("Liveness and database check", false) },
+            "/metrics": { "get": op("Prometheus metrics", false) }
+        }
+    }))
+}

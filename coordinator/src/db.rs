@@ -1,0 +1,226 @@
+//! Storage: one schema and one set of queries for SQLite (the zero-config default, in WAL mode)
+//! and PostgreSQL, through sqlx's `Any` driver. Only portable SQL is used: `$n` parameters,
+//! `TEXT` and `BIGINT` columns (bytes are stored as hex or base64), ids made here rather than
+//! by the database. SQLite allows one writer at a time, so writes take [`Db::write`]'s lock
+//! there instead of failing with `SQLITE_BUSY`; PostgreSQL runs them concurrently.
+
+use std::{path::Path, time::Duration};
+
+use sqlx::{AnyPool, any::AnyPoolOptions};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::CoordinatorError;
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS api_keys (
+        key_hash TEXT PRIMARY KEY,
+        label TEXT NOT NULL,
+        created_ms BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        model TEXT NOT NULL,
+        precision TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        meta TEXT NOT NULL,
+        units_total BIGINT NOT NULL,
+        units_verified BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        finished_ms BIGINT)",
+    "CREATE TABLE IF NOT EXISTS units (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        idx BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
+        precision TEXT NOT NULL,
+        task TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        credit_micro BIGINT NOT NULL,
+        replicas BIGINT NOT NULL,
+        quorum BIGINT NOT NULL,
+        live BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        output TEXT,
+        output_hash TEXT,
+        verified_by TEXT,
+        verified_ms BIGINT)",
+    "CREATE INDEX IF NOT EXISTS units_open ON units (status, seq)",
+    "CREATE INDEX IF NOT EXISTS units_job ON units (job_id, idx)",
+    "CREATE TABLE IF NOT EXISTS leases (
+        id TEXT PRIMARY KEY,
+        unit_id TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        issued_ms BIGINT NOT NULL,
+        deadline_ms BIGINT NOT NULL,
+        output_hash TEXT,
+        output TEXT,
+        signature TEXT,
+        submitted_ms BIGINT)",
+    "CREATE INDEX IF NOT EXISTS leases_unit ON leases (unit_id)",
+    "CREATE INDEX IF NOT EXISTS leases_state ON leases (state, deadline_ms)",
+    "CREATE INDEX IF NOT EXISTS leases_worker ON leases (worker)",
+    "CREATE TABLE IF NOT EXISTS workers (
+        key TEXT PRIMARY KEY,
+        payout TEXT,
+        agent TEXT NOT NULL,
+        verified BIGINT NOT NULL,
+        clean_streak BIGINT NOT NULL,
+        strikes BIGINT NOT NULL,
+        expired BIGINT NOT NULL,
+        banned BIGINT NOT NULL,
+        first_seen_ms BIGINT NOT NULL,
+        last_seen_ms BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS credits (
+        worker TEXT NOT NULL,
+        unit_id TEXT NOT NULL,
+        lease_id TEXT NOT NULL,
+        credit_micro BIGINT NOT NULL,
+        receipt TEXT NOT NULL,
+        issued_ms BIGINT NOT NULL,
+        PRIMARY KEY (worker, unit_id))",
+    "CREATE INDEX IF NOT EXISTS credits_worker ON credits (worker)",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Sqlite,
+    Postgres,
+}
+
+pub struct Db {
+    pub pool: AnyPool,
+    pub flavor: Flavor,
+    write_lock: Mutex<()>,
+}
+
+impl Db {
+    /// Opens (creating if needed) the database: `database_url` when given (`postgres://…` or
+    /// `sqlite://…`), else `data_dir/tabula.db`.
+    pub async fn open(
+        data_dir: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Self, CoordinatorError> {
+        sqlx::any::install_default_drivers();
+        let url = match database_url {
+            Some(u) => u.to_string(),
+            None => {
+                std::fs::create_dir_all(data_dir).map_err(|e| {
+                    CoordinatorError::Config(format!("cannot create {}: {e}", data_dir.display()))
+                })?;
+                format!("sqlite://{}?mode=rwc", data_dir.join("tabula.db").display())
+            }
+        };
+        let flavor = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Flavor::Postgres
+        } else if url.starts_with("sqlite:") {
+            Flavor::Sqlite
+        } else {
+            return Err(CoordinatorError::Config(format!(
+                "unsupported database URL `{url}`: use postgres://… or sqlite://…"
+            )));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(match flavor {
+                Flavor::Sqlite => 4,
+                Flavor::Postgres => 16,
+            })
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if flavor == Flavor::Sqlite {
+                        // WAL: readers never block the writer; NORMAL sync is durable across a
+                        // process crash (kill -9), which is what the coordinator must survive.
+                        for pragma in [
+                            "PRAGMA journal_mode=WAL",
+                            "PRAGMA synchronous=NORMAL",
+                            "PRAGMA busy_timeout=10000",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| CoordinatorError::Config(format!("cannot open database {url}: {e}")))?;
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        Ok(Self {
+            pool,
+            flavor,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    /// Serialises writers on SQLite (its single-writer rule) and is free on PostgreSQL.
+    pub async fn write(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.flavor {
+            Flavor::Sqlite => Some(self.write_lock.lock().await),
+            Flavor::Postgres => None,
+        }
+    }
+
+    /// ` FOR UPDATE SKIP LOCKED` on PostgreSQL (several coordinators may share it), nothing on
+    /// SQLite (where the write lock already excludes other writers).
+    pub fn skip_locked(&self) -> &'static str {
+        match self.flavor {
+            Flavor::Sqlite => "",
+            Flavor::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+}
+
+impl Db {
+    /// Creates a requester API key; only its SHA-256 is stored.
+    pub async fn create_api_key(&self, label: &str) -> Result<String, CoordinatorError> {
+        let key = format!("tbl-{}", hex::encode(random_bytes::<24>()));
+        let _w = self.write().await;
+        sqlx::query("INSERT INTO api_keys (key_hash, label, created_ms) VALUES ($1, $2, $3)")
+            .bind(tabula_protocol::sha256(key.as_bytes()).to_hex())
+            .bind(label)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(key)
+    }
+
+    pub async fn api_key_valid(&self, key: &str) -> Result<bool, CoordinatorError> {
+        Ok(
+            sqlx::query("SELECT 1 AS one FROM api_keys WHERE key_hash = $1")
+                .bind(tabula_protocol::sha256(key.as_bytes()).to_hex())
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `n` random bytes from the OS.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    getrandom::fill(&mut out).expect("the OS random source");
+    out
+}
+
+/// A random id with a readable prefix, e.g. `job_3f9c…`.
+pub fn random_id(prefix: &str) -> String {
+    format!("{prefix}_{}", hex::encode(random_bytes::<12>()))
+}
+
+/// A uniform draw in [0, 1).
+pub fn random_unit() -> f64 {
+    (u64::from_le_bytes(random_bytes::<8>()) >> 11) as f64 / (1u64 << 53) as f64
+}

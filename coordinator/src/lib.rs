@@ -1,0 +1,167 @@
+//! The Tabula coordinator.
+//!
+//! It owns the requester API (OpenAI-compatible HTTP, [`api`]), the worker sockets ([`ws`]),
+//! the scheduler that cuts jobs into units and leases them to distinct workers, the verifier
+//! that accepts a unit when independent results agree (or after re-executing it itself), and
+//! the credit ledger with signed receipts ([`scheduler`]), all stored through [`db`] in SQLite
+//! or PostgreSQL. It computes only to referee, through `tabula-worker`'s executor; it must not
+//! depend on the browser build or the CLI.
+
+pub mod api;
+pub mod db;
+pub mod models;
+pub mod scheduler;
+pub mod ws;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use tabula_protocol::Identity;
+
+pub use models::ModelSource;
+
+/// Everything that can go wrong inside the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("model: {0}")]
+    Model(#[from] tabula_models::ModelError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Worker(#[from] tabula_worker::WorkerError),
+}
+
+/// How the coordinator runs; every field has a working default.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    /// Workers each unit goes to at first.
+    pub replicas: u32,
+    /// A unit whose results keep disagreeing gets more replicas up to this, then is refereed.
+    pub max_replicas: u32,
+    /// Units a worker must have verified (with no wrong answer since) before its agreement
+    /// counts without a referee; until then agreeing results are re-executed by the
+    /// coordinator, so a pair of new colluders cannot outvote the truth.
+    pub probation_units: u32,
+    /// Clean units after which a worker may run units unreplicated.
+    pub solo_after: u32,
+    /// Fraction of a trusted worker's units still replicated (spot checks).
+    pub spot_check_rate: f64,
+    /// Fraction of leases that are known-answer canaries (already verified units).
+    pub canary_rate: f64,
+    /// Wrong or expired results after which a key is banned.
+    pub ban_after: u32,
+    pub lease_ms: u64,
+    pub heartbeat_ms: u32,
+    /// Sequences per embedding unit.
+    pub unit_sequences: usize,
+    /// Loopback workers count as distinct network prefixes (a one-machine cluster).
+    pub local: bool,
+    /// How long a synchronous API request waits for its job.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("tabula-data"),
+            database_url: None,
+            replicas: 2,
+            max_replicas: 4,
+            probation_units: 3,
+            solo_after: 200,
+            spot_check_rate: 0.1,
+            canary_rate: 0.02,
+            ban_after: 3,
+            lease_ms: 120_000,
+            heartbeat_ms: 5_000,
+            unit_sequences: 4,
+            local: false,
+            request_timeout_ms: 600_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let bad = |m: &str| Err(CoordinatorError::Config(m.into()));
+        if self.replicas == 0 || self.replicas > 16 {
+            return bad("--replicas must be between 1 and 16");
+        }
+        if self.max_replicas < self.replicas || self.max_replicas > 32 {
+            return bad("--max-replicas must be at least --replicas and at most 32");
+        }
+        if !(0.0..=1.0).contains(&self.spot_check_rate) || !(0.0..=1.0).contains(&self.canary_rate)
+        {
+            return bad("rates must be between 0 and 1");
+        }
+        if self.lease_ms < 1000 {
+            return bad("--lease-secs must be at least 1");
+        }
+        if self.unit_sequences == 0 || self.unit_sequences > tabula_protocol::MAX_SEQUENCES {
+            return bad("--unit-sequences must be between 1 and 64");
+        }
+        Ok(())
+    }
+}
+
+/// Loads the coordinator's receipt-signing key from `data_dir/coordinator.key`, creating it
+/// on first start.
+pub fn coordinator_identity(data_dir: &std::path::Path) -> Result<Identity, CoordinatorError> {
+    let path = data_dir.join("coordinator.key");
+    let io = |e: std::io::Error| CoordinatorError::Config(format!("{}: {e}", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let seed = tabula_protocol::Bytes::<32>::from_hex(text.trim())
+                .map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
+            Ok(Identity::from_seed(seed.0))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).map_err(io)?;
+            let seed = db::random_bytes::<32>();
+            let tmp = path.with_extension("partial");
+            std::fs::write(&tmp, hex::encode(seed)).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(Identity::from_seed(seed))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Runs the coordinator until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    sources: Vec<ModelSource>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    config.validate()?;
+    let db = db::Db::open(&config.data_dir, config.database_url.as_deref()).await?;
+    let identity = coordinator_identity(&config.data_dir)?;
+    let registry = Arc::new(models::Registry::load(&sources)?);
+    let state = scheduler::State::new(config.clone(), db, identity, registry);
+    state.start_background_tasks();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| {
+            CoordinatorError::Config(format!("cannot listen on {}: {e}", config.listen))
+        })?;
+    tracing::info!(
+        address = %config.listen,
+        database = ?state.db.flavor,
+        models = ?state.registry.names(),
+        "coordinator listening"
+    );
+    axum::serve(
+        listener,
+        api::router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| CoordinatorError::Config(format!("server: {e}")))
+}

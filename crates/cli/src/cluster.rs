@@ -1,0 +1,331 @@
+//! `tabula serve`, `tabula keys create` and `tabula worker`: the coordinator and a volunteer
+//! worker, with defaults that work with zero configuration on one machine.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tabula_coordinator::{Config, ModelSource, db::Db};
+use tabula_engine::cpu::CpuBackend;
+use tabula_models::catalog;
+use tabula_protocol::{Address, Precision};
+use tabula_worker::{
+    Executor,
+    native::{self, WorkerEvent, WorkerOptions},
+};
+
+use crate::{BackendChoice, Precision as CliPrecision};
+
+/// `$TABULA_DATA`, else `$XDG_DATA_HOME/tabula`, else `~/.local/share/tabula`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("tabula");
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".local/share/tabula")
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TABULA_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the SQLite database and the coordinator's key live [default: $XDG_DATA_HOME/tabula
+    /// or ~/.local/share/tabula].
+    #[arg(long, env = "TABULA_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Use this database instead of SQLite in the data dir, e.g. postgres://user@host/db.
+    #[arg(long, env = "TABULA_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models].
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+    /// Workers each unit goes to.
+    #[arg(long, default_value_t = 2)]
+    replicas: u32,
+    /// Most workers a disputed unit goes to before the coordinator referees it.
+    #[arg(long, default_value_t = 4)]
+    max_replicas: u32,
+    /// Verified units before a worker's agreement counts without a referee.
+    #[arg(long, default_value_t = 3)]
+    probation_units: u32,
+    /// Clean units after which a worker may run units unreplicated.
+    #[arg(long, default_value_t = 200)]
+    solo_after: u32,
+    /// Fraction of a trusted worker's units still replicated.
+    #[arg(long, default_value_t = 0.1)]
+    spot_check_rate: f64,
+    /// Fraction of leases that are known-answer canaries.
+    #[arg(long, default_value_t = 0.02)]
+    canary_rate: f64,
+    /// Wrong or abandoned results after which a worker key is banned.
+    #[arg(long, default_value_t = 3)]
+    ban_after: u32,
+    /// Seconds a worker has to return a unit before it goes to another.
+    #[arg(long, default_value_t = 120)]
+    lease_secs: u64,
+    /// Sequences per embedding unit.
+    #[arg(long, default_value_t = 4)]
+    unit_sequences: usize,
+    /// Seconds an API request waits for its verified result.
+    #[arg(long, default_value_t = 600)]
+    request_timeout_secs: u64,
+    /// A one-machine cluster: workers on loopback count as distinct networks.
+    #[arg(long)]
+    local: bool,
+}
+
+/// The models present in `dir`, each with its exact-precision file (quantised now if
+/// missing).
+fn model_sources(dir: &std::path::Path) -> Result<Vec<ModelSource>> {
+    let mut sources = Vec::new();
+    for spec in catalog::ALL {
+        if spec.files.iter().any(|f| !dir.join(f.local_path).exists()) {
+            tracing::warn!("{} is not in {}; not serving it", spec.name, dir.display());
+            continue;
+        }
+        let (_, hash) = crate::quantize::exact_file(dir, spec)?;
+        let path = dir.join(tabula_models::exact::exact_file_name(spec.name, &hash));
+        sources.push(ModelSource {
+            spec,
+            dir: dir.to_path_buf(),
+            exact: (path, hash),
+        });
+    }
+    if sources.is_empty() {
+        bail!(
+            "no models in {}: run `tabula models fetch --dir {}` first",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(sources)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let config = Config {
+        listen: args.listen,
+        data_dir: data_dir.clone(),
+        database_url: args.database_url,
+        replicas: args.replicas,
+        max_replicas: args.max_replicas,
+        probation_units: args.probation_units,
+        solo_after: args.solo_after,
+        spot_check_rate: args.spot_check_rate,
+        canary_rate: args.canary_rate,
+        ban_after: args.ban_after,
+        lease_ms: args.lease_secs.saturating_mul(1000),
+        unit_sequences: args.unit_sequences,
+        local: args.local,
+        request_timeout_ms: args.request_timeout_secs.saturating_mul(1000),
+        ..Config::default()
+    };
+    config.validate()?;
+    let sources = model_sources(&crate::models_dir(args.models_dir))?;
+    eprintln!(
+        "tabula coordinator on http://{} (data in {}{})",
+        config.listen,
+        data_dir.display(),
+        if config.local { ", local cluster" } else { "" }
+    );
+    eprintln!(
+        "  workers: tabula worker --coordinator http://{}   API keys: tabula keys create",
+        config.listen
+    );
+    runtime()?.block_on(async move {
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("stopping");
+        };
+        tabula_coordinator::serve(config, sources, shutdown).await
+    })?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct KeysArgs {
+    /// The coordinator's data dir [default: $XDG_DATA_HOME/tabula or ~/.local/share/tabula].
+    #[arg(long, env = "TABULA_DATA")]
+    data_dir: Option<PathBuf>,
+    /// The coordinator's database, when it is not SQLite in the data dir.
+    #[arg(long, env = "TABULA_DATABASE_URL")]
+    database_url: Option<String>,
+    /// A label to remember the key by.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+/// `tabula keys create`: prints a new API key on stdout.
+pub fn create_key(args: KeysArgs) -> Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let key = runtime()?.block_on(async {
+        let db = Db::open(&data_dir, args.database_url.as_deref()).await?;
+        db.create_api_key(&args.label).await
+    })?;
+    println!("{key}");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        env = "TABULA_COORDINATOR",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    coordinator: String,
+    /// Where this worker keeps its key and its weight cache [default: <data dir>/worker].
+    #[arg(long, env = "TABULA_WORKER_STATE")]
+    state_dir: Option<PathBuf>,
+    /// EVM address that on-chain credit goes to (0x + 40 hex digits).
+    #[arg(long)]
+    payout: Option<String>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendChoice,
+    /// Which units to take: exact (compared by hash) or fast (compared with a tolerance).
+    #[arg(long, value_enum, default_value = "exact")]
+    precision: CliPrecision,
+    /// Stop after this many units (default: run until Ctrl-C).
+    #[arg(long)]
+    max_units: Option<u64>,
+}
+
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| default_data_dir().join("worker"));
+    let payout = args
+        .payout
+        .as_deref()
+        .map(|p| {
+            Address::from_hex(p).map_err(|_| {
+                anyhow::anyhow!(
+                    "--payout `{p}` is not an EVM address (0x followed by 40 hex digits)"
+                )
+            })
+        })
+        .transpose()?;
+    native::socket_url(&args.coordinator)?;
+    let identity = native::load_or_create_identity(&state_dir)?;
+    let precision = match args.precision {
+        CliPrecision::Exact => Precision::Exact,
+        CliPrecision::Fast => Precision::Fast,
+    };
+    let backend_name = match args.backend {
+        BackendChoice::Cpu => "cpu",
+        BackendChoice::Gpu => "gpu",
+    };
+    eprintln!(
+        "worker {} → {} ({backend_name}, {} precision); key in {}",
+        identity.public(),
+        args.coordinator,
+        precision.as_str(),
+        state_dir.display()
+    );
+    let options = WorkerOptions {
+        coordinator: args.coordinator,
+        state_dir,
+        precisions: vec![precision],
+        payout,
+        agent: format!("tabula-cli/{} {backend_name}", env!("CARGO_PKG_VERSION")),
+        max_units: args.max_units,
+    };
+    let runtime = runtime()?;
+    let stats = runtime.block_on(async move {
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("\nstopping: releasing the current unit");
+            let _ = stop_tx.send(true);
+        });
+        let display = tokio::spawn(show_progress(events));
+        let result = match args.backend {
+            BackendChoice::Cpu => {
+                native::run(
+                    || Ok(Executor::new(CpuBackend)),
+                    identity,
+                    options,
+                    events_tx,
+                    stop,
+                )
+                .await
+            }
+            BackendChoice::Gpu => {
+                native::run(
+                    || {
+                        let gpu = crate::run::gpu_backend()
+                            .map_err(|e| tabula_worker::WorkerError::Model(e.to_string()))?;
+                        Ok(Executor::new(gpu))
+                    },
+                    identity,
+                    options,
+                    events_tx,
+                    stop,
+                )
+                .await
+            }
+        };
+        let _ = display.await;
+        result
+    })?;
+    eprintln!(
+        "done: {} units submitted, {} accepted, {} rejected; verified credit {:.3}",
+        stats.submitted,
+        stats.accepted,
+        stats.rejected,
+        stats.credit_micro as f64 / 1e6
+    );
+    Ok(())
+}
+
+async fn show_progress(mut events: tokio::sync::mpsc::UnboundedReceiver<WorkerEvent>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message("connecting");
+    let (mut units, mut credit, mut last_ms) = (0u64, 0u64, 0u64);
+    while let Some(event) = events.recv().await {
+        let status = match event {
+            WorkerEvent::Connected { credit_micro } => {
+                credit = credit_micro;
+                "connected".to_string()
+            }
+            WorkerEvent::Disconnected { error, retry_in } => {
+                format!(
+                    "disconnected ({error}); retrying in {:.1} s",
+                    retry_in.as_secs_f64()
+                )
+            }
+            WorkerEvent::Computing { model } => format!("computing a {model} unit"),
+            WorkerEvent::Submitted { millis } => {
+                units += 1;
+                last_ms = millis;
+                "submitted".into()
+            }
+            WorkerEvent::Accepted => "waiting for work".into(),
+            WorkerEvent::Rejected { reason } => format!("result rejected: {reason}"),
+            WorkerEvent::Credited { credit_micro } => {
+                credit = credit_micro;
+                "credited".into()
+            }
+            WorkerEvent::PayoutLinked { address } => format!("payout address 0x{address} linked"),
+        };
+        bar.set_message(format!(
+            "{units} units · credit {:.3} verified · last unit {:.2} s · {status}",
+            credit as f64 / 1e6,
+            last_ms as f64 / 1000.0
+        ));
+    }
+    bar.finish_and_clear();
+}

@@ -1,0 +1,327 @@
+//! The Tabula wire protocol between workers (native or browser) and the coordinator.
+//!
+//! This crate owns the messages that cross the worker socket, their binary codec (a version
+//! prefix + postcard, with a hard size bound checked before decoding), the content hashes, and
+//! every ed25519-signed statement: the login answer to a challenge, a result (unit, lease,
+//! output hash), a payout-address link and the coordinator's credit receipt. It builds for
+//! wasm32 and must not depend on tensors, models, networking or an async runtime: the worker,
+//! the browser build and the coordinator all speak through it, so it stays small and pure.
+
+mod bytes;
+mod codec;
+mod output;
+pub mod sign;
+
+pub use bytes::{Bytes, ParseBytesError};
+pub use codec::{decode, encode};
+pub use output::{FAST_EMBEDDING_MIN_COSINE, UnitOutput};
+pub use sign::{Identity, receipt_message, verify};
+
+use serde::{Deserialize, Serialize};
+
+/// The version every frame starts with. A peer speaking another version is refused with a
+/// message naming both.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The largest frame a worker may send (results carry their outputs).
+pub const MAX_WORKER_FRAME: usize = 4 << 20;
+/// The largest frame the coordinator sends (a unit's task).
+pub const MAX_COORDINATOR_FRAME: usize = 1 << 20;
+
+/// A SHA-256 digest.
+pub type Hash = Bytes<32>;
+/// An ed25519 public key.
+pub type PublicKey = Bytes<32>;
+/// An ed25519 signature.
+pub type Signature = Bytes<64>;
+/// A lease: one worker's right to compute one unit until a deadline. Random, so it tells a
+/// worker nothing about the unit or its other replicas.
+pub type LeaseId = Bytes<16>;
+/// An EVM address.
+pub type Address = Bytes<20>;
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Hash {
+    use sha2::Digest;
+    Bytes(sha2::Sha256::digest(data).into())
+}
+
+/// The errors of decoding and checking protocol data.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("frame of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("frame too short to hold a version")]
+    Truncated,
+    #[error("protocol version {got} is not supported (this side speaks {PROTOCOL_VERSION})")]
+    Version { got: u16 },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("invalid public key")]
+    BadKey,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("invalid task: {0}")]
+    InvalidTask(String),
+}
+
+/// How a unit is computed, and hence how replicas are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Integer-only inference: replicas agree bit for bit, compared by output hash.
+    Exact,
+    /// f32 inference: replicas agree within a documented tolerance.
+    Fast,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        }
+    }
+}
+
+/// One content-addressed file a task needs, served by the coordinator at
+/// `/v1/weights/{sha256}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// What the file is to the model: `exact`, `safetensors`, `config`, `tokenizer` or `gguf`.
+    pub role: String,
+    pub sha256: Hash,
+    pub size: u64,
+}
+
+/// The model a task runs: its catalogue name and the exact bytes it computes with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub files: Vec<FileRef>,
+}
+
+/// Limits on a task, enforced by both sides.
+pub const MAX_SEQUENCES: usize = 64;
+pub const MAX_SEQUENCE_TOKENS: usize = 512;
+pub const MAX_NEW_TOKENS: u32 = 2048;
+pub const MAX_STOP_TOKENS: usize = 16;
+pub const MAX_NAME: usize = 128;
+pub const MAX_FILES: usize = 8;
+
+/// What a unit asks a worker to compute. Token ids, not text: the coordinator tokenises, so a
+/// worker needs no tokenizer and every replica starts from the same integers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Task {
+    /// Sentence embeddings of a few token sequences.
+    Embed {
+        model: ModelRef,
+        precision: Precision,
+        sequences: Vec<Vec<u32>>,
+    },
+    /// A continuation of one prompt.
+    Generate {
+        model: ModelRef,
+        precision: Precision,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        /// Thousandths; 0 is greedy.
+        temperature_milli: u32,
+        /// Q16; 65536 keeps every token.
+        top_p_q16: u32,
+        seed: u64,
+        stop: Vec<u32>,
+    },
+}
+
+impl Task {
+    pub fn model(&self) -> &ModelRef {
+        match self {
+            Task::Embed { model, .. } | Task::Generate { model, .. } => model,
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        match self {
+            Task::Embed { precision, .. } | Task::Generate { precision, .. } => *precision,
+        }
+    }
+
+    /// Checks the bounds a receiver relies on; the model-specific checks (vocabulary, context)
+    /// happen where the model is known.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |m: String| Err(ProtocolError::InvalidTask(m));
+        let model = self.model();
+        if model.name.is_empty() || model.name.len() > MAX_NAME {
+            return bad(format!("model name of {} bytes", model.name.len()));
+        }
+        if model.files.is_empty() || model.files.len() > MAX_FILES {
+            return bad(format!("{} model files", model.files.len()));
+        }
+        if model.files.iter().any(|f| f.role.len() > MAX_NAME) {
+            return bad("file role too long".into());
+        }
+        match self {
+            Task::Embed { sequences, .. } => {
+                if sequences.is_empty() || sequences.len() > MAX_SEQUENCES {
+                    return bad(format!(
+                        "{} sequences (1 to {MAX_SEQUENCES})",
+                        sequences.len()
+                    ));
+                }
+                if let Some(s) = sequences
+                    .iter()
+                    .find(|s| s.is_empty() || s.len() > MAX_SEQUENCE_TOKENS)
+                {
+                    return bad(format!(
+                        "a sequence of {} tokens (1 to {MAX_SEQUENCE_TOKENS})",
+                        s.len()
+                    ));
+                }
+            }
+            Task::Generate {
+                prompt,
+                max_tokens,
+                top_p_q16,
+                stop,
+                ..
+            } => {
+                if prompt.is_empty() || prompt.len() > MAX_SEQUENCE_TOKENS * 4 {
+                    return bad(format!("a prompt of {} tokens", prompt.len()));
+                }
+                if *max_tokens == 0 || *max_tokens > MAX_NEW_TOKENS {
+                    return bad(format!("max_tokens {max_tokens} (1 to {MAX_NEW_TOKENS})"));
+                }
+                if *top_p_q16 > 65536 {
+                    return bad(format!("top_p_q16 {top_p_q16} above 65536"));
+                }
+                if stop.len() > MAX_STOP_TOKENS {
+                    return bad(format!("{} stop tokens", stop.len()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The digest a result statement binds: every replica of a unit computes the same task,
+    /// so it is the same for all of them.
+    pub fn digest(&self) -> Hash {
+        sha256(&postcard::to_allocvec(self).expect("tasks always serialise"))
+    }
+}
+
+/// A unit handed to one worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub lease: LeaseId,
+    /// [`Task::digest`] of `task`.
+    pub unit: Hash,
+    /// Unix milliseconds after which the lease is void and the unit goes to someone else.
+    pub deadline_ms: u64,
+    pub task: Task,
+}
+
+/// A worker's answer to an assignment, signed over [`sign::result_message`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submission {
+    pub lease: LeaseId,
+    pub unit: Hash,
+    pub output_hash: Hash,
+    pub output: Vec<u8>,
+    pub signature: Signature,
+}
+
+/// The coordinator's signed statement that a worker earned credit for a verified unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub coordinator: PublicKey,
+    pub worker: PublicKey,
+    pub unit: Hash,
+    pub lease: LeaseId,
+    pub output_hash: Hash,
+    /// Millionths of a credit (1 credit = 1 GFLOP of verified work).
+    pub credit_micro: u64,
+    pub issued_ms: u64,
+    pub signature: Signature,
+}
+
+/// Coordinator → worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// The first frame: sign it to log in.
+    Challenge {
+        nonce: Bytes<32>,
+        coordinator: PublicKey,
+    },
+    /// Login accepted.
+    Welcome {
+        heartbeat_ms: u32,
+        /// Credit verified so far, in millionths.
+        credit_micro: u64,
+    },
+    Assign(Assignment),
+    /// Nothing to do now: ask again after `retry_ms`.
+    NoWork {
+        retry_ms: u32,
+    },
+    /// The result was stored; it is credited once verified.
+    Accepted {
+        lease: LeaseId,
+    },
+    /// The result was refused (late lease, bad signature, wrong shape...).
+    Rejected {
+        lease: LeaseId,
+        reason: String,
+    },
+    /// A verified unit earned credit.
+    Credited(Receipt),
+    /// A payout-address link was stored.
+    PayoutLinked {
+        address: Address,
+    },
+    /// A protocol error; the coordinator closes the socket after sending it.
+    Error {
+        message: String,
+    },
+}
+
+/// Worker → coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToCoordinator {
+    /// The answer to [`ToWorker::Challenge`], signed over [`sign::login_message`].
+    Login {
+        key: PublicKey,
+        signature: Signature,
+        /// Free text such as `tabula-cli/0.1.0 cpu`, shown in logs and the ledger.
+        agent: String,
+        /// The precisions this worker computes.
+        precisions: Vec<Precision>,
+    },
+    /// Ask for a unit.
+    Ready,
+    Heartbeat,
+    Submit(Submission),
+    /// Give a lease back unfinished (the worker is stopping): it is re-issued at once.
+    Release {
+        lease: LeaseId,
+    },
+    /// Link the address that on-chain credit goes to, signed over [`sign::payout_message`].
+    LinkPayout {
+        address: Address,
+        signature: Signature,
+    },
+}
+
+impl ToCoordinator {
+    /// Bounds a worker-sent frame must respect beyond its size.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match self {
+            ToCoordinator::Login {
+                agent, precisions, ..
+            } if agent.len() > MAX_NAME || precisions.len() > 4 => Err(ProtocolError::Malformed(
+                "login agent or precision list too long".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}

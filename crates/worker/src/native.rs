@@ -1,0 +1,436 @@
+//! The native volunteer loop: connect, log in with the worker's key, take units, compute them
+//! on a blocking thread while heartbeats keep the session alive, submit signed results, and
+//! reconnect with exponential backoff. On shutdown an unfinished lease is released, so the
+//! unit goes straight to another worker instead of waiting for the lease to expire.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::{SinkExt, StreamExt};
+use tabula_engine::{Backend, exact::ExactBackend};
+use tabula_protocol::{
+    Address, FileRef, Identity, LeaseId, MAX_COORDINATOR_FRAME, Precision, ToCoordinator, ToWorker,
+    decode, encode,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
+
+use crate::{Executor, FileSource, WorkerError, exec::ExecutorThread};
+
+/// How a worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// The coordinator's base URL, `http://host:port`.
+    pub coordinator: String,
+    /// Holds the key (`worker.key`) and the weight cache (`weights/`).
+    pub state_dir: PathBuf,
+    pub precisions: Vec<Precision>,
+    pub payout: Option<Address>,
+    /// Shown by the coordinator, e.g. `tabula-cli/0.1.0 cpu`.
+    pub agent: String,
+    /// Stop after this many submitted units (tests, benchmarks); `None` runs until shutdown.
+    pub max_units: Option<u64>,
+}
+
+/// What the loop reports, for a progress display.
+#[derive(Clone, Debug)]
+pub enum WorkerEvent {
+    Connected { credit_micro: u64 },
+    Disconnected { error: String, retry_in: Duration },
+    Computing { model: String },
+    Submitted { millis: u64 },
+    Accepted,
+    Rejected { reason: String },
+    Credited { credit_micro: u64 },
+    PayoutLinked { address: Address },
+}
+
+/// Loads the worker's key from `state_dir/worker.key`, creating it on first use.
+pub fn load_or_create_identity(state_dir: &Path) -> Result<Identity, WorkerError> {
+    let path = state_dir.join("worker.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let seed = tabula_protocol::Bytes::<32>::from_hex(text.trim()).map_err(|e| {
+                WorkerError::File(format!("{} is not a worker key: {e}", path.display()))
+            })?;
+            Ok(Identity::from_seed(seed.0))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(state_dir)?;
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed)
+                .map_err(|e| WorkerError::File(format!("no randomness for a key: {e}")))?;
+            let tmp = path.with_extension("partial");
+            write_private(&tmp, hex_string(&seed).as_bytes())?;
+            std::fs::rename(&tmp, &path)?;
+            tracing::info!(path = %path.display(), "created a new worker key");
+            Ok(Identity::from_seed(seed))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn hex_string(b: &[u8]) -> String {
+    tabula_protocol::Bytes::<32>::from_slice(b).map_or_else(String::new, |b| b.to_hex())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(data)
+}
+
+/// The weight cache: `state_dir/weights/<sha256>`, filled from the coordinator's
+/// `/v1/weights/<sha256>` and checked before it is kept.
+pub struct WeightCache {
+    dir: PathBuf,
+    base_url: String,
+}
+
+/// The largest weights file a worker downloads.
+const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
+
+impl WeightCache {
+    pub fn new(state_dir: &Path, base_url: &str) -> Self {
+        Self {
+            dir: state_dir.join("weights"),
+            base_url: base_url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    fn path(&self, f: &FileRef) -> PathBuf {
+        self.dir.join(f.sha256.to_hex())
+    }
+
+    fn download(&self, f: &FileRef) -> Result<Vec<u8>, WorkerError> {
+        if f.size > MAX_WEIGHTS_BYTES {
+            return Err(WorkerError::File(format!("{} bytes is too large", f.size)));
+        }
+        let url = format!("{}/v1/weights/{}", self.base_url, f.sha256);
+        tracing::info!(%url, size = f.size, "downloading weights");
+        let mut response = ureq::get(&url)
+            .call()
+            .map_err(|e| WorkerError::File(format!("GET {url}: {e}")))?;
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(f.size + 1)
+            .read_to_vec()
+            .map_err(|e| WorkerError::File(format!("GET {url}: {e}")))?;
+        let actual = tabula_protocol::sha256(&bytes);
+        if actual != f.sha256 {
+            return Err(WorkerError::File(format!(
+                "{url} sent a file hashing to {actual}; not kept"
+            )));
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let path = self.path(f);
+        let tmp = path.with_extension("partial");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(bytes)
+    }
+}
+
+impl FileSource for WeightCache {
+    fn read(&self, f: &FileRef) -> Result<Vec<u8>, WorkerError> {
+        match std::fs::read(self.path(f)) {
+            Ok(bytes) if tabula_protocol::sha256(&bytes) == f.sha256 => Ok(bytes),
+            Ok(_) => {
+                tracing::warn!(file = %f.sha256, "cached weights are corrupt; downloading again");
+                self.download(f)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.download(f),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The socket URL for a coordinator base URL.
+pub fn socket_url(coordinator: &str) -> Result<String, WorkerError> {
+    let base = coordinator.trim_end_matches('/');
+    let rest = if let Some(r) = base.strip_prefix("http://") {
+        format!("ws://{r}")
+    } else if let Some(r) = base.strip_prefix("https://") {
+        format!("wss://{r}")
+    } else if base.starts_with("ws://") || base.starts_with("wss://") {
+        base.to_string()
+    } else {
+        return Err(WorkerError::Connection(format!(
+            "`{coordinator}` is not a coordinator URL; use http://HOST:PORT"
+        )));
+    };
+    Ok(format!("{rest}/v1/worker"))
+}
+
+/// The HTTP base URL for a coordinator URL given as http(s) or ws(s).
+fn http_url(coordinator: &str) -> String {
+    let base = coordinator.trim_end_matches('/');
+    if let Some(r) = base.strip_prefix("ws://") {
+        format!("http://{r}")
+    } else if let Some(r) = base.strip_prefix("wss://") {
+        format!("https://{r}")
+    } else {
+        base.to_string()
+    }
+}
+
+enum End {
+    Shutdown,
+    Finished,
+}
+
+/// Totals of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub submitted: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub credit_micro: u64,
+}
+
+/// Runs the volunteer loop until `shutdown` turns true (or `max_units` are submitted).
+/// `make_executor` runs once, on the executor thread.
+pub async fn run<B, F>(
+    make_executor: F,
+    identity: Identity,
+    options: WorkerOptions,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Stats, WorkerError>
+where
+    B: Backend + ExactBackend,
+    F: FnOnce() -> Result<Executor<B>, WorkerError> + Send + 'static,
+{
+    let url = socket_url(&options.coordinator)?;
+    let cache = Arc::new(WeightCache::new(
+        &options.state_dir,
+        &http_url(&options.coordinator),
+    ));
+    let executor = ExecutorThread::spawn(make_executor, cache.clone());
+    let identity = Arc::new(identity);
+    let mut stats = Stats::default();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(stats);
+        }
+        let session = Session {
+            url: &url,
+            options: &options,
+            identity: identity.clone(),
+            executor: &executor,
+            events: &events,
+        };
+        match session.run(&mut stats, &mut shutdown, &mut backoff).await {
+            Ok(End::Shutdown | End::Finished) => return Ok(stats),
+            Err(e @ WorkerError::Refused(_)) => return Err(e),
+            Err(e) => {
+                let _ = events.send(WorkerEvent::Disconnected {
+                    error: e.to_string(),
+                    retry_in: backoff,
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(stats),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+struct Session<'a> {
+    url: &'a str,
+    options: &'a WorkerOptions,
+    identity: Arc<Identity>,
+    executor: &'a ExecutorThread,
+    events: &'a mpsc::UnboundedSender<WorkerEvent>,
+}
+
+type Computation = tokio::sync::oneshot::Receiver<Result<Vec<u8>, WorkerError>>;
+
+impl Session<'_> {
+    async fn run(
+        self,
+        stats: &mut Stats,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
+    ) -> Result<End, WorkerError> {
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_COORDINATOR_FRAME))
+            .max_frame_size(Some(MAX_COORDINATOR_FRAME));
+        let (socket, _) =
+            tokio_tungstenite::connect_async_with_config(self.url, Some(config), true)
+                .await
+                .map_err(|e| WorkerError::Connection(format!("{}: {e}", self.url)))?;
+        let (mut tx, mut rx) = socket.split();
+        let conn =
+            |e: tokio_tungstenite::tungstenite::Error| WorkerError::Connection(e.to_string());
+        macro_rules! send {
+            ($msg:expr) => {
+                tx.send(Message::Binary(encode(&$msg).into()))
+                    .await
+                    .map_err(conn)?
+            };
+        }
+        let ToWorker::Challenge { nonce, coordinator } = next_message(&mut rx).await? else {
+            return Err(WorkerError::Connection("expected a login challenge".into()));
+        };
+        send!(ToCoordinator::Login {
+            key: self.identity.public(),
+            signature: self.identity.sign_login(&nonce, &coordinator),
+            agent: self.options.agent.clone(),
+            precisions: self.options.precisions.clone(),
+        });
+        let heartbeat_ms = match next_message(&mut rx).await? {
+            ToWorker::Welcome {
+                heartbeat_ms,
+                credit_micro,
+            } => {
+                stats.credit_micro = credit_micro;
+                let _ = self.events.send(WorkerEvent::Connected { credit_micro });
+                heartbeat_ms
+            }
+            ToWorker::Error { message } => return Err(WorkerError::Refused(message)),
+            other => {
+                return Err(WorkerError::Connection(format!(
+                    "expected a welcome, got {other:?}"
+                )));
+            }
+        };
+        *backoff = Duration::from_millis(500);
+        if let Some(address) = self.options.payout {
+            send!(ToCoordinator::LinkPayout {
+                address,
+                signature: self.identity.sign_payout(&address),
+            });
+        }
+        send!(ToCoordinator::Ready);
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(100))));
+        let mut computing: Option<(
+            LeaseId,
+            tabula_protocol::Hash,
+            std::time::Instant,
+            Computation,
+        )> = None;
+        let mut ask_again: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if let Some((lease, ..)) = computing.take() {
+                        send!(ToCoordinator::Release { lease });
+                    }
+                    let _ = tx.send(Message::Close(None)).await;
+                    return Ok(End::Shutdown);
+                }
+                _ = heartbeat.tick() => send!(ToCoordinator::Heartbeat),
+                _ = async { tokio::time::sleep_until(ask_again.expect("guarded")).await }, if ask_again.is_some() => {
+                    ask_again = None;
+                    send!(ToCoordinator::Ready);
+                }
+                done = async { (&mut computing.as_mut().expect("guarded").3).await }, if computing.is_some() => {
+                    let (lease, unit, started, _) = computing.take().expect("guarded");
+                    match done {
+                        Ok(Ok(output)) => {
+                            send!(ToCoordinator::Submit(self.identity.submission(lease, unit, output)));
+                            stats.submitted += 1;
+                            let _ = self.events.send(WorkerEvent::Submitted {
+                                millis: started.elapsed().as_millis() as u64,
+                            });
+                            if self.options.max_units.is_some_and(|m| stats.submitted >= m) {
+                                // Wait for the verdict on the last unit before leaving.
+                                continue;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!("unit failed: {e}");
+                            send!(ToCoordinator::Release { lease });
+                        }
+                        Err(_) => {
+                            return Err(WorkerError::Model("the executor thread stopped".into()));
+                        }
+                    }
+                    send!(ToCoordinator::Ready);
+                }
+                message = next_message(&mut rx) => match message? {
+                    ToWorker::Assign(a) => {
+                        if computing.is_some() {
+                            // One unit at a time: give the extra one back at once.
+                            send!(ToCoordinator::Release { lease: a.lease });
+                            continue;
+                        }
+                        let _ = self.events.send(WorkerEvent::Computing { model: a.task.model().name.clone() });
+                        let (reply, handle) = tokio::sync::oneshot::channel();
+                        self.executor.submit(a.task, Box::new(move |r| {
+                            let _ = reply.send(r.map(|o| o.encode()));
+                        }))?;
+                        computing = Some((a.lease, a.unit, std::time::Instant::now(), handle));
+                    }
+                    ToWorker::NoWork { retry_ms } => {
+                        ask_again = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(retry_ms.clamp(50, 60_000))));
+                    }
+                    ToWorker::Accepted { .. } => {
+                        stats.accepted += 1;
+                        let _ = self.events.send(WorkerEvent::Accepted);
+                        if self.options.max_units.is_some_and(|m| stats.accepted + stats.rejected >= m) {
+                            let _ = tx.send(Message::Close(None)).await;
+                            return Ok(End::Finished);
+                        }
+                    }
+                    ToWorker::Rejected { reason, .. } => {
+                        stats.rejected += 1;
+                        tracing::warn!("result rejected: {reason}");
+                        let _ = self.events.send(WorkerEvent::Rejected { reason });
+                        if self.options.max_units.is_some_and(|m| stats.accepted + stats.rejected >= m) {
+                            let _ = tx.send(Message::Close(None)).await;
+                            return Ok(End::Finished);
+                        }
+                    }
+                    ToWorker::Credited(receipt) => {
+                        if receipt.verify().is_ok() && receipt.worker == self.identity.public() {
+                            stats.credit_micro += receipt.credit_micro;
+                            let _ = self.events.send(WorkerEvent::Credited { credit_micro: stats.credit_micro });
+                        } else {
+                            tracing::warn!("ignoring a receipt that does not verify");
+                        }
+                    }
+                    ToWorker::PayoutLinked { address } => {
+                        let _ = self.events.send(WorkerEvent::PayoutLinked { address });
+                    }
+                    ToWorker::Error { message } => return Err(WorkerError::Refused(message)),
+                    other => tracing::debug!("ignoring {other:?}"),
+                },
+            }
+        }
+    }
+}
+
+async fn next_message<S>(rx: &mut S) -> Result<ToWorker, WorkerError>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(frame))) => {
+                return Ok(decode(&frame, MAX_COORDINATOR_FRAME)?);
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(WorkerError::Connection(format!(
+                    "the coordinator closed the connection{}",
+                    frame.map(|f| format!(": {}", f.reason)).unwrap_or_default()
+                )));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(WorkerError::Connection(e.to_string())),
+            None => return Err(WorkerError::Connection("connection closed".into())),
+        }
+    }
+}
