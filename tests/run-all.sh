@@ -16,7 +16,14 @@ step "real model weights, and their exact-precision (int8) files"
 cargo run -q -p tabula-cli -- models fetch
 cargo run -q -p tabula-cli -- models quantize
 
-step "Rust tests (CPU backend, wgpu on the machine's Vulkan device, the CLI end to end)"
+step "PostgreSQL for the coordinator tests (SQLite needs nothing)"
+if [ -z "${TABULA_TEST_POSTGRES_URL:-}" ]; then
+  TABULA_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)
+  export TABULA_TEST_POSTGRES_URL
+fi
+echo "PostgreSQL at $TABULA_TEST_POSTGRES_URL"
+
+step "Rust tests (CPU backend, wgpu on the machine's Vulkan device, the CLI end to end, the coordinator with workers and adversaries on SQLite and PostgreSQL)"
 cargo test --workspace --no-fail-fast
 
 step "wasm build and browser tests (headless Chromium, WebGPU on SwiftShader and wasm CPU)"

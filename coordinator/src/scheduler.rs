@@ -392,7 +392,10 @@ impl State {
             return Ok(None);
         }
         let streak: i64 = worker_row.try_get("clean_streak")?;
-        let not_seen = "NOT EXISTS (SELECT 1 FROM leases l WHERE l.unit_id = units.id AND (l.worker = $1 OR l.prefix = $2))";
+        // Distinct replicas: no worker (or network) that holds or answered this unit. A lease
+        // that was released or expired does not count, or a unit whose every candidate once
+        // dropped it would never be issued again.
+        let not_seen = "NOT EXISTS (SELECT 1 FROM leases l WHERE l.unit_id = units.id AND (l.worker = $1 OR l.prefix = $2) AND l.state NOT IN ('released', 'expired'))";
         let now = now_ms();
         let deadline = now + self.config.lease_ms as i64;
         let lease: LeaseId = tabula_protocol::Bytes(random_bytes());

@@ -217,6 +217,7 @@ where
     let identity = Arc::new(identity);
     let mut stats = Stats::default();
     let mut backoff = Duration::from_millis(500);
+    let mut computing: InFlight = None;
     loop {
         if *shutdown.borrow() {
             return Ok(stats);
@@ -228,7 +229,10 @@ where
             executor: &executor,
             events: &events,
         };
-        match session.run(&mut stats, &mut shutdown, &mut backoff).await {
+        match session
+            .run(&mut stats, &mut computing, &mut shutdown, &mut backoff)
+            .await
+        {
             Ok(End::Shutdown | End::Finished) => return Ok(stats),
             Err(e @ WorkerError::Refused(_)) => return Err(e),
             Err(e) => {
@@ -256,10 +260,21 @@ struct Session<'a> {
 
 type Computation = tokio::sync::oneshot::Receiver<Result<Vec<u8>, WorkerError>>;
 
+/// The unit being computed. It outlives a session: when the connection drops mid-unit, the
+/// computation goes on and its result is submitted after reconnecting (the lease is bound to
+/// the worker's key, not to the connection).
+type InFlight = Option<(
+    LeaseId,
+    tabula_protocol::Hash,
+    std::time::Instant,
+    Computation,
+)>;
+
 impl Session<'_> {
     async fn run(
         self,
         stats: &mut Stats,
+        computing: &mut InFlight,
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Duration,
     ) -> Result<End, WorkerError> {
@@ -312,15 +327,11 @@ impl Session<'_> {
                 signature: self.identity.sign_payout(&address),
             });
         }
-        send!(ToCoordinator::Ready);
+        if computing.is_none() {
+            send!(ToCoordinator::Ready);
+        }
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(100))));
-        let mut computing: Option<(
-            LeaseId,
-            tabula_protocol::Hash,
-            std::time::Instant,
-            Computation,
-        )> = None;
         let mut ask_again: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
@@ -372,7 +383,7 @@ impl Session<'_> {
                         self.executor.submit(a.task, Box::new(move |r| {
                             let _ = reply.send(r.map(|o| o.encode()));
                         }))?;
-                        computing = Some((a.lease, a.unit, std::time::Instant::now(), handle));
+                        *computing = Some((a.lease, a.unit, std::time::Instant::now(), handle));
                     }
                     ToWorker::NoWork { retry_ms } => {
                         ask_again = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(retry_ms.clamp(50, 60_000))));

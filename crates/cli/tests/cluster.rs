@@ -1,0 +1,815 @@
+//! A real cluster on loopback: `tabula serve` and `tabula worker` processes, adversarial
+//! workers speaking the protocol in-process, the OpenAI API over HTTP. On SQLite always, and
+//! on PostgreSQL at `TABULA_TEST_POSTGRES_URL` (CI starts one; without it the PostgreSQL
+//! tests fail, unless `TABULA_TEST_NO_POSTGRES=1` says on purpose that this machine has none).
+
+use std::{
+    io::Read,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tabula_protocol::{
+    Bytes, Identity, MAX_COORDINATOR_FRAME, Receipt, Task, ToCoordinator, ToWorker, UnitOutput,
+    decode, encode,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tabula");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A database for one test: a fresh PostgreSQL database, or SQLite in the data dir.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Flavor {
+    Sqlite,
+    Postgres,
+}
+
+fn postgres_url() -> Option<String> {
+    match std::env::var("TABULA_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("TABULA_TEST_NO_POSTGRES").as_deref() == Ok("1") => None,
+        _ => panic!(
+            "set TABULA_TEST_POSTGRES_URL=postgres://user:pass@host/db (a superuser, to create \
+             a database per test), or TABULA_TEST_NO_POSTGRES=1 to skip PostgreSQL on purpose"
+        ),
+    }
+}
+
+/// Creates an empty database next to the one in `base` and returns its URL.
+fn fresh_postgres(base: &str) -> String {
+    let name = format!("tabula_test_{}", hex::encode(rand_bytes::<6>()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(base)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+    let (prefix, _) = base.rsplit_once('/').expect("a database URL ends with /DB");
+    format!("{prefix}/{name}")
+}
+
+fn rand_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).unwrap();
+    b
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    database_url: Option<String>,
+    serve: Option<Child>,
+    workers: Vec<Child>,
+    serve_args: Vec<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.workers.iter_mut().chain(self.serve.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Cluster {
+    fn start(flavor: Flavor, extra: &[&str]) -> Option<Self> {
+        let database_url = match flavor {
+            Flavor::Sqlite => None,
+            Flavor::Postgres => Some(fresh_postgres(&postgres_url()?)),
+        };
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            database_url,
+            serve: None,
+            workers: Vec::new(),
+            serve_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        c.start_serve();
+        Some(c)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn base_args(&self) -> Vec<String> {
+        let mut args = vec!["--data-dir".into(), self.data_dir().display().to_string()];
+        if let Some(url) = &self.database_url {
+            args.extend(["--database-url".into(), url.clone()]);
+        }
+        args
+    }
+
+    fn start_serve(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("serve.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(self.base_args())
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--local"])
+            .args(&self.serve_args)
+            .env("TABULA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.serve = Some(child);
+        let started = Instant::now();
+        while get(self.port, "/healthz").0 != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the coordinator did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn kill_serve(&mut self) {
+        let mut child = self.serve.take().unwrap();
+        // SIGKILL: no shutdown path runs.
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn api_key(&self) -> String {
+        let out = Command::new(BIN)
+            .args(["keys", "create"])
+            .args(self.base_args())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Starts an honest worker process; returns its public key.
+    fn add_worker(&mut self, n: usize) -> String {
+        let state = self.dir.path().join(format!("worker{n}"));
+        let log = std::fs::File::create(self.dir.path().join(format!("worker{n}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "worker",
+                "--coordinator",
+                &format!("http://127.0.0.1:{}", self.port),
+            ])
+            .args(["--state-dir", &state.display().to_string()])
+            .env("TABULA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.workers.push(child);
+        let key_file = state.join("worker.key");
+        let started = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&key_file)
+                && let Ok(seed) = Bytes::<32>::from_hex(text.trim())
+            {
+                return Identity::from_seed(seed.0).public().to_hex();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "worker {n} made no key"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(600)))
+        .build()
+        .new_agent();
+    let result = match body {
+        Some(b) => {
+            let mut r = agent.post(&url).header("content-type", "application/json");
+            if let Some(k) = key {
+                r = r.header("authorization", &format!("Bearer {k}"));
+            }
+            for (h, v) in headers {
+                r = r.header(*h, *v);
+            }
+            r.send(b.to_string().as_bytes())
+        }
+        None => {
+            assert_eq!(method, "GET");
+            agent.get(&url).call()
+        }
+    };
+    match result {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let mut text = String::new();
+            resp.body_mut()
+                .as_reader()
+                .read_to_string(&mut text)
+                .unwrap();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+fn get(port: u16, path: &str) -> (u16, Value) {
+    request(port, "GET", path, None, None, &[])
+}
+
+fn post(port: u16, path: &str, key: &str, body: Value) -> (u16, Value) {
+    request(port, "POST", path, Some(key), Some(&body), &[])
+}
+
+fn fixture_texts() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/minilm.jsonl"
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// The exact embeddings of `texts` computed locally by `tabula embed`, as the API returns
+/// them (q15 / 32768 as f32).
+fn local_embeddings(texts: &[String]) -> Vec<Vec<f32>> {
+    let mut child = Command::new(BIN)
+        .args([
+            "embed",
+            "--model",
+            "all-MiniLM-L6-v2",
+            "--precision",
+            "exact",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for t in texts {
+            writeln!(stdin, "{t}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["embedding_q15"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| (x.as_i64().unwrap() as f64 / 32768.0) as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn local_generation(prompt: &str, max_tokens: u32, temperature: &str, seed: &str) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "generate",
+            "--model",
+            "SmolLM2-135M-Instruct",
+            "--precision",
+            "exact",
+            "--json",
+        ])
+        .args(["--prompt", prompt, "--max-tokens", &max_tokens.to_string()])
+        .args(["--temperature", temperature, "--seed", seed])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    v["text"].as_str().unwrap().to_string()
+}
+
+fn api_embeddings(v: &Value) -> Vec<Vec<f32>> {
+    v["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not an embeddings response: {v}"))
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn ledger(port: u16, key: &str) -> Value {
+    let (status, v) = get(port, &format!("/v1/ledger/{key}"));
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// Checks a worker's receipts: each verifies under the coordinator's key, names this worker,
+/// covers a distinct unit, and together they add up to its verified credit.
+fn check_receipts(entry: &Value) {
+    let w = &entry["workers"][0];
+    let receipts: Vec<Receipt> = serde_json::from_value(w["recent_receipts"].clone()).unwrap();
+    let mut units = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for r in &receipts {
+        r.verify().expect("a receipt that verifies");
+        assert_eq!(r.worker.to_hex(), w["worker"].as_str().unwrap());
+        assert_eq!(
+            r.coordinator.to_hex(),
+            entry["coordinator_key"].as_str().unwrap()
+        );
+        assert!(units.insert(r.unit), "two receipts for one unit");
+        total += r.credit_micro;
+    }
+    assert_eq!(
+        total,
+        w["verified_credit_micro"].as_u64().unwrap(),
+        "receipts must add up to the credit"
+    );
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Evil {
+    /// Well-formed outputs full of random values.
+    Random,
+    /// All-zero outputs.
+    Zeros,
+    /// Two of these return the same wrong answer for the same unit.
+    Colluder,
+    /// Signs its results with a key other than the one it logged in with.
+    Forger,
+    /// Takes leases and never answers.
+    Sleeper,
+    /// Re-sends another worker's signed result.
+    Replayer,
+}
+
+/// A well-formed but wrong output for `task`, derived from `seed` bytes.
+fn wrong_output(task: &Task, seed: &[u8; 32], zeros: bool) -> UnitOutput {
+    let pick = |i: usize| {
+        if zeros {
+            0
+        } else {
+            seed[i % 32] as i32 * 97 - 12000
+        }
+    };
+    match task {
+        Task::Embed { sequences, .. } => UnitOutput::ExactEmbeddings {
+            dim: 384,
+            q15: (0..sequences.len() * 384).map(pick).collect(),
+        },
+        Task::Generate { max_tokens, .. } => UnitOutput::Generation {
+            tokens: (0..*max_tokens as usize)
+                .map(|i| pick(i).unsigned_abs() % 1000 + 1000)
+                .collect(),
+            stopped: false,
+            logits_sha256: (0..*max_tokens as usize)
+                .map(|i| Bytes([pick(i) as u8; 32]))
+                .collect(),
+        },
+    }
+}
+
+/// An adversarial worker. Returns its public key once it has logged in; runs until `stop`.
+async fn adversary(
+    port: u16,
+    evil: Evil,
+    captured: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    mut replay: Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    ready: tokio::sync::oneshot::Sender<String>,
+) {
+    let me = Identity::from_seed(rand_bytes());
+    let other = Identity::from_seed(rand_bytes());
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
+        .await
+        .unwrap();
+    let (mut tx, mut rx) = socket.split();
+    let mut next = async || loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                return Some(decode::<ToWorker>(&b, MAX_COORDINATOR_FRAME).unwrap());
+            }
+            Some(Ok(_)) => continue,
+            _ => return None,
+        }
+    };
+    let Some(ToWorker::Challenge { nonce, coordinator }) = next().await else {
+        panic!("no challenge")
+    };
+    let login = ToCoordinator::Login {
+        key: me.public(),
+        signature: me.sign_login(&nonce, &coordinator),
+        agent: format!("adversary {evil:?}"),
+        precisions: vec![tabula_protocol::Precision::Exact],
+    };
+    tx.send(Message::Binary(encode(&login).into()))
+        .await
+        .unwrap();
+    assert!(matches!(next().await, Some(ToWorker::Welcome { .. })));
+    let _ = ready.send(me.public().to_hex());
+    // The colluders agree on a secret: the wrong answer is a function of the unit alone.
+    let shared_secret = [7u8; 32];
+    let send = async |tx: &mut futures_util::stream::SplitSink<_, Message>, m: &ToCoordinator| {
+        let _ = tx.send(Message::Binary(encode(m).into())).await;
+    };
+    if evil == Evil::Replayer {
+        let frame = replay.as_mut().unwrap().recv().await.unwrap();
+        let _ = tx.send(Message::Binary(frame.into())).await;
+        // Wait for the verdict, then idle.
+        let _ = tokio::time::timeout(Duration::from_secs(10), next()).await;
+        let _ = stop.changed().await;
+        return;
+    }
+    send(&mut tx, &ToCoordinator::Ready).await;
+    loop {
+        let message = tokio::select! {
+            _ = stop.changed() => return,
+            m = next() => match m { Some(m) => m, None => return },
+        };
+        match message {
+            ToWorker::Assign(a) => {
+                if evil == Evil::Sleeper {
+                    // Hoard: ask for more, answer nothing.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    send(&mut tx, &ToCoordinator::Ready).await;
+                    continue;
+                }
+                let seed = match evil {
+                    Evil::Colluder => {
+                        let mut s = a.unit.0;
+                        s.iter_mut().zip(shared_secret).for_each(|(x, k)| *x ^= k);
+                        s
+                    }
+                    _ => rand_bytes(),
+                };
+                let output = wrong_output(&a.task, &seed, evil == Evil::Zeros).encode();
+                let signer = if evil == Evil::Forger { &other } else { &me };
+                let submission = signer.submission(a.lease, a.unit, output);
+                let frame = encode(&ToCoordinator::Submit(submission));
+                if evil == Evil::Colluder {
+                    let _ = captured.send(frame.clone());
+                }
+                let _ = tx.send(Message::Binary(frame.into())).await;
+            }
+            ToWorker::NoWork { retry_ms } => {
+                tokio::time::sleep(Duration::from_millis(u64::from(retry_ms))).await;
+                send(&mut tx, &ToCoordinator::Ready).await;
+            }
+            ToWorker::Accepted { .. } | ToWorker::Rejected { .. } => {
+                send(&mut tx, &ToCoordinator::Ready).await;
+            }
+            ToWorker::Error { .. } => return,
+            _ => {}
+        }
+    }
+}
+
+fn honest_workers_and_adversaries(flavor: Flavor) {
+    let Some(mut cluster) = Cluster::start(flavor, &["--lease-secs", "20"]) else {
+        return;
+    };
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (captured_tx, mut captured_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (replay_tx, replay_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Forward the first captured colluder frame to the replayer.
+    rt.spawn(async move {
+        if let Some(frame) = captured_rx.recv().await {
+            let _ = replay_tx.send(frame);
+        }
+    });
+    let mut adversaries = Vec::new();
+    let mut replay_rx = Some(replay_rx);
+    for evil in [
+        Evil::Random,
+        Evil::Zeros,
+        Evil::Colluder,
+        Evil::Colluder,
+        Evil::Forger,
+        Evil::Sleeper,
+        Evil::Replayer,
+    ] {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let replay = if evil == Evil::Replayer {
+            replay_rx.take()
+        } else {
+            None
+        };
+        rt.spawn(adversary(
+            port,
+            evil,
+            captured_tx.clone(),
+            replay,
+            stop.clone(),
+            ready_tx,
+        ));
+        adversaries.push((evil, rt.block_on(ready_rx).unwrap()));
+    }
+    let honest: Vec<String> = (0..3).map(|n| cluster.add_worker(n)).collect();
+
+    let texts = fixture_texts();
+    let expected = local_embeddings(&texts);
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    let got = api_embeddings(&body);
+    assert_eq!(got.len(), expected.len());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            g, e,
+            "text {i}: the verified embedding differs from the local exact one"
+        );
+    }
+
+    let prompt = "The quick brown fox";
+    let expected_text = local_generation(prompt, 8, "0.8", "3");
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        &key,
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 8, "temperature": 0.8, "seed": 3 }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), expected_text);
+
+    // Let the sleeper's leases run out.
+    std::thread::sleep(Duration::from_secs(22));
+    let _ = stop_tx.send(true);
+    for (evil, adversary) in &adversaries {
+        let entry = ledger(port, adversary);
+        let w = &entry["workers"][0];
+        assert_eq!(
+            w["verified_credit_micro"], 0,
+            "{evil:?} earned credit: {entry}"
+        );
+        assert!(
+            w["strikes"].as_i64().unwrap() >= 1,
+            "{evil:?} was not caught: {entry}\n{}",
+            cluster.log()
+        );
+    }
+    let mut honest_credit = 0;
+    for h in &honest {
+        let entry = ledger(port, h);
+        let w = &entry["workers"][0];
+        assert_eq!(w["strikes"], 0, "an honest worker was struck: {entry}");
+        check_receipts(&entry);
+        honest_credit += w["verified_credit_micro"].as_u64().unwrap();
+    }
+    assert!(honest_credit > 0, "no honest worker was credited");
+}
+
+#[test]
+fn sqlite_honest_workers_and_adversaries() {
+    honest_workers_and_adversaries(Flavor::Sqlite);
+}
+
+#[test]
+fn postgres_honest_workers_and_adversaries() {
+    honest_workers_and_adversaries(Flavor::Postgres);
+}
+
+/// `kill -9` of the coordinator in the middle of a job: after a restart on the same data, the
+/// job finishes (the requester retries with its Idempotency-Key) with every unit, and no
+/// worker is credited twice for a unit.
+fn survives_kill_9(flavor: Flavor) {
+    let Some(mut cluster) =
+        Cluster::start(flavor, &["--lease-secs", "10", "--unit-sequences", "1"])
+    else {
+        return;
+    };
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let honest: Vec<String> = (0..2).map(|n| cluster.add_worker(n)).collect();
+    let texts = fixture_texts();
+    let body = json!({ "model": "all-MiniLM-L6-v2", "input": texts });
+    let send = {
+        let (key, body) = (key.clone(), body.clone());
+        move || {
+            request(
+                port,
+                "POST",
+                "/v1/embeddings",
+                Some(&key),
+                Some(&body),
+                &[("idempotency-key", "job-1")],
+            )
+        }
+    };
+    let first = std::thread::spawn(send.clone());
+    // Wait until some but not all units are verified.
+    let started = Instant::now();
+    loop {
+        let (_, m) = get(port, "/metrics");
+        let text = m.as_str().unwrap_or_default().to_string();
+        let verified: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tabula_units_verified_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if verified >= 3 {
+            assert!(
+                verified < texts.len() as u64,
+                "the job finished before the kill"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no progress: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.kill_serve();
+    let _ = first.join();
+    cluster.start_serve();
+    let (status, v) = send();
+    assert_eq!(status, 200, "{v}\n{}", cluster.log());
+    let got = api_embeddings(&v);
+    assert_eq!(
+        got,
+        local_embeddings(&texts),
+        "the job after the restart differs"
+    );
+    for h in &honest {
+        let entry = ledger(port, h);
+        check_receipts(&entry);
+    }
+}
+
+#[test]
+fn sqlite_survives_kill_9() {
+    survives_kill_9(Flavor::Sqlite);
+}
+
+#[test]
+fn postgres_survives_kill_9() {
+    survives_kill_9(Flavor::Postgres);
+}
+
+/// Garbage on the worker socket and bad API requests get clear errors; the server keeps
+/// serving.
+#[test]
+fn bad_input_gets_errors_and_the_server_keeps_serving() {
+    let cluster = Cluster::start(Flavor::Sqlite, &[]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let valid = encode(&ToCoordinator::Ready);
+        let mut frames: Vec<Vec<u8>> = vec![vec![], vec![1], vec![0xff; 64], valid.clone()];
+        // Mutations of a real login frame.
+        let me = Identity::from_seed([3; 32]);
+        let login = encode(&ToCoordinator::Login {
+            key: me.public(),
+            signature: Bytes([0; 64]),
+            agent: "x".repeat(50),
+            precisions: vec![],
+        });
+        for i in 0..login.len() {
+            let mut f = login.clone();
+            f[i] ^= 0x5a;
+            frames.push(f);
+        }
+        frames.push(vec![0u8; tabula_protocol::MAX_WORKER_FRAME + 1]);
+        for frame in frames {
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
+                    .await
+                    .unwrap();
+            let _challenge = socket.next().await;
+            let _ = socket.send(Message::Binary(frame.into())).await;
+            // The coordinator answers with an error and closes; it never hangs.
+            let answer = tokio::time::timeout(Duration::from_secs(10), socket.next()).await;
+            assert!(answer.is_ok(), "the coordinator hung on a bad frame");
+        }
+    });
+    assert_eq!(get(port, "/healthz").0, 200);
+
+    let bad: Vec<(Value, &str)> = vec![
+        (json!({ "input": "x" }), "model"),
+        (json!({ "model": "all-MiniLM-L6-v2" }), "input"),
+        (json!({ "model": "all-MiniLM-L6-v2", "input": [] }), "input"),
+        (
+            json!({ "model": "all-MiniLM-L6-v2", "input": [1, 2, 99999999] }),
+            "input",
+        ),
+        (
+            json!({ "model": "all-MiniLM-L6-v2", "input": "x", "encoding_format": "hex" }),
+            "encoding_format",
+        ),
+        (
+            json!({ "model": "SmolLM2-135M-Instruct", "input": "x" }),
+            "model",
+        ),
+        (
+            json!({ "model": "all-MiniLM-L6-v2", "input": "x".repeat(100_000) }),
+            "input",
+        ),
+    ];
+    for (body, param) in bad {
+        let (status, v) = post(port, "/v1/embeddings", &key, body.clone());
+        assert!((400..500).contains(&status), "{body}: {status} {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    for body in [
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": 0 }),
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": "hi", "temperature": -1 }),
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": "hi", "n": 3 }),
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": 100000 }),
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": {"a": 1} }),
+    ] {
+        let (status, v) = post(port, "/v1/completions", &key, body.clone());
+        assert_eq!(status, 400, "{body}: {v}");
+    }
+    let (status, v) = post(
+        port,
+        "/v1/chat/completions",
+        &key,
+        json!({ "model": "SmolLM2-135M-Instruct", "messages": [{"role": "wizard", "content": "x"}] }),
+    );
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = post(
+        port,
+        "/v1/embeddings",
+        "wrong-key",
+        json!({ "model": "all-MiniLM-L6-v2", "input": "x" }),
+    );
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    assert_eq!(get(port, "/v1/ledger/nonsense").0, 404);
+    assert_eq!(get(port, "/v1/weights/00").0, 400);
+    assert_eq!(get(port, &format!("/v1/weights/{}", "0".repeat(64))).0, 404);
+    assert_eq!(get(port, "/nope").0, 404);
+    let (status, spec) = get(port, "/openapi.json");
+    assert_eq!(status, 200);
+    assert!(spec["paths"]["/v1/embeddings"].is_object());
+    assert_eq!(get(port, "/healthz").0, 200);
+}
