@@ -16,6 +16,12 @@ step "real model weights, and their exact-precision (int8) files"
 cargo run -q -p tabula-cli -- models fetch
 cargo run -q -p tabula-cli -- models quantize
 
+step "the official openai Python client, for the coordinator's API test"
+export TABULA_PYLIB=${TABULA_PYLIB:-$TABULA_TOOLS/pylib}
+if ! PYTHONPATH=$TABULA_PYLIB python3 -c "import openai" 2>/dev/null; then
+  python3 -m pip install -q --target "$TABULA_PYLIB" openai
+fi
+
 step "PostgreSQL for the coordinator tests (SQLite needs nothing)"
 if [ -z "${TABULA_TEST_POSTGRES_URL:-}" ]; then
   TABULA_TEST_POSTGRES_URL=$(bash scripts/postgres.sh)

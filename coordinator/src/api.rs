@@ -31,13 +31,13 @@ type AppState = Arc<State>;
 pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
-    message: String,
+    pub(crate) message: String,
     param: Option<&'static str>,
     code: Option<&'static str>,
 }
 
 impl ApiError {
-    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+    pub(crate) fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",
@@ -47,7 +47,7 @@ impl ApiError {
         }
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
             kind: "invalid_request_error",
@@ -136,6 +136,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route(
+            "/v1/files",
+            post(crate::batch::upload).layer(DefaultBodyLimit::max(crate::batch::MAX_FILE_BYTES)),
+        )
+        .route("/v1/files/{id}", get(crate::batch::file_info))
+        .route("/v1/files/{id}/content", get(crate::batch::file_content))
+        .route("/v1/batches", post(crate::batch::create))
+        .route("/v1/batches/{id}", get(crate::batch::retrieve))
         .route("/v1/ledger", get(ledger_list))
         .route("/v1/ledger/{id}", get(ledger))
         .route("/v1/weights/{sha256}", get(weights))
@@ -229,7 +237,7 @@ async fn list_models(Extract(state): Extract<AppState>) -> Json<Value> {
     Json(json!({ "object": "list", "data": data }))
 }
 
-async fn authorize(state: &State, headers: &HeaderMap) -> ApiResult<String> {
+pub(crate) async fn authorize(state: &State, headers: &HeaderMap) -> ApiResult<String> {
     let unauthorized = |message: &str| ApiError {
         status: StatusCode::UNAUTHORIZED,
         kind: "invalid_request_error",
@@ -403,13 +411,176 @@ fn micro(gflop: f64) -> i64 {
     (gflop * 1e6).round() as i64
 }
 
+/// A validated request: the units it becomes, and what its response needs.
+pub struct Prepared<'a> {
+    pub kind: &'static str,
+    pub model: &'a ServedModel,
+    pub precision: Precision,
+    pub tasks: Vec<(Task, i64)>,
+    pub stream: bool,
+    render: Render,
+}
+
+enum Render {
+    Embeddings {
+        base64: bool,
+        tokens: usize,
+    },
+    Completion {
+        stop: Vec<String>,
+        prompt_tokens: usize,
+    },
+    Chat {
+        stop: Vec<String>,
+        prompt_tokens: usize,
+    },
+}
+
+/// The endpoints a request (or a batch line) can address.
+pub const ENDPOINTS: [&str; 3] = ["/v1/embeddings", "/v1/completions", "/v1/chat/completions"];
+
+/// Validates a request body for `endpoint` and cuts it into units.
+pub fn prepare<'a>(state: &'a State, endpoint: &str, body: &Value) -> ApiResult<Prepared<'a>> {
+    match endpoint {
+        "/v1/embeddings" => prepare_embeddings(state, body),
+        "/v1/completions" => prepare_completion(state, body),
+        "/v1/chat/completions" => prepare_chat(state, body),
+        _ => Err(ApiError::invalid(
+            format!(
+                "unsupported endpoint `{endpoint}`; use one of {}",
+                ENDPOINTS.join(", ")
+            ),
+            Some("endpoint"),
+        )),
+    }
+}
+
+/// The response body of a finished request.
+pub fn render(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Value> {
+    match &p.render {
+        Render::Embeddings { base64, tokens } => {
+            render_embeddings(p.model, outputs, *base64, *tokens)
+        }
+        Render::Completion {
+            stop,
+            prompt_tokens,
+        } => {
+            let choices = choices(p.model, outputs, stop)?;
+            let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
+            Ok(json!({
+                "id": format!("cmpl-{job}"),
+                "object": "text_completion",
+                "created": now_s(),
+                "model": p.model.name,
+                "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                    "index": i, "text": c.text, "finish_reason": c.finish, "logprobs": null,
+                })).collect::<Vec<_>>(),
+                "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens },
+            }))
+        }
+        Render::Chat {
+            stop,
+            prompt_tokens,
+        } => {
+            let choice = choices(p.model, outputs, stop)?.remove(0);
+            Ok(json!({
+                "id": format!("chatcmpl-{job}"),
+                "object": "chat.completion",
+                "created": now_s(),
+                "model": p.model.name,
+                "choices": [{ "index": 0, "message": { "role": "assistant", "content": choice.text }, "finish_reason": choice.finish, "logprobs": null }],
+                "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": choice.completion_tokens, "total_tokens": prompt_tokens + choice.completion_tokens },
+            }))
+        }
+    }
+}
+
+/// The server-sent events of a finished streaming request.
+fn stream_events(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Vec<Value>> {
+    let name = &p.model.name;
+    match &p.render {
+        Render::Completion { stop, .. } => {
+            let id = format!("cmpl-{job}");
+            let mut events = Vec::new();
+            for (i, c) in choices(p.model, outputs, stop)?.iter().enumerate() {
+                events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": name,
+                    "choices": [{ "index": i, "text": c.text, "finish_reason": null, "logprobs": null }] }));
+                events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": name,
+                    "choices": [{ "index": i, "text": "", "finish_reason": c.finish, "logprobs": null }] }));
+            }
+            Ok(events)
+        }
+        Render::Chat { stop, .. } => {
+            let id = format!("chatcmpl-{job}");
+            let choice = choices(p.model, outputs, stop)?.remove(0);
+            let chunk = |delta: Value, finish: Value| {
+                json!({ "id": id, "object": "chat.completion.chunk", "created": now_s(), "model": name,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+            };
+            Ok(vec![
+                chunk(json!({ "role": "assistant", "content": "" }), Value::Null),
+                chunk(json!({ "content": choice.text }), Value::Null),
+                chunk(json!({}), json!(choice.finish)),
+            ])
+        }
+        Render::Embeddings { .. } => Err(ApiError::invalid(
+            "embeddings do not stream",
+            Some("stream"),
+        )),
+    }
+}
+
+/// The handler of the three synchronous endpoints.
+async fn respond(
+    state: &State,
+    headers: &HeaderMap,
+    endpoint: &str,
+    body: Value,
+) -> ApiResult<Response> {
+    let api_key = authorize(state, headers).await?;
+    let p = prepare(state, endpoint, &body)?;
+    let (job, outputs) = run_job(
+        state,
+        headers,
+        &api_key,
+        p.kind,
+        p.model,
+        p.precision,
+        p.tasks.clone(),
+    )
+    .await?;
+    if p.stream {
+        return Ok(sse(stream_events(&p, &job, outputs)?));
+    }
+    Ok(Json(render(&p, &job, outputs)?).into_response())
+}
+
 async fn embeddings(
     Extract(state): Extract<AppState>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
-) -> ApiResult<Json<Value>> {
-    let api_key = authorize(&state, &headers).await?;
-    let model = find_model(&state, &body, "embedding")?;
+) -> ApiResult<Response> {
+    respond(&state, &headers, "/v1/embeddings", body).await
+}
+
+async fn completions(
+    Extract(state): Extract<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Response> {
+    respond(&state, &headers, "/v1/completions", body).await
+}
+
+async fn chat_completions(
+    Extract(state): Extract<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<Response> {
+    respond(&state, &headers, "/v1/chat/completions", body).await
+}
+
+fn prepare_embeddings<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
+    let model = find_model(state, body, "embedding")?;
     let ModelKind::Embedding {
         tokenizer,
         dim,
@@ -418,7 +589,7 @@ async fn embeddings(
     else {
         unreachable!("checked by find_model")
     };
-    let precision = precision(&body)?;
+    let precision = precision(body)?;
     let base64 = match body.get("encoding_format").and_then(Value::as_str) {
         None | Some("float") => false,
         Some("base64") => true,
@@ -518,7 +689,31 @@ async fn embeddings(
             )
         })
         .collect();
-    let (_, outputs) = run_job(&state, &headers, &api_key, "embd", model, precision, tasks).await?;
+    if body
+        .get("stream")
+        .is_some_and(|v| v != &json!(false) && !v.is_null())
+    {
+        return Err(ApiError::invalid(
+            "embeddings do not stream",
+            Some("stream"),
+        ));
+    }
+    Ok(Prepared {
+        kind: "embd",
+        model,
+        precision,
+        tasks,
+        stream: false,
+        render: Render::Embeddings { base64, tokens },
+    })
+}
+
+fn render_embeddings(
+    model: &ServedModel,
+    outputs: Vec<UnitOutput>,
+    base64: bool,
+    tokens: usize,
+) -> ApiResult<Value> {
     let mut data = Vec::new();
     for out in outputs {
         let vectors: Vec<Vec<f32>> = match out {
@@ -549,12 +744,12 @@ async fn embeddings(
             );
         }
     }
-    Ok(Json(json!({
+    Ok(json!({
         "object": "list",
         "data": data,
         "model": model.name,
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-    })))
+    }))
 }
 
 /// Sampling settings shared by completions and chat completions.
@@ -775,21 +970,16 @@ fn now_s() -> i64 {
     crate::db::now_ms() / 1000
 }
 
-async fn completions(
-    Extract(state): Extract<AppState>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<Value>,
-) -> ApiResult<Response> {
-    let api_key = authorize(&state, &headers).await?;
-    let model = find_model(&state, &body, "generation")?;
+fn prepare_completion<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
+    let model = find_model(state, body, "generation")?;
     let ModelKind::Generation {
         tokenizer, vocab, ..
     } = &model.kind
     else {
         unreachable!()
     };
-    let precision = precision(&body)?;
-    let s = sampling(&body, 16)?;
+    let precision = precision(body)?;
+    let s = sampling(body, 16)?;
     let prompt = body
         .get("prompt")
         .ok_or_else(|| ApiError::invalid("`prompt` is required", Some("prompt")))?;
@@ -833,32 +1023,17 @@ async fn completions(
     };
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let tasks = generation_tasks(model, precision, &prompts, &s)?;
-    let (job, outputs) =
-        run_job(&state, &headers, &api_key, "cmpl", model, precision, tasks).await?;
-    let choices = choices(model, outputs, &s.stop)?;
-    let id = format!("cmpl-{job}");
-    let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
-    if s.stream {
-        let mut events = Vec::new();
-        for (i, c) in choices.iter().enumerate() {
-            events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": model.name,
-                "choices": [{ "index": i, "text": c.text, "finish_reason": null, "logprobs": null }] }));
-            events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": model.name,
-                "choices": [{ "index": i, "text": "", "finish_reason": c.finish, "logprobs": null }] }));
-        }
-        return Ok(sse(events));
-    }
-    Ok(Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": now_s(),
-        "model": model.name,
-        "choices": choices.iter().enumerate().map(|(i, c)| json!({
-            "index": i, "text": c.text, "finish_reason": c.finish, "logprobs": null,
-        })).collect::<Vec<_>>(),
-        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens },
-    }))
-    .into_response())
+    Ok(Prepared {
+        kind: "cmpl",
+        model,
+        precision,
+        tasks,
+        stream: s.stream,
+        render: Render::Completion {
+            stop: s.stop,
+            prompt_tokens,
+        },
+    })
 }
 
 /// Server-sent events of `events`, then `[DONE]`, as OpenAI streams. The result is verified
@@ -872,18 +1047,13 @@ fn sse(events: Vec<Value>) -> Response {
     Sse::new(futures_util::stream::iter(items)).into_response()
 }
 
-async fn chat_completions(
-    Extract(state): Extract<AppState>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<Value>,
-) -> ApiResult<Response> {
-    let api_key = authorize(&state, &headers).await?;
-    let model = find_model(&state, &body, "generation")?;
+fn prepare_chat<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
+    let model = find_model(state, body, "generation")?;
     let ModelKind::Generation { tokenizer, .. } = &model.kind else {
         unreachable!()
     };
-    let precision = precision(&body)?;
-    let s = sampling(&body, 256)?;
+    let precision = precision(body)?;
+    let s = sampling(body, 256)?;
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -935,30 +1105,17 @@ async fn chat_completions(
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let prompt_tokens = prompt.len();
     let tasks = generation_tasks(model, precision, &[prompt], &s)?;
-    let (job, outputs) =
-        run_job(&state, &headers, &api_key, "chat", model, precision, tasks).await?;
-    let choice = choices(model, outputs, &s.stop)?.remove(0);
-    let id = format!("chatcmpl-{job}");
-    if s.stream {
-        let chunk = |delta: Value, finish: Value| {
-            json!({ "id": id, "object": "chat.completion.chunk", "created": now_s(), "model": model.name,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
-        };
-        return Ok(sse(vec![
-            chunk(json!({ "role": "assistant", "content": "" }), Value::Null),
-            chunk(json!({ "content": choice.text }), Value::Null),
-            chunk(json!({}), json!(choice.finish)),
-        ]));
-    }
-    Ok(Json(json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": now_s(),
-        "model": model.name,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": choice.text }, "finish_reason": choice.finish, "logprobs": null }],
-        "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": choice.completion_tokens, "total_tokens": prompt_tokens + choice.completion_tokens },
-    }))
-    .into_response())
+    Ok(Prepared {
+        kind: "chat",
+        model,
+        precision,
+        tasks,
+        stream: s.stream,
+        render: Render::Chat {
+            stop: s.stop,
+            prompt_tokens,
+        },
+    })
 }
 
 async fn ledger_list(Extract(state): Extract<AppState>) -> ApiResult<Json<Value>> {
@@ -1068,6 +1225,11 @@ async fn openapi() -> Json<Value> {
             "/v1/embeddings": { "post": body_op("Sentence embeddings, verified", "EmbeddingRequest") },
             "/v1/completions": { "post": body_op("Text completion, verified", "CompletionRequest") },
             "/v1/chat/completions": { "post": body_op("Chat completion, verified", "ChatCompletionRequest") },
+            "/v1/files": { "post": op("Upload a JSONL batch input file (multipart: purpose=batch, file)", true) },
+            "/v1/files/{id}": { "get": op("A file's metadata", true) },
+            "/v1/files/{id}/content": { "get": op("A file's content (batch output files too)", true) },
+            "/v1/batches": { "post": op("Start a batch over an uploaded file", true) },
+            "/v1/batches/{id}": { "get": op("A batch's status, counts and output file", true) },
             "/v1/ledger": { "get": op("Every worker and its verified credit", false) },
             "/v1/ledger/{id}": { "get": op("Credit, receipts and record of a worker key or payout address", false) },
             "/v1/weights/{sha256}": { "get": op("A content-addressed model file", false) },

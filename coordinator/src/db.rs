@@ -83,6 +83,26 @@ const SCHEMA: &[&str] = &[
         issued_ms BIGINT NOT NULL,
         PRIMARY KEY (worker, unit_id))",
     "CREATE INDEX IF NOT EXISTS credits_worker ON credits (worker)",
+    "CREATE TABLE IF NOT EXISTS files (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        content TEXT NOT NULL,
+        created_ms BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS batches (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        input_file_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        entries TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        created_ms BIGINT NOT NULL,
+        completed_ms BIGINT)",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

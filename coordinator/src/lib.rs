@@ -8,6 +8,7 @@
 //! depend on the browser build or the CLI.
 
 pub mod api;
+pub mod batch;
 pub mod db;
 pub mod models;
 pub mod scheduler;

@@ -813,3 +813,30 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
     assert!(spec["paths"]["/v1/embeddings"].is_object());
     assert_eq!(get(port, "/healthz").0, 200);
 }
+
+/// The official `openai` Python client against a real cluster: embeddings, completions, chat
+/// (streamed too), typed errors and the Batch API (`tests/openai_client.py`). Needs the
+/// `openai` package importable from `python3` (or from `$TABULA_PYLIB`, where
+/// `tests/run-all.sh` installs it).
+#[test]
+fn openai_python_client() {
+    let mut cluster = Cluster::start(Flavor::Sqlite, &[]).unwrap();
+    let key = cluster.api_key();
+    for n in 0..2 {
+        cluster.add_worker(n);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_client.py");
+    let mut python = Command::new("python3");
+    python.args([script, &format!("http://127.0.0.1:{}", cluster.port), &key]);
+    if let Some(lib) = std::env::var_os("TABULA_PYLIB") {
+        python.env("PYTHONPATH", lib);
+    }
+    let out = python.output().expect("python3");
+    assert!(
+        out.status.success(),
+        "the openai client failed:\n{}\n{}\ncoordinator log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cluster.log()
+    );
+}
