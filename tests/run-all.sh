@@ -11,6 +11,7 @@ step "formatting and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p tabula-web --target wasm32-unknown-unknown -- -D warnings
+cargo clippy -p tabula-protocol --target wasm32-unknown-unknown -- -D warnings
 
 step "real model weights, and their exact-precision (int8) files"
 cargo run -q -p tabula-cli -- models fetch

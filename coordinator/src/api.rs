@@ -174,6 +174,16 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             &m.leases_granted,
         ),
         (
+            "tabula_leases_canary_total",
+            "Leases of known-answer canary units",
+            &m.leases_canary,
+        ),
+        (
+            "tabula_units_solo_total",
+            "Units run unreplicated by a trusted worker",
+            &m.units_solo,
+        ),
+        (
             "tabula_leases_expired_total",
             "Leases that ran past their deadline",
             &m.leases_expired,

@@ -39,6 +39,8 @@ type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
 #[derive(Default)]
 pub struct Metrics {
     pub leases_granted: AtomicU64,
+    pub leases_canary: AtomicU64,
+    pub units_solo: AtomicU64,
     pub leases_expired: AtomicU64,
     pub results_submitted: AtomicU64,
     pub results_rejected: AtomicU64,
@@ -88,6 +90,17 @@ struct ResultRow {
     worker: String,
     output_hash: String,
     output: Vec<u8>,
+}
+
+/// A PostgreSQL deadlock or serialisation failure: the transaction rolled back and can run
+/// again.
+fn is_transient(e: &CoordinatorError) -> bool {
+    match e {
+        CoordinatorError::Db(sqlx::Error::Database(d)) => {
+            matches!(d.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
 }
 
 fn decode_b64(s: &str) -> Result<Vec<u8>> {
@@ -377,6 +390,21 @@ impl State {
         prefix: &str,
         precisions: &[Precision],
     ) -> Result<Option<Assignment>> {
+        let mut attempt = 0;
+        loop {
+            match self.grant_once(worker, prefix, precisions).await {
+                Err(e) if attempt < 5 && is_transient(&e) => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn grant_once(
+        &self,
+        worker: &PublicKey,
+        prefix: &str,
+        precisions: &[Precision],
+    ) -> Result<Option<Assignment>> {
         let key = worker.to_hex();
         let precisions = Self::precision_list(precisions);
         let _w = self.db.write().await;
@@ -417,6 +445,7 @@ impl State {
                 .await?;
                 tx.commit().await?;
                 self.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
+                self.metrics.leases_canary.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(Assignment {
                     lease,
                     unit: Hash::from_hex(&row.try_get::<String, _>("digest")?)
@@ -460,6 +489,9 @@ impl State {
         };
         if updated.rows_affected() != 1 {
             return Ok(None);
+        }
+        if solo {
+            self.metrics.units_solo.fetch_add(1, Ordering::Relaxed);
         }
         self.insert_lease(
             &mut tx, &lease, &unit_id, &key, prefix, "replica", now, deadline,
@@ -554,7 +586,7 @@ impl State {
     pub async fn expire_leases(&self) -> Result<()> {
         let now = now_ms();
         let rows = sqlx::query(
-            "SELECT id, worker FROM leases WHERE state = 'active' AND deadline_ms < $1 LIMIT 500",
+            "SELECT id, worker FROM leases WHERE state = 'active' AND deadline_ms < $1 ORDER BY worker LIMIT 500",
         )
         .bind(now)
         .fetch_all(&self.db.pool)
@@ -599,10 +631,30 @@ impl State {
         self.metrics
             .results_submitted
             .fetch_add(1, Ordering::Relaxed);
+        let mut attempt = 0;
+        loop {
+            match self.submit_once(worker, s).await {
+                Err(e) if attempt < 5 && is_transient(&e) => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn submit_once(&self, worker: &PublicKey, s: &Submission) -> Result<Verdict> {
         let key = worker.to_hex();
         let lease = s.lease.to_hex();
         let _w = self.db.write().await;
         let mut tx = self.db.pool.begin().await?;
+        // Results for one unit are judged one at a time: on PostgreSQL, two replicas committing
+        // together would each miss the other's result and leave the unit without a verdict.
+        if let Some(unit) = sqlx::query("SELECT unit_id FROM leases WHERE id = $1")
+            .bind(&lease)
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            self.lock_unit(&mut tx, &unit.try_get::<String, _>("unit_id")?)
+                .await?;
+        }
         let row = sqlx::query(
             "SELECT l.worker, l.state, l.unit_id, u.task, u.digest FROM leases l JOIN units u ON u.id = l.unit_id WHERE l.id = $1",
         )
@@ -675,6 +727,18 @@ impl State {
         Ok(Verdict::Accepted)
     }
 
+    /// Locks a unit's row until the transaction ends (PostgreSQL; SQLite's writers are
+    /// already serialised by [`Db::write`]).
+    async fn lock_unit(&self, tx: &mut Transaction<'_, Any>, unit_id: &str) -> Result<()> {
+        if self.db.flavor == crate::db::Flavor::Postgres {
+            sqlx::query("SELECT id FROM units WHERE id = $1 FOR UPDATE")
+                .bind(unit_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     fn after_commit(&self, receipts: Option<Vec<Receipt>>) {
         match receipts {
             Some(r) => {
@@ -721,7 +785,7 @@ impl State {
         unit_id: &str,
     ) -> Result<Vec<ResultRow>> {
         let rows = sqlx::query(
-            "SELECT id, worker, output_hash, output FROM leases WHERE unit_id = $1 AND state = 'submitted' ORDER BY submitted_ms, id",
+            "SELECT id, worker, output_hash, output FROM leases WHERE unit_id = $1 AND state = 'submitted' ORDER BY worker, id",
         )
         .bind(unit_id)
         .fetch_all(&mut **tx)
@@ -997,6 +1061,7 @@ impl State {
         let hash = tabula_protocol::sha256(&output).to_hex();
         let _w = self.db.write().await;
         let mut tx = self.db.pool.begin().await?;
+        self.lock_unit(&mut tx, &unit_id).await?;
         let unit = self.load_unit(&mut tx, &unit_id).await?;
         if unit.status != "referee" {
             return Ok(true);

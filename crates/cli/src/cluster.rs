@@ -79,7 +79,7 @@ pub struct ServeArgs {
 
 /// The models present in `dir`, each with its exact-precision file (quantised now if
 /// missing).
-fn model_sources(dir: &std::path::Path) -> Result<Vec<ModelSource>> {
+pub fn model_sources(dir: &std::path::Path) -> Result<Vec<ModelSource>> {
     let mut sources = Vec::new();
     for spec in catalog::ALL {
         if spec.files.iter().any(|f| !dir.join(f.local_path).exists()) {

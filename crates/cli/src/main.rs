@@ -5,6 +5,7 @@
 mod bench;
 mod cluster;
 mod fetch;
+mod loadgen;
 mod quantize;
 mod run;
 
@@ -54,6 +55,9 @@ enum Command {
     },
     /// Contribute this machine to a coordinator: take units, compute, earn credit.
     Worker(cluster::WorkerArgs),
+    /// Load-test the coordinator: simulated workers over real sockets, verified units per
+    /// second and lease latency, on SQLite or PostgreSQL.
+    BenchCoordinator(loadgen::LoadArgs),
 }
 
 #[derive(Subcommand)]
@@ -135,6 +139,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             command: KeysCommand::Create(args),
         } => cluster::create_key(args),
         Command::Worker(args) => cluster::worker(args),
+        Command::BenchCoordinator(args) => loadgen::bench_coordinator(args),
     }
 }
 

@@ -170,6 +170,10 @@ impl Cluster {
 
     /// Starts an honest worker process; returns its public key.
     fn add_worker(&mut self, n: usize) -> String {
+        self.add_worker_with(n, &[])
+    }
+
+    fn add_worker_with(&mut self, n: usize, extra: &[&str]) -> String {
         let state = self.dir.path().join(format!("worker{n}"));
         let log = std::fs::File::create(self.dir.path().join(format!("worker{n}.log"))).unwrap();
         let child = Command::new(BIN)
@@ -179,6 +183,7 @@ impl Cluster {
                 &format!("http://127.0.0.1:{}", self.port),
             ])
             .args(["--state-dir", &state.display().to_string()])
+            .args(extra)
             .env("TABULA_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -628,6 +633,69 @@ fn sqlite_honest_workers_and_adversaries() {
 #[test]
 fn postgres_honest_workers_and_adversaries() {
     honest_workers_and_adversaries(Flavor::Postgres);
+}
+
+fn metric(port: u16, name: &str) -> u64 {
+    let (_, m) = get(port, "/metrics");
+    m.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Adaptive replication and canaries: once workers have a clean record, some units run
+/// unreplicated and some leases are known-answer canaries, and the job's answer is still the
+/// exact one. A worker started with `--payout` is found in the ledger under that address.
+#[test]
+fn adaptive_replication_canaries_and_payout() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--solo-after",
+            "3",
+            "--spot-check-rate",
+            "0",
+            "--canary-rate",
+            "0.3",
+            "--probation-units",
+            "1",
+            "--unit-sequences",
+            "1",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let address = "0x00000000000000000000000000000000000a11ce";
+    let paid = cluster.add_worker_with(0, &["--payout", address]);
+    for n in 1..3 {
+        cluster.add_worker(n);
+    }
+    let texts = fixture_texts();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api_embeddings(&body), local_embeddings(&texts));
+    assert!(
+        metric(port, "tabula_units_solo_total") > 0,
+        "no unit ran unreplicated"
+    );
+    assert!(
+        metric(port, "tabula_leases_canary_total") > 0,
+        "no canary was issued"
+    );
+    let entry = ledger(port, address);
+    assert_eq!(entry["workers"][0]["worker"], paid.as_str(), "{entry}");
+    assert!(
+        entry["verified_credit_micro"].as_u64().unwrap() > 0,
+        "{entry}"
+    );
+    check_receipts(&entry);
 }
 
 /// `kill -9` of the coordinator in the middle of a job: after a restart on the same data, the

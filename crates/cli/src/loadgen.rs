@@ -1,0 +1,254 @@
+//! `tabula bench-coordinator`: the coordinator under load. Starts a coordinator in this
+//! process (SQLite in a temporary dir, or `--database-url`), floods it with embedding units
+//! through the real HTTP API, and runs simulated workers over the real worker socket that
+//! answer every unit correctly (each distinct task is computed once, for real, then reused), so
+//! what is measured is the coordinator: leases, result checks, verification, credit, all in
+//! the database. Reports verified units per second and the lease latency percentiles.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use tabula_coordinator::{Config, db::Db};
+use tabula_engine::cpu::CpuBackend;
+use tabula_protocol::{
+    Hash, Identity, MAX_COORDINATOR_FRAME, Precision, ToCoordinator, ToWorker, decode, encode,
+};
+use tabula_worker::{Executor, exec::ExecutorThread, native::WeightCache};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Simulated workers (each its own key and connection).
+    #[arg(long, default_value_t = 32)]
+    workers: usize,
+    /// Units to verify (one short sequence each, `--replicas` results per unit).
+    #[arg(long, default_value_t = 20_000)]
+    units: usize,
+    #[arg(long, default_value_t = 2)]
+    replicas: u32,
+    /// Clean units after which a simulated worker may run units alone (adaptive replication).
+    #[arg(long, default_value_t = 200)]
+    solo_after: u32,
+    /// Run against this database instead of SQLite in a temporary dir (e.g. a PostgreSQL URL;
+    /// give it an empty database).
+    #[arg(long)]
+    database_url: Option<String>,
+    #[arg(long)]
+    models_dir: Option<std::path::PathBuf>,
+}
+
+struct Shared {
+    answers: Mutex<HashMap<Hash, Arc<Vec<u8>>>>,
+    executor: ExecutorThread,
+    latencies_us: Mutex<Vec<u64>>,
+    submitted: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    async fn answer(&self, unit: Hash, task: tabula_protocol::Task) -> Result<Arc<Vec<u8>>> {
+        if let Some(a) = self.answers.lock().expect("lock").get(&unit) {
+            return Ok(a.clone());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.executor.submit(
+            task,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        let out = Arc::new(rx.await.context("executor stopped")??.encode());
+        self.answers.lock().expect("lock").insert(unit, out.clone());
+        Ok(out)
+    }
+}
+
+async fn simulated_worker(url: String, shared: Arc<Shared>) -> Result<()> {
+    let me = Identity::from_seed(tabula_coordinator::db::random_bytes());
+    let (socket, _) = tokio_tungstenite::connect_async(&url).await?;
+    let (mut tx, mut rx) = socket.split();
+    let mut next = async || -> Result<ToWorker> {
+        loop {
+            match rx.next().await {
+                Some(Ok(Message::Binary(b))) => return Ok(decode(&b, MAX_COORDINATOR_FRAME)?),
+                Some(Ok(_)) => continue,
+                other => bail!("socket closed: {other:?}"),
+            }
+        }
+    };
+    let ToWorker::Challenge { nonce, coordinator } = next().await? else {
+        bail!("no challenge")
+    };
+    let login = ToCoordinator::Login {
+        key: me.public(),
+        signature: me.sign_login(&nonce, &coordinator),
+        agent: "bench-coordinator".into(),
+        precisions: vec![Precision::Exact],
+    };
+    tx.send(Message::Binary(encode(&login).into())).await?;
+    let ToWorker::Welcome { .. } = next().await? else {
+        bail!("not welcomed")
+    };
+    let mut asked = Instant::now();
+    tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
+        .await?;
+    while !shared.stop.load(Ordering::Relaxed) {
+        match next().await? {
+            ToWorker::Assign(a) => {
+                let latency = asked.elapsed().as_micros() as u64;
+                shared.latencies_us.lock().expect("lock").push(latency);
+                let output = shared.answer(a.unit, a.task).await?;
+                let s = me.submission(a.lease, a.unit, output.as_ref().clone());
+                tx.send(Message::Binary(encode(&ToCoordinator::Submit(s)).into()))
+                    .await?;
+                shared.submitted.fetch_add(1, Ordering::Relaxed);
+            }
+            ToWorker::NoWork { retry_ms } => {
+                tokio::time::sleep(Duration::from_millis(u64::from(retry_ms).min(50))).await;
+                asked = Instant::now();
+                tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
+                    .await?;
+            }
+            ToWorker::Accepted { .. } | ToWorker::Rejected { .. } => {
+                asked = Instant::now();
+                tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
+                    .await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn http_get(url: &str) -> Result<String> {
+    Ok(ureq::get(url).call()?.body_mut().read_to_string()?)
+}
+
+pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = Config {
+        listen: ([127, 0, 0, 1], port).into(),
+        data_dir: dir.path().to_path_buf(),
+        database_url: args.database_url.clone(),
+        replicas: args.replicas,
+        max_replicas: args.replicas.max(2) + 2,
+        probation_units: 0,
+        solo_after: args.solo_after,
+        canary_rate: 0.0,
+        unit_sequences: 1,
+        local: true,
+        ..Config::default()
+    };
+    let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir))?;
+    let base = format!("http://127.0.0.1:{port}");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let db = Db::open(&config.data_dir, config.database_url.as_deref()).await?;
+        let key = db.create_api_key("bench").await?;
+        drop(db);
+        let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
+        tokio::spawn(tabula_coordinator::serve(config, sources, std::future::pending()));
+        let started = Instant::now();
+        while http_get(&format!("{base}/healthz")).is_err() {
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the coordinator did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let state_dir = dir.path().join("worker");
+        let cache: Arc<WeightCache> = Arc::new(WeightCache::new(&state_dir, &base));
+        let shared = Arc::new(Shared {
+            answers: Mutex::new(HashMap::new()),
+            executor: ExecutorThread::spawn(|| Ok(Executor::new(CpuBackend)), cache),
+            latencies_us: Mutex::new(Vec::new()),
+            submitted: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        // Requests of 2048 one-sequence inputs each, all posted at once (the API call returns
+        // when its job is verified).
+        let bar = indicatif::ProgressBar::new(args.units as u64)
+            .with_message(format!("verifying units on {database}"));
+        let mut requests = Vec::new();
+        let mut left = args.units;
+        let mut n = 0;
+        while left > 0 {
+            let count = left.min(2048);
+            left -= count;
+            // Distinct texts per request, repeated within it: few distinct tasks to compute.
+            let inputs: Vec<String> = (0..count).map(|i| format!("load test {n} item {}", i % 8)).collect();
+            n += 1;
+            let (url, key) = (format!("{base}/v1/embeddings"), key.clone());
+            requests.push(tokio::task::spawn_blocking(move || -> Result<()> {
+                let body = serde_json::json!({ "model": "all-MiniLM-L6-v2", "input": inputs });
+                ureq::post(&url)
+                    .header("authorization", &format!("Bearer {key}"))
+                    .header("content-type", "application/json")
+                    .send(body.to_string().as_bytes())?;
+                Ok(())
+            }));
+        }
+        let url = format!("ws://127.0.0.1:{port}/v1/worker");
+        let workers: Vec<_> = (0..args.workers)
+            .map(|_| tokio::spawn(simulated_worker(url.clone(), shared.clone())))
+            .collect();
+        let t0 = Instant::now();
+        let mut verified_at_start = None;
+        loop {
+            let text = http_get(&format!("{base}/metrics"))?;
+            let verified = metric(&text, "tabula_units_verified_total");
+            let start = *verified_at_start.get_or_insert(verified);
+            bar.set_position(verified - start);
+            if verified >= args.units as u64 {
+                break;
+            }
+            if workers.iter().all(|w| w.is_finished()) {
+                bail!("every simulated worker stopped");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        shared.stop.store(true, Ordering::Relaxed);
+        for r in requests {
+            r.await??;
+        }
+        let mut lat = shared.latencies_us.lock().expect("lock").clone();
+        lat.sort_unstable();
+        let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
+        let results = shared.submitted.load(Ordering::Relaxed);
+        println!(
+            "{database}: {} units verified ({} results, {} simulated workers, {} replicas) in {elapsed:.1} s: \
+             {:.0} verified units/s, {:.0} results/s; lease latency p50 {:.2} ms, p99 {:.2} ms \
+             (BOINC's published single-server figure: ~100 tasks/s)",
+            args.units,
+            results,
+            args.workers,
+            args.replicas,
+            args.units as f64 / elapsed,
+            results as f64 / elapsed,
+            pct(0.5),
+            pct(0.99),
+        );
+        Ok(())
+    })
+}
