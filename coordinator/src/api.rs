@@ -174,6 +174,11 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             &m.leases_granted,
         ),
         (
+            "tabula_leases_released_total",
+            "Leases given back unfinished by stopping workers",
+            &m.leases_released,
+        ),
+        (
             "tabula_leases_canary_total",
             "Leases of known-answer canary units",
             &m.leases_canary,

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub leases_canary: AtomicU64,
     pub units_solo: AtomicU64,
     pub leases_expired: AtomicU64,
+    pub leases_released: AtomicU64,
     pub results_submitted: AtomicU64,
     pub results_rejected: AtomicU64,
     pub results_wrong: AtomicU64,
@@ -544,6 +545,9 @@ impl State {
             .end_lease(&mut tx, &lease.to_hex(), Some(&worker.to_hex()), "released")
             .await?;
         tx.commit().await?;
+        if done {
+            self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(done)
     }
 

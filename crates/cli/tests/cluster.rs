@@ -282,13 +282,17 @@ fn fixture_texts() -> Vec<String> {
 /// The exact embeddings of `texts` computed locally by `tabula embed`, as the API returns
 /// them (q15 / 32768 as f32).
 fn local_embeddings(texts: &[String]) -> Vec<Vec<f32>> {
+    local_embeddings_in(texts, "exact")
+}
+
+fn local_embeddings_in(texts: &[String], precision: &str) -> Vec<Vec<f32>> {
     let mut child = Command::new(BIN)
         .args([
             "embed",
             "--model",
             "all-MiniLM-L6-v2",
             "--precision",
-            "exact",
+            precision,
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -308,12 +312,18 @@ fn local_embeddings(texts: &[String]) -> Vec<Vec<f32>> {
         .lines()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            v["embedding_q15"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| (x.as_i64().unwrap() as f64 / 32768.0) as f32)
-                .collect()
+            match v["embedding_q15"].as_array() {
+                Some(q15) => q15
+                    .iter()
+                    .map(|x| (x.as_i64().unwrap() as f64 / 32768.0) as f32)
+                    .collect(),
+                None => v["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+            }
         })
         .collect()
 }
@@ -907,4 +917,88 @@ fn openai_python_client() {
         String::from_utf8_lossy(&out.stderr),
         cluster.log()
     );
+}
+
+/// Fast (f32) precision: workers that compute in f32 are compared with a tolerance, and the
+/// verified answer is within it of a local f32 run.
+#[test]
+fn fast_precision_agrees_within_tolerance() {
+    let mut cluster = Cluster::start(Flavor::Sqlite, &[]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    for n in 0..2 {
+        cluster.add_worker_with(n, &["--precision", "fast"]);
+    }
+    let texts: Vec<String> = fixture_texts().into_iter().take(8).collect();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts, "precision": "fast" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let local = local_embeddings_in(&texts, "fast");
+    for (g, e) in api_embeddings(&body).iter().zip(&local) {
+        let dot: f64 = g
+            .iter()
+            .zip(e)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        assert!(
+            dot >= tabula_protocol::FAST_EMBEDDING_MIN_COSINE,
+            "cosine {dot}"
+        );
+    }
+}
+
+/// Ctrl-C on a worker in the middle of a unit gives its lease back at once (the lease is
+/// long, so only the release can free the unit in time), and another worker finishes the job.
+#[test]
+fn ctrl_c_releases_the_lease() {
+    let mut cluster =
+        Cluster::start(Flavor::Sqlite, &["--lease-secs", "3600", "--replicas", "1"]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    cluster.add_worker(0);
+    let request = std::thread::spawn(move || {
+        post(
+            port,
+            "/v1/completions",
+            &key,
+            json!({ "model": "SmolLM2-135M-Instruct", "prompt": "Tell me a story.", "max_tokens": 60, "temperature": 0 }),
+        )
+    });
+    let started = Instant::now();
+    while metric(port, "tabula_leases_granted_total") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no lease: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = cluster.workers[0].id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = cluster.workers[0].wait().unwrap();
+    assert!(
+        status.success(),
+        "the worker did not stop cleanly: {status}"
+    );
+    assert_eq!(
+        metric(port, "tabula_leases_released_total"),
+        1,
+        "{}",
+        cluster.log()
+    );
+    cluster.add_worker(1);
+    let (status, body) = request.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 60);
 }
