@@ -392,14 +392,7 @@ async fn run_job(
 ) -> ApiResult<(String, Vec<UnitOutput>)> {
     let idem = idempotency(headers, api_key)?;
     let job = state
-        .create_job(
-            kind,
-            &model.name,
-            precision,
-            &json!({}),
-            tasks,
-            idem.as_deref(),
-        )
+        .create_job(kind, &model.name, precision, tasks, idem.as_deref())
         .await?;
     let done = state
         .wait_job(&job, Duration::from_millis(state.config.request_timeout_ms))

@@ -240,14 +240,7 @@ pub async fn create(
                 "error": { "code": "invalid_request", "message": "`stream` is not allowed in a batch" } }),
             Ok(p) => {
                 let job = state
-                    .create_job(
-                        p.kind,
-                        &p.model.name,
-                        p.precision,
-                        &json!({}),
-                        p.tasks,
-                        None,
-                    )
+                    .create_job(p.kind, &p.model.name, p.precision, p.tasks, None)
                     .await?;
                 json!({ "custom_id": custom_id, "body": req_body, "job": job })
             }
@@ -312,10 +305,7 @@ async fn refresh(state: &State, owner: &str, id: &str) -> ApiResult<Value> {
     let mut done = failed;
     for e in entries.iter() {
         if let Some(job) = e.get("job").and_then(Value::as_str)
-            && state
-                .job_status(job)
-                .await?
-                .is_some_and(|(s, ..)| s == "done")
+            && state.job_status(job).await?.is_some_and(|s| s == "done")
         {
             done += 1;
         }

@@ -22,7 +22,6 @@ const SCHEMA: &[&str] = &[
         model TEXT NOT NULL,
         precision TEXT NOT NULL,
         idempotency_key TEXT UNIQUE,
-        meta TEXT NOT NULL,
         units_total BIGINT NOT NULL,
         units_verified BIGINT NOT NULL,
         status TEXT NOT NULL,

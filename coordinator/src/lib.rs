@@ -115,24 +115,10 @@ impl Config {
 /// Loads the coordinator's receipt-signing key from `data_dir/coordinator.key`, creating it
 /// on first start.
 pub fn coordinator_identity(data_dir: &std::path::Path) -> Result<Identity, CoordinatorError> {
-    let path = data_dir.join("coordinator.key");
-    let io = |e: std::io::Error| CoordinatorError::Config(format!("{}: {e}", path.display()));
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let seed = tabula_protocol::Bytes::<32>::from_hex(text.trim())
-                .map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
-            Ok(Identity::from_seed(seed.0))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir).map_err(io)?;
-            let seed = db::random_bytes::<32>();
-            let tmp = path.with_extension("partial");
-            std::fs::write(&tmp, hex::encode(seed)).map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
-            Ok(Identity::from_seed(seed))
-        }
-        Err(e) => Err(io(e)),
-    }
+    Ok(tabula_worker::keyfile::load_or_create(
+        &data_dir.join("coordinator.key"),
+        db::random_bytes::<32>,
+    )?)
 }
 
 /// Runs the coordinator until `shutdown` resolves.

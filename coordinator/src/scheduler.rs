@@ -113,6 +113,17 @@ fn decode_task(s: &str) -> Result<Task> {
     postcard_task(&decode_b64(s)?)
 }
 
+/// The assignment of `lease` on the unit in `row` (its `task` and `digest` columns).
+fn assignment(row: &sqlx::any::AnyRow, lease: LeaseId, deadline_ms: i64) -> Result<Assignment> {
+    Ok(Assignment {
+        lease,
+        unit: Hash::from_hex(&row.try_get::<String, _>("digest")?)
+            .map_err(|e| CoordinatorError::Corrupt(e.to_string()))?,
+        deadline_ms: deadline_ms as u64,
+        task: decode_task(&row.try_get::<String, _>("task")?)?,
+    })
+}
+
 fn postcard_task(bytes: &[u8]) -> Result<Task> {
     tabula_protocol::decode(bytes, usize::MAX)
         .map_err(|e| CoordinatorError::Corrupt(format!("stored task: {e}")))
@@ -260,7 +271,6 @@ impl State {
         kind: &str,
         model: &str,
         precision: Precision,
-        meta: &serde_json::Value,
         tasks: Vec<(Task, i64)>,
         idempotency_key: Option<&str>,
     ) -> Result<String> {
@@ -277,15 +287,14 @@ impl State {
         let now = now_ms();
         let mut tx = self.db.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, meta, units_total, units_verified, status, created_ms, finished_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 'running', $8, NULL)",
+            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, NULL)",
         )
         .bind(&id)
         .bind(kind)
         .bind(model)
         .bind(precision.as_str())
         .bind(idempotency_key)
-        .bind(meta.to_string())
         .bind(tasks.len() as i64)
         .bind(now)
         .execute(&mut *tx)
@@ -313,26 +322,14 @@ impl State {
         Ok(id)
     }
 
-    /// `(status, units_verified, units_total, meta)` of a job.
-    pub async fn job_status(
-        &self,
-        id: &str,
-    ) -> Result<Option<(String, i64, i64, serde_json::Value)>> {
-        let Some(row) =
-            sqlx::query("SELECT status, units_verified, units_total, meta FROM jobs WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.db.pool)
-                .await?
-        else {
-            return Ok(None);
-        };
-        let meta: String = row.try_get("meta")?;
-        Ok(Some((
-            row.try_get("status")?,
-            row.try_get("units_verified")?,
-            row.try_get("units_total")?,
-            serde_json::from_str(&meta).map_err(|e| CoordinatorError::Corrupt(e.to_string()))?,
-        )))
+    /// The status of a job (`running` or `done`), if it exists.
+    pub async fn job_status(&self, id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .map(|row| row.try_get("status"))
+            .transpose()?)
     }
 
     /// The verified outputs of a finished job, in unit order.
@@ -358,7 +355,7 @@ impl State {
         loop {
             let notified = self.progress.notified();
             match self.job_status(id).await? {
-                Some((status, ..)) if status == "done" => return Ok(true),
+                Some(status) if status == "done" => return Ok(true),
                 Some(_) => {}
                 None => return Ok(false),
             }
@@ -447,13 +444,7 @@ impl State {
                 tx.commit().await?;
                 self.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
                 self.metrics.leases_canary.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(Assignment {
-                    lease,
-                    unit: Hash::from_hex(&row.try_get::<String, _>("digest")?)
-                        .map_err(|e| CoordinatorError::Corrupt(e.to_string()))?,
-                    deadline_ms: deadline as u64,
-                    task: decode_task(&row.try_get::<String, _>("task")?)?,
-                }));
+                return assignment(&row, lease, deadline).map(Some);
             }
         }
         let sql = format!(
@@ -500,13 +491,7 @@ impl State {
         .await?;
         tx.commit().await?;
         self.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(Assignment {
-            lease,
-            unit: Hash::from_hex(&row.try_get::<String, _>("digest")?)
-                .map_err(|e| CoordinatorError::Corrupt(e.to_string()))?,
-            deadline_ms: deadline as u64,
-            task: decode_task(&row.try_get::<String, _>("task")?)?,
-        }))
+        assignment(&row, lease, deadline).map(Some)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -700,10 +685,10 @@ impl State {
                 .map(|e| format!("malformed output: {e}"))
         };
         if let Some(reason) = problem {
-            self.end_lease(&mut tx, &lease, None, "wrong").await?;
-            // The slot stays used (a bad result is a result): re-open it with a replica.
-            sqlx::query("UPDATE units SET live = live + 1 WHERE id = $1")
-                .bind(row.try_get::<String, _>("unit_id")?)
+            // The replica slot stays used (a bad result is a result); `evaluate` adds a
+            // replica once every slot has answered.
+            sqlx::query("UPDATE leases SET state = 'wrong' WHERE id = $1")
+                .bind(&lease)
                 .execute(&mut *tx)
                 .await?;
             self.strike(&mut tx, &key).await?;
@@ -1070,10 +1055,6 @@ impl State {
         if unit.status != "referee" {
             return Ok(true);
         }
-        sqlx::query("UPDATE units SET status = 'open' WHERE id = $1")
-            .bind(&unit_id)
-            .execute(&mut *tx)
-            .await?;
         let receipts = self
             .verify_unit(&mut tx, &unit, &output, &hash, "referee")
             .await?;

@@ -63,25 +63,35 @@ async fn close_with(socket: &mut WebSocket, message: String) {
         .await;
 }
 
-/// Reads the next binary frame as a worker message, or says why there is none.
+/// One received frame as a worker message: `Ok(None)` for control frames to skip, `Err` with
+/// the reason to close (empty when the worker closed or left).
+fn parse(frame: Option<Result<Message, axum::Error>>) -> Result<Option<ToCoordinator>, String> {
+    match frame {
+        Some(Ok(Message::Binary(bytes))) => {
+            let message: ToCoordinator =
+                decode(&bytes, MAX_WORKER_FRAME).map_err(|e| e.to_string())?;
+            message.validate().map_err(|e| e.to_string())?;
+            Ok(Some(message))
+        }
+        Some(Ok(Message::Text(_))) => {
+            Err("text frames are not part of the protocol; send binary frames".into())
+        }
+        Some(Ok(Message::Close(_))) | None => Err(String::new()),
+        Some(Ok(_)) => Ok(None),
+        Some(Err(e)) => Err(e.to_string()),
+    }
+}
+
+const SILENT: &str = "no message within the heartbeat timeout";
+
+/// Reads the next worker message, or says why there is none.
 async fn next_frame(socket: &mut WebSocket, timeout: Duration) -> Result<ToCoordinator, String> {
     loop {
         let frame = tokio::time::timeout(timeout, socket.recv())
             .await
-            .map_err(|_| "no message within the heartbeat timeout".to_string())?;
-        match frame {
-            Some(Ok(Message::Binary(bytes))) => {
-                let message: ToCoordinator =
-                    decode(&bytes, MAX_WORKER_FRAME).map_err(|e| e.to_string())?;
-                message.validate().map_err(|e| e.to_string())?;
-                return Ok(message);
-            }
-            Some(Ok(Message::Text(_))) => {
-                return Err("text frames are not part of the protocol; send binary frames".into());
-            }
-            Some(Ok(Message::Close(_))) | None => return Err(String::new()),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(e.to_string()),
+            .map_err(|_| SILENT.to_string())?;
+        if let Some(message) = parse(frame)? {
+            return Ok(message);
         }
     }
 }
@@ -168,22 +178,10 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             }
             frame = tokio::time::timeout(timeout, stream.next()) => frame,
         };
-        let message = match frame {
-            Err(_) => break "no message within the heartbeat timeout".to_string(),
-            Ok(Some(Ok(Message::Binary(bytes)))) => {
-                match decode::<ToCoordinator>(&bytes, MAX_WORKER_FRAME)
-                    .and_then(|m| m.validate().map(|()| m))
-                {
-                    Ok(m) => m,
-                    Err(e) => break e.to_string(),
-                }
-            }
-            Ok(Some(Ok(Message::Text(_)))) => {
-                break "text frames are not part of the protocol; send binary frames".into();
-            }
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => break String::new(),
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(e))) => break e.to_string(),
+        let message = match frame.map_err(|_| SILENT.to_string()).and_then(parse) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(reason) => break reason,
         };
         let reply = match handle(&state, &key, &prefix, &precisions, message).await {
             Ok(Some(reply)) => reply,

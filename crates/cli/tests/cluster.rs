@@ -143,6 +143,15 @@ impl Cluster {
         }
     }
 
+    /// Stops the worker processes, so the ledger holds still while a test reads it (workers
+    /// keep taking canary units after a job is done).
+    fn stop_workers(&mut self) {
+        for c in &mut self.workers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
@@ -624,6 +633,7 @@ fn honest_workers_and_adversaries(flavor: Flavor) {
             cluster.log()
         );
     }
+    cluster.stop_workers();
     let mut honest_credit = 0;
     for h in &honest {
         let entry = ledger(port, h);
@@ -699,6 +709,7 @@ fn adaptive_replication_canaries_and_payout() {
         metric(port, "tabula_leases_canary_total") > 0,
         "no canary was issued"
     );
+    cluster.stop_workers();
     let entry = ledger(port, address);
     assert_eq!(entry["workers"][0]["worker"], paid.as_str(), "{entry}");
     assert!(
@@ -771,6 +782,7 @@ fn survives_kill_9(flavor: Flavor) {
         local_embeddings(&texts),
         "the job after the restart differs"
     );
+    cluster.stop_workers();
     for h in &honest {
         let entry = ledger(port, h);
         check_receipts(&entry);

@@ -8,6 +8,7 @@
 //! [`exec`] and the protocol, with its own transport.
 
 pub mod exec;
+pub mod keyfile;
 #[cfg(feature = "native")]
 pub mod native;
 

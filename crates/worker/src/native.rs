@@ -50,40 +50,11 @@ pub enum WorkerEvent {
 
 /// Loads the worker's key from `state_dir/worker.key`, creating it on first use.
 pub fn load_or_create_identity(state_dir: &Path) -> Result<Identity, WorkerError> {
-    let path = state_dir.join("worker.key");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let seed = tabula_protocol::Bytes::<32>::from_hex(text.trim()).map_err(|e| {
-                WorkerError::File(format!("{} is not a worker key: {e}", path.display()))
-            })?;
-            Ok(Identity::from_seed(seed.0))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(state_dir)?;
-            let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed)
-                .map_err(|e| WorkerError::File(format!("no randomness for a key: {e}")))?;
-            let tmp = path.with_extension("partial");
-            write_private(&tmp, hex_string(&seed).as_bytes())?;
-            std::fs::rename(&tmp, &path)?;
-            tracing::info!(path = %path.display(), "created a new worker key");
-            Ok(Identity::from_seed(seed))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn hex_string(b: &[u8]) -> String {
-    tabula_protocol::Bytes::<32>::from_slice(b).map_or_else(String::new, |b| b.to_hex())
-}
-
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(data)
+    crate::keyfile::load_or_create(&state_dir.join("worker.key"), || {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).expect("the OS random source");
+        seed
+    })
 }
 
 /// The weight cache: `state_dir/weights/<sha256>`, filled from the coordinator's
