@@ -154,6 +154,16 @@ pub trait Backend {
     fn rms_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
     /// GELU with the exact (erf) form, as BERT uses.
     fn gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `gelu(linear(x, w, b))`: a backend may apply the GELU in place on the fresh product
+    /// (the CPU does: one allocation and one pass over a large tensor fewer).
+    fn linear_gelu(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.gelu(&self.linear(x, w, b)?)
+    }
     /// `silu(gate) * up`, the SwiGLU gate.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// Rows of `table` picked by `ids`: `[ids.len(), dim]`.

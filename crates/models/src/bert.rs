@@ -243,12 +243,27 @@ impl<B: Backend> BertModel<B> {
             causal: false,
             pos_offset: 0,
         };
-        let mut x = h.x;
+        // The texts of a batch are padded to the longest, but only attention needs that
+        // layout: every other op works row by row. So the rows are packed down to the real
+        // tokens, which saves the linear layers (most of the work) from computing padding, and
+        // attention gets its padded view through a row gather (`embedding` with row indices).
+        let layout = RowLayout::new(h.seq, &h.lens);
+        let gather = |t: &B::Tensor, rows: &Option<Vec<u32>>| match rows {
+            Some(rows) => backend.embedding(t, rows),
+            None => Ok(t.clone()),
+        };
+        let mut x = gather(&h.x, &layout.to_packed)?;
         for layer in &self.layers {
             let q = backend.linear(&x, &layer.q.0, Some(&layer.q.1))?;
             let k = backend.linear(&x, &layer.k.0, Some(&layer.k.1))?;
             let v = backend.linear(&x, &layer.v.0, Some(&layer.v.1))?;
+            let (q, k, v) = (
+                gather(&q, &layout.to_padded)?,
+                gather(&k, &layout.to_padded)?,
+                gather(&v, &layout.to_padded)?,
+            );
             let a = backend.attention(&q, &k, &v, &h.lens, &params)?;
+            let a = gather(&a, &layout.to_packed)?;
             let a = backend.linear(&a, &layer.attn_out.0, Some(&layer.attn_out.1))?;
             x = backend.layer_norm(
                 &backend.add(&a, &x)?,
@@ -256,7 +271,7 @@ impl<B: Backend> BertModel<B> {
                 &layer.ln1.1,
                 c.layer_norm_eps,
             )?;
-            let f = backend.gelu(&backend.linear(&x, &layer.ffn_in.0, Some(&layer.ffn_in.1))?)?;
+            let f = backend.linear_gelu(&x, &layer.ffn_in.0, Some(&layer.ffn_in.1))?;
             let f = backend.linear(&f, &layer.ffn_out.0, Some(&layer.ffn_out.1))?;
             x = backend.layer_norm(
                 &backend.add(&f, &x)?,
@@ -266,7 +281,7 @@ impl<B: Backend> BertModel<B> {
             )?;
         }
         Ok(Hidden {
-            x,
+            x: gather(&x, &layout.to_padded)?,
             layer: self.range.end,
             ..h
         })
@@ -285,6 +300,38 @@ impl<B: Backend> BertModel<B> {
         let dim = pooled.as_matrix().1;
         let values = backend.read(&pooled).await?;
         Ok(values.chunks_exact(dim).map(l2_normalize).collect())
+    }
+}
+
+/// Row maps between a padded batch (`seq` rows per text) and its real tokens packed end to end.
+/// Both are `None` when no text is padded.
+struct RowLayout {
+    /// For each packed row, its row in the padded batch.
+    to_packed: Option<Vec<u32>>,
+    /// For each padded row, a packed row: its own token, or for padding the text's last token
+    /// (any real row would do: attention masks padded keys, and padded queries are dropped).
+    to_padded: Option<Vec<u32>>,
+}
+
+impl RowLayout {
+    fn new(seq: usize, lens: &[u32]) -> Self {
+        if lens.iter().all(|&l| l as usize == seq) {
+            return Self {
+                to_packed: None,
+                to_padded: None,
+            };
+        }
+        let mut to_packed = Vec::new();
+        let mut to_padded = Vec::with_capacity(lens.len() * seq);
+        for (b, &len) in lens.iter().enumerate() {
+            let first = to_packed.len() as u32;
+            to_packed.extend((0..len).map(|t| (b * seq) as u32 + t));
+            to_padded.extend((0..seq as u32).map(|t| first + t.min(len.max(1) - 1)));
+        }
+        Self {
+            to_packed: Some(to_packed),
+            to_padded: Some(to_padded),
+        }
     }
 }
 
