@@ -24,7 +24,7 @@ use crate::{
     scheduler::State,
 };
 
-type AppState = Arc<State>;
+pub(crate) type AppState = Arc<State>;
 
 /// An error in OpenAI's shape.
 #[derive(Debug)]
@@ -144,11 +144,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/files/{id}/content", get(crate::batch::file_content))
         .route("/v1/batches", post(crate::batch::create))
         .route("/v1/batches/{id}", get(crate::batch::retrieve))
+        .route("/v1/jobs", get(list_jobs))
         .route("/v1/ledger", get(ledger_list))
         .route("/v1/ledger/{id}", get(ledger))
         .route("/v1/weights/{sha256}", get(weights))
         .route("/v1/worker", get(worker_socket))
-        .fallback(|| async { ApiError::not_found("no such endpoint; see /openapi.json") })
+        .fallback(crate::site::fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -1126,6 +1127,18 @@ fn prepare_chat<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
     })
 }
 
+/// The 100 most recent jobs with their progress (for the requester page).
+async fn list_jobs(
+    Extract(state): Extract<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    authorize(&state, &headers).await?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": state.recent_jobs(100).await?,
+    })))
+}
+
 async fn ledger_list(Extract(state): Extract<AppState>) -> ApiResult<Json<Value>> {
     Ok(Json(state.ledger_list().await?))
 }
@@ -1238,6 +1251,7 @@ async fn openapi() -> Json<Value> {
             "/v1/files/{id}/content": { "get": op("A file's content (batch output files too)", true) },
             "/v1/batches": { "post": op("Start a batch over an uploaded file", true) },
             "/v1/batches/{id}": { "get": op("A batch's status, counts and output file", true) },
+            "/v1/jobs": { "get": op("The 100 most recent jobs and their progress", true) },
             "/v1/ledger": { "get": op("Every worker and its verified credit", false) },
             "/v1/ledger/{id}": { "get": op("Credit, receipts and record of a worker key or payout address", false) },
             "/v1/weights/{sha256}": { "get": op("A content-addressed model file", false) },

@@ -12,6 +12,7 @@ pub mod batch;
 pub mod db;
 pub mod models;
 pub mod scheduler;
+pub mod site;
 pub mod ws;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
@@ -65,6 +66,8 @@ pub struct Config {
     pub local: bool,
     /// How long a synchronous API request waits for its job.
     pub request_timeout_ms: u64,
+    /// The static site served under `/` (the volunteer page); `None` serves a note instead.
+    pub www_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -85,6 +88,7 @@ impl Default for Config {
             unit_sequences: 4,
             local: false,
             request_timeout_ms: 600_000,
+            www_dir: site::default_www_dir(),
         }
     }
 }

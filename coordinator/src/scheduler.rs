@@ -332,6 +332,33 @@ impl State {
             .transpose()?)
     }
 
+    /// The most recent jobs (at most `limit`), newest first, with their progress.
+    pub async fn recent_jobs(&self, limit: i64) -> Result<Vec<serde_json::Value>> {
+        let rows = sqlx::query(
+            "SELECT id, kind, model, precision, status, units_total, units_verified, created_ms, finished_ms
+             FROM jobs ORDER BY created_ms DESC, id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "object": "job",
+                    "id": r.try_get::<String, _>("id")?,
+                    "kind": r.try_get::<String, _>("kind")?,
+                    "model": r.try_get::<String, _>("model")?,
+                    "precision": r.try_get::<String, _>("precision")?,
+                    "status": r.try_get::<String, _>("status")?,
+                    "units_total": r.try_get::<i64, _>("units_total")?,
+                    "units_verified": r.try_get::<i64, _>("units_verified")?,
+                    "created_ms": r.try_get::<i64, _>("created_ms")?,
+                    "finished_ms": r.try_get::<Option<i64>, _>("finished_ms")?,
+                }))
+            })
+            .collect()
+    }
+
     /// The verified outputs of a finished job, in unit order.
     pub async fn job_outputs(&self, id: &str) -> Result<Vec<UnitOutput>> {
         let rows = sqlx::query("SELECT output FROM units WHERE job_id = $1 ORDER BY idx")

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models].
     #[arg(long)]
     models_dir: Option<PathBuf>,
+    /// The volunteer page's directory, served at / [default: ./www, else the source tree's
+    /// www/ (build it with `npm run build`)].
+    #[arg(long, env = "TABULA_WWW")]
+    www: Option<PathBuf>,
     /// Workers each unit goes to.
     #[arg(long, default_value_t = 2)]
     replicas: u32,
@@ -128,6 +132,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         unit_sequences: args.unit_sequences,
         local: args.local,
         request_timeout_ms: args.request_timeout_secs.saturating_mul(1000),
+        www_dir: args.www.or_else(tabula_coordinator::site::default_www_dir),
         ..Config::default()
     };
     config.validate()?;

@@ -6,6 +6,10 @@
 //! exceptions); the model code is `tabula-models`, unchanged. It must not grow logic of its own
 //! that the native build lacks.
 
+mod volunteer;
+
+pub use volunteer::Volunteer;
+
 use serde::Serialize;
 use tabula_engine::{
     Backend,

@@ -12,7 +12,7 @@ use tabula_models::{
     llama::{Finish, Generator},
     sampling::{ExactSampler, Sampler},
 };
-use tabula_protocol::{FileRef, Hash, Precision, Task, UnitOutput};
+use tabula_protocol::{FileRef, Hash, ModelRef, Precision, Task, UnitOutput};
 
 use crate::WorkerError;
 
@@ -50,10 +50,36 @@ impl<B: Backend + ExactBackend> Executor<B> {
         &self.backend
     }
 
-    /// Validates `task` and computes it.
+    /// The files `task` needs that are not loaded yet: none once its model is resident. A
+    /// worker that fetches weights itself (the browser) asks this before [`Self::run_async`].
+    pub fn needed_files(&self, task: &Task) -> Vec<FileRef> {
+        if self.models.contains_key(&model_key(task.model())) {
+            return Vec::new();
+        }
+        let model = task.model();
+        let by_role = |role: &str| model.files.iter().find(|f| f.role == role);
+        let roles: &[&str] = match task.precision() {
+            Precision::Exact => &["exact"],
+            Precision::Fast if by_role("gguf").is_some() => &["gguf"],
+            Precision::Fast => &["config", "safetensors"],
+        };
+        roles.iter().filter_map(|r| by_role(r).cloned()).collect()
+    }
+
+    /// Validates `task` and computes it, blocking until the backend is done (native threads).
     pub fn run(&mut self, task: &Task, files: &dyn FileSource) -> Result<UnitOutput, WorkerError> {
+        pollster::block_on(self.run_async(task, files))
+    }
+
+    /// Validates `task` and computes it. The browser awaits this: WebGPU results only arrive
+    /// through the page's event loop, which a blocking wait would never let run.
+    pub async fn run_async(
+        &mut self,
+        task: &Task,
+        files: &dyn FileSource,
+    ) -> Result<UnitOutput, WorkerError> {
         task.validate()?;
-        let key: Vec<Hash> = task.model().files.iter().map(|f| f.sha256).collect();
+        let key = model_key(task.model());
         if !self.models.contains_key(&key) {
             let loaded = load(&self.backend, task, files)?;
             self.models.insert(key.clone(), loaded);
@@ -63,7 +89,7 @@ impl<B: Backend + ExactBackend> Executor<B> {
         match (task, model) {
             (Task::Embed { sequences, .. }, Loaded::ExactBert(m)) => {
                 check_vocab(sequences.iter().flatten(), m.config.vocab_size)?;
-                let out = pollster::block_on(m.embed_ids(backend, sequences, self.batch_size))?;
+                let out = m.embed_ids(backend, sequences, self.batch_size).await?;
                 Ok(UnitOutput::ExactEmbeddings {
                     dim: m.config.hidden_size as u32,
                     q15: out.into_iter().flat_map(|e| e.q15).collect(),
@@ -71,7 +97,7 @@ impl<B: Backend + ExactBackend> Executor<B> {
             }
             (Task::Embed { sequences, .. }, Loaded::FastBert(m)) => {
                 check_vocab(sequences.iter().flatten(), m.config.vocab_size)?;
-                let out = pollster::block_on(m.embed_ids(backend, sequences, self.batch_size))?;
+                let out = m.embed_ids(backend, sequences, self.batch_size).await?;
                 Ok(UnitOutput::FastEmbeddings {
                     dim: m.config.hidden_size as u32,
                     values: out.into_iter().flatten().collect(),
@@ -91,14 +117,16 @@ impl<B: Backend + ExactBackend> Executor<B> {
             ) => {
                 check_vocab(prompt, m.config.vocab_size)?;
                 let mut sampler = ExactSampler::from_parts(*temperature_milli, *top_p_q16, *seed);
-                let (steps, finish) = pollster::block_on(m.generate(
-                    backend,
-                    prompt,
-                    *max_tokens as usize,
-                    &mut sampler,
-                    stop,
-                    |_| {},
-                ))?;
+                let (steps, finish) = m
+                    .generate(
+                        backend,
+                        prompt,
+                        *max_tokens as usize,
+                        &mut sampler,
+                        stop,
+                        |_| {},
+                    )
+                    .await?;
                 let logits_sha256 = steps
                     .iter()
                     .map(|s| Hash::from_hex(&s.logits_sha256))
@@ -129,13 +157,9 @@ impl<B: Backend + ExactBackend> Executor<B> {
                 );
                 // Fast generation stops on the model's own stop tokens; the coordinator puts the
                 // same list in the task, which the output's shape check holds it to.
-                let (tokens, finish) = pollster::block_on(g.generate(
-                    backend,
-                    prompt,
-                    *max_tokens as usize,
-                    &mut sampler,
-                    |_| {},
-                ))?;
+                let (tokens, finish) = g
+                    .generate(backend, prompt, *max_tokens as usize, &mut sampler, |_| {})
+                    .await?;
                 Ok(UnitOutput::Generation {
                     tokens,
                     stopped: finish == Finish::Stop,
@@ -148,6 +172,11 @@ impl<B: Backend + ExactBackend> Executor<B> {
             ))),
         }
     }
+}
+
+/// Loaded models are keyed by the hashes of all their files.
+fn model_key(model: &ModelRef) -> Vec<Hash> {
+    model.files.iter().map(|f| f.sha256).collect()
 }
 
 fn check_vocab<'a>(

@@ -1,0 +1,238 @@
+// The volunteer's Web Worker: the I/O half of the worker loop. Everything that reads or
+// writes a protocol frame, signs, hashes or computes is in Rust (crates/web, `Volunteer`); this
+// file keeps the WebSocket, the key in IndexedDB, the weight cache (Cache API), timers, the
+// throttle, and reports status to the page (or the extension's offscreen document).
+//
+// Messages in:  {type: 'start', coordinator, backend}  {type: 'stop'}
+//               {type: 'throttle', value: 0.1..1}      {type: 'payout', address}
+// Messages out: {type: 'status', ...}  (see `report`)
+
+import init, { Volunteer } from './pkg/tabula_web.js';
+
+const KEY_DB = 'tabula';
+const KEY_STORE = 'keys';
+const KEY_NAME = 'worker-seed-v1';
+const WEIGHTS_CACHE = 'tabula-weights-v1';
+
+const state = {
+  phase: 'stopped', // stopped | starting | connecting | working | waiting | error
+  message: '',
+  device: '',
+  publicKey: '',
+  units: 0,
+  creditMicro: 0,
+  lastUnitMs: 0,
+  unitsPerMinute: 0,
+  throttle: 1,
+  payoutAddress: '',
+};
+let volunteer = null;
+let socket = null;
+let running = false;
+let heartbeat = null;
+let retryTimer = null;
+let backoffMs = 500;
+let coordinator = '';
+let backend = 'auto';
+const recent = []; // finish times of recent units, for throughput
+
+function report(extra = {}) {
+  Object.assign(state, extra);
+  postMessage({ type: 'status', ...state });
+}
+
+// The worker's ed25519 seed, created once per browser profile and kept in IndexedDB.
+async function loadSeed() {
+  const db = await new Promise((resolve, reject) => {
+    const open = indexedDB.open(KEY_DB, 1);
+    open.onupgradeneeded = () => open.result.createObjectStore(KEY_STORE);
+    open.onsuccess = () => resolve(open.result);
+    open.onerror = () => reject(open.error);
+  });
+  const get = (store) => new Promise((resolve, reject) => {
+    const r = store.get(KEY_NAME);
+    r.onsuccess = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+  });
+  let seed = await get(db.transaction(KEY_STORE).objectStore(KEY_STORE));
+  if (!(seed instanceof Uint8Array) || seed.length !== 32) {
+    seed = crypto.getRandomValues(new Uint8Array(32));
+    await new Promise((resolve, reject) => {
+      const tx = db.transaction(KEY_STORE, 'readwrite');
+      tx.objectStore(KEY_STORE).put(seed, KEY_NAME);
+      tx.oncomplete = resolve;
+      tx.onerror = () => reject(tx.error);
+    });
+  }
+  db.close();
+  return seed;
+}
+
+// A model file by its SHA-256, from the Cache API or else the coordinator. The hash is checked
+// in Rust before the file is used; a file that fails it is evicted (see `computeUnit`).
+async function weights(file) {
+  const url = new URL(`/v1/weights/${file.sha256}`, coordinator).href;
+  const cache = await caches.open(WEIGHTS_CACHE);
+  let response = await cache.match(url);
+  if (!response) {
+    report({ message: `downloading ${file.role} weights (${(file.size / 1e6).toFixed(1)} MB)` });
+    const fetched = await fetch(url);
+    if (!fetched.ok) throw new Error(`weights ${file.sha256}: HTTP ${fetched.status}`);
+    await cache.put(url, fetched.clone());
+    response = fetched;
+  }
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+async function evict(files) {
+  const cache = await caches.open(WEIGHTS_CACHE);
+  for (const f of files) await cache.delete(new URL(`/v1/weights/${f.sha256}`, coordinator).href);
+}
+
+function send(frame) {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(frame);
+}
+
+function askForWork(delayMs = 0) {
+  clearTimeout(retryTimer);
+  retryTimer = setTimeout(() => { if (running) send(volunteer.readyFrame()); }, delayMs);
+}
+
+async function computeUnit(event) {
+  report({ phase: 'working', message: `computing a ${event.model} unit (${event.precision})` });
+  const started = performance.now();
+  let frame;
+  try {
+    const files = [];
+    for (const f of event.files) files.push(await weights(f));
+    frame = await volunteer.run(files);
+  } catch (e) {
+    const message = String(e && e.message || e);
+    if (message.includes('hashes to')) await evict(event.files);
+    const release = volunteer.releaseFrame();
+    if (release) send(release);
+    report({ phase: 'error', message: `unit failed: ${message}` });
+    if (running) askForWork(2000);
+    return;
+  }
+  if (!running) return; // stopped while computing: the release was already sent
+  send(frame);
+  const now = performance.now();
+  recent.push(now);
+  while (recent.length > 20) recent.shift();
+  const spanMin = recent.length > 1 ? (recent[recent.length - 1] - recent[0]) / 60000 : 0;
+  report({
+    units: state.units + 1,
+    lastUnitMs: Math.round(now - started),
+    unitsPerMinute: spanMin > 0 ? (recent.length - 1) / spanMin : 0,
+    phase: 'working',
+    message: 'submitted; asking for the next unit',
+  });
+  // The throttle: at 0.5 the worker rests as long as it computed.
+  const rest = state.throttle >= 1 ? 0 : (now - started) * (1 / state.throttle - 1);
+  askForWork(rest);
+}
+
+function onFrame(bytes) {
+  let event;
+  try {
+    event = volunteer.onFrame(new Uint8Array(bytes));
+  } catch (e) {
+    report({ phase: 'error', message: `bad frame from the coordinator: ${e.message || e}` });
+    return;
+  }
+  switch (event.kind) {
+    case 'challenge': send(event.reply); break;
+    case 'welcome':
+      backoffMs = 500;
+      report({ phase: 'waiting', message: 'connected', creditMicro: event.creditMicro });
+      clearInterval(heartbeat);
+      heartbeat = setInterval(() => send(volunteer.heartbeatFrame()), Math.max(100, event.heartbeatMs));
+      if (state.payoutAddress) {
+        try { send(volunteer.payoutFrame(state.payoutAddress)); } catch (e) { report({ message: e.message }); }
+      }
+      askForWork();
+      break;
+    case 'assign': computeUnit(event); break;
+    case 'busy': send(event.reply); break;
+    case 'noWork':
+      report({ phase: 'waiting', message: 'no work right now; asking again soon' });
+      askForWork(Math.min(Math.max(event.retryMs, 50), 60000));
+      break;
+    case 'accepted': break;
+    case 'rejected': report({ message: `result rejected: ${event.reason}` }); break;
+    case 'credited': report({ creditMicro: state.creditMicro + event.creditMicro }); break;
+    case 'payoutLinked': report({ payoutAddress: event.address, message: `payout address ${event.address} linked` }); break;
+    case 'badReceipt': break;
+    case 'error': report({ phase: 'error', message: `the coordinator refused this worker: ${event.message}` }); stop(false); break;
+  }
+}
+
+function connect() {
+  if (!running) return;
+  const url = new URL('/v1/worker', coordinator);
+  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+  report({ phase: 'connecting', message: `connecting to ${url.host}` });
+  socket = new WebSocket(url.href);
+  socket.binaryType = 'arraybuffer';
+  socket.onmessage = (m) => { if (m.data instanceof ArrayBuffer) onFrame(m.data); };
+  socket.onclose = () => {
+    clearInterval(heartbeat);
+    socket = null;
+    if (!running) return;
+    report({ phase: 'connecting', message: `connection lost; retrying in ${(backoffMs / 1000).toFixed(1)} s` });
+    setTimeout(connect, backoffMs);
+    backoffMs = Math.min(backoffMs * 2, 30000);
+  };
+}
+
+async function start(options) {
+  if (running) return;
+  coordinator = options.coordinator || self.location.origin;
+  backend = options.backend || 'auto';
+  running = true;
+  report({ phase: 'starting', message: 'loading the compute engine' });
+  try {
+    if (!volunteer) {
+      await init();
+      const seed = await loadSeed();
+      const ua = (self.navigator && self.navigator.userAgent || '').includes('Chrome') ? 'chromium' : 'browser';
+      volunteer = await Volunteer.create(seed, backend, `tabula-web/0.1.0 ${ua}`);
+      report({ device: volunteer.device(), publicKey: volunteer.publicKey() });
+    }
+  } catch (e) {
+    running = false;
+    report({ phase: 'error', message: `could not start: ${e.message || e}` });
+    return;
+  }
+  connect();
+}
+
+function stop(release = true) {
+  running = false;
+  clearTimeout(retryTimer);
+  clearInterval(heartbeat);
+  if (volunteer && release) {
+    const frame = volunteer.releaseFrame();
+    if (frame) send(frame);
+  }
+  if (socket) socket.close(1000, 'stopped by the volunteer');
+  socket = null;
+  report({ phase: 'stopped', message: release ? 'stopped' : state.message });
+}
+
+onmessage = (m) => {
+  const msg = m.data || {};
+  switch (msg.type) {
+    case 'start': start(msg); break;
+    case 'stop': stop(); break;
+    case 'throttle': report({ throttle: Math.min(1, Math.max(0.1, Number(msg.value) || 1)) }); break;
+    case 'payout':
+      state.payoutAddress = msg.address;
+      if (volunteer && running) {
+        try { send(volunteer.payoutFrame(msg.address)); } catch (e) { report({ message: e.message }); }
+      }
+      break;
+    case 'status': report(); break;
+  }
+};
