@@ -27,7 +27,8 @@ function render() {
     starting: 'Starting…', connecting: 'Connecting…', waiting: 'Connected, waiting for work.',
     working: 'Working.', error: 'Problem:',
   };
-  $('phase').textContent = `${phases[status.phase] || ''} ${status.message && status.phase !== 'stopped' ? status.message : ''}`.trim();
+  const detail = ['starting', 'connecting', 'working', 'error'].includes(status.phase) ? status.message || '' : '';
+  $('phase').textContent = `${phases[status.phase] || ''} ${detail}`.trim();
   $('device').textContent = status.device || '—';
   $('units').textContent = String(status.units || 0);
   $('speed').textContent = running && status.unitsPerMinute
@@ -36,8 +37,9 @@ function render() {
   if (status.publicKey) $('key').textContent = status.publicKey;
 }
 
-worker.onerror = () => {
-  status = { phase: 'error', message: 'the compute engine did not load (is www/pkg built? run npm run build)' };
+worker.onerror = (e) => {
+  console.error('volunteer worker:', e.message);
+  status = { phase: 'error', message: `the compute engine stopped (${e.message || 'is www/pkg built? run npm run build'})` };
   wanted = false;
   render();
 };

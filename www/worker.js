@@ -89,8 +89,11 @@ async function evict(files) {
   for (const f of files) await cache.delete(new URL(`/v1/weights/${f.sha256}`, coordinator).href);
 }
 
+// Frames are binary; replies inside frame events arrive as plain arrays of bytes.
 function send(frame) {
-  if (socket && socket.readyState === WebSocket.OPEN) socket.send(frame);
+  if (socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(frame instanceof Uint8Array ? frame : new Uint8Array(frame));
+  }
 }
 
 function askForWork(delayMs = 0) {
@@ -218,7 +221,7 @@ function stop(release = true) {
   }
   if (socket) socket.close(1000, 'stopped by the volunteer');
   socket = null;
-  report({ phase: 'stopped', message: release ? 'stopped' : state.message });
+  report({ phase: release ? 'stopped' : 'error', message: release ? 'stopped' : state.message });
 }
 
 onmessage = (m) => {

@@ -175,7 +175,7 @@ impl Volunteer {
         })
     }
 
-    /// The adapter name (`"… (WebGPU)"`) or `"cpu (wasm)"`.
+    /// The WebGPU adapter's description, or `"cpu (wasm)"`.
     pub fn device(&self) -> String {
         self.device.clone()
     }
@@ -364,6 +364,6 @@ fn cpu_executor() -> (AnyExecutor, String) {
 
 async fn gpu_executor() -> Result<(AnyExecutor, String), tabula_engine::EngineError> {
     let backend = GpuBackend::new(AdapterChoice::Any).await?;
-    let device = format!("{} (WebGPU)", backend.describe());
+    let device = backend.describe();
     Ok((AnyExecutor::Gpu(Box::new(Executor::new(backend))), device))
 }

@@ -1,0 +1,83 @@
+// A real coordinator (`tabula serve`) with native workers on loopback, for the browser
+// volunteer tests: the same binary the Rust cluster tests use, started as a process.
+import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { root } from './harness.mjs';
+
+const targetDir = process.env.CARGO_TARGET_DIR || path.join(root, 'target');
+export const bin = process.env.TABULA_BIN || path.join(targetDir, 'debug', 'tabula');
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export class Cluster {
+  static async start({ leaseSecs = 30, extra = [] } = {}) {
+    if (!fs.existsSync(bin)) throw new Error(`${bin} is missing: build it with cargo build -p tabula-cli`);
+    const c = new Cluster();
+    c.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tabula-browser-cluster-'));
+    c.port = await freePort();
+    c.url = `http://127.0.0.1:${c.port}`;
+    c.workers = [];
+    c.log = fs.openSync(path.join(c.dir, 'serve.log'), 'a');
+    c.serve = spawn(bin, ['serve', '--listen', `127.0.0.1:${c.port}`, '--local',
+      '--data-dir', path.join(c.dir, 'data'), '--www', path.join(root, 'www'),
+      '--lease-secs', String(leaseSecs), ...extra], { stdio: ['ignore', c.log, c.log] });
+    for (let i = 0; ; i++) {
+      try {
+        const r = await fetch(`${c.url}/healthz`);
+        if (r.ok) break;
+      } catch { /* not up yet */ }
+      if (i > 600) throw new Error(`the coordinator did not start; see ${c.dir}/serve.log`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    c.apiKey = execFileSync(bin, ['keys', 'create', '--data-dir', path.join(c.dir, 'data')], { encoding: 'utf8' }).trim();
+    return c;
+  }
+
+  addWorker(name) {
+    const log = fs.openSync(path.join(this.dir, `${name}.log`), 'a');
+    const w = spawn(bin, ['worker', '--coordinator', this.url, '--state-dir', path.join(this.dir, name),
+      '--backend', 'cpu', '--precision', 'exact'], { stdio: ['ignore', log, log] });
+    this.workers.push(w);
+    return w;
+  }
+
+  async api(pathname, body) {
+    const r = await fetch(`${this.url}${pathname}`, {
+      method: body ? 'POST' : 'GET',
+      headers: { authorization: `Bearer ${this.apiKey}`, 'content-type': 'application/json' },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    const json = await r.json();
+    if (!r.ok) throw new Error(`${pathname}: HTTP ${r.status} ${JSON.stringify(json)}`);
+    return json;
+  }
+
+  async ledger(key) {
+    const r = await fetch(`${this.url}/v1/ledger/${key}`);
+    return r.ok ? r.json() : null;
+  }
+
+  async stop() {
+    for (const w of this.workers) w.kill('SIGINT');
+    this.serve.kill('SIGINT');
+    await new Promise((r) => setTimeout(r, 300));
+    for (const p of [...this.workers, this.serve]) if (p.exitCode === null) p.kill('SIGKILL');
+  }
+}
+
+// The local reference: `tabula embed --precision exact` on the same texts, one vector per text.
+export function localExactEmbeddings(texts) {
+  const out = execFileSync(bin, ['embed', '--model', 'all-MiniLM-L6-v2', '--precision', 'exact', '--backend', 'cpu'],
+    { input: texts.join('\n') + '\n', encoding: 'utf8', maxBuffer: 64 << 20 });
+  return out.split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l).embedding);
+}

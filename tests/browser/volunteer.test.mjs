@@ -1,0 +1,120 @@
+// The browser volunteer end to end: a fresh Chromium profile opens the page the coordinator
+// serves at /, presses start, and contributes exact-precision MiniLM units next to a native
+// worker. Every unit goes to two distinct workers and is accepted only when their output
+// hashes agree, so a finished job proves the browser's bytes equal the native worker's; the
+// job must also equal a local `tabula embed --precision exact`, and the browser's key must be
+// credited with no strike. Then: the same with WebGPU switched off (the wasm CPU path), and a
+// tab closed in the middle of a unit (the job still finishes, nothing lost).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { launch, readJsonl, root } from './harness.mjs';
+import { Cluster, localExactEmbeddings } from './cluster.mjs';
+
+const artifacts = path.join(root, 'tests/artifacts');
+fs.mkdirSync(artifacts, { recursive: true });
+// 8 fixture texts: two units of four sequences.
+const texts = readJsonl(path.join(root, 'tests/fixtures/minilm.jsonl')).slice(0, 8).map((f) => f.text);
+const reference = localExactEmbeddings(texts);
+
+async function openVolunteer(browser, url) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(url);
+  await page.click('#toggle');
+  // The key appears once the engine is loaded and the key is read from IndexedDB.
+  await page.waitForFunction(() => /^[0-9a-f]{64}$/.test(document.getElementById('key').textContent), null, { timeout: 120_000 });
+  const key = await page.textContent('#key');
+  return { context, page, key, errors };
+}
+
+async function embedAndCheck(cluster) {
+  const r = await cluster.api('/v1/embeddings', { model: 'all-MiniLM-L6-v2', input: texts, precision: 'exact' });
+  assert.equal(r.data.length, texts.length);
+  r.data.forEach((d, i) => assert.deepEqual(d.embedding, reference[i], `text ${i} differs from the local exact run`));
+}
+
+async function creditOf(cluster, key) {
+  const entry = await cluster.ledger(key);
+  assert.ok(entry, `the browser's key ${key} is not in the ledger`);
+  const w = entry.workers[0];
+  return w;
+}
+
+test('a fresh browser contributes on WebGPU next to a native worker, bit for bit, and is credited', { timeout: 600_000 }, async () => {
+  const cluster = await Cluster.start();
+  const browser = await launch({ webgpu: true });
+  try {
+    cluster.addWorker('native');
+    const v = await openVolunteer(browser, `${cluster.url}/`);
+    assert.match(await v.page.textContent('#device'), /WebGpu/i, 'the page should name the WebGPU adapter');
+    await embedAndCheck(cluster);
+    // Both units went to both workers (two distinct workers per unit, two workers in all).
+    const w = await creditOf(cluster, v.key);
+    assert.equal(w.strikes, 0);
+    assert.ok(w.units_verified >= 2, `browser verified units: ${w.units_verified}`);
+    assert.ok(w.verified_credit > 0);
+    // The page shows what it did once the receipts arrive.
+    await v.page.waitForFunction(() => Number(document.getElementById('units').textContent) >= 2
+      && Number(document.getElementById('verified').textContent) > 0, null, { timeout: 60_000 });
+    await v.page.screenshot({ path: path.join(artifacts, 'volunteer-webgpu.png'), fullPage: true });
+    assert.deepEqual(v.errors, []);
+    // The requester page lists the job as done, with every unit verified.
+    const requester = await v.context.newPage();
+    await requester.goto(`${cluster.url}/requester.html`);
+    await requester.fill('#key', cluster.apiKey);
+    await requester.click('#key-form button');
+    await requester.waitForSelector('#jobs tbody tr[data-status="done"]', { timeout: 30_000 });
+    assert.match(await requester.textContent('#jobs tbody tr'), /2\/2/);
+    await requester.screenshot({ path: path.join(artifacts, 'requester.png'), fullPage: true });
+    // Stop releases nothing (idle) and the page says so.
+    await v.page.click('#toggle');
+    await v.page.waitForFunction(() => document.getElementById('phase').textContent.startsWith('Not running'));
+  } finally {
+    await browser.close();
+    await cluster.stop();
+  }
+});
+
+test('without WebGPU the page computes on the wasm CPU path and still agrees', { timeout: 600_000 }, async () => {
+  const cluster = await Cluster.start();
+  const browser = await launch({ webgpu: false });
+  try {
+    cluster.addWorker('native');
+    const v = await openVolunteer(browser, `${cluster.url}/`);
+    assert.match(await v.page.textContent('#device'), /cpu/);
+    await embedAndCheck(cluster);
+    const w = await creditOf(cluster, v.key);
+    assert.equal(w.strikes, 0);
+    assert.ok(w.units_verified >= 2);
+    await v.page.screenshot({ path: path.join(artifacts, 'volunteer-cpu.png'), fullPage: true });
+    assert.deepEqual(v.errors, []);
+  } finally {
+    await browser.close();
+    await cluster.stop();
+  }
+});
+
+test('closing the tab in the middle of a unit loses nothing', { timeout: 600_000 }, async () => {
+  // Short leases, so the unit the closed tab held goes back to the pool quickly.
+  const cluster = await Cluster.start({ leaseSecs: 5 });
+  const browser = await launch({ webgpu: true });
+  try {
+    const v = await openVolunteer(browser, `${cluster.url}/`);
+    await v.page.waitForFunction(() => document.getElementById('phase').textContent.startsWith('Connected'), null, { timeout: 60_000 });
+    const job = embedAndCheck(cluster);
+    // The browser is the only worker: it takes a unit at once. Close the tab while it computes.
+    await v.page.waitForFunction(() => document.getElementById('phase').textContent.startsWith('Working'), null, { timeout: 60_000 });
+    await v.context.close();
+    // Two native workers arrive and finish the job, including the abandoned unit.
+    cluster.addWorker('native-a');
+    cluster.addWorker('native-b');
+    await job;
+  } finally {
+    await browser.close();
+    await cluster.stop();
+  }
+});
