@@ -26,3 +26,8 @@ RUSTFLAGS='--cfg getrandom_backend="wasm_js" -C target-feature=+simd128,+relaxed
   cargo build -p tabula-web --target wasm32-unknown-unknown --release --target-dir "$target_dir/relaxed-simd"
 "$bindgen" --target web --out-dir www/pkg-relaxed "$target_dir/relaxed-simd/wasm32-unknown-unknown/release/tabula_web.wasm"
 gzip -9 -c www/pkg-relaxed/tabula_web_bg.wasm | wc -c | awk '{printf "www/pkg-relaxed/tabula_web_bg.wasm: %d bytes gzipped\n", $1}'
+
+# The extension runs the same worker in its offscreen document: it needs its own copies.
+rm -rf www/extension/pkg
+cp -r www/pkg www/extension/pkg
+cp www/worker.js www/extension/worker.js

@@ -364,6 +364,6 @@ fn cpu_executor() -> (AnyExecutor, String) {
 
 async fn gpu_executor() -> Result<(AnyExecutor, String), tabula_engine::EngineError> {
     let backend = GpuBackend::new(AdapterChoice::Any).await?;
-    let device = backend.describe();
+    let device = format!("WebGPU: {}", backend.describe());
     Ok((AnyExecutor::Gpu(Box::new(Executor::new(backend))), device))
 }
