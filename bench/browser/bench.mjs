@@ -106,7 +106,8 @@ for (const c of configs) {
   process.stderr.write(`running ${JSON.stringify(c)} ...\n`);
   const r = await run(c);
   process.stderr.write(`  ${JSON.stringify(r)}\n`);
-  results.push({ ...c, ...r });
+  // The page reports the device it found; the configuration's `device` (cpu|gpu) stays the key.
+  results.push({ ...r, deviceName: r.device, ...c });
 }
 server.close();
 

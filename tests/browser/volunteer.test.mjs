@@ -62,6 +62,18 @@ test('a fresh browser contributes on WebGPU next to a native worker, bit for bit
       && Number(document.getElementById('verified').textContent) > 0, null, { timeout: 60_000 });
     await v.page.screenshot({ path: path.join(artifacts, 'volunteer-webgpu.png'), fullPage: true });
     assert.deepEqual(v.errors, []);
+    // Linking a payout address from the settings: the ledger then finds the credit under it.
+    const payout = '0x' + 'ab12'.repeat(10);
+    await v.page.click('details summary');
+    await v.page.fill('#payout', payout);
+    await v.page.click('#payout-form button[type=submit]');
+    let paid = null;
+    for (let i = 0; i < 100 && !paid; i++) {
+      paid = await cluster.ledger(payout);
+      if (!paid) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(paid, 'the payout address was not linked');
+    assert.equal(paid.workers[0].worker, v.key);
     // The requester page lists the job as done, with every unit verified.
     const requester = await v.context.newPage();
     await requester.goto(`${cluster.url}/requester.html`);
