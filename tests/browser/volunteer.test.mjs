@@ -110,6 +110,37 @@ test('without WebGPU the page computes on the wasm CPU path and still agrees', {
   }
 });
 
+test('with "pause while hidden" on, hiding the tab stops the worker and showing it resumes', { timeout: 300_000 }, async () => {
+  const cluster = await Cluster.start();
+  const browser = await launch({ webgpu: false });
+  try {
+    const v = await openVolunteer(browser, `${cluster.url}/`);
+    await v.page.waitForFunction(() => document.getElementById('phase').textContent.startsWith('Connected'), null, { timeout: 60_000 });
+    await v.page.click('details summary');
+    await v.page.check('#pause-hidden');
+    // Headless tabs are always visible: the test plays the browser's part in hiding one.
+    const setVisibility = (state) => v.page.evaluate((s) => {
+      Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => s });
+      document.dispatchEvent(new Event('visibilitychange'));
+    }, state);
+    await setVisibility('hidden');
+    await v.page.waitForFunction(() => document.getElementById('phase').textContent.startsWith('Paused (tab hidden)'), null, { timeout: 30_000 });
+    const workers = async () => (await (await fetch(`${cluster.url}/healthz`)).json()).workers_connected;
+    for (let i = 0; i < 100 && await workers() !== 0; i++) await new Promise((r) => setTimeout(r, 100));
+    assert.equal(await workers(), 0, 'the paused tab should have closed its connection');
+    await setVisibility('visible');
+    await v.page.waitForFunction(() => document.getElementById('phase').textContent.startsWith('Connected'), null, { timeout: 60_000 });
+    assert.equal(await workers(), 1);
+    // The setting is remembered for the next visit.
+    await v.page.reload();
+    assert.equal(await v.page.isChecked('#pause-hidden'), true);
+    assert.deepEqual(v.errors, []);
+  } finally {
+    await browser.close();
+    await cluster.stop();
+  }
+});
+
 test('closing the tab in the middle of a unit loses nothing', { timeout: 600_000 }, async () => {
   // Short leases, so the unit the closed tab held goes back to the pool quickly.
   const cluster = await Cluster.start({ leaseSecs: 5 });

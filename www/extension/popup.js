@@ -30,6 +30,16 @@ const { status } = await chrome.storage.session.get('status');
 render(status);
 chrome.storage.session.onChanged.addListener((changes) => { if (changes.status) render(changes.status.newValue); });
 
+// Pending credit (results in, not yet verified) from the coordinator's public ledger.
+setInterval(async () => {
+  const key = $('key').textContent;
+  if (!/^[0-9a-f]{64}$/.test(key)) return;
+  try {
+    const r = await fetch(`${new URL($('coordinator').value).origin}/v1/ledger/${key}`);
+    if (r.ok) $('pending').textContent = ((await r.json()).pending_credit || 0).toFixed(2);
+  } catch { /* coordinator unreachable: keep the last number */ }
+}, 3000);
+
 $('toggle').onclick = async () => {
   if ($('toggle').dataset.running === 'true') return command({ type: 'stop' });
   let url;
