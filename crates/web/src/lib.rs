@@ -1,10 +1,15 @@
 //! # tabula-web
 //!
-//! The browser build of Tabula: wasm-bindgen bindings that load a model from bytes the page
-//! fetched and run it on WebGPU (through `wgpu`) or on the wasm CPU path. This crate owns only
-//! the JavaScript boundary (argument conversion with `serde-wasm-bindgen`, errors as JS
-//! exceptions); the model code is `tabula-models`, unchanged. It must not grow logic of its own
-//! that the native build lacks.
+//! The browser build of Tabula, through wasm-bindgen. Two things live here:
+//! - The model bindings (`Embedder`, `ExactEmbedder`, `ExactDecoder`). They load a model from
+//!   bytes the page fetched and run it on WebGPU (through `wgpu`) or on the wasm CPU path.
+//! - [`Volunteer`], the browser worker, driven by `www/worker.js`: protocol frames, signatures
+//!   and unit execution, with the page doing only I/O.
+//!
+//! The model code is `tabula-models` and the unit executor is `tabula-worker`'s, unchanged, so
+//! a browser computes the same bits as a native worker. This crate owns the JavaScript boundary
+//! (argument conversion with `serde-wasm-bindgen`, errors as JS exceptions) and the browser
+//! session's state. It must not grow model or verification logic that the native build lacks.
 
 mod volunteer;
 
