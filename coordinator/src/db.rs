@@ -62,6 +62,11 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS leases_unit ON leases (unit_id)",
     "CREATE INDEX IF NOT EXISTS leases_state ON leases (state, deadline_ms)",
     "CREATE INDEX IF NOT EXISTS leases_worker ON leases (worker)",
+    // Active leases whose worker's connection ended (a closed tab, a lost network): when they
+    // expire the worker takes no strike.
+    "CREATE TABLE IF NOT EXISTS orphaned_leases (
+        lease_id TEXT PRIMARY KEY,
+        since_ms BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS workers (
         key TEXT PRIMARY KEY,
         payout TEXT,

@@ -598,7 +598,34 @@ impl State {
         Ok(true)
     }
 
-    /// Expires overdue leases: their units go to other workers, and the holder takes a strike.
+    /// Marks the active leases of `worker` as orphaned: its connection ended without an answer
+    /// (a volunteer closed the tab, a network dropped). They stay active, so a native worker
+    /// that reconnects can still submit, but expiring them is not held against the worker.
+    /// A hoarder gains nothing from this: it earns no credit, and to orphan a lease it has to
+    /// drop and redo its login.
+    pub async fn orphan_leases(&self, worker: &PublicKey) -> Result<()> {
+        let _w = self.db.write().await;
+        // Housekeeping first: marks of leases that ended since (submitted after a reconnect,
+        // released) are no longer needed.
+        sqlx::query(
+            "DELETE FROM orphaned_leases WHERE lease_id NOT IN (SELECT id FROM leases WHERE state = 'active')",
+        )
+        .execute(&self.db.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO orphaned_leases (lease_id, since_ms)
+             SELECT id, $2 FROM leases WHERE worker = $1 AND state = 'active'
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(worker.to_hex())
+        .bind(now_ms())
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Expires overdue leases: their units go to other workers, and the holder takes a strike
+    /// unless its connection had ended (an orphaned lease: the streak still resets).
     pub async fn expire_leases(&self) -> Result<()> {
         let now = now_ms();
         let rows = sqlx::query(
@@ -617,11 +644,21 @@ impl State {
             let worker: String = row.try_get("worker")?;
             if self.end_lease(&mut tx, &lease, None, "expired").await? {
                 self.metrics.leases_expired.fetch_add(1, Ordering::Relaxed);
-                sqlx::query("UPDATE workers SET expired = expired + 1 WHERE key = $1")
-                    .bind(&worker)
+                sqlx::query(
+                    "UPDATE workers SET expired = expired + 1, clean_streak = 0 WHERE key = $1",
+                )
+                .bind(&worker)
+                .execute(&mut *tx)
+                .await?;
+                let orphaned = sqlx::query("DELETE FROM orphaned_leases WHERE lease_id = $1")
+                    .bind(&lease)
                     .execute(&mut *tx)
-                    .await?;
-                self.strike(&mut tx, &worker).await?;
+                    .await?
+                    .rows_affected()
+                    > 0;
+                if !orphaned {
+                    self.strike(&mut tx, &worker).await?;
+                }
             }
         }
         tx.commit().await?;

@@ -199,6 +199,13 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             break String::new();
         }
     };
+    // The worker left (closed the socket or went silent) rather than broke the protocol: a
+    // unit it still holds expires without a strike.
+    if (reason.is_empty() || reason == SILENT)
+        && let Err(e) = state.orphan_leases(&key).await
+    {
+        tracing::error!(worker = %key, "orphaning its leases: {e}");
+    }
     if !reason.is_empty() {
         tracing::info!(worker = %key, "closing session: {reason}");
         let _ = sink
