@@ -130,6 +130,7 @@ async function computeUnit(event) {
   } catch (e) {
     const message = String(e && e.message || e);
     if (message.includes('hashes to')) await evict(event.files);
+    if (!running) return; // stopped meanwhile: `stop` already released the unit
     const release = volunteer.releaseFrame();
     if (release) send(release);
     report({ phase: 'error', message: `unit failed: ${message}` });
