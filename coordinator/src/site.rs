@@ -66,24 +66,23 @@ pub async fn fallback(Extract(state): Extract<AppState>, method: Method, uri: Ur
     if method != Method::GET && method != Method::HEAD {
         return not_found();
     }
-    let Some(root) = &state.config.www_dir else {
-        if uri.path() == "/" {
-            return Html(NO_SITE).into_response();
-        }
-        return not_found();
+    // A file inside the site, or for `/` without one, a note on how to install the page.
+    let file = state
+        .config
+        .www_dir
+        .as_deref()
+        .and_then(|root| resolve(root, &uri));
+    let is_file = match &file {
+        Some(path) => tokio::fs::metadata(path)
+            .await
+            .is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE_BYTES),
+        None => false,
     };
-    let Some(path) = resolve(root, &uri) else {
-        return not_found();
+    let path = match file {
+        Some(path) if is_file => path,
+        _ if uri.path() == "/" => return Html(NO_SITE).into_response(),
+        _ => return not_found(),
     };
-    match tokio::fs::metadata(&path).await {
-        Ok(m) if m.is_file() && m.len() <= MAX_FILE_BYTES => {}
-        _ => {
-            if uri.path() == "/" {
-                return Html(NO_SITE).into_response();
-            }
-            return not_found();
-        }
-    }
     match tokio::fs::read(&path).await {
         Ok(bytes) => {
             let mut response = (StatusCode::OK, bytes).into_response();

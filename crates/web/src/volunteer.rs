@@ -229,12 +229,6 @@ impl Volunteer {
         }))
     }
 
-    /// Whether a unit is assigned and not yet submitted or released.
-    #[wasm_bindgen(js_name = hasUnit)]
-    pub fn has_unit(&self) -> bool {
-        self.session.borrow().current.is_some()
-    }
-
     /// Computes the current unit and returns its signed `Submit` frame. `files` holds the bytes
     /// of the files the `assign` event listed, in that order (the executor checks each hash).
     /// On an error the unit stays current: send `releaseFrame()`.
