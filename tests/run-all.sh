@@ -30,7 +30,10 @@ if [ -z "${TABULA_TEST_POSTGRES_URL:-}" ]; then
 fi
 echo "PostgreSQL at $TABULA_TEST_POSTGRES_URL"
 
-step "Rust tests (CPU backend, wgpu on the machine's Vulkan device, the CLI end to end, the coordinator with workers and adversaries on SQLite and PostgreSQL)"
+step "the credit contract: committed artifact matches its source, forge tests (npm solc, forge)"
+bash contracts/test.sh
+
+step "Rust tests (CPU backend, wgpu on the machine's Vulkan device, the CLI end to end, the coordinator with workers and adversaries on SQLite and PostgreSQL, settlement on the embedded EVM and on anvil)"
 cargo test --workspace --no-fail-fast
 
 step "wasm build and browser tests (headless Chromium, WebGPU on SwiftShader and wasm CPU)"

@@ -108,6 +108,7 @@ $('payout-form').onsubmit = (e) => {
   settings.payout = address;
   save();
   worker.postMessage({ type: 'payout', address });
+  refreshChain();
 };
 if (window.ethereum) {
   $('wallet').hidden = false;
@@ -136,4 +137,43 @@ async function refreshLedger() {
   } catch { /* offline: keep the last numbers */ }
 }
 setInterval(refreshLedger, 3000);
+
+// On-chain credit of the payout address: its token balance, and what the latest epoch lets it
+// claim (the coordinator relays the claim and pays the gas).
+async function refreshChain() {
+  if (!settings.payout) return;
+  try {
+    const r = await fetch(`/v1/ledger/proof/${settings.payout}`);
+    const body = await r.json();
+    if (r.ok) {
+      const balance = Number(body.on_chain.balance_micro) / 1e6;
+      const claimable = (Number(body.cumulative_amount) - Number(body.on_chain.claimed_micro)) / 1e6;
+      $('onchain').textContent = balance.toFixed(2);
+      $('claimable').textContent = claimable > 0
+        ? `${claimable.toFixed(2)} credits of epoch ${body.epoch} are ready to claim. `
+        : '';
+      $('claim-row').hidden = !(claimable > 0);
+    } else if (r.status === 404) {
+      $('onchain').textContent = '0.00';
+      $('claim-row').hidden = true;
+    }
+  } catch { /* offline: keep the last numbers */ }
+}
+$('claim').onclick = async () => {
+  $('claim').disabled = true;
+  try {
+    const r = await fetch(`/v1/ledger/claim/${settings.payout}`, { method: 'POST' });
+    const body = await r.json();
+    $('phase').textContent = r.ok
+      ? `Claimed: your address now holds ${(Number(body.on_chain.balance_micro) / 1e6).toFixed(2)} credit tokens.`
+      : `The claim failed: ${body.error?.message || r.status}`;
+  } catch (e) {
+    $('phase').textContent = `The claim failed: ${e.message || e}`;
+  } finally {
+    $('claim').disabled = false;
+    refreshChain();
+  }
+};
+setInterval(refreshChain, 10000);
+refreshChain();
 render();

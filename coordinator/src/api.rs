@@ -147,6 +147,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/ledger", get(ledger_list))
         .route("/v1/ledger/{id}", get(ledger))
+        .route("/v1/ledger/proof/{address}", get(ledger_proof))
+        .route("/v1/ledger/claim/{address}", post(ledger_claim))
+        .route("/v1/ledger/epochs/{epoch}", get(ledger_epoch))
         .route("/v1/weights/{sha256}", get(weights))
         .route("/v1/worker", get(worker_socket))
         .fallback(crate::site::fallback)
@@ -1155,6 +1158,147 @@ async fn ledger(
     }
 }
 
+/// A payout address from a path: `0x` and 40 hex digits.
+fn payout_address(text: &str) -> ApiResult<tabula_chain::Address> {
+    text.strip_prefix("0x")
+        .filter(|digits| digits.len() == 40 && digits.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|_| text.parse().ok())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "a payout address is 0x followed by 40 hex digits (an EVM address)",
+                Some("address"),
+            )
+        })
+}
+
+/// Micro-credits as JSON: a decimal string (exact, for the contract) and a number of credits.
+fn amount_json(micro: tabula_chain::U256) -> (String, f64) {
+    let credits = micro.to_string().parse::<f64>().unwrap_or(f64::MAX) / 1e6;
+    (micro.to_string(), credits)
+}
+
+/// The on-chain side of an address: what it claimed and holds.
+async fn on_chain(state: &State, account: tabula_chain::Address) -> ApiResult<Value> {
+    let chain = &state.settlement.chain;
+    let claimed = chain
+        .claimed(account)
+        .await
+        .map_err(crate::CoordinatorError::from)?;
+    let balance = chain
+        .balance_of(account)
+        .await
+        .map_err(crate::CoordinatorError::from)?;
+    Ok(json!({
+        "chain": chain.describe(),
+        "contract": chain.contract_address().to_string(),
+        "claimed_micro": claimed.to_string(),
+        "balance_micro": balance.to_string(),
+        "balance": amount_json(balance).1,
+    }))
+}
+
+async fn ledger_proof(
+    Extract(state): Extract<AppState>,
+    Path(address): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let account = payout_address(&address)?;
+    let on_chain = on_chain(&state, account).await?;
+    let Some(proof) = state.settlement.proof(&state.db, account).await? else {
+        let latest = state.settlement.latest_epoch_number(&state.db).await?;
+        return Err(ApiError::not_found(match latest {
+            None => "no epoch has been posted yet: credit of addresses linked by workers goes on-chain at the next epoch".to_string(),
+            Some(e) => format!(
+                "{address} has no credit in epoch {e}, the latest posted: link it from a worker (it then settles at the next epoch)"
+            ),
+        }));
+    };
+    let (micro, credits) = amount_json(proof.cumulative_micro);
+    Ok(Json(json!({
+        "object": "ledger.proof",
+        "address": address.to_ascii_lowercase(),
+        "epoch": proof.epoch,
+        "root": proof.root.to_string(),
+        "cumulative_amount": micro,
+        "cumulative_credit": credits,
+        "proof": proof.proof.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "contract": state.settlement.chain.contract_address().to_string(),
+        "on_chain": on_chain,
+    })))
+}
+
+/// Relays a claim: the coordinator pays the gas, the tokens go to the address. At most one
+/// transaction per address and epoch (nothing is sent when everything is claimed already).
+async fn ledger_claim(
+    Extract(state): Extract<AppState>,
+    Path(address): Path<String>,
+) -> ApiResult<Json<Value>> {
+    use crate::settlement::ClaimOutcome;
+    let account = payout_address(&address)?;
+    let outcome = state.settlement.claim(&state.db, account).await?;
+    let (proof, claimed_now, tx) = match outcome {
+        ClaimOutcome::NotInLedger => {
+            return Err(ApiError::not_found(format!(
+                "{address} has no settled credit yet: it appears after the next epoch is posted"
+            )));
+        }
+        ClaimOutcome::AlreadyClaimed { proof, .. } => (proof, None, None),
+        ClaimOutcome::Claimed { proof, amount, tx } => (proof, Some(amount), Some(tx)),
+    };
+    Ok(Json(json!({
+        "object": "ledger.claim",
+        "address": address.to_ascii_lowercase(),
+        "epoch": proof.epoch,
+        "cumulative_amount": proof.cumulative_micro.to_string(),
+        "claimed_now": claimed_now.map(|a| a.to_string()),
+        "transaction": tx.as_ref().map(|t| t.tx_hash.to_string()),
+        "gas_used": tx.as_ref().map(|t| t.gas_used),
+        "on_chain": on_chain(&state, account).await?,
+    })))
+}
+
+/// A posted epoch with every (address, cumulative amount): anyone can rebuild its root with
+/// `@openzeppelin/merkle-tree` and compare it with the contract's.
+async fn ledger_epoch(
+    Extract(state): Extract<AppState>,
+    Path(epoch): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let number = if epoch == "latest" {
+        state.settlement.latest_epoch_number(&state.db).await?
+    } else {
+        Some(
+            epoch
+                .parse::<u64>()
+                .ok()
+                .filter(|e| *e > 0 && *e < i64::MAX as u64)
+                .ok_or_else(|| {
+                    ApiError::invalid("an epoch is a positive integer or `latest`", Some("epoch"))
+                })?,
+        )
+    };
+    let listing = match number {
+        Some(n) => state.settlement.epoch_listing(&state.db, n).await?,
+        None => None,
+    };
+    let Some(listing) = listing else {
+        return Err(ApiError::not_found(format!(
+            "epoch {epoch} has not been posted"
+        )));
+    };
+    Ok(Json(json!({
+        "object": "ledger.epoch",
+        "epoch": listing.epoch,
+        "root": listing.root.to_string(),
+        "total_micro": listing.total_micro.to_string(),
+        "contributors": listing.entries.len(),
+        "transaction": listing.tx_hash,
+        "posted_ms": listing.posted_ms,
+        "contract": state.settlement.chain.contract_address().to_string(),
+        "chain": state.settlement.chain.describe(),
+        "leaf_encoding": ["address", "uint256"],
+        "entries": listing.entries.iter().map(|e| [e.account.to_string().to_ascii_lowercase(), e.amount.to_string()]).collect::<Vec<_>>(),
+    })))
+}
+
 async fn weights(
     Extract(state): Extract<AppState>,
     Path(sha): Path<String>,
@@ -1254,6 +1398,9 @@ async fn openapi() -> Json<Value> {
             "/v1/jobs": { "get": op("The 100 most recent jobs and their progress", true) },
             "/v1/ledger": { "get": op("Every worker and its verified credit", false) },
             "/v1/ledger/{id}": { "get": op("Credit, receipts and record of a worker key or payout address", false) },
+            "/v1/ledger/proof/{address}": { "get": op("A payout address's cumulative credit in the latest posted epoch, its Merkle proof, the contract, and its on-chain balance", false) },
+            "/v1/ledger/claim/{address}": { "post": op("Relay a claim: the coordinator pays the gas, the credit token goes to the address", false) },
+            "/v1/ledger/epochs/{epoch}": { "get": op("A posted epoch (a number or `latest`): root, transaction and every (address, cumulative amount)", false) },
             "/v1/weights/{sha256}": { "get": op("A content-addressed model file", false) },
             "/v1/worker": { "get": op("The worker WebSocket (binary frames, see crates/protocol)", false) },
             "/healthz": { "get": op("Liveness and database check", false) },

@@ -87,6 +87,26 @@ const SCHEMA: &[&str] = &[
         issued_ms BIGINT NOT NULL,
         PRIMARY KEY (worker, unit_id))",
     "CREATE INDEX IF NOT EXISTS credits_worker ON credits (worker)",
+    // Settlement (settlement.rs): each credit of a worker with a payout address, copied once
+    // into the epoch that first put it on-chain, with the address it went to.
+    "CREATE TABLE IF NOT EXISTS settled (
+        worker TEXT NOT NULL,
+        unit_id TEXT NOT NULL,
+        payout TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        credit_micro BIGINT NOT NULL,
+        PRIMARY KEY (worker, unit_id))",
+    "CREATE INDEX IF NOT EXISTS settled_payout ON settled (payout, epoch)",
+    "CREATE TABLE IF NOT EXISTS epochs (
+        epoch BIGINT PRIMARY KEY,
+        root TEXT NOT NULL,
+        total_micro BIGINT NOT NULL,
+        contributors BIGINT NOT NULL,
+        settled_units BIGINT NOT NULL,
+        contract TEXT NOT NULL,
+        built_ms BIGINT NOT NULL,
+        tx_hash TEXT,
+        posted_ms BIGINT)",
     "CREATE TABLE IF NOT EXISTS files (
         id TEXT PRIMARY KEY,
         owner TEXT NOT NULL,

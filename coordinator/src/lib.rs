@@ -12,6 +12,7 @@ pub mod batch;
 pub mod db;
 pub mod models;
 pub mod scheduler;
+pub mod settlement;
 pub mod site;
 pub mod ws;
 
@@ -34,6 +35,8 @@ pub enum CoordinatorError {
     Corrupt(String),
     #[error("{0}")]
     Worker(#[from] tabula_worker::WorkerError),
+    #[error("chain: {0}")]
+    Chain(#[from] tabula_chain::ChainError),
 }
 
 /// How the coordinator runs; every field has a working default.
@@ -68,6 +71,18 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// The static site served under `/` (the volunteer page); `None` serves a note instead.
     pub www_dir: Option<PathBuf>,
+    /// An EVM JSON-RPC endpoint for the credit contract; `None` runs the embedded EVM, whose
+    /// state lives in the data directory.
+    pub chain_rpc: Option<String>,
+    /// The credit contract on `chain_rpc`; `None` deploys it once and remembers it.
+    pub chain_contract: Option<tabula_chain::Address>,
+    /// The chain key's file; `None` means `data_dir/chain.key`, created on first start.
+    pub chain_key_file: Option<PathBuf>,
+    /// The chain key itself (64 hex digits), which wins over the file.
+    pub chain_key: Option<String>,
+    /// Minutes between epochs (a root posted when there is new credit); 0 posts only on
+    /// demand (`tabula chain post-epoch`).
+    pub epoch_minutes: u64,
 }
 
 impl Default for Config {
@@ -89,6 +104,11 @@ impl Default for Config {
             local: false,
             request_timeout_ms: 600_000,
             www_dir: site::default_www_dir(),
+            chain_rpc: None,
+            chain_contract: None,
+            chain_key_file: None,
+            chain_key: None,
+            epoch_minutes: 60,
         }
     }
 }
@@ -108,6 +128,9 @@ impl Config {
         }
         if self.lease_ms < 1000 {
             return bad("--lease-secs must be at least 1");
+        }
+        if self.epoch_minutes > 7 * 24 * 60 {
+            return bad("--epoch-minutes must be at most a week (10080)");
         }
         if self.unit_sequences == 0 || self.unit_sequences > tabula_protocol::MAX_SEQUENCES {
             return bad("--unit-sequences must be between 1 and 64");
@@ -135,7 +158,8 @@ pub async fn serve(
     let db = db::Db::open(&config.data_dir, config.database_url.as_deref()).await?;
     let identity = coordinator_identity(&config.data_dir)?;
     let registry = Arc::new(models::Registry::load(&sources)?);
-    let state = scheduler::State::new(config.clone(), db, identity, registry);
+    let settlement = Arc::new(settlement::Settlement::open(&config).await?);
+    let state = scheduler::State::new(config.clone(), db, identity, registry, settlement);
     state.start_background_tasks();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -62,6 +62,8 @@ pub struct State {
     pub progress: Notify,
     referee_wake: Notify,
     referee: ExecutorThread,
+    /// The credit contract and the settled ledger.
+    pub settlement: Arc<crate::settlement::Settlement>,
     /// Connected sessions by worker key, for pushing receipts.
     sessions: Mutex<HashMap<PublicKey, Vec<mpsc::UnboundedSender<ToWorker>>>>,
 }
@@ -130,7 +132,13 @@ fn postcard_task(bytes: &[u8]) -> Result<Task> {
 }
 
 impl State {
-    pub fn new(config: Config, db: Db, identity: Identity, registry: Arc<Registry>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        db: Db,
+        identity: Identity,
+        registry: Arc<Registry>,
+        settlement: Arc<crate::settlement::Settlement>,
+    ) -> Arc<Self> {
         let files: Arc<dyn tabula_worker::FileSource + Send + Sync> =
             Arc::new(RegistryFiles(registry.clone()));
         let referee = ExecutorThread::spawn(|| Ok(Executor::new(CpuBackend)), files);
@@ -143,6 +151,7 @@ impl State {
             progress: Notify::new(),
             referee_wake: Notify::new(),
             referee,
+            settlement,
             sessions: Mutex::new(HashMap::new()),
         })
     }
@@ -156,6 +165,23 @@ impl State {
                     tracing::error!("expiring leases: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let state = self.clone();
+        tokio::spawn(async move {
+            // An epoch built before a crash is posted at once, with the same root.
+            if let Err(e) = state.settlement.recover(&state.db).await {
+                tracing::error!("posting an epoch built before the restart: {e}");
+            }
+            if state.config.epoch_minutes == 0 {
+                return;
+            }
+            let period = Duration::from_secs(state.config.epoch_minutes * 60);
+            loop {
+                tokio::time::sleep(period).await;
+                if let Err(e) = state.settlement.post_epoch(&state.db).await {
+                    tracing::error!("posting an epoch: {e}");
+                }
             }
         });
         let state = self.clone();

@@ -27,18 +27,37 @@ pub fn default_data_dir() -> PathBuf {
         .join(".local/share/tabula")
 }
 
+/// Where the coordinator keeps its state.
+#[derive(Args)]
+pub struct StoreArgs {
+    /// The coordinator's data dir: the SQLite database, its keys, the embedded chain
+    /// [default: $XDG_DATA_HOME/tabula or ~/.local/share/tabula].
+    #[arg(long, env = "TABULA_DATA")]
+    pub data_dir: Option<PathBuf>,
+    /// Use this database instead of SQLite in the data dir, e.g. postgres://user@host/db.
+    #[arg(long, env = "TABULA_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "TABULA_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Where the SQLite database and the coordinator's key live [default: $XDG_DATA_HOME/tabula
-    /// or ~/.local/share/tabula].
-    #[arg(long, env = "TABULA_DATA")]
-    data_dir: Option<PathBuf>,
-    /// Use this database instead of SQLite in the data dir, e.g. postgres://user@host/db.
-    #[arg(long, env = "TABULA_DATABASE_URL")]
-    database_url: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    chain: crate::chain::ChainOptions,
+    /// Minutes between epochs: the credit of linked payout addresses goes on-chain as one
+    /// Merkle root (only when there is new credit). 0: only `tabula chain post-epoch`.
+    #[arg(long, env = "TABULA_EPOCH_MINUTES", default_value_t = 60)]
+    epoch_minutes: u64,
     /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models].
     #[arg(long)]
     models_dir: Option<PathBuf>,
@@ -108,7 +127,7 @@ pub fn model_sources(dir: &std::path::Path) -> Result<Vec<ModelSource>> {
     Ok(sources)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,11 +135,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let data_dir = args.store.data_dir();
     let config = Config {
         listen: args.listen,
         data_dir: data_dir.clone(),
-        database_url: args.database_url,
+        database_url: args.store.database_url.clone(),
+        epoch_minutes: args.epoch_minutes,
         replicas: args.replicas,
         max_replicas: args.max_replicas,
         probation_units: args.probation_units,
@@ -133,7 +153,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         local: args.local,
         request_timeout_ms: args.request_timeout_secs.saturating_mul(1000),
         www_dir: args.www.or_else(tabula_coordinator::site::default_www_dir),
-        ..Config::default()
+        ..args.chain.apply(Config::default())?
     };
     config.validate()?;
     let sources = model_sources(&crate::models_dir(args.models_dir))?;
@@ -159,12 +179,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct KeysArgs {
-    /// The coordinator's data dir [default: $XDG_DATA_HOME/tabula or ~/.local/share/tabula].
-    #[arg(long, env = "TABULA_DATA")]
-    data_dir: Option<PathBuf>,
-    /// The coordinator's database, when it is not SQLite in the data dir.
-    #[arg(long, env = "TABULA_DATABASE_URL")]
-    database_url: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// A label to remember the key by.
     #[arg(long, default_value = "")]
     label: String,
@@ -172,9 +188,9 @@ pub struct KeysArgs {
 
 /// `tabula keys create`: prints a new API key on stdout.
 pub fn create_key(args: KeysArgs) -> Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let data_dir = args.store.data_dir();
     let key = runtime()?.block_on(async {
-        let db = Db::open(&data_dir, args.database_url.as_deref()).await?;
+        let db = Db::open(&data_dir, args.store.database_url.as_deref()).await?;
         db.create_api_key(&args.label).await
     })?;
     println!("{key}");

@@ -3,6 +3,7 @@
 //! volunteer workers (`worker`).
 
 mod bench;
+mod chain;
 mod cluster;
 mod fetch;
 mod loadgen;
@@ -58,6 +59,12 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// On-chain credit: post an epoch's Merkle root, claim an address's credit, verify the
+    /// chain against the ledger.
+    Chain {
+        #[command(subcommand)]
+        command: chain::ChainCommand,
     },
     /// Contribute this machine to a coordinator: take units, compute, earn credit.
     Worker(cluster::WorkerArgs),
@@ -145,6 +152,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             command: KeysCommand::Create(args),
         } => cluster::create_key(args),
         Command::Worker(args) => cluster::worker(args),
+        Command::Chain { command } => chain::run(command),
         Command::BenchCoordinator(args) => loadgen::bench_coordinator(args),
     }
 }

@@ -1022,3 +1022,323 @@ fn ctrl_c_releases_the_lease() {
         local_generation("Once upon a time", 60, "0", "0")
     );
 }
+
+/// The first of anvil's well-known development keys (it funds that account).
+const ANVIL_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+/// An `anvil` node (npm `@foundry-rs/anvil`) for the life of a test.
+struct Anvil {
+    child: Child,
+    url: String,
+}
+
+impl Anvil {
+    fn start() -> Self {
+        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../node_modules/.bin/anvil");
+        assert!(
+            bin.exists(),
+            "{} is missing: run `npm ci` in the repository root",
+            bin.display()
+        );
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "anvil did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Anvil {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tabula chain <args…>` on the cluster's data with `chain` (the chain flags) and
+/// `env`; returns (success, stdout, stderr).
+fn chain_cli(
+    cluster: &Cluster,
+    chain: &[String],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("chain")
+        .args(args)
+        .args(cluster.base_args())
+        .args(chain)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The root and posted time of `epoch` as the coordinator's SQLite database holds it.
+fn stored_epoch(cluster: &Cluster, epoch: i64) -> Option<(String, Option<i64>)> {
+    use sqlx::Row;
+    let url = format!(
+        "sqlite://{}",
+        cluster.data_dir().join("tabula.db").display()
+    );
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query("SELECT root, posted_ms FROM epochs WHERE epoch = $1")
+            .bind(epoch)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .map(|r| (r.get("root"), r.get("posted_ms")))
+    })
+}
+
+/// An embeddings job over `texts`, answered with the exact reference.
+fn run_job(cluster: &Cluster, key: &str, texts: &[String]) {
+    let (status, body) = post(
+        cluster.port,
+        "/v1/embeddings",
+        key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api_embeddings(&body), local_embeddings(texts));
+}
+
+/// On-chain credit end to end: verified credit of two payout addresses settles into epoch 1
+/// (one root), each address proves and claims exactly its ledger credit (relayed through the
+/// API and through `tabula chain claim`), `tabula chain verify` agrees, and an epoch built
+/// when the process dies before posting (`kill -9` at that point) is posted after the restart
+/// with the same root, exactly once.
+fn settles_on_chain(anvil: Option<&Anvil>) {
+    let mut chain: Vec<String> = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    if let Some(anvil) = anvil {
+        let key_file = dir.path().join("anvil.key");
+        std::fs::write(&key_file, ANVIL_KEY).unwrap();
+        chain = vec![
+            "--chain-rpc".into(),
+            anvil.url.clone(),
+            "--chain-key-file".into(),
+            key_file.display().to_string(),
+        ];
+    }
+    let mut serve_args: Vec<&str> = vec!["--epoch-minutes", "0", "--probation-units", "0"];
+    serve_args.extend(chain.iter().map(String::as_str));
+    let mut cluster = Cluster::start(Flavor::Sqlite, &serve_args).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let (alice, bob) = (
+        "0x00000000000000000000000000000000000a11ce",
+        "0x0000000000000000000000000000000000000b0b",
+    );
+    cluster.add_worker_with(0, &["--payout", alice]);
+    cluster.add_worker_with(1, &["--payout", bob]);
+    let texts = fixture_texts();
+    run_job(&cluster, &key, &texts[..8]);
+    cluster.stop_workers();
+
+    let (status, body) = get(port, &format!("/v1/ledger/proof/{alice}"));
+    assert_eq!(status, 404, "no epoch yet: {body}");
+    let (ok, out, err) = chain_cli(&cluster, &chain, &["post-epoch"], &[]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("epoch 1: root 0x"), "{out}");
+    assert!(out.contains("2 addresses"), "{out}");
+
+    let (status, listing) = get(port, "/v1/ledger/epochs/latest");
+    assert_eq!(status, 200, "{listing}");
+    let entries: Vec<tabula_chain::merkle::Entry> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| tabula_chain::merkle::Entry {
+            account: e[0].as_str().unwrap().parse().unwrap(),
+            amount: e[1].as_str().unwrap().parse().unwrap(),
+        })
+        .collect();
+    let rebuilt = tabula_chain::merkle::CreditTree::build(&entries).unwrap();
+    assert_eq!(
+        rebuilt.root().to_string(),
+        listing["root"].as_str().unwrap()
+    );
+
+    for (address, relay_by_api) in [(alice, true), (bob, false)] {
+        let credit = ledger(port, address)["verified_credit_micro"]
+            .as_u64()
+            .unwrap();
+        assert!(credit > 0);
+        let (status, proof) = get(port, &format!("/v1/ledger/proof/{address}"));
+        assert_eq!(status, 200, "{proof}");
+        assert_eq!(proof["epoch"], 1);
+        assert_eq!(proof["cumulative_amount"], credit.to_string(), "{proof}");
+        assert_eq!(proof["on_chain"]["balance_micro"], "0", "{proof}");
+        let hashes: Vec<tabula_chain::B256> = proof["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().parse().unwrap())
+            .collect();
+        let entry = tabula_chain::merkle::Entry {
+            account: address.parse().unwrap(),
+            amount: tabula_chain::U256::from(credit),
+        };
+        assert!(tabula_chain::merkle::verify(
+            &rebuilt.root(),
+            &entry,
+            &hashes
+        ));
+        if relay_by_api {
+            let (status, claim) = request(
+                port,
+                "POST",
+                &format!("/v1/ledger/claim/{address}"),
+                None,
+                Some(&json!({})),
+                &[],
+            );
+            assert_eq!(status, 200, "{claim}");
+            assert_eq!(claim["claimed_now"], credit.to_string(), "{claim}");
+            assert!(claim["gas_used"].as_u64().unwrap() > 21_000, "{claim}");
+            // A second claim sends nothing: everything proven is claimed.
+            let (status, again) = request(
+                port,
+                "POST",
+                &format!("/v1/ledger/claim/{address}"),
+                None,
+                Some(&json!({})),
+                &[],
+            );
+            assert_eq!(status, 200, "{again}");
+            assert_eq!(again["claimed_now"], Value::Null, "{again}");
+        } else {
+            let (ok, out, err) = chain_cli(&cluster, &chain, &["claim", "--address", address], &[]);
+            assert!(ok, "{out}{err}");
+            assert!(out.contains("claimed"), "{out}");
+        }
+        let (_, after) = get(port, &format!("/v1/ledger/proof/{address}"));
+        assert_eq!(
+            after["on_chain"]["balance_micro"],
+            credit.to_string(),
+            "{after}"
+        );
+        assert_eq!(
+            after["on_chain"]["claimed_micro"],
+            credit.to_string(),
+            "{after}"
+        );
+    }
+    let (status, bad) = get(port, "/v1/ledger/proof/0x1234");
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("40 hex digits")
+    );
+    let (ok, out, err) = chain_cli(&cluster, &chain, &["verify"], &[]);
+    assert!(ok && out.contains("all three agree"), "{out}{err}");
+
+    // More credit, then a crash between building epoch 2 and posting it.
+    cluster.add_worker_with(2, &["--payout", alice]);
+    cluster.add_worker_with(3, &["--payout", bob]);
+    run_job(&cluster, &key, &texts[8..16]);
+    cluster.stop_workers();
+    let (ok, out, err) = chain_cli(
+        &cluster,
+        &chain,
+        &["post-epoch"],
+        &[("TABULA_FAULT", "crash-after-epoch-build")],
+    );
+    assert!(!ok, "the fault point must kill the process: {out}{err}");
+    let (root, posted) = stored_epoch(&cluster, 2).expect("epoch 2 was built");
+    assert_eq!(posted, None, "epoch 2 must not be posted yet");
+    let (status, _) = get(port, "/v1/ledger/epochs/2");
+    assert_eq!(status, 404);
+    // Restart the coordinator (kill -9): it posts the epoch it finds built, with its root.
+    cluster.kill_serve();
+    cluster.start_serve();
+    let started = Instant::now();
+    let listing = loop {
+        let (status, listing) = get(port, "/v1/ledger/epochs/2");
+        if status == 200 {
+            break listing;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "epoch 2 was not posted after the restart: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(listing["root"].as_str().unwrap(), root);
+    assert!(stored_epoch(&cluster, 2).unwrap().1.is_some());
+    let (ok, out, err) = chain_cli(&cluster, &chain, &["post-epoch"], &[]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("no new credit to settle since epoch 2"),
+        "{out}"
+    );
+    let (ok, out, err) = chain_cli(&cluster, &chain, &["status"], &[]);
+    assert!(ok && out.contains("on-chain latest epoch: 2"), "{out}{err}");
+    let (ok, out, err) = chain_cli(&cluster, &chain, &["verify"], &[]);
+    assert!(ok && out.contains("all three agree"), "{out}{err}");
+    // Epoch 2 pays only the difference.
+    let credit = ledger(port, alice)["verified_credit_micro"]
+        .as_u64()
+        .unwrap();
+    let (_, before) = get(port, &format!("/v1/ledger/proof/{alice}"));
+    assert_eq!(before["cumulative_amount"], credit.to_string(), "{before}");
+    let claimed_before: u64 = before["on_chain"]["claimed_micro"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (status, claim) = request(
+        port,
+        "POST",
+        &format!("/v1/ledger/claim/{alice}"),
+        None,
+        Some(&json!({})),
+        &[],
+    );
+    assert_eq!(status, 200, "{claim}");
+    assert_eq!(
+        claim["claimed_now"],
+        (credit - claimed_before).to_string(),
+        "{claim}"
+    );
+    assert_eq!(
+        claim["on_chain"]["balance_micro"],
+        credit.to_string(),
+        "{claim}"
+    );
+}
+
+#[test]
+fn settles_on_the_embedded_chain() {
+    settles_on_chain(None);
+}
+
+#[test]
+fn settles_on_anvil() {
+    let anvil = Anvil::start();
+    settles_on_chain(Some(&anvil));
+}
