@@ -1280,9 +1280,11 @@ async fn ledger_epoch(
         None => None,
     };
     let Some(listing) = listing else {
-        return Err(ApiError::not_found(format!(
-            "epoch {epoch} has not been posted"
-        )));
+        return Err(ApiError::not_found(if epoch == "latest" {
+            "no epoch has been posted yet".to_string()
+        } else {
+            format!("epoch {epoch} has not been posted")
+        }));
     };
     Ok(Json(json!({
         "object": "ledger.epoch",

@@ -67,6 +67,12 @@ export class Cluster {
     return r.ok ? r.json() : null;
   }
 
+  // `tabula chain post-epoch` on this coordinator's data: settles the linked credit on its
+  // embedded chain.
+  postEpoch() {
+    return execFileSync(bin, ['chain', 'post-epoch', '--data-dir', path.join(this.dir, 'data')], { encoding: 'utf8' });
+  }
+
   async stop() {
     for (const w of this.workers) w.kill('SIGINT');
     this.serve.kill('SIGINT');

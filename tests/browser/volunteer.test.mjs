@@ -74,6 +74,16 @@ test('a fresh browser contributes on WebGPU next to a native worker, bit for bit
     }
     assert.ok(paid, 'the payout address was not linked');
     assert.equal(paid.workers[0].worker, v.key);
+    // An epoch settles it on-chain: the page offers the claim, and after it shows the balance.
+    assert.match(cluster.postEpoch(), /epoch 1: root 0x/);
+    await v.page.waitForSelector('#claim-row:not([hidden])', { timeout: 30_000 });
+    await v.page.click('#claim');
+    await v.page.waitForFunction(() => Number(document.getElementById('onchain').textContent) > 0, null, { timeout: 30_000 });
+    const proof = await (await fetch(`${cluster.url}/v1/ledger/proof/${payout}`)).json();
+    assert.equal(proof.on_chain.balance_micro, proof.cumulative_amount);
+    assert.equal(await v.page.textContent('#onchain'), (Number(proof.cumulative_amount) / 1e6).toFixed(2));
+    assert.ok(await v.page.isHidden('#claim-row'), 'nothing is left to claim');
+    await v.page.screenshot({ path: path.join(artifacts, 'volunteer-claimed.png'), fullPage: true });
     // The requester page lists the job as done, with every unit verified.
     const requester = await v.context.newPage();
     await requester.goto(`${cluster.url}/requester.html`);

@@ -9,6 +9,8 @@
 //! on models: the coordinator depends on it, never the other way round, and everything it needs
 //! (a state file, an RPC URL, a key) is handed in by the caller.
 
+#[cfg(feature = "anvil")]
+pub mod anvil;
 mod embedded;
 pub mod merkle;
 mod rpc;
@@ -87,7 +89,8 @@ impl ChainError {
     }
 }
 
-/// The contract, on one of the two backends.
+/// The contract, on one of the two backends. Its async methods need a tokio runtime (the
+/// embedded EVM does its file locking and I/O on tokio's blocking pool).
 #[derive(Debug)]
 pub enum Chain {
     /// The in-process EVM with its state in a file.
@@ -245,9 +248,6 @@ pub(crate) fn revert_reason(data: &[u8]) -> String {
             "OwnableUnauthorizedAccount: {} is not the contract's owner",
             e.account
         ),
-        Ok(E::RenounceDisabled(_)) => {
-            "RenounceDisabled: ownership cannot be renounced, only transferred".to_string()
-        }
         Ok(E::OwnableInvalidOwner(e)) => {
             format!("OwnableInvalidOwner: {} cannot be the owner", e.owner)
         }

@@ -60,7 +60,7 @@ impl CreditTree {
             .map(|(i, e)| (leaf_hash(e), i))
             .collect();
         // A stable sort by hash alone, like JavaScript's `Array.prototype.sort`.
-        hashed.sort_by(|a, b| a.0.cmp(&b.0));
+        hashed.sort_by_key(|a| a.0);
         let n = hashed.len();
         let mut nodes = vec![B256::ZERO; 2 * n - 1];
         let mut positions = vec![0; n];

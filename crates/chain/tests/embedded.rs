@@ -29,6 +29,22 @@ async fn scenario_survives_reopening() {
     second_epoch(&chain).await;
     drop(chain);
 
+    // One block per successful transaction (deployment, 2 posts, 3 claims); the reverted ones
+    // left no trace. The owner's nonce counts the same transactions.
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(json["block_number"], 6);
+    let accounts = json["accounts"].as_object().unwrap();
+    let account = |a: Address| {
+        accounts
+            .iter()
+            .find(|(k, _)| k.parse::<Address>().unwrap() == a)
+            .map(|(_, v)| v)
+            .unwrap()
+    };
+    assert_eq!(account(OWNER)["nonce"], 6);
+    assert!(account(contract)["code"].as_str().unwrap().len() > 1000);
+    assert!(!dir.join("chain.json.tmp").exists());
+
     // The file belongs to OWNER: another owner is refused rather than silently unable to post.
     match Chain::embedded(&state, Address::repeat_byte(0x0d)) {
         Err(ChainError::State { message, .. }) => assert!(message.contains("owner"), "{message}"),

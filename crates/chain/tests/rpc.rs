@@ -3,91 +3,15 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    os::unix::process::CommandExt,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
-
 use common::{first_epoch, second_epoch, temp_dir};
-use tabula_chain::{Address, B256, Chain, ChainError, address_of_key};
+use tabula_chain::{Address, B256, Chain, ChainError, address_of_key, anvil::Anvil};
 
 /// Anvil's first and second default dev keys.
-const KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+const KEY: &str = tabula_chain::anvil::DEV_KEY;
 const OTHER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
 
 fn key(hex: &str) -> [u8; 32] {
     hex.parse::<B256>().unwrap().0
-}
-
-/// A running anvil, stopped (with the npm wrapper's whole process group) when dropped.
-struct Anvil {
-    child: Child,
-    url: String,
-}
-
-impl Anvil {
-    fn start() -> Anvil {
-        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../node_modules/.bin/anvil");
-        assert!(
-            bin.exists(),
-            "{} is missing: run `npm ci` in the repository root",
-            bin.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            // Pinned so that gas is comparable with the embedded EVM's (revm's default, Osaka).
-            .args(["--hardfork", "osaka"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // Its own process group: the npm wrapper is node, which runs the real binary.
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} ({e}): run `npm ci`", bin.display()));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        // Reads anvil's output until it listens, then keeps draining it so it never blocks.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("Listening on") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        let mut anvil = Anvil {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let status = anvil.child.try_wait();
-            panic!("anvil did not start listening on port {port} ({status:?}): run `npm ci`");
-        }
-        anvil
-    }
-}
-
-impl Drop for Anvil {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

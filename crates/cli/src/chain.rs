@@ -129,7 +129,12 @@ async fn post_epoch(args: &ChainArgs) -> Result<()> {
     let (db, settlement) = open(args).await?;
     match settlement.post_epoch(&db).await? {
         Posted::NothingNew { latest } => println!(
-            "no new credit to settle since epoch {latest}: workers earn it by verified units and link a payout address to have it settled"
+            "no new credit to settle {}: workers earn it with verified units, and it settles once they link a payout address",
+            if latest == 0 {
+                "yet".to_string()
+            } else {
+                format!("since epoch {latest}")
+            }
         ),
         Posted::Epoch {
             epoch,

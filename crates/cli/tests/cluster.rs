@@ -1023,51 +1023,7 @@ fn ctrl_c_releases_the_lease() {
     );
 }
 
-/// The first of anvil's well-known development keys (it funds that account).
-const ANVIL_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
-
-/// An `anvil` node (npm `@foundry-rs/anvil`) for the life of a test.
-struct Anvil {
-    child: Child,
-    url: String,
-}
-
-impl Anvil {
-    fn start() -> Self {
-        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../node_modules/.bin/anvil");
-        assert!(
-            bin.exists(),
-            "{} is missing: run `npm ci` in the repository root",
-            bin.display()
-        );
-        let port = free_port();
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--silent"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "anvil did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Anvil {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Anvil {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use tabula_chain::anvil::{Anvil, DEV_KEY as ANVIL_KEY};
 
 /// Runs `tabula chain <args…>` on the cluster's data with `chain` (the chain flags) and
 /// `env`; returns (success, stdout, stderr).
