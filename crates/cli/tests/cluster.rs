@@ -1048,13 +1048,15 @@ fn chain_cli(
     )
 }
 
-/// The root and posted time of `epoch` as the coordinator's SQLite database holds it.
+/// The root and posted time of `epoch` as the coordinator's database holds it.
 fn stored_epoch(cluster: &Cluster, epoch: i64) -> Option<(String, Option<i64>)> {
     use sqlx::Row;
-    let url = format!(
-        "sqlite://{}",
-        cluster.data_dir().join("tabula.db").display()
-    );
+    let url = cluster.database_url.clone().unwrap_or_else(|| {
+        format!(
+            "sqlite://{}",
+            cluster.data_dir().join("tabula.db").display()
+        )
+    });
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         sqlx::any::install_default_drivers();
         let pool = sqlx::AnyPool::connect(&url).await.unwrap();
@@ -1065,6 +1067,18 @@ fn stored_epoch(cluster: &Cluster, epoch: i64) -> Option<(String, Option<i64>)> 
             .unwrap()
             .map(|r| (r.get("root"), r.get("posted_ms")))
     })
+}
+
+/// `POST /v1/ledger/claim/{address}`: the coordinator claims for the address.
+fn relay_claim(port: u16, address: &str) -> (u16, Value) {
+    request(
+        port,
+        "POST",
+        &format!("/v1/ledger/claim/{address}"),
+        None,
+        Some(&json!({})),
+        &[],
+    )
 }
 
 /// An embeddings job over `texts`, answered with the exact reference.
@@ -1084,7 +1098,7 @@ fn run_job(cluster: &Cluster, key: &str, texts: &[String]) {
 /// API and through `tabula chain claim`), `tabula chain verify` agrees, and an epoch built
 /// when the process dies before posting (`kill -9` at that point) is posted after the restart
 /// with the same root, exactly once.
-fn settles_on_chain(anvil: Option<&Anvil>) {
+fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
     let mut chain: Vec<String> = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     if let Some(anvil) = anvil {
@@ -1099,7 +1113,9 @@ fn settles_on_chain(anvil: Option<&Anvil>) {
     }
     let mut serve_args: Vec<&str> = vec!["--epoch-minutes", "0", "--probation-units", "0"];
     serve_args.extend(chain.iter().map(String::as_str));
-    let mut cluster = Cluster::start(Flavor::Sqlite, &serve_args).unwrap();
+    let Some(mut cluster) = Cluster::start(flavor, &serve_args) else {
+        return;
+    };
     let port = cluster.port;
     let key = cluster.api_key();
     let (alice, bob) = (
@@ -1162,26 +1178,12 @@ fn settles_on_chain(anvil: Option<&Anvil>) {
             &hashes
         ));
         if relay_by_api {
-            let (status, claim) = request(
-                port,
-                "POST",
-                &format!("/v1/ledger/claim/{address}"),
-                None,
-                Some(&json!({})),
-                &[],
-            );
+            let (status, claim) = relay_claim(port, address);
             assert_eq!(status, 200, "{claim}");
             assert_eq!(claim["claimed_now"], credit.to_string(), "{claim}");
             assert!(claim["gas_used"].as_u64().unwrap() > 21_000, "{claim}");
             // A second claim sends nothing: everything proven is claimed.
-            let (status, again) = request(
-                port,
-                "POST",
-                &format!("/v1/ledger/claim/{address}"),
-                None,
-                Some(&json!({})),
-                &[],
-            );
+            let (status, again) = relay_claim(port, address);
             assert_eq!(status, 200, "{again}");
             assert_eq!(again["claimed_now"], Value::Null, "{again}");
         } else {
@@ -1267,14 +1269,7 @@ fn settles_on_chain(anvil: Option<&Anvil>) {
         .unwrap()
         .parse()
         .unwrap();
-    let (status, claim) = request(
-        port,
-        "POST",
-        &format!("/v1/ledger/claim/{alice}"),
-        None,
-        Some(&json!({})),
-        &[],
-    );
+    let (status, claim) = relay_claim(port, alice);
     assert_eq!(status, 200, "{claim}");
     assert_eq!(
         claim["claimed_now"],
@@ -1290,11 +1285,16 @@ fn settles_on_chain(anvil: Option<&Anvil>) {
 
 #[test]
 fn settles_on_the_embedded_chain() {
-    settles_on_chain(None);
+    settles_on_chain(Flavor::Sqlite, None);
 }
 
 #[test]
 fn settles_on_anvil() {
     let anvil = Anvil::start();
-    settles_on_chain(Some(&anvil));
+    settles_on_chain(Flavor::Sqlite, Some(&anvil));
+}
+
+#[test]
+fn postgres_settles_on_the_embedded_chain() {
+    settles_on_chain(Flavor::Postgres, None);
 }
