@@ -80,9 +80,9 @@ pub struct Config {
     pub chain_key_file: Option<PathBuf>,
     /// The chain key itself (64 hex digits), which wins over the file.
     pub chain_key: Option<String>,
-    /// Minutes between epochs (a root posted when there is new credit); 0 posts only on
-    /// demand (`tabula chain post-epoch`).
-    pub epoch_minutes: u64,
+    /// Minutes between epochs (a root posted when there is new credit; fractions allowed);
+    /// 0 posts only on demand (`tabula chain post-epoch`).
+    pub epoch_minutes: f64,
 }
 
 impl Default for Config {
@@ -108,7 +108,7 @@ impl Default for Config {
             chain_contract: None,
             chain_key_file: None,
             chain_key: None,
-            epoch_minutes: 60,
+            epoch_minutes: 60.0,
         }
     }
 }
@@ -129,8 +129,12 @@ impl Config {
         if self.lease_ms < 1000 {
             return bad("--lease-secs must be at least 1");
         }
-        if self.epoch_minutes > 7 * 24 * 60 {
-            return bad("--epoch-minutes must be at most a week (10080)");
+        if !(0.0..=7.0 * 24.0 * 60.0).contains(&self.epoch_minutes)
+            || (self.epoch_minutes > 0.0 && self.epoch_minutes < 1.0 / 60.0)
+        {
+            return bad(
+                "--epoch-minutes must be 0 (on demand only) or between 1/60 (a second) and 10080 (a week)",
+            );
         }
         if self.unit_sequences == 0 || self.unit_sequences > tabula_protocol::MAX_SEQUENCES {
             return bad("--unit-sequences must be between 1 and 64");

@@ -156,7 +156,8 @@ impl State {
         })
     }
 
-    /// Starts lease expiry and the referee.
+    /// Starts lease expiry, epoch posting (an epoch left unposted by a crash at once, then one
+    /// every `epoch_minutes`) and the referee.
     pub fn start_background_tasks(self: &Arc<Self>) {
         let state = self.clone();
         tokio::spawn(async move {
@@ -173,10 +174,10 @@ impl State {
             if let Err(e) = state.settlement.recover(&state.db).await {
                 tracing::error!("posting an epoch built before the restart: {e}");
             }
-            if state.config.epoch_minutes == 0 {
+            if state.config.epoch_minutes == 0.0 {
                 return;
             }
-            let period = Duration::from_secs(state.config.epoch_minutes * 60);
+            let period = Duration::from_secs_f64(state.config.epoch_minutes * 60.0);
             loop {
                 tokio::time::sleep(period).await;
                 if let Err(e) = state.settlement.post_epoch(&state.db).await {

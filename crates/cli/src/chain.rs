@@ -74,8 +74,17 @@ pub enum ChainCommand {
         args: ChainArgs,
     },
     /// Rebuild the latest epoch's root from the ledger's credit rows and compare it with the
-    /// stored root and the contract's. Exits with an error when they differ.
-    Verify(ChainArgs),
+    /// stored root and the contract's; with --coordinator, rebuild it from that coordinator's
+    /// public listing instead (what any auditor can do). Exits with an error when they differ.
+    Verify {
+        /// Audit a coordinator from the outside: its public epoch listing
+        /// (`/v1/ledger/epochs/latest`) against the contract on --chain-rpc (the contract's
+        /// address comes from the listing unless --chain-contract is given).
+        #[arg(long)]
+        coordinator: Option<String>,
+        #[command(flatten)]
+        args: ChainArgs,
+    },
     /// The chain, the contract and the latest epoch.
     Status(ChainArgs),
 }
@@ -119,7 +128,14 @@ pub fn run(command: ChainCommand) -> Result<()> {
             ChainCommand::Claim { address, args } => {
                 claim(&args, parse_address(&address, "--address")?).await
             }
-            ChainCommand::Verify(args) => verify(&args).await,
+            ChainCommand::Verify {
+                coordinator: Some(url),
+                args,
+            } => verify_public(&args, &url).await,
+            ChainCommand::Verify {
+                coordinator: None,
+                args,
+            } => verify(&args).await,
             ChainCommand::Status(args) => status(&args).await,
         }
     })
@@ -199,6 +215,60 @@ async fn verify(args: &ChainArgs) -> Result<()> {
     println!("  on-chain:                {}", v.on_chain);
     if !v.matches() {
         bail!("the roots differ: the ledger, the stored epoch and the chain do not agree");
+    }
+    println!("all three agree");
+    Ok(())
+}
+
+async fn verify_public(args: &ChainArgs, coordinator: &str) -> Result<()> {
+    let url = format!(
+        "{}/v1/ledger/epochs/latest",
+        coordinator.trim_end_matches('/')
+    );
+    let body = crate::loadgen::http_get(&url).with_context(|| format!("fetching {url}"))?;
+    let listing: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("{url} is not JSON"))?;
+    let field = |name: &str| {
+        listing[name]
+            .as_str()
+            .with_context(|| format!("{url} has no `{name}`"))
+    };
+    let epoch = listing["epoch"]
+        .as_u64()
+        .with_context(|| format!("{url} has no `epoch`"))?;
+    let published: tabula_chain::B256 = field("root")?.parse()?;
+    let entries = listing["entries"]
+        .as_array()
+        .with_context(|| format!("{url} has no `entries`"))?
+        .iter()
+        .map(|e| {
+            Ok(tabula_chain::merkle::Entry {
+                account: parse_address(e[0].as_str().unwrap_or_default(), "an entry's address")?,
+                amount: e[1].as_str().unwrap_or_default().parse()?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rebuilt = tabula_chain::merkle::CreditTree::build(&entries)
+        .context("the listing has no entries")?
+        .root();
+    let mut config = Config {
+        data_dir: args.store.data_dir(),
+        ..args.chain.apply(Config::default())?
+    };
+    if config.chain_contract.is_none() {
+        config.chain_contract = Some(parse_address(field("contract")?, "the listing's contract")?);
+    }
+    let settlement = Settlement::open(&config).await?;
+    let on_chain = settlement.chain.epoch_root(epoch).await?;
+    println!(
+        "epoch {epoch} of {coordinator} ({} addresses)",
+        entries.len()
+    );
+    println!("  rebuilt from the listing: {rebuilt}");
+    println!("  published root:           {published}");
+    println!("  on-chain ({}): {on_chain}", settlement.chain.describe());
+    if rebuilt != published || published != on_chain {
+        bail!("the roots differ: the coordinator's listing does not match the chain");
     }
     println!("all three agree");
     Ok(())

@@ -55,9 +55,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     chain: crate::chain::ChainOptions,
     /// Minutes between epochs: the credit of linked payout addresses goes on-chain as one
-    /// Merkle root (only when there is new credit). 0: only `tabula chain post-epoch`.
-    #[arg(long, env = "TABULA_EPOCH_MINUTES", default_value_t = 60)]
-    epoch_minutes: u64,
+    /// Merkle root (only when there is new credit; fractions allowed). 0: only `tabula chain
+    /// post-epoch`.
+    #[arg(long, env = "TABULA_EPOCH_MINUTES", default_value_t = 60.0)]
+    epoch_minutes: f64,
     /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models].
     #[arg(long)]
     models_dir: Option<PathBuf>,

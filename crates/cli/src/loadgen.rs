@@ -135,7 +135,8 @@ fn metric(text: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn http_get(url: &str) -> Result<String> {
+/// The body of `GET url`.
+pub(crate) fn http_get(url: &str) -> Result<String> {
     Ok(ureq::get(url).call()?.body_mut().read_to_string()?)
 }
 

@@ -1033,14 +1033,19 @@ fn chain_cli(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String, String) {
-    let out = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .arg("chain")
         .args(args)
         .args(cluster.base_args())
         .args(chain)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+        .envs(env.iter().copied());
+    if chain.iter().any(|a| a == "--chain-rpc") {
+        // The server reads anvil's key from a file, the CLI from the environment: both ways
+        // are exercised.
+        command.env("TABULA_CHAIN_KEY", ANVIL_KEY);
+    }
+    let out = command.output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -1099,20 +1104,16 @@ fn run_job(cluster: &Cluster, key: &str, texts: &[String]) {
 /// when the process dies before posting (`kill -9` at that point) is posted after the restart
 /// with the same root, exactly once.
 fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
-    let mut chain: Vec<String> = Vec::new();
+    let (mut chain, mut serve_chain): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
     let dir = tempfile::tempdir().unwrap();
     if let Some(anvil) = anvil {
         let key_file = dir.path().join("anvil.key");
         std::fs::write(&key_file, ANVIL_KEY).unwrap();
-        chain = vec![
-            "--chain-rpc".into(),
-            anvil.url.clone(),
-            "--chain-key-file".into(),
-            key_file.display().to_string(),
-        ];
+        chain = vec!["--chain-rpc".into(), anvil.url.clone()];
+        serve_chain = vec!["--chain-key-file".into(), key_file.display().to_string()];
     }
     let mut serve_args: Vec<&str> = vec!["--epoch-minutes", "0", "--probation-units", "0"];
-    serve_args.extend(chain.iter().map(String::as_str));
+    serve_args.extend(chain.iter().chain(&serve_chain).map(String::as_str));
     let Some(mut cluster) = Cluster::start(flavor, &serve_args) else {
         return;
     };
@@ -1213,6 +1214,27 @@ fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
     );
     let (ok, out, err) = chain_cli(&cluster, &chain, &["verify"], &[]);
     assert!(ok && out.contains("all three agree"), "{out}{err}");
+    if let Some(anvil) = anvil {
+        // An auditor with nothing but the public listing and the chain.
+        let auditor = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .args([
+                "chain",
+                "verify",
+                "--coordinator",
+                &format!("http://127.0.0.1:{port}"),
+            ])
+            .args(["--chain-rpc", &anvil.url])
+            .args(["--data-dir", &auditor.path().display().to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("all three agree"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // More credit, then a crash between building epoch 2 and posting it.
     cluster.add_worker_with(2, &["--payout", alice]);
@@ -1281,6 +1303,29 @@ fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
         credit.to_string(),
         "{claim}"
     );
+
+    // Periodic epochs: restarted with a three-second period, the coordinator posts epoch 3 by
+    // itself once new credit is verified.
+    cluster.kill_serve();
+    let at = cluster
+        .serve_args
+        .iter()
+        .position(|a| a == "--epoch-minutes")
+        .unwrap();
+    cluster.serve_args[at + 1] = "0.05".into();
+    cluster.start_serve();
+    cluster.add_worker_with(4, &["--payout", alice]);
+    cluster.add_worker_with(5, &["--payout", bob]);
+    run_job(&cluster, &key, &texts[16..24]);
+    let started = Instant::now();
+    while get(port, "/v1/ledger/epochs/3").0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no epoch was posted on schedule: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 #[test]
