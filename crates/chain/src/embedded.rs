@@ -30,10 +30,11 @@ use std::{
 use alloy::sol_types::{SolCall, SolConstructor};
 use alloy_primitives::{Address, B256, Bytes, U256, keccak256};
 use revm::{
-    Context, ExecuteCommitEvm, ExecuteEvm, MainBuilder, MainContext,
+    Context, ExecuteCommitEvm, ExecuteEvm, MainBuilder, MainContext, MainnetEvm,
     bytecode::Bytecode,
     context::{TxEnv, result::ExecutionResult},
     database::{CacheDB, EmptyDB},
+    handler::MainnetContext,
     primitives::{KECCAK_EMPTY, TxKind, eip7825::TX_GAS_LIMIT_CAP},
     state::AccountInfo,
 };
@@ -303,6 +304,29 @@ fn failure(result: ExecutionResult) -> ChainError {
     }
 }
 
+/// An EVM over `db` in block `number` at `timestamp`; calls (`check_nonce` false) run from any
+/// nonce, as `eth_call` does.
+fn evm(
+    db: &mut CacheDB<EmptyDB>,
+    number: u64,
+    timestamp: u64,
+    check_nonce: bool,
+) -> MainnetEvm<MainnetContext<&mut CacheDB<EmptyDB>>> {
+    Context::mainnet()
+        .with_db(db)
+        .modify_cfg_chained(|cfg| {
+            cfg.chain_id = CHAIN_ID;
+            cfg.disable_nonce_check = !check_nonce;
+        })
+        .modify_block_chained(|block| {
+            block.number = U256::from(number);
+            block.timestamp = U256::from(timestamp);
+            block.gas_limit = BLOCK_GAS_LIMIT;
+            block.basefee = 0;
+        })
+        .build_mainnet()
+}
+
 impl World {
     /// Executes a transaction in a new block and commits it to `self.db`.
     fn transact(
@@ -333,17 +357,7 @@ impl World {
             .gas_price(0)
             .build()
             .map_err(|e| ChainError::Evm(format!("invalid transaction: {e:?}")))?;
-        let mut evm = Context::mainnet()
-            .with_db(&mut self.db)
-            .modify_cfg_chained(|cfg| cfg.chain_id = CHAIN_ID)
-            .modify_block_chained(|block| {
-                block.number = U256::from(number);
-                block.timestamp = U256::from(timestamp);
-                block.gas_limit = BLOCK_GAS_LIMIT;
-                block.basefee = 0;
-            })
-            .build_mainnet();
-        let result = evm
+        let result = evm(&mut self.db, number, timestamp, true)
             .transact_commit(tx)
             .map_err(|e| ChainError::Evm(format!("transaction refused: {e}")))?;
         // A reverted transaction is not persisted (the caller drops this world), so the block
@@ -371,20 +385,7 @@ impl World {
             .build()
             .map_err(|e| ChainError::Evm(format!("invalid call: {e:?}")))?;
         let (number, timestamp) = (self.block_number, self.timestamp);
-        let mut evm = Context::mainnet()
-            .with_db(&mut self.db)
-            .modify_cfg_chained(|cfg| {
-                cfg.chain_id = CHAIN_ID;
-                cfg.disable_nonce_check = true;
-            })
-            .modify_block_chained(|block| {
-                block.number = U256::from(number);
-                block.timestamp = U256::from(timestamp);
-                block.gas_limit = BLOCK_GAS_LIMIT;
-                block.basefee = 0;
-            })
-            .build_mainnet();
-        let result = evm
+        let result = evm(&mut self.db, number, timestamp, false)
             .transact(tx)
             .map_err(|e| ChainError::Evm(format!("call refused: {e}")))?
             .result;
