@@ -1160,15 +1160,12 @@ async fn ledger(
 
 /// A payout address from a path: `0x` and 40 hex digits.
 fn payout_address(text: &str) -> ApiResult<tabula_chain::Address> {
-    text.strip_prefix("0x")
-        .filter(|digits| digits.len() == 40 && digits.bytes().all(|b| b.is_ascii_hexdigit()))
-        .and_then(|_| text.parse().ok())
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "a payout address is 0x followed by 40 hex digits (an EVM address)",
-                Some("address"),
-            )
-        })
+    tabula_chain::parse_address(text).ok_or_else(|| {
+        ApiError::invalid(
+            "a payout address is 0x followed by 40 hex digits (an EVM address)",
+            Some("address"),
+        )
+    })
 }
 
 /// Micro-credits as JSON: a decimal string (exact, for the contract) and a number of credits.
@@ -1202,7 +1199,6 @@ async fn ledger_proof(
     Path(address): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let account = payout_address(&address)?;
-    let on_chain = on_chain(&state, account).await?;
     let Some(proof) = state.settlement.proof(&state.db, account).await? else {
         let latest = state.settlement.latest_epoch_number(&state.db).await?;
         return Err(ApiError::not_found(match latest {
@@ -1222,7 +1218,7 @@ async fn ledger_proof(
         "cumulative_credit": credits,
         "proof": proof.proof.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
         "contract": state.settlement.chain.contract_address().to_string(),
-        "on_chain": on_chain,
+        "on_chain": on_chain(&state, account).await?,
     })))
 }
 

@@ -211,6 +211,16 @@ impl Chain {
     }
 }
 
+/// An EVM address as people write it: `0x` and 40 hex digits, in any case (no checksum is
+/// required). `None` for anything else, including an address without its `0x`.
+pub fn parse_address(text: &str) -> Option<Address> {
+    let digits = text.strip_prefix("0x")?;
+    if digits.len() != 40 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// The address of the account whose secp256k1 secret key is `key`.
 pub fn address_of_key(key: &[u8; 32]) -> Result<Address, ChainError> {
     rpc::signer(key).map(|s| s.address())
@@ -311,6 +321,27 @@ mod tests {
             revert_reason(&[1, 2, 3, 4]),
             "unrecognised revert data 0x01020304"
         );
+    }
+
+    #[test]
+    fn addresses_need_0x_and_forty_hex_digits() {
+        let text = "0x00000000000000000000000000000000000A11cE";
+        assert_eq!(
+            parse_address(text),
+            Some(Address::from_slice(
+                &alloy::hex::decode("00000000000000000000000000000000000a11ce").unwrap()
+            ))
+        );
+        for bad in [
+            "00000000000000000000000000000000000a11ce",
+            "0x0000000000000000000000000000000000a11ce",
+            "0x00000000000000000000000000000000000a11ceff",
+            "0x00000000000000000000000000000000000a11cg",
+            "0x",
+            "",
+        ] {
+            assert_eq!(parse_address(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -90,11 +90,9 @@ pub enum ChainCommand {
 }
 
 fn parse_address(text: &str, what: &str) -> Result<Address> {
-    let digits = text.strip_prefix("0x").unwrap_or("");
-    if digits.len() != 40 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("{what} must be an EVM address: 0x followed by 40 hex digits (got `{text}`)");
-    }
-    Ok(text.parse()?)
+    tabula_chain::parse_address(text).with_context(|| {
+        format!("{what} must be an EVM address: 0x followed by 40 hex digits (got `{text}`)")
+    })
 }
 
 fn micro(amount: impl std::fmt::Display) -> String {
