@@ -223,6 +223,21 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             &m.units_refereed,
         ),
         ("tabula_jobs_created_total", "Jobs created", &m.jobs_created),
+        (
+            "tabula_journal_batches_total",
+            "Scheduler transactions committed (each groups every decision that was waiting)",
+            &state.journal_stats().batches,
+        ),
+        (
+            "tabula_journal_entries_total",
+            "Scheduler decisions committed",
+            &state.journal_stats().entries,
+        ),
+        (
+            "tabula_journal_commit_microseconds_total",
+            "Time spent committing scheduler transactions",
+            &state.journal_stats().commit_us,
+        ),
     ];
     let mut text = String::new();
     for (name, help, value) in counters {
@@ -234,6 +249,13 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
     text.push_str(&format!(
         "# HELP tabula_workers_connected Worker sessions open now\n# TYPE tabula_workers_connected gauge\ntabula_workers_connected {}\n",
         m.workers_connected.load(Ordering::Relaxed)
+    ));
+    text.push_str(&format!(
+        "# HELP tabula_units_in_memory Units the scheduler holds in memory (open, refereed, recent)
+# TYPE tabula_units_in_memory gauge
+tabula_units_in_memory {}
+",
+        state.units_in_memory()
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -139,7 +139,20 @@ pub struct Db {
     pub pool: AnyPool,
     pub flavor: Flavor,
     write_lock: Mutex<()>,
+    /// What [`Db::claim`] holds until the process ends.
+    owner: std::sync::Mutex<Option<Owner>>,
 }
+
+/// Proof that this process is the database's coordinator: a locked file next to SQLite's data,
+/// or a PostgreSQL session holding an advisory lock. Both end with the process, `kill -9`
+/// included, so a restart can claim again at once.
+enum Owner {
+    File(#[allow(dead_code)] std::fs::File),
+    Session(#[allow(dead_code)] sqlx::AnyConnection),
+}
+
+/// The PostgreSQL advisory lock key of a coordinator (any fixed number; "TABULA" in ASCII).
+const OWNER_LOCK_KEY: i64 = 0x5441_4255_4c41;
 
 impl Db {
     /// Opens (creating if needed) the database: `database_url` when given (`postgres://…` or
@@ -182,6 +195,10 @@ impl Db {
                             "PRAGMA journal_mode=WAL",
                             "PRAGMA synchronous=NORMAL",
                             "PRAGMA busy_timeout=10000",
+                            // 64 MiB of page cache (the default is 2 MiB): random ids spread
+                            // inserts over the whole index, and a page read back from the OS
+                            // on every insert costs more than the insert.
+                            "PRAGMA cache_size=-65536",
                         ] {
                             sqlx::query(pragma).execute(&mut *conn).await?;
                         }
@@ -199,7 +216,54 @@ impl Db {
             pool,
             flavor,
             write_lock: Mutex::new(()),
+            owner: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Makes this process the one coordinator of the database, or says which is. The scheduler
+    /// decides in memory, so two coordinators on one database would lease the same units.
+    /// (`tabula chain` and `tabula keys` may still open it beside the coordinator: they touch
+    /// neither units nor leases.)
+    pub async fn claim(&self, data_dir: &Path) -> Result<(), CoordinatorError> {
+        let owner = match self.flavor {
+            Flavor::Sqlite => {
+                let path = data_dir.join("coordinator.lock");
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| {
+                        CoordinatorError::Config(format!("cannot open {}: {e}", path.display()))
+                    })?;
+                if file.try_lock().is_err() {
+                    return Err(CoordinatorError::Config(format!(
+                        "another coordinator is running on {} (it holds {}): stop it, or give this one its own --data-dir",
+                        data_dir.display(),
+                        path.display()
+                    )));
+                }
+                Owner::File(file)
+            }
+            Flavor::Postgres => {
+                let mut session = self.pool.acquire().await?.detach();
+                let got: bool = sqlx::Row::try_get(
+                    &sqlx::query("SELECT pg_try_advisory_lock($1) AS got")
+                        .bind(OWNER_LOCK_KEY)
+                        .fetch_one(&mut session)
+                        .await?,
+                    "got",
+                )?;
+                if !got {
+                    return Err(CoordinatorError::Config(
+                        "another coordinator is running on this PostgreSQL database: stop it, or give this one its own database".into(),
+                    ));
+                }
+                Owner::Session(session)
+            }
+        };
+        *self.owner.lock().expect("owner lock") = Some(owner);
+        Ok(())
     }
 
     /// Serialises writers on SQLite (its single-writer rule) and is free on PostgreSQL.
@@ -207,15 +271,6 @@ impl Db {
         match self.flavor {
             Flavor::Sqlite => Some(self.write_lock.lock().await),
             Flavor::Postgres => None,
-        }
-    }
-
-    /// ` FOR UPDATE SKIP LOCKED` on PostgreSQL (several coordinators may share it), nothing on
-    /// SQLite (where the write lock already excludes other writers).
-    pub fn skip_locked(&self) -> &'static str {
-        match self.flavor {
-            Flavor::Sqlite => "",
-            Flavor::Postgres => " FOR UPDATE SKIP LOCKED",
         }
     }
 }
@@ -242,6 +297,17 @@ impl Db {
                 .await?
                 .is_some(),
         )
+    }
+}
+
+/// A PostgreSQL deadlock or serialisation failure: the transaction rolled back and can run
+/// again.
+pub fn is_transient(e: &CoordinatorError) -> bool {
+    match e {
+        CoordinatorError::Db(sqlx::Error::Database(d)) => {
+            matches!(d.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
     }
 }
 

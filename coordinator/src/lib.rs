@@ -10,6 +10,7 @@
 pub mod api;
 pub mod batch;
 pub mod db;
+pub mod journal;
 pub mod models;
 pub mod scheduler;
 pub mod settlement;
@@ -37,6 +38,8 @@ pub enum CoordinatorError {
     Worker(#[from] tabula_worker::WorkerError),
     #[error("chain: {0}")]
     Chain(#[from] tabula_chain::ChainError),
+    #[error("{0}")]
+    Journal(journal::JournalError),
 }
 
 /// How the coordinator runs; every field has a working default.
@@ -163,7 +166,8 @@ pub async fn serve(
     let identity = coordinator_identity(&config.data_dir)?;
     let registry = Arc::new(models::Registry::load(&sources)?);
     let settlement = Arc::new(settlement::Settlement::open(&config).await?);
-    let state = scheduler::State::new(config.clone(), db, identity, registry, settlement);
+    db.claim(&config.data_dir).await?;
+    let state = scheduler::State::new(config.clone(), db, identity, registry, settlement).await?;
     state.start_background_tasks();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -176,6 +180,13 @@ pub async fn serve(
         models = ?state.registry.names(),
         "coordinator listening"
     );
+    // No Nagle: a worker's frames are small and each waits for an answer, so delaying them
+    // to coalesce costs a delayed-ACK round (~40 ms) per unit.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(
         listener,
         api::router(state).into_make_service_with_connect_info::<SocketAddr>(),

@@ -46,8 +46,13 @@ pub struct LoadArgs {
     models_dir: Option<std::path::PathBuf>,
 }
 
+/// One task's encoded output, filled once.
+type AnswerCell = tokio::sync::OnceCell<Arc<Vec<u8>>>;
+
 struct Shared {
-    answers: Mutex<HashMap<Hash, Arc<Vec<u8>>>>,
+    /// Each distinct task's answer, computed once: the first worker to need it computes it
+    /// while the others wait for the same cell.
+    answers: Mutex<HashMap<Hash, Arc<AnswerCell>>>,
     executor: ExecutorThread,
     latencies_us: Mutex<Vec<u64>>,
     submitted: AtomicU64,
@@ -56,25 +61,32 @@ struct Shared {
 
 impl Shared {
     async fn answer(&self, unit: Hash, task: tabula_protocol::Task) -> Result<Arc<Vec<u8>>> {
-        if let Some(a) = self.answers.lock().expect("lock").get(&unit) {
-            return Ok(a.clone());
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.executor.submit(
-            task,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        )?;
-        let out = Arc::new(rx.await.context("executor stopped")??.encode());
-        self.answers.lock().expect("lock").insert(unit, out.clone());
-        Ok(out)
+        let cell = self
+            .answers
+            .lock()
+            .expect("lock")
+            .entry(unit)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.executor.submit(
+                task,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )?;
+            Ok(Arc::new(rx.await.context("executor stopped")??.encode()))
+        })
+        .await
+        .cloned()
     }
 }
 
 async fn simulated_worker(url: String, shared: Arc<Shared>) -> Result<()> {
     let me = Identity::from_seed(tabula_coordinator::db::random_bytes());
-    let (socket, _) = tokio_tungstenite::connect_async(&url).await?;
+    // No Nagle, like `tabula worker`.
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(&url, None, true).await?;
     let (mut tx, mut rx) = socket.split();
     let mut next = async || -> Result<ToWorker> {
         loop {
@@ -237,9 +249,25 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         lat.sort_unstable();
         let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
         let results = shared.submitted.load(Ordering::Relaxed);
+        let text = http_get(&format!("{base}/metrics"))?;
+        let (batches, entries, commit_us) = (
+            metric(&text, "tabula_journal_batches_total"),
+            metric(&text, "tabula_journal_entries_total"),
+            metric(&text, "tabula_journal_commit_microseconds_total"),
+        );
+        println!(
+            "journal: {batches} transactions, {:.1} decisions each, {:.2} ms per commit",
+            entries as f64 / batches.max(1) as f64,
+            commit_us as f64 / 1000.0 / batches.max(1) as f64
+        );
+        let (rejected, solo) = (
+            metric(&text, "tabula_results_rejected_total"),
+            metric(&text, "tabula_units_solo_total"),
+        );
         println!(
             "{database}: {} units verified ({} results, {} simulated workers, {} replicas) in {elapsed:.1} s: \
-             {:.0} verified units/s, {:.0} results/s; lease latency p50 {:.2} ms, p99 {:.2} ms \
+             {:.0} verified units/s, {:.0} results/s; lease latency p50 {:.2} ms, p99 {:.2} ms; \
+             {solo} units ran unreplicated, {rejected} results rejected \
              (BOINC's published single-server figure: ~100 tasks/s)",
             args.units,
             results,

@@ -771,6 +771,17 @@ fn survives_kill_9(flavor: Flavor) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // One coordinator per database: a second one is refused, and says what to do.
+    let second = Command::new(BIN)
+        .arg("serve")
+        .args(cluster.base_args())
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--local"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second coordinator started");
+    assert!(said.contains("another coordinator is running"), "{said}");
+    // The claim dies with the process: the restart after kill -9 takes it at once.
     cluster.kill_serve();
     let _ = first.join();
     cluster.start_serve();

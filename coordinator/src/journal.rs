@@ -1,0 +1,823 @@
+//! The scheduler's write-ahead path to the database: group commit.
+//!
+//! The scheduler decides in memory ([`crate::scheduler`]) and describes each decision as a list
+//! of row writes ([`Write`]). It appends them here *while it still holds its book lock*, so
+//! the journal sees decisions in the order they were made. One writer task takes every entry
+//! that is waiting, folds writes to the same row into the last one, and commits them in one
+//! transaction of a few multi-row statements (one per table and kind), however many workers
+//! asked. Each caller waits for the commit of its entry before it answers anyone: a worker is
+//! never told about a lease, a verdict or a credit that a `kill -9` could still undo.
+//!
+//! When a batch fails, the journal is *poisoned*: the scheduler's memory now holds decisions
+//! the database does not, so every later entry fails too until [`Journal::reset`] (the
+//! scheduler reloads its book from the database first). Nothing half-written is ever built on.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use sqlx::{Any, AnyConnection, Connection, any::AnyArguments, query::Query};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    CoordinatorError,
+    db::{Db, Flavor},
+};
+
+/// Rows per multi-row statement: far below SQLite's 32 766 and PostgreSQL's 65 535 bound
+/// parameters, with the widest row (a lease, 12 columns).
+const ROWS_PER_STATEMENT: usize = 400;
+/// Entries per transaction: bounds one commit's size when a crowd arrives at once.
+const ENTRIES_PER_BATCH: usize = 4096;
+
+/// The state of a lease whose result agreed with its unit's verified output. Such a lease
+/// keeps its output hash but not its output: the unit holds the same bytes, and writing them
+/// twice per replica would double what the database writes per unit.
+pub const CORRECT: &str = "correct";
+
+/// A lease row, written whole (on grant and when its result arrives).
+#[derive(Clone, Debug)]
+pub struct LeaseRow {
+    pub id: String,
+    pub unit_id: String,
+    pub worker: String,
+    pub prefix: String,
+    pub kind: &'static str,
+    pub state: &'static str,
+    pub issued_ms: i64,
+    pub deadline_ms: i64,
+    pub output_hash: Option<String>,
+    /// Base64.
+    pub output: Option<String>,
+    pub signature: Option<String>,
+    pub submitted_ms: Option<i64>,
+}
+
+/// The mutable columns of a unit (its task and credit never change after the job is created).
+#[derive(Clone, Debug)]
+pub struct UnitRow {
+    pub id: String,
+    pub replicas: i64,
+    pub quorum: i64,
+    pub status: &'static str,
+    /// Base64, once verified.
+    pub output: Option<String>,
+    pub output_hash: Option<String>,
+    pub verified_by: Option<&'static str>,
+    pub verified_ms: Option<i64>,
+}
+
+/// A worker's reputation counters.
+#[derive(Clone, Debug)]
+pub struct WorkerRow {
+    pub key: String,
+    pub verified: i64,
+    pub clean_streak: i64,
+    pub strikes: i64,
+    pub expired: i64,
+    pub banned: bool,
+}
+
+/// A job's progress.
+#[derive(Clone, Debug)]
+pub struct JobRow {
+    pub id: String,
+    pub units_verified: i64,
+    pub status: &'static str,
+    pub finished_ms: Option<i64>,
+}
+
+/// A credit with its signed receipt (JSON).
+#[derive(Clone, Debug)]
+pub struct CreditRow {
+    pub worker: String,
+    pub unit_id: String,
+    pub lease_id: String,
+    pub credit_micro: i64,
+    pub receipt: String,
+    pub issued_ms: i64,
+}
+
+/// One row change. Later writes to the same row in a batch replace earlier ones.
+#[derive(Clone, Debug)]
+pub enum Write {
+    Lease(LeaseRow),
+    /// Only the state of a lease whose full row was written before.
+    LeaseState {
+        id: String,
+        state: &'static str,
+    },
+    Unit(UnitRow),
+    Worker(WorkerRow),
+    /// A login: the worker row is created if new, its agent and last-seen time updated.
+    WorkerSeen {
+        key: String,
+        agent: String,
+        now_ms: i64,
+    },
+    Payout {
+        key: String,
+        address: String,
+    },
+    Job(JobRow),
+    Credit(CreditRow),
+    Orphan {
+        lease: String,
+        since_ms: i64,
+    },
+    Unorphan {
+        lease: String,
+    },
+}
+
+/// Why an entry was not committed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("the database refused a batch of scheduler writes (failure {failure}): {message}")]
+pub struct JournalError {
+    /// Counts the journal's failures; the scheduler reloads once per failure.
+    pub failure: u64,
+    pub message: String,
+}
+
+impl From<JournalError> for CoordinatorError {
+    fn from(e: JournalError) -> Self {
+        CoordinatorError::Journal(e)
+    }
+}
+
+enum Message {
+    Entry {
+        writes: Vec<Write>,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+    Reset,
+}
+
+/// Counters for `/metrics`: how well commits are grouped and what they cost.
+#[derive(Default)]
+pub struct JournalStats {
+    pub batches: AtomicU64,
+    pub entries: AtomicU64,
+    pub commit_us: AtomicU64,
+}
+
+/// The handle the scheduler appends through.
+pub struct Journal {
+    tx: mpsc::UnboundedSender<Message>,
+    pub stats: Arc<JournalStats>,
+}
+
+/// The commit of one appended entry, to be awaited after the book lock is released.
+pub struct Pending(Option<oneshot::Receiver<Result<(), JournalError>>>);
+
+impl Pending {
+    /// Nothing to wait for (an entry with no writes).
+    pub fn none() -> Self {
+        Pending(None)
+    }
+
+    pub async fn committed(self) -> Result<(), JournalError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.unwrap_or_else(|_| {
+                Err(JournalError {
+                    failure: u64::MAX,
+                    message: "the journal writer stopped".into(),
+                })
+            }),
+        }
+    }
+}
+
+impl Journal {
+    /// Starts the writer task on `db`.
+    pub fn spawn(db: Arc<Db>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(JournalStats::default());
+        tokio::spawn(writer(db, rx, stats.clone()));
+        Self { tx, stats }
+    }
+
+    /// Queues `writes` as one entry. Call it while holding the lock under which they were
+    /// decided, so entries reach the database in decision order.
+    pub fn append(&self, writes: Vec<Write>) -> Pending {
+        if writes.is_empty() {
+            return Pending::none();
+        }
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Message::Entry { writes, done }).is_err() {
+            return Pending(None);
+        }
+        Pending(Some(rx))
+    }
+
+    /// Ends a poisoning: entries appended after this are written again. Call it under the
+    /// book lock, after the book was reloaded from the database.
+    pub fn reset(&self) {
+        let _ = self.tx.send(Message::Reset);
+    }
+}
+
+async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Arc<JournalStats>) {
+    let mut connection = Writer { conn: None };
+    let mut failures = 0u64;
+    let mut poisoned = false;
+    let mut waiting: Option<Message> = None;
+    loop {
+        let first = match waiting.take() {
+            Some(m) => m,
+            None => match rx.recv().await {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let mut entries = Vec::new();
+        let mut message = Some(first);
+        while let Some(m) = message.take() {
+            match m {
+                Message::Reset => {
+                    if entries.is_empty() {
+                        poisoned = false;
+                    } else {
+                        // Entries before the reset belong to the old book.
+                        waiting = Some(Message::Reset);
+                        break;
+                    }
+                }
+                Message::Entry { writes, done } => entries.push((writes, done)),
+            }
+            if entries.len() >= ENTRIES_PER_BATCH {
+                break;
+            }
+            message = rx.try_recv().ok();
+        }
+        if entries.is_empty() {
+            continue;
+        }
+        let result = if poisoned {
+            Err(JournalError {
+                failure: failures,
+                message: "an earlier batch failed; the scheduler is reloading".into(),
+            })
+        } else {
+            let mut batch = Batch::default();
+            for (writes, _) in &entries {
+                for w in writes {
+                    batch.add(w.clone());
+                }
+            }
+            let started = Instant::now();
+            let committed = commit_with_retries(&mut connection, &db, &batch).await;
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .entries
+                .fetch_add(entries.len() as u64, Ordering::Relaxed);
+            stats
+                .commit_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            match committed {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    failures += 1;
+                    poisoned = true;
+                    tracing::error!("committing {} scheduler entries: {e}", entries.len());
+                    Err(JournalError {
+                        failure: failures,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        };
+        for (_, done) in entries {
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+async fn commit_with_retries(
+    writer: &mut Writer,
+    db: &Db,
+    batch: &Batch,
+) -> Result<(), CoordinatorError> {
+    let mut attempt = 0;
+    loop {
+        match writer.commit(db, batch).await {
+            Err(e) if attempt < 5 && crate::db::is_transient(&e) => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
+/// The writes of one transaction, folded per row.
+#[derive(Default)]
+struct Batch {
+    leases: BTreeMap<String, LeaseWrite>,
+    units: BTreeMap<String, UnitRow>,
+    workers: BTreeMap<String, WorkerRow>,
+    seen: BTreeMap<String, (String, i64)>,
+    payouts: BTreeMap<String, String>,
+    jobs: BTreeMap<String, JobRow>,
+    credits: Vec<CreditRow>,
+    /// `Some(since)`: orphaned; `None`: no longer.
+    orphans: BTreeMap<String, Option<i64>>,
+}
+
+enum LeaseWrite {
+    Full(Box<LeaseRow>),
+    State(&'static str),
+}
+
+impl Batch {
+    fn add(&mut self, write: Write) {
+        match write {
+            Write::Lease(row) => {
+                self.leases
+                    .insert(row.id.clone(), LeaseWrite::Full(Box::new(row)));
+            }
+            Write::LeaseState { id, state } => match self.leases.get_mut(&id) {
+                Some(LeaseWrite::Full(row)) => {
+                    row.state = state;
+                    if state == CORRECT {
+                        row.output = None;
+                    }
+                }
+                _ => {
+                    self.leases.insert(id, LeaseWrite::State(state));
+                }
+            },
+            Write::Unit(row) => {
+                self.units.insert(row.id.clone(), row);
+            }
+            Write::Worker(row) => {
+                self.workers.insert(row.key.clone(), row);
+            }
+            Write::WorkerSeen { key, agent, now_ms } => {
+                self.seen.insert(key, (agent, now_ms));
+            }
+            Write::Payout { key, address } => {
+                self.payouts.insert(key, address);
+            }
+            Write::Job(row) => {
+                self.jobs.insert(row.id.clone(), row);
+            }
+            Write::Credit(row) => self.credits.push(row),
+            Write::Orphan { lease, since_ms } => {
+                self.orphans.insert(lease, Some(since_ms));
+            }
+            Write::Unorphan { lease } => {
+                self.orphans.insert(lease, None);
+            }
+        }
+    }
+
+    /// The batch as statements, each writing many rows of one table.
+    fn statements(&self) -> Vec<Statement> {
+        let mut out = Vec::new();
+        // Logins first: every other worker write updates a row a login created.
+        let seen: Vec<_> = self.seen.iter().collect();
+        Statement::rows(
+            &mut out,
+            "INSERT INTO workers (key, payout, agent, verified, clean_streak, strikes, expired, banned, first_seen_ms, last_seen_ms)",
+            &["$", "NULL", "$", "0", "0", "0", "0", "0", "$", "$"],
+            "ON CONFLICT (key) DO UPDATE SET agent = excluded.agent, last_seen_ms = excluded.last_seen_ms",
+            &seen,
+            |(key, (agent, now)), v| {
+                v.extend([text(key), text(agent), Value::Int(*now), Value::Int(*now)])
+            },
+        );
+        let full: Vec<&LeaseRow> = self
+            .leases
+            .values()
+            .filter_map(|w| match w {
+                LeaseWrite::Full(row) => Some(row.as_ref()),
+                LeaseWrite::State(_) => None,
+            })
+            .collect();
+        Statement::rows(
+            &mut out,
+            "INSERT INTO leases (id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms, output_hash, output, signature, submitted_ms)",
+            &["$"; 12],
+            "ON CONFLICT (id) DO UPDATE SET state = excluded.state, output_hash = excluded.output_hash, \
+             output = excluded.output, signature = excluded.signature, submitted_ms = excluded.submitted_ms",
+            &full,
+            |r, v| {
+                v.extend([
+                    text(&r.id),
+                    text(&r.unit_id),
+                    text(&r.worker),
+                    text(&r.prefix),
+                    text(r.kind),
+                    text(r.state),
+                    Value::Int(r.issued_ms),
+                    Value::Int(r.deadline_ms),
+                    opt_text(r.output_hash.as_deref()),
+                    opt_text(r.output.as_deref()),
+                    opt_text(r.signature.as_deref()),
+                    opt_int(r.submitted_ms),
+                ])
+            },
+        );
+        // A state change of a lease written in an earlier batch: an upsert whose insert half
+        // never happens (the row exists), which is how one statement updates many rows on
+        // both databases.
+        let states: Vec<(&String, &'static str)> = self
+            .leases
+            .iter()
+            .filter_map(|(id, w)| match w {
+                LeaseWrite::State(s) => Some((id, *s)),
+                LeaseWrite::Full(_) => None,
+            })
+            .collect();
+        Statement::rows(
+            &mut out,
+            "INSERT INTO leases (id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms)",
+            &["$", "''", "''", "''", "''", "$", "0", "0"],
+            "ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
+             output = CASE WHEN excluded.state = 'correct' THEN NULL ELSE leases.output END",
+            &states,
+            |(id, state), v| v.extend([text(id), text(state)]),
+        );
+        let units: Vec<&UnitRow> = self.units.values().collect();
+        Statement::rows(
+            &mut out,
+            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms)",
+            &[
+                "$", "''", "0", "0", "''", "''", "''", "0", "$", "$", "0", "$", "$", "$", "$", "$",
+            ],
+            "ON CONFLICT (id) DO UPDATE SET replicas = excluded.replicas, quorum = excluded.quorum, \
+             status = excluded.status, output = excluded.output, output_hash = excluded.output_hash, \
+             verified_by = excluded.verified_by, verified_ms = excluded.verified_ms",
+            &units,
+            |r, v| {
+                v.extend([
+                    text(&r.id),
+                    Value::Int(r.replicas),
+                    Value::Int(r.quorum),
+                    text(r.status),
+                    opt_text(r.output.as_deref()),
+                    opt_text(r.output_hash.as_deref()),
+                    opt_text(r.verified_by),
+                    opt_int(r.verified_ms),
+                ])
+            },
+        );
+        let workers: Vec<&WorkerRow> = self.workers.values().collect();
+        Statement::rows(
+            &mut out,
+            "INSERT INTO workers (key, payout, agent, verified, clean_streak, strikes, expired, banned, first_seen_ms, last_seen_ms)",
+            &["$", "NULL", "''", "$", "$", "$", "$", "$", "0", "0"],
+            "ON CONFLICT (key) DO UPDATE SET verified = excluded.verified, clean_streak = excluded.clean_streak, \
+             strikes = excluded.strikes, expired = excluded.expired, banned = excluded.banned",
+            &workers,
+            |r, v| {
+                v.extend([
+                    text(&r.key),
+                    Value::Int(r.verified),
+                    Value::Int(r.clean_streak),
+                    Value::Int(r.strikes),
+                    Value::Int(r.expired),
+                    Value::Int(i64::from(r.banned)),
+                ])
+            },
+        );
+        for (key, address) in &self.payouts {
+            out.push(Statement {
+                sql: Sql::Plain("UPDATE workers SET payout = $1 WHERE key = $2"),
+                values: vec![text(address), text(key)],
+            });
+        }
+        let jobs: Vec<&JobRow> = self.jobs.values().collect();
+        Statement::rows(
+            &mut out,
+            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms)",
+            &["$", "''", "''", "''", "NULL", "0", "$", "$", "0", "$"],
+            "ON CONFLICT (id) DO UPDATE SET units_verified = excluded.units_verified, \
+             status = excluded.status, finished_ms = excluded.finished_ms",
+            &jobs,
+            |r, v| {
+                v.extend([
+                    text(&r.id),
+                    Value::Int(r.units_verified),
+                    text(r.status),
+                    opt_int(r.finished_ms),
+                ])
+            },
+        );
+        let credits: Vec<&CreditRow> = self.credits.iter().collect();
+        Statement::rows(
+            &mut out,
+            "INSERT INTO credits (worker, unit_id, lease_id, credit_micro, receipt, issued_ms)",
+            &["$"; 6],
+            "ON CONFLICT DO NOTHING",
+            &credits,
+            |r, v| {
+                v.extend([
+                    text(&r.worker),
+                    text(&r.unit_id),
+                    text(&r.lease_id),
+                    Value::Int(r.credit_micro),
+                    text(&r.receipt),
+                    Value::Int(r.issued_ms),
+                ])
+            },
+        );
+        let (marked, cleared): (Vec<_>, Vec<_>) =
+            self.orphans.iter().partition(|(_, since)| since.is_some());
+        Statement::rows(
+            &mut out,
+            "INSERT INTO orphaned_leases (lease_id, since_ms)",
+            &["$", "$"],
+            "ON CONFLICT DO NOTHING",
+            &marked,
+            |(lease, since), v| v.extend([text(lease), Value::Int(since.unwrap_or_default())]),
+        );
+        for chunk in cleared.chunks(ROWS_PER_STATEMENT) {
+            out.push(Statement {
+                sql: Sql::DeleteIn {
+                    head: "DELETE FROM orphaned_leases WHERE lease_id IN",
+                    count: chunk.len(),
+                },
+                values: chunk.iter().map(|(lease, _)| text(lease)).collect(),
+            });
+        }
+        out
+    }
+}
+
+/// One bound value.
+#[derive(Clone, Debug)]
+enum Value {
+    Text(String),
+    Int(i64),
+    NullText,
+    NullInt,
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+fn opt_text(s: Option<&str>) -> Value {
+    s.map_or(Value::NullText, text)
+}
+
+fn opt_int(n: Option<i64>) -> Value {
+    n.map_or(Value::NullInt, Value::Int)
+}
+
+enum Sql {
+    /// `head VALUES (…), (…) tail`: `"$"` columns are parameters, others constants.
+    Rows {
+        head: &'static str,
+        columns: &'static [&'static str],
+        rows: usize,
+        tail: &'static str,
+    },
+    DeleteIn {
+        head: &'static str,
+        count: usize,
+    },
+    Plain(&'static str),
+}
+
+/// A statement whose parameters can be numbered from any start, so that SQLite can run a
+/// whole batch as one multi-statement query (one round trip to its thread).
+struct Statement {
+    sql: Sql,
+    values: Vec<Value>,
+}
+
+impl Statement {
+    /// Pushes statements writing `items` (at most [`ROWS_PER_STATEMENT`] rows each).
+    fn rows<T>(
+        out: &mut Vec<Statement>,
+        head: &'static str,
+        columns: &'static [&'static str],
+        tail: &'static str,
+        items: &[T],
+        mut values: impl FnMut(&T, &mut Vec<Value>),
+    ) {
+        for chunk in items.chunks(ROWS_PER_STATEMENT) {
+            let mut v = Vec::with_capacity(chunk.len() * columns.len());
+            for item in chunk {
+                values(item, &mut v);
+            }
+            out.push(Statement {
+                sql: Sql::Rows {
+                    head,
+                    columns,
+                    rows: chunk.len(),
+                    tail,
+                },
+                values: v,
+            });
+        }
+    }
+
+    /// The SQL text, its parameters numbered from `first`.
+    fn render(&self, first: usize) -> String {
+        match &self.sql {
+            Sql::Rows {
+                head,
+                columns,
+                rows,
+                tail,
+            } => values_sql(head, columns, *rows, tail, first),
+            Sql::DeleteIn { head, count } => {
+                let list: Vec<String> = (first..first + count).map(|i| format!("${i}")).collect();
+                format!("{head} ({})", list.join(", "))
+            }
+            Sql::Plain(sql) => {
+                debug_assert_eq!(first, 1, "plain statements are numbered from 1");
+                (*sql).to_string()
+            }
+        }
+    }
+}
+
+fn bind_all<'q>(
+    mut q: Query<'q, Any, AnyArguments<'q>>,
+    values: &'q [Value],
+) -> Query<'q, Any, AnyArguments<'q>> {
+    for v in values {
+        q = match v {
+            Value::Text(s) => q.bind(s.as_str()),
+            Value::Int(n) => q.bind(*n),
+            Value::NullText => q.bind(None::<String>),
+            Value::NullInt => q.bind(None::<i64>),
+        };
+    }
+    q
+}
+
+/// The writer's own connection, kept between batches (one less pool round trip each).
+struct Writer {
+    conn: Option<AnyConnection>,
+}
+
+impl Writer {
+    async fn commit(&mut self, db: &Db, batch: &Batch) -> Result<(), CoordinatorError> {
+        let statements = batch.statements();
+        let _w = db.write().await;
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(db.pool.acquire().await?.detach()),
+        };
+        let result = match db.flavor {
+            Flavor::Sqlite => commit_sqlite(conn, &statements).await,
+            Flavor::Postgres => commit_postgres(conn, &statements).await,
+        };
+        if result.is_err() {
+            // The connection may be broken or mid-transaction: start afresh next time.
+            self.conn = None;
+        }
+        result
+    }
+}
+
+/// SQLite: the whole batch, `BEGIN` to `COMMIT`, in as few multi-statement queries as its
+/// parameter limit allows (usually one), each one round trip to the SQLite thread.
+async fn commit_sqlite(
+    conn: &mut AnyConnection,
+    statements: &[Statement],
+) -> Result<(), CoordinatorError> {
+    // SQLite numbers parameters per query up to 32 766.
+    const MAX_PARAMS: usize = 30_000;
+    let mut queries: Vec<(String, Vec<&Statement>)> =
+        vec![(String::from("BEGIN IMMEDIATE;\n"), Vec::new())];
+    let mut params = 0;
+    for s in statements {
+        if params + s.values.len() > MAX_PARAMS && !queries.last().expect("one").1.is_empty() {
+            queries.push((String::new(), Vec::new()));
+            params = 0;
+        }
+        let (sql, members) = queries.last_mut().expect("one");
+        sql.push_str(&s.render(params + 1));
+        sql.push_str(";\n");
+        params += s.values.len();
+        members.push(s);
+    }
+    queries.last_mut().expect("one").0.push_str("COMMIT;");
+    for (sql, members) in &queries {
+        let mut q = sqlx::query(sql).persistent(false);
+        for s in members {
+            q = bind_all(q, &s.values);
+        }
+        if let Err(e) = q.execute(&mut *conn).await {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// PostgreSQL: one transaction, one statement per table (its protocol takes one statement
+/// per parameterised query).
+async fn commit_postgres(
+    conn: &mut AnyConnection,
+    statements: &[Statement],
+) -> Result<(), CoordinatorError> {
+    let mut tx = conn.begin().await?;
+    for s in statements {
+        let sql = s.render(1);
+        bind_all(sqlx::query(&sql), &s.values)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `head VALUES (…), (…) tail` for `rows` rows whose columns are `columns`: `"$"` is the
+/// next numbered parameter (from `first`), anything else is written as it is (a constant).
+fn values_sql(head: &str, columns: &[&str], rows: usize, tail: &str, first: usize) -> String {
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns.len() * 7);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    let mut n = first;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for (i, c) in columns.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            if *c == "$" {
+                sql.push('$');
+                sql.push_str(&n.to_string());
+                n += 1;
+            } else {
+                sql.push_str(c);
+            }
+        }
+        sql.push(')');
+    }
+    sql.push(' ');
+    sql.push_str(tail);
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_sql_numbers_parameters_across_rows() {
+        assert_eq!(
+            values_sql(
+                "INSERT INTO t (a, b, c)",
+                &["$", "0", "$"],
+                2,
+                "ON CONFLICT DO NOTHING",
+                7
+            ),
+            "INSERT INTO t (a, b, c) VALUES ($7, 0, $8), ($9, 0, $10) ON CONFLICT DO NOTHING"
+        );
+    }
+
+    #[test]
+    fn later_writes_to_a_row_replace_earlier_ones() {
+        let mut batch = Batch::default();
+        let lease = LeaseRow {
+            id: "l1".into(),
+            unit_id: "u".into(),
+            worker: "w".into(),
+            prefix: "p".into(),
+            kind: "replica",
+            state: "active",
+            issued_ms: 1,
+            deadline_ms: 2,
+            output_hash: None,
+            output: None,
+            signature: None,
+            submitted_ms: None,
+        };
+        batch.add(Write::Lease(lease));
+        batch.add(Write::LeaseState {
+            id: "l1".into(),
+            state: "correct",
+        });
+        batch.add(Write::LeaseState {
+            id: "l2".into(),
+            state: "expired",
+        });
+        batch.add(Write::Orphan {
+            lease: "l2".into(),
+            since_ms: 5,
+        });
+        batch.add(Write::Unorphan { lease: "l2".into() });
+        match &batch.leases["l1"] {
+            LeaseWrite::Full(row) => assert_eq!(row.state, "correct"),
+            LeaseWrite::State(_) => panic!("the full row was lost"),
+        }
+        assert!(matches!(batch.leases["l2"], LeaseWrite::State("expired")));
+        assert_eq!(batch.orphans["l2"], None);
+    }
+}

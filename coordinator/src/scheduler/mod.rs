@@ -1,0 +1,676 @@
+//! Jobs, units, leases, verification and credit.
+//!
+//! The life of a unit: `open` (leased to up to `replicas` distinct workers: distinct keys and
+//! network prefixes) → results arrive and are grouped by agreement → a group of `quorum`
+//! results with at least one trusted member makes it `verified` (agreeing workers are
+//! credited, the others struck); all results in without a quorum adds a replica, up to
+//! `max_replicas`, then `referee`: the coordinator re-executes it and its output is the
+//! canonical one. A quorum of untrusted (probationary) workers is refereed too.
+//!
+//! Decisions are made in memory ([`book`]) under one lock and recorded through the
+//! [`journal`](crate::journal), which commits every decision waiting into one transaction;
+//! a worker hears of a decision (its lease, its verdict, its receipt) only once it is
+//! committed, so a `kill -9` at any point leaves the database with either the old state or the
+//! new one, and a restart rebuilds the memory from it. One coordinator process owns a
+//! database ([`crate::db::Db::claim`]).
+
+mod book;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use sqlx::Row;
+use tabula_engine::cpu::CpuBackend;
+use tabula_protocol::{
+    Address, Assignment, Identity, LeaseId, Precision, PublicKey, Receipt, Submission, Task,
+    ToWorker, UnitOutput,
+};
+use tabula_worker::{Executor, exec::ExecutorThread};
+use tokio::sync::{Notify, mpsc};
+
+use self::book::{Book, Ctx, Effects, SubmitOutcome, Unit};
+use crate::{
+    Config, CoordinatorError,
+    db::{Db, now_ms, random_id},
+    journal::{Journal, Pending, Write},
+    models::{Registry, RegistryFiles},
+};
+
+type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub leases_granted: AtomicU64,
+    pub leases_canary: AtomicU64,
+    pub units_solo: AtomicU64,
+    pub leases_expired: AtomicU64,
+    pub leases_released: AtomicU64,
+    pub results_submitted: AtomicU64,
+    pub results_rejected: AtomicU64,
+    pub results_wrong: AtomicU64,
+    pub units_verified: AtomicU64,
+    pub units_refereed: AtomicU64,
+    pub workers_connected: AtomicU64,
+    pub jobs_created: AtomicU64,
+}
+
+pub struct State {
+    pub config: Config,
+    pub db: Arc<Db>,
+    pub identity: Identity,
+    pub registry: Arc<Registry>,
+    pub metrics: Metrics,
+    /// Woken whenever a unit is verified (requests waiting for their jobs look again).
+    pub progress: Notify,
+    referee_wake: Notify,
+    referee: ExecutorThread,
+    /// The credit contract and the settled ledger.
+    pub settlement: Arc<crate::settlement::Settlement>,
+    /// Connected sessions by worker key, for pushing receipts.
+    sessions: Mutex<HashMap<PublicKey, Vec<mpsc::UnboundedSender<ToWorker>>>>,
+    /// Units in play, leases, workers, running jobs: where decisions are made.
+    book: Mutex<Book>,
+    journal: Journal,
+    /// The last journal failure the book was reloaded after.
+    reloaded_after: tokio::sync::Mutex<u64>,
+}
+
+/// What happened to a submitted result.
+pub enum Verdict {
+    /// Stored; credited once the unit is verified.
+    Accepted,
+    Rejected(String),
+}
+
+fn decode_b64(s: &str) -> Result<Vec<u8>> {
+    B64.decode(s)
+        .map_err(|e| CoordinatorError::Corrupt(format!("base64: {e}")))
+}
+
+impl State {
+    /// The scheduler over `db`, its memory loaded from it.
+    pub async fn new(
+        config: Config,
+        db: Db,
+        identity: Identity,
+        registry: Arc<Registry>,
+        settlement: Arc<crate::settlement::Settlement>,
+    ) -> Result<Arc<Self>> {
+        let db = Arc::new(db);
+        let book = Book::load(&db).await?;
+        let files: Arc<dyn tabula_worker::FileSource + Send + Sync> =
+            Arc::new(RegistryFiles(registry.clone()));
+        let referee = ExecutorThread::spawn(|| Ok(Executor::new(CpuBackend)), files);
+        Ok(Arc::new(Self {
+            config,
+            journal: Journal::spawn(db.clone()),
+            db,
+            identity,
+            registry,
+            metrics: Metrics::default(),
+            progress: Notify::new(),
+            referee_wake: Notify::new(),
+            referee,
+            settlement,
+            sessions: Mutex::new(HashMap::new()),
+            book: Mutex::new(book),
+            reloaded_after: tokio::sync::Mutex::new(0),
+        }))
+    }
+
+    /// Starts lease expiry, epoch posting (an epoch left unposted by a crash at once, then one
+    /// every `epoch_minutes`) and the referee.
+    pub fn start_background_tasks(self: &Arc<Self>) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = state.expire_leases().await {
+                    tracing::error!("expiring leases: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let state = self.clone();
+        tokio::spawn(async move {
+            // An epoch built before a crash is posted at once, with the same root.
+            if let Err(e) = state.settlement.recover(&state.db).await {
+                tracing::error!("posting an epoch built before the restart: {e}");
+            }
+            if state.config.epoch_minutes == 0.0 {
+                return;
+            }
+            let period = Duration::from_secs_f64(state.config.epoch_minutes * 60.0);
+            loop {
+                tokio::time::sleep(period).await;
+                if let Err(e) = state.settlement.post_epoch(&state.db).await {
+                    tracing::error!("posting an epoch: {e}");
+                }
+            }
+        });
+        let state = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match state.referee_one().await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("refereeing: {e}"),
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), state.referee_wake.notified())
+                    .await;
+            }
+        });
+    }
+
+    // ----- deciding and committing -----
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().expect("the scheduler's book lock")
+    }
+
+    /// Runs `decide` on the book and appends its writes to the journal under the same lock,
+    /// then waits for their commit and only then acts on the effects (receipts, wake-ups).
+    async fn decide<T>(&self, decide: impl FnOnce(&mut Book, &Ctx) -> (T, Effects)) -> Result<T> {
+        let (value, pending, effects) = {
+            let output_dim = |task: &Task| self.output_dim(task);
+            let ctx = Ctx {
+                config: &self.config,
+                identity: &self.identity,
+                metrics: &self.metrics,
+                output_dim: &output_dim,
+            };
+            let mut book = self.book();
+            let (value, mut effects) = decide(&mut book, &ctx);
+            let pending = self.journal.append(std::mem::take(&mut effects.writes));
+            (value, pending, effects)
+        };
+        self.commit(pending).await?;
+        if !effects.receipts.is_empty() {
+            self.push(effects.receipts);
+        }
+        if effects.progress {
+            self.progress.notify_waiters();
+        }
+        if effects.referee {
+            self.referee_wake.notify_one();
+        }
+        Ok(value)
+    }
+
+    /// Waits for a journal entry; after a failed batch, reloads the book from the database
+    /// (memory holds decisions the database refused) before the journal takes entries again.
+    async fn commit(&self, pending: Pending) -> Result<()> {
+        let Err(e) = pending.committed().await else {
+            return Ok(());
+        };
+        let mut reloaded = self.reloaded_after.lock().await;
+        if *reloaded < e.failure {
+            match Book::load(&self.db).await {
+                Ok(fresh) => {
+                    let mut book = self.book();
+                    *book = fresh;
+                    self.journal.reset();
+                    *reloaded = e.failure;
+                    tracing::warn!("the scheduler reloaded its state from the database");
+                }
+                Err(load) => tracing::error!("reloading the scheduler's state: {load}"),
+            }
+        }
+        Err(e.into())
+    }
+
+    // ----- sessions -----
+
+    pub fn attach(&self, worker: PublicKey, tx: mpsc::UnboundedSender<ToWorker>) {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .entry(worker)
+            .or_default()
+            .push(tx);
+        self.metrics
+            .workers_connected
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn detach(&self, worker: &PublicKey) {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if let Some(list) = sessions.get_mut(worker) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                sessions.remove(worker);
+            }
+        }
+        self.metrics
+            .workers_connected
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn push(&self, receipts: Vec<Receipt>) {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        for r in receipts {
+            if let Some(list) = sessions.get(&r.worker) {
+                for tx in list {
+                    let _ = tx.send(ToWorker::Credited(r.clone()));
+                }
+            }
+        }
+    }
+
+    // ----- workers -----
+
+    /// Records a login; returns the worker's verified credit, or why it is refused.
+    pub async fn login(&self, worker: &PublicKey, agent: &str) -> Result<Result<u64, String>> {
+        let key = worker.to_hex();
+        let seen = Write::WorkerSeen {
+            key: key.clone(),
+            agent: agent.to_string(),
+            now_ms: now_ms(),
+        };
+        let pending = self.journal.append(vec![seen]);
+        self.commit(pending).await?;
+        let known = self.book().worker(&key).cloned();
+        let record = match known {
+            Some(r) => r,
+            None => {
+                let row = sqlx::query(
+                    "SELECT verified, clean_streak, strikes, expired, banned FROM workers WHERE key = $1",
+                )
+                .bind(&key)
+                .fetch_one(&self.db.pool)
+                .await?;
+                let loaded = book::worker_from_row(&row)?;
+                self.book().add_worker(&key, loaded).clone()
+            }
+        };
+        if record.banned {
+            return Ok(Err(format!(
+                "this worker key is banned after {} wrong or abandoned results",
+                record.strikes
+            )));
+        }
+        Ok(Ok(self.credit_of_worker(&key).await? as u64))
+    }
+
+    async fn credit_of_worker(&self, key: &str) -> Result<i64> {
+        Ok(sqlx::query(
+            "SELECT CAST(COALESCE(SUM(credit_micro), 0) AS BIGINT) AS c FROM credits WHERE worker = $1",
+        )
+        .bind(key)
+        .fetch_one(&self.db.pool)
+        .await?
+        .try_get("c")?)
+    }
+
+    pub async fn link_payout(&self, worker: &PublicKey, address: &Address) -> Result<()> {
+        let pending = self.journal.append(vec![Write::Payout {
+            key: worker.to_hex(),
+            address: format!("0x{}", address.to_hex()),
+        }]);
+        self.commit(pending).await
+    }
+
+    // ----- jobs -----
+
+    /// Creates a job of `tasks` (each with its credit in millionths), or returns the existing
+    /// job with the same idempotency key.
+    pub async fn create_job(
+        &self,
+        kind: &str,
+        model: &str,
+        precision: Precision,
+        tasks: Vec<(Task, i64)>,
+        idempotency_key: Option<&str>,
+    ) -> Result<String> {
+        let _w = self.db.write().await;
+        if let Some(k) = idempotency_key
+            && let Some(row) = sqlx::query("SELECT id FROM jobs WHERE idempotency_key = $1")
+                .bind(k)
+                .fetch_optional(&self.db.pool)
+                .await?
+        {
+            return Ok(row.try_get("id")?);
+        }
+        let id = random_id(kind);
+        let now = now_ms();
+        let units: Vec<Unit> = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(idx, (task, credit))| {
+                Unit::new(
+                    random_id("unit"),
+                    id.clone(),
+                    now * 4096 + idx as i64,
+                    task,
+                    credit,
+                    &self.config,
+                )
+            })
+            .collect();
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, NULL)",
+        )
+        .bind(&id)
+        .bind(kind)
+        .bind(model)
+        .bind(precision.as_str())
+        .bind(idempotency_key)
+        .bind(units.len() as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        book::insert_units(&mut tx, &id, precision, &units).await?;
+        tx.commit().await?;
+        self.book().add_job(&id, units);
+        self.metrics.jobs_created.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// The status of a job (`running` or `done`), if it exists.
+    pub async fn job_status(&self, id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.db.pool)
+            .await?
+            .map(|row| row.try_get("status"))
+            .transpose()?)
+    }
+
+    /// The most recent jobs (at most `limit`), newest first, with their progress.
+    pub async fn recent_jobs(&self, limit: i64) -> Result<Vec<serde_json::Value>> {
+        let rows = sqlx::query(
+            "SELECT id, kind, model, precision, status, units_total, units_verified, created_ms, finished_ms
+             FROM jobs ORDER BY created_ms DESC, id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "object": "job",
+                    "id": r.try_get::<String, _>("id")?,
+                    "kind": r.try_get::<String, _>("kind")?,
+                    "model": r.try_get::<String, _>("model")?,
+                    "precision": r.try_get::<String, _>("precision")?,
+                    "status": r.try_get::<String, _>("status")?,
+                    "units_total": r.try_get::<i64, _>("units_total")?,
+                    "units_verified": r.try_get::<i64, _>("units_verified")?,
+                    "created_ms": r.try_get::<i64, _>("created_ms")?,
+                    "finished_ms": r.try_get::<Option<i64>, _>("finished_ms")?,
+                }))
+            })
+            .collect()
+    }
+
+    /// The verified outputs of a finished job, in unit order.
+    pub async fn job_outputs(&self, id: &str) -> Result<Vec<UnitOutput>> {
+        let rows = sqlx::query("SELECT output FROM units WHERE job_id = $1 ORDER BY idx")
+            .bind(id)
+            .fetch_all(&self.db.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let output: Option<String> = r.try_get("output")?;
+                let bytes = decode_b64(&output.ok_or_else(|| {
+                    CoordinatorError::Corrupt("a unit of a finished job has no output".into())
+                })?)?;
+                UnitOutput::decode(&bytes).map_err(|e| CoordinatorError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits until job `id` is done (or `timeout`); returns whether it is.
+    pub async fn wait_job(&self, id: &str, timeout: Duration) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.progress.notified();
+            match self.job_status(id).await? {
+                Some(status) if status == "done" => return Ok(true),
+                Some(_) => {}
+                None => return Ok(false),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+        }
+    }
+
+    // ----- leases -----
+
+    /// Leases a unit to `worker` (from network `prefix`), or `None` when nothing is open for it.
+    pub async fn grant(
+        &self,
+        worker: &PublicKey,
+        prefix: &str,
+        precisions: &[Precision],
+    ) -> Result<Option<Assignment>> {
+        let key = worker.to_hex();
+        self.decide(
+            |book, ctx| match book.grant(ctx, &key, prefix, precisions) {
+                Some((assignment, effects)) => (Some(assignment), effects),
+                None => (None, Effects::default()),
+            },
+        )
+        .await
+    }
+
+    /// Gives a lease back unfinished: the unit is re-issued at once, without penalty.
+    pub async fn release(&self, worker: &PublicKey, lease: &LeaseId) -> Result<()> {
+        let key = worker.to_hex();
+        self.decide(|book, ctx| ((), book.release(ctx, &key, lease)))
+            .await
+    }
+
+    /// Marks the active leases of `worker` as orphaned: its connection ended without an answer
+    /// (a volunteer closed the tab, a network dropped). They stay active, so a native worker
+    /// that reconnects can still submit, but expiring them is not held against the worker.
+    /// A hoarder gains nothing from this: it earns no credit, and to orphan a lease it has to
+    /// drop and redo its login.
+    pub async fn orphan_leases(&self, worker: &PublicKey) -> Result<()> {
+        let key = worker.to_hex();
+        self.decide(|book, _| ((), book.orphan(&key))).await
+    }
+
+    /// Expires overdue leases: their units go to other workers, and the holder takes a strike
+    /// unless its connection had ended (an orphaned lease: the streak still resets).
+    pub async fn expire_leases(&self) -> Result<()> {
+        let now = now_ms();
+        self.decide(|book, ctx| ((), book.expire(ctx, now))).await
+    }
+
+    // ----- results -----
+
+    /// Checks and stores a result, then advances its unit.
+    pub async fn submit(&self, worker: &PublicKey, s: &Submission) -> Result<Verdict> {
+        self.metrics
+            .results_submitted
+            .fetch_add(1, Ordering::Relaxed);
+        let key = worker.to_hex();
+        // The expensive check (hash and ed25519) runs outside the lock.
+        let signature = s.verify(worker).map_err(|e| e.to_string());
+        let verdict = self
+            .decide(|book, ctx| match book.submit(ctx, &key, s, signature) {
+                SubmitOutcome::Decided(v, effects) => (Some(v), effects),
+                SubmitOutcome::NotInMemory => (None, Effects::default()),
+            })
+            .await?;
+        if let Some(v) = verdict {
+            return Ok(v);
+        }
+        // A lease no longer in memory: finished long ago, or never issued.
+        let row = sqlx::query("SELECT worker, state FROM leases WHERE id = $1")
+            .bind(s.lease.to_hex())
+            .fetch_optional(&self.db.pool)
+            .await?;
+        let (reason, strike) = match row {
+            None => ("unknown lease".to_string(), true),
+            Some(r) if r.try_get::<String, _>("worker")? != key => {
+                ("this lease belongs to another worker".to_string(), true)
+            }
+            Some(r) => (
+                format!("the lease is {}", r.try_get::<String, _>("state")?),
+                false,
+            ),
+        };
+        self.decide(|book, ctx| book.reject(ctx, &key, &reason, strike))
+            .await
+    }
+
+    fn output_dim(&self, task: &Task) -> usize {
+        match self.registry.find(&task.model().name).map(|m| &m.kind) {
+            Some(crate::models::ModelKind::Embedding { dim, .. }) => *dim,
+            _ => 0,
+        }
+    }
+
+    /// Re-executes one unit waiting for the referee. Returns whether there was one.
+    async fn referee_one(&self) -> Result<bool> {
+        let Some((unit_id, task)) = self.book().next_for_referee() else {
+            return Ok(false);
+        };
+        tracing::info!(unit = %unit_id, "refereeing");
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.referee.submit(
+            task,
+            Box::new(move |r| {
+                let _ = reply.send(r);
+            }),
+        )?;
+        let output = answer
+            .await
+            .map_err(|_| CoordinatorError::Config("the referee thread stopped".into()))??
+            .encode();
+        let hash = tabula_protocol::sha256(&output).to_hex();
+        let refereed = self
+            .decide(
+                |book, ctx| match book.refereed(ctx, &unit_id, output, hash) {
+                    Some(effects) => (true, effects),
+                    None => (false, Effects::default()),
+                },
+            )
+            .await?;
+        if refereed {
+            self.metrics.units_refereed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Units held in the scheduler's memory (for `/metrics`).
+    pub fn units_in_memory(&self) -> usize {
+        self.book().units_in_memory()
+    }
+
+    /// The journal's commit counters (for `/metrics`).
+    pub fn journal_stats(&self) -> &crate::journal::JournalStats {
+        &self.journal.stats
+    }
+
+    // ----- ledger -----
+
+    /// The ledger entry of a worker key or a payout address (`0x…`).
+    pub async fn ledger(&self, id: &str) -> Result<Option<serde_json::Value>> {
+        let (filter, value) = if let Ok(key) = PublicKey::from_hex(id) {
+            ("w.key = $1", key.to_hex())
+        } else if id.starts_with("0x") && Address::from_hex(id).is_ok() {
+            ("w.payout = $1", id.to_ascii_lowercase())
+        } else {
+            return Ok(None);
+        };
+        let workers = sqlx::query(&format!(
+            "SELECT w.key, w.payout, w.agent, w.verified, w.strikes, w.expired, w.banned, w.clean_streak FROM workers w WHERE {filter}"
+        ))
+        .bind(&value)
+        .fetch_all(&self.db.pool)
+        .await?;
+        if workers.is_empty() {
+            return Ok(None);
+        }
+        let mut entries = Vec::new();
+        let (mut verified_total, mut pending_total) = (0i64, 0i64);
+        for w in &workers {
+            let key: String = w.try_get("key")?;
+            let verified = self.credit_of_worker(&key).await?;
+            let pending: i64 = sqlx::query(
+                "SELECT CAST(COALESCE(SUM(u.credit_micro), 0) AS BIGINT) AS c FROM leases l JOIN units u ON u.id = l.unit_id WHERE l.worker = $1 AND l.state = 'submitted'",
+            )
+            .bind(&key)
+            .fetch_one(&self.db.pool)
+            .await?
+            .try_get("c")?;
+            let receipts = sqlx::query(
+                "SELECT receipt FROM credits WHERE worker = $1 ORDER BY issued_ms DESC LIMIT 100",
+            )
+            .bind(&key)
+            .fetch_all(&self.db.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let text: String = r.try_get("receipt")?;
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .map_err(|e| CoordinatorError::Corrupt(e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+            verified_total += verified;
+            pending_total += pending;
+            entries.push(serde_json::json!({
+                "worker": key,
+                "payout_address": w.try_get::<Option<String>, _>("payout")?,
+                "agent": w.try_get::<String, _>("agent")?,
+                "verified_credit": verified as f64 / 1e6,
+                "verified_credit_micro": verified,
+                "pending_credit": pending as f64 / 1e6,
+                "units_verified": w.try_get::<i64, _>("verified")?,
+                "strikes": w.try_get::<i64, _>("strikes")?,
+                "expired_leases": w.try_get::<i64, _>("expired")?,
+                "banned": w.try_get::<i64, _>("banned")? != 0,
+                "recent_receipts": receipts,
+            }));
+        }
+        Ok(Some(serde_json::json!({
+            "object": "ledger_entry",
+            "id": id,
+            "verified_credit": verified_total as f64 / 1e6,
+            "verified_credit_micro": verified_total,
+            "pending_credit": pending_total as f64 / 1e6,
+            "coordinator_key": self.identity.public().to_hex(),
+            "workers": entries,
+        })))
+    }
+
+    /// Every worker with its credit.
+    pub async fn ledger_list(&self) -> Result<serde_json::Value> {
+        let rows = sqlx::query(
+            "SELECT w.key, w.payout, w.verified, w.strikes, w.banned,
+                CAST(COALESCE((SELECT SUM(c.credit_micro) FROM credits c WHERE c.worker = w.key), 0) AS BIGINT) AS credit
+             FROM workers w ORDER BY credit DESC LIMIT 1000",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        let data = rows
+            .iter()
+            .map(|r| {
+                let credit: i64 = r.try_get("credit")?;
+                Ok(serde_json::json!({
+                    "worker": r.try_get::<String, _>("key")?,
+                    "payout_address": r.try_get::<Option<String>, _>("payout")?,
+                    "verified_credit": credit as f64 / 1e6,
+                    "units_verified": r.try_get::<i64, _>("verified")?,
+                    "strikes": r.try_get::<i64, _>("strikes")?,
+                    "banned": r.try_get::<i64, _>("banned")? != 0,
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(serde_json::json!({ "object": "list", "data": data }))
+    }
+}
