@@ -195,10 +195,9 @@ impl Db {
                             "PRAGMA journal_mode=WAL",
                             "PRAGMA synchronous=NORMAL",
                             "PRAGMA busy_timeout=10000",
-                            // 64 MiB of page cache (the default is 2 MiB): random ids spread
-                            // inserts over the whole index, and a page read back from the OS
-                            // on every insert costs more than the insert.
-                            "PRAGMA cache_size=-65536",
+                            // Statement journals (each upsert of a batch may need undoing
+                            // alone) in memory rather than in temporary files.
+                            "PRAGMA temp_store=MEMORY",
                         ] {
                             sqlx::query(pragma).execute(&mut *conn).await?;
                         }

@@ -619,8 +619,8 @@ impl Statement {
         }
     }
 
-    /// The SQL text, its parameters numbered from `first`.
-    fn render(&self, first: usize) -> String {
+    /// The SQL text, its parameters numbered from `first`, or anonymous (`?`) with `None`.
+    fn render(&self, first: Option<usize>) -> String {
         match &self.sql {
             Sql::Rows {
                 head,
@@ -629,14 +629,41 @@ impl Statement {
                 tail,
             } => values_sql(head, columns, *rows, tail, first),
             Sql::DeleteIn { head, count } => {
-                let list: Vec<String> = (first..first + count).map(|i| format!("${i}")).collect();
+                let list: Vec<String> = (0..*count).map(|i| placeholder(first, i)).collect();
                 format!("{head} ({})", list.join(", "))
             }
-            Sql::Plain(sql) => {
-                debug_assert_eq!(first, 1, "plain statements are numbered from 1");
-                (*sql).to_string()
-            }
+            Sql::Plain(sql) => match first {
+                Some(1) => (*sql).to_string(),
+                _ => {
+                    // `$1`, `$2`… in order, renumbered.
+                    let mut out = String::new();
+                    let mut n = 0;
+                    let mut chars = sql.chars().peekable();
+                    while let Some(c) = chars.next() {
+                        if c == '$' {
+                            while chars.peek().is_some_and(char::is_ascii_digit) {
+                                chars.next();
+                            }
+                            out.push_str(&placeholder(first, n));
+                            n += 1;
+                        } else {
+                            out.push(c);
+                        }
+                    }
+                    out
+                }
+            },
         }
+    }
+}
+
+/// The `i`-th parameter from `first` (`$n`), or `?` when anonymous. SQLite finds a numbered
+/// parameter's name by a linear scan, so a statement of n numbered parameters binds in n²;
+/// anonymous ones bind in order.
+fn placeholder(first: Option<usize>, i: usize) -> String {
+    match first {
+        Some(first) => format!("${}", first + i),
+        None => "?".to_string(),
     }
 }
 
@@ -680,13 +707,13 @@ impl Writer {
     }
 }
 
-/// SQLite: the whole batch, `BEGIN` to `COMMIT`, in as few multi-statement queries as its
-/// parameter limit allows (usually one), each one round trip to the SQLite thread.
+/// SQLite: the whole batch, `BEGIN` to `COMMIT`, as one multi-statement query with anonymous
+/// parameters: one round trip to the SQLite thread. (A crowd's batch is split into queries
+/// of at most `MAX_PARAMS` values, inside the same transaction, to bound what one query holds.)
 async fn commit_sqlite(
     conn: &mut AnyConnection,
     statements: &[Statement],
 ) -> Result<(), CoordinatorError> {
-    // SQLite numbers parameters per query up to 32 766.
     const MAX_PARAMS: usize = 30_000;
     let mut queries: Vec<(String, Vec<&Statement>)> =
         vec![(String::from("BEGIN IMMEDIATE;\n"), Vec::new())];
@@ -697,7 +724,7 @@ async fn commit_sqlite(
             params = 0;
         }
         let (sql, members) = queries.last_mut().expect("one");
-        sql.push_str(&s.render(params + 1));
+        sql.push_str(&s.render(None));
         sql.push_str(";\n");
         params += s.values.len();
         members.push(s);
@@ -724,7 +751,7 @@ async fn commit_postgres(
 ) -> Result<(), CoordinatorError> {
     let mut tx = conn.begin().await?;
     for s in statements {
-        let sql = s.render(1);
+        let sql = s.render(Some(1));
         bind_all(sqlx::query(&sql), &s.values)
             .execute(&mut *tx)
             .await?;
@@ -734,12 +761,18 @@ async fn commit_postgres(
 }
 
 /// `head VALUES (…), (…) tail` for `rows` rows whose columns are `columns`: `"$"` is the
-/// next numbered parameter (from `first`), anything else is written as it is (a constant).
-fn values_sql(head: &str, columns: &[&str], rows: usize, tail: &str, first: usize) -> String {
+/// next parameter (see [`placeholder`]), anything else is written as it is (a constant).
+fn values_sql(
+    head: &str,
+    columns: &[&str],
+    rows: usize,
+    tail: &str,
+    first: Option<usize>,
+) -> String {
     let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns.len() * 7);
     sql.push_str(head);
     sql.push_str(" VALUES ");
-    let mut n = first;
+    let mut n = 0;
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
@@ -750,8 +783,7 @@ fn values_sql(head: &str, columns: &[&str], rows: usize, tail: &str, first: usiz
                 sql.push_str(", ");
             }
             if *c == "$" {
-                sql.push('$');
-                sql.push_str(&n.to_string());
+                sql.push_str(&placeholder(first, n));
                 n += 1;
             } else {
                 sql.push_str(c);
@@ -776,10 +808,20 @@ mod tests {
                 &["$", "0", "$"],
                 2,
                 "ON CONFLICT DO NOTHING",
-                7
+                Some(7)
             ),
             "INSERT INTO t (a, b, c) VALUES ($7, 0, $8), ($9, 0, $10) ON CONFLICT DO NOTHING"
         );
+        assert_eq!(
+            values_sql("INSERT INTO t (a, b)", &["$", "$"], 2, "", None),
+            "INSERT INTO t (a, b) VALUES (?, ?), (?, ?) "
+        );
+        let plain = Statement {
+            sql: Sql::Plain("UPDATE t SET a = $1 WHERE b = $2"),
+            values: Vec::new(),
+        };
+        assert_eq!(plain.render(None), "UPDATE t SET a = ? WHERE b = ?");
+        assert_eq!(plain.render(Some(4)), "UPDATE t SET a = $4 WHERE b = $5");
     }
 
     #[test]
