@@ -276,20 +276,7 @@ impl State {
         };
         let pending = self.journal.append(vec![seen]);
         self.commit(pending).await?;
-        let known = self.book().worker(&key).cloned();
-        let record = match known {
-            Some(r) => r,
-            None => {
-                let row = sqlx::query(
-                    "SELECT verified, clean_streak, strikes, expired, banned FROM workers WHERE key = $1",
-                )
-                .bind(&key)
-                .fetch_one(&self.db.pool)
-                .await?;
-                let loaded = book::worker_from_row(&row)?;
-                self.book().add_worker(&key, loaded).clone()
-            }
-        };
+        let record = self.known_worker(&key).await?;
         if record.banned {
             return Ok(Err(format!(
                 "this worker key is banned after {} wrong or abandoned results",
@@ -297,6 +284,22 @@ impl State {
             )));
         }
         Ok(Ok(self.credit_of_worker(&key).await? as u64))
+    }
+
+    /// The standing of a logged-in worker, loaded into the book if it is not there (after a
+    /// login, or after the book was reloaded while the worker stayed connected).
+    async fn known_worker(&self, key: &str) -> Result<book::WorkerRecord> {
+        if let Some(r) = self.book().worker(key) {
+            return Ok(r.clone());
+        }
+        let row = sqlx::query(
+            "SELECT verified, clean_streak, strikes, expired, banned FROM workers WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_one(&self.db.pool)
+        .await?;
+        let loaded = book::worker_from_row(&row)?;
+        Ok(self.book().add_worker(key, loaded).clone())
     }
 
     async fn credit_of_worker(&self, key: &str) -> Result<i64> {
@@ -456,6 +459,7 @@ impl State {
         precisions: &[Precision],
     ) -> Result<Option<Assignment>> {
         let key = worker.to_hex();
+        self.known_worker(&key).await?;
         self.decide(
             |book, ctx| match book.grant(ctx, &key, prefix, precisions) {
                 Some((assignment, effects)) => (Some(assignment), effects),
@@ -497,6 +501,7 @@ impl State {
             .results_submitted
             .fetch_add(1, Ordering::Relaxed);
         let key = worker.to_hex();
+        self.known_worker(&key).await?;
         // The expensive check (hash and ed25519) runs outside the lock.
         let signature = s.verify(worker).map_err(|e| e.to_string());
         let verdict = self
