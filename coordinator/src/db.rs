@@ -27,6 +27,8 @@ const SCHEMA: &[&str] = &[
         status TEXT NOT NULL,
         created_ms BIGINT NOT NULL,
         finished_ms BIGINT)",
+    // `live` is no longer maintained (always 0): the scheduler counts a unit's replica slots
+    // from its leases, in memory. Kept so that existing databases need no migration.
     "CREATE TABLE IF NOT EXISTS units (
         id TEXT PRIMARY KEY,
         job_id TEXT NOT NULL,

@@ -824,6 +824,76 @@ mod tests {
         assert_eq!(plain.render(Some(4)), "UPDATE t SET a = $4 WHERE b = $5");
     }
 
+    fn worker_row(key: &str, strikes: i64) -> Write {
+        Write::Worker(WorkerRow {
+            key: key.into(),
+            verified: 0,
+            clean_streak: 0,
+            strikes,
+            expired: 0,
+            banned: false,
+        })
+    }
+
+    /// After a failed batch nothing is written until `reset`, so no later decision is built on
+    /// one the database refused; after it, writing resumes.
+    #[tokio::test]
+    async fn a_failed_batch_poisons_the_journal_until_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path(), None).await.unwrap());
+        let journal = Journal::spawn(db.clone());
+        let seen = |key: &str| Write::WorkerSeen {
+            key: key.into(),
+            agent: "test".into(),
+            now_ms: 1,
+        };
+        journal.append(vec![seen("a")]).committed().await.unwrap();
+        // The database refuses the next batch (its table is gone).
+        sqlx::query("ALTER TABLE credits RENAME TO credits_away")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let credit = Write::Credit(CreditRow {
+            worker: "a".into(),
+            unit_id: "u".into(),
+            lease_id: "l".into(),
+            credit_micro: 1,
+            receipt: "{}".into(),
+            issued_ms: 1,
+        });
+        let failed = journal
+            .append(vec![worker_row("a", 1), credit])
+            .committed()
+            .await
+            .unwrap_err();
+        assert_eq!(failed.failure, 1);
+        sqlx::query("ALTER TABLE credits_away RENAME TO credits")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        // Valid, but decided on the refused state: refused too.
+        let poisoned = journal.append(vec![worker_row("a", 2)]).committed().await;
+        assert!(poisoned.is_err());
+        let strikes = || async {
+            sqlx::Row::try_get::<i64, _>(
+                &sqlx::query("SELECT strikes FROM workers WHERE key = 'a'")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap(),
+                "strikes",
+            )
+            .unwrap()
+        };
+        assert_eq!(strikes().await, 0, "a write of the failed batch landed");
+        journal.reset();
+        journal
+            .append(vec![worker_row("a", 3)])
+            .committed()
+            .await
+            .unwrap();
+        assert_eq!(strikes().await, 3);
+    }
+
     #[test]
     fn later_writes_to_a_row_replace_earlier_ones() {
         let mut batch = Batch::default();
