@@ -266,9 +266,9 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
             })
         } else {
             let mut batch = Batch::default();
-            for (writes, _) in &entries {
-                for w in writes {
-                    batch.add(w.clone());
+            for (writes, _) in &mut entries {
+                for w in writes.drain(..) {
+                    batch.add(w);
                 }
             }
             let started = Instant::now();
@@ -376,7 +376,7 @@ impl Batch {
     }
 
     /// The batch as statements, each writing many rows of one table.
-    fn statements(&self) -> Vec<Statement> {
+    fn statements(&self) -> Vec<Statement<'_>> {
         let mut out = Vec::new();
         // Logins first: every other worker write updates a row a login created.
         let seen: Vec<_> = self.seen.iter().collect();
@@ -549,24 +549,24 @@ impl Batch {
     }
 }
 
-/// One bound value.
-#[derive(Clone, Debug)]
-enum Value {
-    Text(String),
+/// One bound value, borrowed from the batch (outputs are not copied again).
+#[derive(Clone, Copy, Debug)]
+enum Value<'a> {
+    Text(&'a str),
     Int(i64),
     NullText,
     NullInt,
 }
 
-fn text(s: &str) -> Value {
-    Value::Text(s.to_string())
+fn text(s: &str) -> Value<'_> {
+    Value::Text(s)
 }
 
-fn opt_text(s: Option<&str>) -> Value {
-    s.map_or(Value::NullText, text)
+fn opt_text(s: Option<&str>) -> Value<'_> {
+    s.map_or(Value::NullText, Value::Text)
 }
 
-fn opt_int(n: Option<i64>) -> Value {
+fn opt_int<'a>(n: Option<i64>) -> Value<'a> {
     n.map_or(Value::NullInt, Value::Int)
 }
 
@@ -587,20 +587,20 @@ enum Sql {
 
 /// A statement whose parameters can be numbered from any start, so that SQLite can run a
 /// whole batch as one multi-statement query (one round trip to its thread).
-struct Statement {
+struct Statement<'a> {
     sql: Sql,
-    values: Vec<Value>,
+    values: Vec<Value<'a>>,
 }
 
-impl Statement {
+impl<'a> Statement<'a> {
     /// Pushes statements writing `items` (at most [`ROWS_PER_STATEMENT`] rows each).
     fn rows<T>(
-        out: &mut Vec<Statement>,
+        out: &mut Vec<Statement<'a>>,
         head: &'static str,
         columns: &'static [&'static str],
         tail: &'static str,
         items: &[T],
-        mut values: impl FnMut(&T, &mut Vec<Value>),
+        mut values: impl FnMut(&T, &mut Vec<Value<'a>>),
     ) {
         for chunk in items.chunks(ROWS_PER_STATEMENT) {
             let mut v = Vec::with_capacity(chunk.len() * columns.len());
@@ -628,10 +628,7 @@ impl Statement {
                 rows,
                 tail,
             } => values_sql(head, columns, *rows, tail, first),
-            Sql::DeleteIn { head, count } => {
-                let list: Vec<String> = (0..*count).map(|i| placeholder(first, i)).collect();
-                format!("{head} ({})", list.join(", "))
-            }
+            Sql::DeleteIn { head, count } => format!("{head} ({})", parameter_list(first, *count)),
             Sql::Plain(sql) => match first {
                 Some(1) => (*sql).to_string(),
                 _ => {
@@ -669,12 +666,12 @@ fn placeholder(first: Option<usize>, i: usize) -> String {
 
 fn bind_all<'q>(
     mut q: Query<'q, Any, AnyArguments<'q>>,
-    values: &'q [Value],
+    values: &[Value<'q>],
 ) -> Query<'q, Any, AnyArguments<'q>> {
     for v in values {
-        q = match v {
-            Value::Text(s) => q.bind(s.as_str()),
-            Value::Int(n) => q.bind(*n),
+        q = match *v {
+            Value::Text(s) => q.bind(s),
+            Value::Int(n) => q.bind(n),
             Value::NullText => q.bind(None::<String>),
             Value::NullInt => q.bind(None::<i64>),
         };
@@ -708,37 +705,25 @@ impl Writer {
 }
 
 /// SQLite: the whole batch, `BEGIN` to `COMMIT`, as one multi-statement query with anonymous
-/// parameters: one round trip to the SQLite thread. (A crowd's batch is split into queries
-/// of at most `MAX_PARAMS` values, inside the same transaction, to bound what one query holds.)
+/// parameters: one round trip to the SQLite thread. (SQLite's parameter limit applies per
+/// statement, which `ROWS_PER_STATEMENT` keeps under.)
 async fn commit_sqlite(
     conn: &mut AnyConnection,
-    statements: &[Statement],
+    statements: &[Statement<'_>],
 ) -> Result<(), CoordinatorError> {
-    const MAX_PARAMS: usize = 30_000;
-    let mut queries: Vec<(String, Vec<&Statement>)> =
-        vec![(String::from("BEGIN IMMEDIATE;\n"), Vec::new())];
-    let mut params = 0;
+    let mut sql = String::from("BEGIN IMMEDIATE;\n");
     for s in statements {
-        if params + s.values.len() > MAX_PARAMS && !queries.last().expect("one").1.is_empty() {
-            queries.push((String::new(), Vec::new()));
-            params = 0;
-        }
-        let (sql, members) = queries.last_mut().expect("one");
         sql.push_str(&s.render(None));
         sql.push_str(";\n");
-        params += s.values.len();
-        members.push(s);
     }
-    queries.last_mut().expect("one").0.push_str("COMMIT;");
-    for (sql, members) in &queries {
-        let mut q = sqlx::query(sql).persistent(false);
-        for s in members {
-            q = bind_all(q, &s.values);
-        }
-        if let Err(e) = q.execute(&mut *conn).await {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            return Err(e.into());
-        }
+    sql.push_str("COMMIT;");
+    let mut q = sqlx::query(&sql).persistent(false);
+    for s in statements {
+        q = bind_all(q, &s.values);
+    }
+    if let Err(e) = q.execute(&mut *conn).await {
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
     }
     Ok(())
 }
@@ -747,7 +732,7 @@ async fn commit_sqlite(
 /// per parameterised query).
 async fn commit_postgres(
     conn: &mut AnyConnection,
-    statements: &[Statement],
+    statements: &[Statement<'_>],
 ) -> Result<(), CoordinatorError> {
     let mut tx = conn.begin().await?;
     for s in statements {
@@ -760,9 +745,17 @@ async fn commit_postgres(
     Ok(())
 }
 
+/// `count` parameters from `first`, comma-separated (`$1, $2, …` or `?, ?, …`).
+pub(crate) fn parameter_list(first: Option<usize>, count: usize) -> String {
+    (0..count)
+        .map(|i| placeholder(first, i))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `head VALUES (…), (…) tail` for `rows` rows whose columns are `columns`: `"$"` is the
 /// next parameter (see [`placeholder`]), anything else is written as it is (a constant).
-fn values_sql(
+pub(crate) fn values_sql(
     head: &str,
     columns: &[&str],
     rows: usize,

@@ -25,7 +25,7 @@ use super::{Metrics, Verdict};
 use crate::{
     Config, CoordinatorError,
     db::{Db, now_ms, random_bytes, random_unit},
-    journal::{CreditRow, JobRow, LeaseRow, UnitRow, WorkerRow, Write},
+    journal::{CreditRow, JobRow, LeaseRow, UnitRow, WorkerRow, Write, parameter_list, values_sql},
 };
 
 type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
@@ -275,20 +275,16 @@ impl Book {
         ))
         .fetch_all(&db.pool)
         .await?;
-        let mut pool_ids = Vec::new();
-        for row in rows.iter().chain(pool.iter()) {
+        for row in &rows {
             let unit = unit_from_row(row)?;
-            pool_ids.push(unit.id.clone());
-            book.units.entry(unit.id.clone()).or_insert(unit);
+            book.units.insert(unit.id.clone(), unit);
         }
         // The canary pool: the newest verified units, oldest first.
-        for id in pool_ids.into_iter().skip(rows.len()).rev() {
-            if let Some(u) = book.units.get_mut(&id)
-                && !u.in_canary_pool
-            {
-                u.in_canary_pool = true;
-                book.canaries.push_back(id);
-            }
+        for row in pool.iter().rev() {
+            let unit = unit_from_row(row)?;
+            let id = unit.id.clone();
+            book.units.entry(id.clone()).or_insert(unit).in_canary_pool = true;
+            book.canaries.push_back(id);
         }
         for u in book.units.values() {
             match u.status {
@@ -305,7 +301,7 @@ impl Book {
         for chunk in unit_ids.chunks(500) {
             let sql = format!(
                 "SELECT id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms, output_hash, output, signature, submitted_ms FROM leases WHERE unit_id IN ({}) ORDER BY issued_ms, id",
-                placeholders(chunk.len())
+                parameter_list(Some(1), chunk.len())
             );
             let mut q = sqlx::query(&sql);
             for id in chunk {
@@ -337,7 +333,7 @@ impl Book {
         for chunk in keys.chunks(500) {
             let sql = format!(
                 "SELECT key, verified, clean_streak, strikes, expired, banned FROM workers WHERE key IN ({})",
-                placeholders(chunk.len())
+                parameter_list(Some(1), chunk.len())
             );
             let mut q = sqlx::query(&sql);
             for k in chunk {
@@ -1004,20 +1000,16 @@ pub(super) async fn insert_units(
 ) -> Result<()> {
     const ROWS: usize = 200;
     for (chunk_index, chunk) in units.chunks(ROWS).enumerate() {
-        let mut sql = String::from(
-            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms) VALUES ",
+        let sql = values_sql(
+            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms)",
+            &[
+                "$", "$", "$", "$", "$", "$", "$", "$", "$", "$", "0", "'open'", "NULL", "NULL",
+                "NULL", "NULL",
+            ],
+            chunk.len(),
+            "",
+            Some(1),
         );
-        for i in 0..chunk.len() {
-            let p = i * 10;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for c in 1..=10 {
-                sql.push_str(&format!("${}, ", p + c));
-            }
-            sql.push_str("0, 'open', NULL, NULL, NULL, NULL)");
-        }
         let mut q = sqlx::query(&sql);
         for (i, u) in chunk.iter().enumerate() {
             q = q
@@ -1048,13 +1040,6 @@ fn unit_row(u: &Unit) -> UnitRow {
         verified_by: u.verified_by,
         verified_ms: u.verified_ms,
     }
-}
-
-fn placeholders(n: usize) -> String {
-    (1..=n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn corrupt(e: impl std::fmt::Display) -> CoordinatorError {
