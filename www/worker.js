@@ -186,7 +186,12 @@ function onFrame(bytes) {
     case 'credited': report({ creditMicro: state.creditMicro + event.creditMicro }); break;
     case 'payoutLinked': report({ payoutAddress: event.address, message: `payout address ${event.address} linked` }); break;
     case 'badReceipt': break;
-    case 'error': report({ phase: 'error', message: `the coordinator refused this worker: ${event.message}` }); stop(false); break;
+    case 'error':
+      // A passing failure (a silent socket, trouble on the coordinator's side): the socket
+      // closes and `onclose` reconnects with backoff. A refusal for good stops the worker.
+      if (event.retry) report({ phase: 'connecting', message: `the coordinator ended the session: ${event.message}` });
+      else { report({ phase: 'error', message: `the coordinator refused this worker: ${event.message}` }); stop(false); }
+      break;
   }
 }
 

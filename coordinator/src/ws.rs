@@ -47,11 +47,13 @@ async fn send(socket: &mut WebSocket, message: &ToWorker) -> Result<(), axum::Er
     socket.send(Message::Binary(encode(message).into())).await
 }
 
-async fn close_with(socket: &mut WebSocket, message: String) {
+/// Ends a session before login with `message`; `retry` as in [`ToWorker::Error`].
+async fn close_with(socket: &mut WebSocket, message: String, retry: bool) {
     let _ = send(
         socket,
         &ToWorker::Error {
             message: message.clone(),
+            retry,
         },
     )
     .await;
@@ -83,6 +85,8 @@ fn parse(frame: Option<Result<Message, axum::Error>>) -> Result<Option<ToCoordin
 }
 
 const SILENT: &str = "no message within the heartbeat timeout";
+/// The session ended on the coordinator's own failure (a database error, say).
+const INTERNAL: &str = "internal error; reconnect later";
 
 /// Reads the next worker message, or says why there is none.
 async fn next_frame(socket: &mut WebSocket, timeout: Duration) -> Result<ToCoordinator, String> {
@@ -113,7 +117,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             precisions,
         }) => {
             if verify(&key, &login_message(&nonce, &coordinator, &key), &signature).is_err() {
-                close_with(&mut socket, "login signature does not verify".into()).await;
+                close_with(&mut socket, "login signature does not verify".into(), false).await;
                 return;
             }
             match state.login(&key, &agent).await {
@@ -132,12 +136,17 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
                     }
                 }
                 Ok(Err(refusal)) => {
-                    close_with(&mut socket, refusal).await;
+                    close_with(&mut socket, refusal, false).await;
                     return;
                 }
                 Err(e) => {
                     tracing::error!("login: {e}");
-                    close_with(&mut socket, "the coordinator cannot log you in now".into()).await;
+                    close_with(
+                        &mut socket,
+                        "the coordinator cannot log you in now".into(),
+                        true,
+                    )
+                    .await;
                     return;
                 }
             }
@@ -149,12 +158,13 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             (key, precisions)
         }
         Ok(_) => {
-            close_with(&mut socket, "log in first".into()).await;
+            close_with(&mut socket, "log in first".into(), false).await;
             return;
         }
         Err(e) => {
             if !e.is_empty() {
-                close_with(&mut socket, e).await;
+                let retry = e == SILENT;
+                close_with(&mut socket, e, retry).await;
             }
             return;
         }
@@ -188,7 +198,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             Ok(None) => continue,
             Err(e) => {
                 tracing::error!(worker = %key, "{e}");
-                break "internal error; reconnect later".into();
+                break INTERNAL.to_string();
             }
         };
         if sink
@@ -211,6 +221,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
         let _ = sink
             .send(Message::Binary(
                 encode(&ToWorker::Error {
+                    retry: reason == SILENT || reason == INTERNAL,
                     message: reason.clone(),
                 })
                 .into(),
@@ -255,6 +266,7 @@ async fn handle(
             {
                 Some(ToWorker::Error {
                     message: "the payout link signature does not verify".into(),
+                    retry: false,
                 })
             } else {
                 state.link_payout(key, &address).await?;
@@ -263,6 +275,7 @@ async fn handle(
         }
         ToCoordinator::Login { .. } => Some(ToWorker::Error {
             message: "already logged in".into(),
+            retry: false,
         }),
     })
 }

@@ -30,7 +30,9 @@ export class Cluster {
     c.log = fs.openSync(path.join(c.dir, 'serve.log'), 'a');
     c.serve = spawn(bin, ['serve', '--listen', `127.0.0.1:${c.port}`, '--local',
       '--data-dir', path.join(c.dir, 'data'), '--www', path.join(root, 'www'),
-      '--lease-secs', String(leaseSecs), ...extra], { stdio: ['ignore', c.log, c.log] });
+      '--lease-secs', String(leaseSecs), ...extra],
+    // Info logs (sessions opened and closed, refereeing) are what a failed test's message quotes.
+    { stdio: ['ignore', c.log, c.log], env: { ...process.env, TABULA_LOG: process.env.TABULA_LOG || 'info' } });
     for (let i = 0; ; i++) {
       try {
         const r = await fetch(`${c.url}/healthz`);
@@ -51,15 +53,32 @@ export class Cluster {
     return w;
   }
 
-  async api(pathname, body) {
-    const r = await fetch(`${this.url}${pathname}`, {
-      method: body ? 'POST' : 'GET',
-      headers: { authorization: `Bearer ${this.apiKey}`, 'content-type': 'application/json' },
-      body: body ? JSON.stringify(body) : undefined,
-    });
-    const json = await r.json();
-    if (!r.ok) throw new Error(`${pathname}: HTTP ${r.status} ${JSON.stringify(json)}`);
+  // A requester call. It gives up after `timeoutMs` (below undici's own 300 s, which would
+  // only say "fetch failed"), and a failure quotes the coordinator's and workers' logs.
+  async api(pathname, body, { timeoutMs = 240_000 } = {}) {
+    let r, json;
+    try {
+      r = await fetch(`${this.url}${pathname}`, {
+        method: body ? 'POST' : 'GET',
+        headers: { authorization: `Bearer ${this.apiKey}`, 'content-type': 'application/json' },
+        body: body ? JSON.stringify(body) : undefined,
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      json = await r.json();
+    } catch (e) {
+      throw new Error(`${pathname}: ${e.message}${e.cause ? ` (${e.cause.message || e.cause})` : ''}\n${this.diagnostics()}`);
+    }
+    if (!r.ok) throw new Error(`${pathname}: HTTP ${r.status} ${JSON.stringify(json)}\n${this.diagnostics()}`);
     return json;
+  }
+
+  // The last lines of every log of this cluster, for a failed test's message.
+  diagnostics(lines = 30) {
+    return fs.readdirSync(this.dir).filter((f) => f.endsWith('.log')).map((f) => {
+      // Strip the ANSI colours of tracing's output so the message stays readable.
+      const text = fs.readFileSync(path.join(this.dir, f), 'utf8').replace(/\x1b\[[0-9;]*m/g, '');
+      return `--- ${f} (last ${lines} lines)\n${text.split('\n').slice(-lines - 1).join('\n')}`;
+    }).join('\n');
   }
 
   async ledger(key) {

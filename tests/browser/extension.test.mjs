@@ -41,7 +41,13 @@ test('the extension completes units from its offscreen document and is credited'
     await popup.click('#toggle');
     await popup.waitForFunction(() => /^[0-9a-f]{64}$/.test(document.getElementById('key').textContent), null, { timeout: 120_000 });
     const key = await popup.textContent('#key');
-    const r = await cluster.api('/v1/embeddings', { model: 'all-MiniLM-L6-v2', input: texts, precision: 'exact' });
+    const r = await cluster.api('/v1/embeddings', { model: 'all-MiniLM-L6-v2', input: texts, precision: 'exact' })
+      .catch(async (e) => {
+        // What the volunteer saw is half of the story when a job does not finish.
+        const seen = await popup.evaluate(() => ['phase', 'device', 'units', 'verified']
+          .map((id) => `${id}: ${document.getElementById(id).textContent}`).join('; ')).catch(() => 'popup gone');
+        throw new Error(`${e.message}\n--- popup: ${seen}`);
+      });
     r.data.forEach((d, i) => assert.deepEqual(d.embedding, reference[i], `text ${i} differs from the local exact run`));
     const entry = await cluster.ledger(key);
     assert.ok(entry, `the extension's key ${key} is not in the ledger`);

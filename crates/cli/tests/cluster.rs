@@ -819,6 +819,22 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
     let key = cluster.api_key();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
+        // A socket that never logs in is told, after the login timeout, that it may retry:
+        // silence is a network's failure, not a broken client's.
+        let silent = tokio::spawn(async move {
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
+                    .await
+                    .unwrap();
+            let _challenge = socket.next().await;
+            let answer = tokio::time::timeout(Duration::from_secs(30), socket.next()).await;
+            match answer {
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    decode::<ToWorker>(&b, MAX_COORDINATOR_FRAME).unwrap()
+                }
+                other => panic!("a silent socket got {other:?}"),
+            }
+        });
         let valid = encode(&ToCoordinator::Ready);
         let mut frames: Vec<Vec<u8>> = vec![vec![], vec![1], vec![0xff; 64], valid.clone()];
         // Mutations of a real login frame.
@@ -842,9 +858,26 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
                     .unwrap();
             let _challenge = socket.next().await;
             let _ = socket.send(Message::Binary(frame.into())).await;
-            // The coordinator answers with an error and closes; it never hangs.
+            // The coordinator answers with an error and closes; it never hangs. A broken
+            // frame is the client's fault: retrying would not help, and the error says so.
             let answer = tokio::time::timeout(Duration::from_secs(10), socket.next()).await;
-            assert!(answer.is_ok(), "the coordinator hung on a bad frame");
+            let Ok(answer) = answer else {
+                panic!("the coordinator hung on a bad frame");
+            };
+            if let Some(Ok(Message::Binary(b))) = answer {
+                match decode::<ToWorker>(&b, MAX_COORDINATOR_FRAME) {
+                    Ok(ToWorker::Error { retry, message }) => {
+                        assert!(!retry, "a bad frame was answered {message:?} with retry")
+                    }
+                    other => panic!("a bad frame was answered {other:?}"),
+                }
+            }
+        }
+        match silent.await.unwrap() {
+            ToWorker::Error { retry, message } => {
+                assert!(retry, "a silent socket was refused for good: {message}")
+            }
+            other => panic!("a silent socket got {other:?}"),
         }
     });
     assert_eq!(get(port, "/healthz").0, 200);

@@ -279,9 +279,13 @@ pub enum ToWorker {
     PayoutLinked {
         address: Address,
     },
-    /// A protocol error; the coordinator closes the socket after sending it.
+    /// The session ends (the coordinator closes the socket after sending it) or a request
+    /// was refused. `retry` says whether reconnecting can help: true when the socket went
+    /// silent or the coordinator had a passing failure, false for a banned key, a bad login
+    /// or a broken client, which the same worker would only repeat.
     Error {
         message: String,
+        retry: bool,
     },
 }
 

@@ -110,9 +110,11 @@ enum FrameEvent {
     PayoutLinked {
         address: String,
     },
-    /// The coordinator refused this worker; it closes the socket.
+    /// The coordinator ends the session (it closes the socket); with `retry` the worker
+    /// reconnects with backoff, else it stops: see `ToWorker::Error`.
     Error {
         message: String,
+        retry: bool,
     },
 }
 
@@ -335,7 +337,7 @@ impl Volunteer {
             ToWorker::PayoutLinked { address } => FrameEvent::PayoutLinked {
                 address: format!("0x{}", address.to_hex()),
             },
-            ToWorker::Error { message } => FrameEvent::Error { message },
+            ToWorker::Error { message, retry } => FrameEvent::Error { message, retry },
         })
     }
 

@@ -284,7 +284,7 @@ impl Session<'_> {
                 let _ = self.events.send(WorkerEvent::Connected { credit_micro });
                 heartbeat_ms
             }
-            ToWorker::Error { message } => return Err(WorkerError::Refused(message)),
+            ToWorker::Error { message, retry } => return Err(session_ended(message, retry)),
             other => {
                 return Err(WorkerError::Connection(format!(
                     "expected a welcome, got {other:?}"
@@ -387,11 +387,21 @@ impl Session<'_> {
                     ToWorker::PayoutLinked { address } => {
                         let _ = self.events.send(WorkerEvent::PayoutLinked { address });
                     }
-                    ToWorker::Error { message } => return Err(WorkerError::Refused(message)),
+                    ToWorker::Error { message, retry } => return Err(session_ended(message, retry)),
                     other => tracing::debug!("ignoring {other:?}"),
                 },
             }
         }
+    }
+}
+
+/// The coordinator ended the session: a refusal for good stops the worker, anything else (a
+/// silent socket, a passing failure on its side) is a lost connection to retry with backoff.
+fn session_ended(message: String, retry: bool) -> WorkerError {
+    if retry {
+        WorkerError::Connection(format!("the coordinator ended the session: {message}"))
+    } else {
+        WorkerError::Refused(message)
     }
 }
 
