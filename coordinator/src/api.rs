@@ -489,19 +489,63 @@ pub fn prepare<'a>(state: &'a State, endpoint: &str, body: &Value) -> ApiResult<
     }
 }
 
+/// A finished request's response body. Embedding lists are serialized straight from the
+/// vectors: as a `Value` tree, a 2 048-input float response is some 25 MB of nodes.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub enum Rendered {
+    Embeddings(EmbeddingList),
+    Json(Value),
+}
+
+/// `{"object": "list", "data": [...], "model", "usage"}` of `/v1/embeddings`.
+#[derive(serde::Serialize)]
+pub struct EmbeddingList {
+    object: &'static str,
+    data: Vec<EmbeddingItem>,
+    model: String,
+    usage: EmbeddingUsage,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingItem {
+    object: &'static str,
+    index: usize,
+    embedding: Embedding,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Embedding {
+    /// Written as the f64 of each f32, as `tabula embed` prints them (the same text as before
+    /// this type existed, so clients comparing outputs exactly see no change).
+    Floats(#[serde(serialize_with = "f32_as_f64")] Vec<f32>),
+    Base64(String),
+}
+
+fn f32_as_f64<S: serde::Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|&x| f64::from(x)))
+}
+
 /// The response body of a finished request.
-pub fn render(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Value> {
+pub fn render(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Rendered> {
     match &p.render {
-        Render::Embeddings { base64, tokens } => {
-            render_embeddings(p.model, outputs, *base64, *tokens)
-        }
+        Render::Embeddings { base64, tokens } => Ok(Rendered::Embeddings(render_embeddings(
+            p.model, outputs, *base64, *tokens,
+        )?)),
         Render::Completion {
             stop,
             prompt_tokens,
         } => {
             let choices = choices(p.model, outputs, stop)?;
             let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
-            Ok(json!({
+            Ok(Rendered::Json(json!({
                 "id": format!("cmpl-{job}"),
                 "object": "text_completion",
                 "created": now_s(),
@@ -510,21 +554,21 @@ pub fn render(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResul
                     "index": i, "text": c.text, "finish_reason": c.finish, "logprobs": null,
                 })).collect::<Vec<_>>(),
                 "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens },
-            }))
+            })))
         }
         Render::Chat {
             stop,
             prompt_tokens,
         } => {
             let choice = choices(p.model, outputs, stop)?.remove(0);
-            Ok(json!({
+            Ok(Rendered::Json(json!({
                 "id": format!("chatcmpl-{job}"),
                 "object": "chat.completion",
                 "created": now_s(),
                 "model": p.model.name,
                 "choices": [{ "index": 0, "message": { "role": "assistant", "content": choice.text }, "finish_reason": choice.finish, "logprobs": null }],
                 "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": choice.completion_tokens, "total_tokens": prompt_tokens + choice.completion_tokens },
-            }))
+            })))
         }
     }
 }
@@ -747,7 +791,7 @@ fn render_embeddings(
     outputs: Vec<UnitOutput>,
     base64: bool,
     tokens: usize,
-) -> ApiResult<Value> {
+) -> ApiResult<EmbeddingList> {
     let mut data = Vec::new();
     for out in outputs {
         let vectors: Vec<Vec<f32>> = match out {
@@ -767,23 +811,28 @@ fn render_embeddings(
         };
         for v in vectors {
             let embedding = if base64 {
-                Value::String(
+                Embedding::Base64(
                     B64.encode(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
                 )
             } else {
-                json!(v)
+                Embedding::Floats(v)
             };
-            data.push(
-                json!({ "object": "embedding", "index": data.len(), "embedding": embedding }),
-            );
+            data.push(EmbeddingItem {
+                object: "embedding",
+                index: data.len(),
+                embedding,
+            });
         }
     }
-    Ok(json!({
-        "object": "list",
-        "data": data,
-        "model": model.name,
-        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-    }))
+    Ok(EmbeddingList {
+        object: "list",
+        data,
+        model: model.name.clone(),
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    })
 }
 
 /// Sampling settings shared by completions and chat completions.
@@ -1427,4 +1476,17 @@ async fn openapi() -> Json<Value> {
             "/metrics": { "get": op("Prometheus metrics", false) }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_embeddings_print_as_the_value_tree_did() {
+        let v = vec![0.1f32, -1.5e-7, 3.0, f32::MIN_POSITIVE, 0.333_333_34];
+        let typed = serde_json::to_string(&Embedding::Floats(v.clone())).unwrap();
+        assert_eq!(typed, json!(v).to_string());
+        assert!(typed.starts_with("[0.10000000149011612,"), "{typed}");
+    }
 }

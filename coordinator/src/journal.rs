@@ -210,9 +210,9 @@ impl Journal {
             return Pending::none();
         }
         let (done, rx) = oneshot::channel();
-        if self.tx.send(Message::Entry { writes, done }).is_err() {
-            return Pending(None);
-        }
+        // If the writer is gone, `done` is dropped with the message and waiting for the entry
+        // says so: a decision is never taken as committed when it was not.
+        let _ = self.tx.send(Message::Entry { writes, done });
         Pending(Some(rx))
     }
 

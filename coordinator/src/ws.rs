@@ -3,10 +3,10 @@
 //! `tabula-protocol`; a bad frame earns the worker an error message and a closed socket, and
 //! never disturbs anyone else.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt, stream::FuturesOrdered};
 use tabula_protocol::{
     Bytes, MAX_WORKER_FRAME, Precision, PublicKey, ToCoordinator, ToWorker, decode, encode,
     sign::login_message, verify,
@@ -175,6 +175,10 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     state.attach(key, tx);
     let timeout = Duration::from_millis(u64::from(state.config.heartbeat_ms) * 3 + 1000);
     let (mut sink, mut stream) = socket.split();
+    // Requests whose decisions are made and whose replies wait for their commit, oldest
+    // first. The session reads the next frame meanwhile, so a worker's `Submit` and the
+    // `Ready` it sends right after share one commit instead of waiting for two in a row.
+    let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
     // Receipts for this worker arrive from other tasks; forward them while reading frames.
     let reason = loop {
         let frame = tokio::select! {
@@ -186,29 +190,47 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
                 }
                 continue;
             }
-            frame = tokio::time::timeout(timeout, stream.next()) => frame,
+            Some(reply) = replies.next(), if !replies.is_empty() => {
+                match reply {
+                    Ok(Some(reply)) => {
+                        if sink.send(Message::Binary(encode(&reply).into())).await.is_err() {
+                            break String::new();
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(worker = %key, "{e}");
+                        break INTERNAL.to_string();
+                    }
+                }
+                continue;
+            }
+            // A worker that does not read its replies stops being read.
+            frame = tokio::time::timeout(timeout, stream.next()), if replies.len() < MAX_IN_FLIGHT => frame,
         };
         let message = match frame.map_err(|_| SILENT.to_string()).and_then(parse) {
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(reason) => break reason,
         };
-        let reply = match handle(&state, &key, &prefix, &precisions, message).await {
-            Ok(Some(reply)) => reply,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::error!(worker = %key, "{e}");
-                break INTERNAL.to_string();
-            }
-        };
-        if sink
-            .send(Message::Binary(encode(&reply).into()))
-            .await
-            .is_err()
-        {
-            break String::new();
+        let mut reply: Reply = Box::pin(handle(
+            state.clone(),
+            key,
+            prefix.clone(),
+            precisions.clone(),
+            message,
+        ));
+        // Run the request up to its first real wait now, in arrival order: that is where it
+        // is decided (under the book lock) and queued for the journal. Only its commit, and
+        // so its reply, is left for later.
+        match std::future::poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await {
+            Poll::Ready(done) => replies.push_back(Box::pin(std::future::ready(done))),
+            Poll::Pending => replies.push_back(reply),
         }
     };
+    // Decisions already made are committed whatever happens to the socket; wait for them so
+    // their effects (receipts to other workers, waiting requests woken) are not dropped.
+    while replies.next().await.is_some() {}
     // The worker left (closed the socket or went silent) rather than broke the protocol: a
     // unit it still holds expires without a strike.
     if (reason.is_empty() || reason == SILENT)
@@ -232,15 +254,23 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     state.detach(&key);
 }
 
+/// A request being handled: its reply (if any) once its decision is committed.
+type Reply =
+    Pin<Box<dyn Future<Output = Result<Option<ToWorker>, crate::CoordinatorError>> + Send>>;
+
+/// Requests of one session whose replies may wait for their commit at the same time.
+const MAX_IN_FLIGHT: usize = 4;
+
 async fn handle(
-    state: &Arc<State>,
-    key: &PublicKey,
-    prefix: &str,
-    precisions: &[Precision],
+    state: Arc<State>,
+    key: PublicKey,
+    prefix: String,
+    precisions: Vec<Precision>,
     message: ToCoordinator,
 ) -> Result<Option<ToWorker>, crate::CoordinatorError> {
+    let key = &key;
     Ok(match message {
-        ToCoordinator::Ready => Some(match state.grant(key, prefix, precisions).await? {
+        ToCoordinator::Ready => Some(match state.grant(key, &prefix, &precisions).await? {
             Some(a) => ToWorker::Assign(a),
             None => ToWorker::NoWork { retry_ms: 250 },
         }),

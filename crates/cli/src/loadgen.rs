@@ -123,14 +123,13 @@ async fn simulated_worker(url: String, shared: Arc<Shared>) -> Result<()> {
                 tx.send(Message::Binary(encode(&ToCoordinator::Submit(s)).into()))
                     .await?;
                 shared.submitted.fetch_add(1, Ordering::Relaxed);
-            }
-            ToWorker::NoWork { retry_ms } => {
-                tokio::time::sleep(Duration::from_millis(u64::from(retry_ms).min(50))).await;
+                // Like `tabula worker`: ask for the next unit without waiting for the verdict.
                 asked = Instant::now();
                 tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
                     .await?;
             }
-            ToWorker::Accepted { .. } | ToWorker::Rejected { .. } => {
+            ToWorker::NoWork { retry_ms } => {
+                tokio::time::sleep(Duration::from_millis(u64::from(retry_ms).min(50))).await;
                 asked = Instant::now();
                 tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
                     .await?;
@@ -212,7 +211,8 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
             n += 1;
             let (url, key) = (format!("{base}/v1/embeddings"), key.clone());
             requests.push(tokio::task::spawn_blocking(move || -> Result<()> {
-                let body = serde_json::json!({ "model": "all-MiniLM-L6-v2", "input": inputs });
+                // base64, as the official openai Python client asks for by default.
+                let body = serde_json::json!({ "model": "all-MiniLM-L6-v2", "input": inputs, "encoding_format": "base64" });
                 ureq::post(&url)
                     .header("authorization", &format!("Bearer {key}"))
                     .header("content-type", "application/json")

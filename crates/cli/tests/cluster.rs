@@ -448,6 +448,49 @@ fn wrong_output(task: &Task, seed: &[u8; 32], zeros: bool) -> UnitOutput {
     }
 }
 
+type SocketStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type SocketTx = futures_util::stream::SplitSink<SocketStream, Message>;
+type SocketRx = futures_util::stream::SplitStream<SocketStream>;
+
+/// The next protocol message from the coordinator; `None` once the socket ends.
+async fn next_message(rx: &mut SocketRx) -> Option<ToWorker> {
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                return Some(decode::<ToWorker>(&b, MAX_COORDINATOR_FRAME).unwrap());
+            }
+            Some(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Opens the worker socket and logs in as `me`, computing exact precision.
+async fn log_in(port: u16, me: &Identity, agent: &str) -> (SocketTx, SocketRx) {
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
+        .await
+        .unwrap();
+    let (mut tx, mut rx) = socket.split();
+    let Some(ToWorker::Challenge { nonce, coordinator }) = next_message(&mut rx).await else {
+        panic!("no challenge")
+    };
+    let login = ToCoordinator::Login {
+        key: me.public(),
+        signature: me.sign_login(&nonce, &coordinator),
+        agent: agent.to_string(),
+        precisions: vec![tabula_protocol::Precision::Exact],
+    };
+    tx.send(Message::Binary(encode(&login).into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_message(&mut rx).await,
+        Some(ToWorker::Welcome { .. })
+    ));
+    (tx, rx)
+}
+
 /// An adversarial worker. Returns its public key once it has logged in; runs until `stop`.
 async fn adversary(
     port: u16,
@@ -459,32 +502,8 @@ async fn adversary(
 ) {
     let me = Identity::from_seed(rand_bytes());
     let other = Identity::from_seed(rand_bytes());
-    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
-        .await
-        .unwrap();
-    let (mut tx, mut rx) = socket.split();
-    let mut next = async || loop {
-        match rx.next().await {
-            Some(Ok(Message::Binary(b))) => {
-                return Some(decode::<ToWorker>(&b, MAX_COORDINATOR_FRAME).unwrap());
-            }
-            Some(Ok(_)) => continue,
-            _ => return None,
-        }
-    };
-    let Some(ToWorker::Challenge { nonce, coordinator }) = next().await else {
-        panic!("no challenge")
-    };
-    let login = ToCoordinator::Login {
-        key: me.public(),
-        signature: me.sign_login(&nonce, &coordinator),
-        agent: format!("adversary {evil:?}"),
-        precisions: vec![tabula_protocol::Precision::Exact],
-    };
-    tx.send(Message::Binary(encode(&login).into()))
-        .await
-        .unwrap();
-    assert!(matches!(next().await, Some(ToWorker::Welcome { .. })));
+    let (mut tx, mut rx) = log_in(port, &me, &format!("adversary {evil:?}")).await;
+    let mut next = async || next_message(&mut rx).await;
     let _ = ready.send(me.public().to_hex());
     // The colluders agree on a secret: the wrong answer is a function of the unit alone.
     let shared_secret = [7u8; 32];
@@ -835,6 +854,55 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
                 other => panic!("a silent socket got {other:?}"),
             }
         });
+        // A logged-in worker that sends many requests without reading gets every reply, in
+        // the order it asked: the session decides requests in order while their commits are
+        // still pending, and stops reading while too many wait. Leases wait for a commit and
+        // the payout refusal does not, so out-of-order replies would show.
+        {
+            let api_key = key.clone();
+            std::thread::spawn(move || {
+                let input: Vec<String> = (0..240).map(|i| format!("flood {i}")).collect();
+                // Never answered in full (the flooding worker computes nothing); it ends with
+                // the cluster.
+                post(
+                    port,
+                    "/v1/embeddings",
+                    &api_key,
+                    json!({ "model": "all-MiniLM-L6-v2", "input": input }),
+                );
+            });
+            while metric(port, "tabula_units_in_memory") < 60 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let me = Identity::from_seed([4; 32]);
+            let (mut tx, mut rx) = log_in(port, &me, "flood").await;
+            let mut frames = Vec::new();
+            frames.extend((0..25).map(|_| encode(&ToCoordinator::Ready)));
+            frames.push(encode(&ToCoordinator::LinkPayout {
+                address: Bytes([0xab; 20]),
+                signature: Bytes([0; 64]),
+            }));
+            frames.extend((0..25).map(|_| encode(&ToCoordinator::Ready)));
+            for f in frames {
+                tx.send(Message::Binary(f.into())).await.unwrap();
+            }
+            let mut replies = Vec::new();
+            for _ in 0..51 {
+                let reply = tokio::time::timeout(Duration::from_secs(10), next_message(&mut rx))
+                    .await
+                    .expect("a reply within 10 s")
+                    .expect("the socket stays open");
+                replies.push(match reply {
+                    ToWorker::Assign(_) => "lease",
+                    ToWorker::Error { .. } => "error",
+                    other => panic!("unexpected {other:?}"),
+                });
+            }
+            let mut expected = vec!["lease"; 25];
+            expected.push("error");
+            expected.extend(["lease"; 25]);
+            assert_eq!(replies, expected);
+        }
         let valid = encode(&ToCoordinator::Ready);
         let mut frames: Vec<Vec<u8>> = vec![vec![], vec![1], vec![0xff; 64], valid.clone()];
         // Mutations of a real login frame.
