@@ -24,7 +24,7 @@ use tabula_protocol::{
 use super::{Metrics, Verdict};
 use crate::{
     Config, CoordinatorError,
-    db::{Db, now_ms, random_bytes, random_unit},
+    db::{Db, now_ms, ordered_bytes, random_unit},
     journal::{CreditRow, JobRow, LeaseRow, UnitRow, WorkerRow, Write, parameter_list, values_sql},
 };
 
@@ -462,7 +462,7 @@ impl Book {
         };
         let mut effects = Effects::default();
         let now = now_ms();
-        let lease_id: LeaseId = tabula_protocol::Bytes(random_bytes());
+        let lease_id: LeaseId = tabula_protocol::Bytes(ordered_bytes());
         if kind == LeaseKind::Replica {
             // Adaptive replication: a long-clean worker runs a fresh unit alone, except for a
             // random fraction of spot checks. It cannot tell which.

@@ -38,7 +38,7 @@ use tokio::sync::{Notify, mpsc};
 use self::book::{Book, Ctx, Effects, SubmitOutcome, Unit};
 use crate::{
     Config, CoordinatorError,
-    db::{Db, now_ms, random_id},
+    db::{Db, now_ms, ordered_id, random_id},
     journal::{Journal, Pending, Write},
     models::{Registry, RegistryFiles},
 };
@@ -348,7 +348,7 @@ impl State {
             .enumerate()
             .map(|(idx, (task, credit))| {
                 Unit::new(
-                    random_id("unit"),
+                    ordered_id("unit"),
                     id.clone(),
                     now * 4096 + idx as i64,
                     task,

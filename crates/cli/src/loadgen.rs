@@ -44,6 +44,21 @@ pub struct LoadArgs {
     database_url: Option<String>,
     #[arg(long)]
     models_dir: Option<std::path::PathBuf>,
+    /// Run the coordinator as its own process (`tabula serve`) and report its CPU time per
+    /// verified unit apart from the simulated workers'.
+    #[arg(long)]
+    separate_process: bool,
+}
+
+/// CPU time (user + system, all threads) of process `pid` (`"self"` for this one), from
+/// `/proc`; `None` where that is not available.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ: 100 on every Linux that exposes `/proc` to user space.
+    Some(ticks / 100.0)
 }
 
 /// One task's encoded output, filled once.
@@ -140,6 +155,18 @@ async fn simulated_worker(url: String, shared: Arc<Shared>) -> Result<()> {
     Ok(())
 }
 
+/// A child process killed when this is dropped (the bench's own coordinator).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -169,7 +196,7 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         local: true,
         ..Config::default()
     };
-    let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir))?;
+    let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir.clone()))?;
     let base = format!("http://127.0.0.1:{port}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,7 +206,34 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         let key = db.create_api_key("bench").await?;
         drop(db);
         let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
-        tokio::spawn(tabula_coordinator::serve(config, sources, std::future::pending()));
+        // The coordinator in its own process, with the settings of `config`; killed on drop.
+        let mut server: Option<std::process::Child> = None;
+        if args.separate_process {
+            let mut serve = std::process::Command::new(std::env::current_exe()?);
+            serve.arg("serve").arg("--listen").arg(config.listen.to_string());
+            serve.arg("--data-dir").arg(&config.data_dir).arg("--local");
+            for (flag, value) in [
+                ("--replicas", config.replicas.to_string()),
+                ("--max-replicas", config.max_replicas.to_string()),
+                ("--probation-units", config.probation_units.to_string()),
+                ("--solo-after", config.solo_after.to_string()),
+                ("--canary-rate", config.canary_rate.to_string()),
+                ("--unit-sequences", config.unit_sequences.to_string()),
+            ] {
+                serve.arg(flag).arg(value);
+            }
+            if let Some(url) = &config.database_url {
+                serve.arg("--database-url").arg(url);
+            }
+            if let Some(dir) = &args.models_dir {
+                serve.arg("--models-dir").arg(dir);
+            }
+            serve.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            server = Some(serve.spawn().context("starting `tabula serve`")?);
+        } else {
+            tokio::spawn(tabula_coordinator::serve(config, sources, std::future::pending()));
+        }
+        let server = KillOnDrop(server);
         let started = Instant::now();
         while http_get(&format!("{base}/healthz")).is_err() {
             if started.elapsed() > Duration::from_secs(60) {
@@ -224,6 +278,11 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         let workers: Vec<_> = (0..args.workers)
             .map(|_| tokio::spawn(simulated_worker(url.clone(), shared.clone())))
             .collect();
+        let server_pid = server.0.as_ref().map(|c| c.id().to_string());
+        let cpu_at_start = (
+            server_pid.as_deref().and_then(cpu_seconds),
+            cpu_seconds("self"),
+        );
         let t0 = Instant::now();
         let mut verified_at_start = None;
         loop {
@@ -240,10 +299,24 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let elapsed = t0.elapsed().as_secs_f64();
+        let cpu_at_end = (
+            server_pid.as_deref().and_then(cpu_seconds),
+            cpu_seconds("self"),
+        );
         bar.finish_and_clear();
         shared.stop.store(true, Ordering::Relaxed);
         for r in requests {
             r.await??;
+        }
+        if let ((Some(s0), Some(l0)), (Some(s1), Some(l1))) = (cpu_at_start, cpu_at_end) {
+            let per_unit_us = (s1 - s0) / args.units as f64 * 1e6;
+            println!(
+                "coordinator process: {:.1} s of CPU, {per_unit_us:.0} µs per verified unit \
+                 ({:.0} verified units/s per busy core); load generator: {:.1} s of CPU",
+                s1 - s0,
+                1e6 / per_unit_us,
+                l1 - l0,
+            );
         }
         let mut lat = shared.latencies_us.lock().expect("lock").clone();
         lat.sort_unstable();
@@ -278,6 +351,7 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
             pct(0.5),
             pct(0.99),
         );
+        drop(server);
         Ok(())
     })
 }
