@@ -88,6 +88,12 @@ const SILENT: &str = "no message within the heartbeat timeout";
 /// The session ended on the coordinator's own failure (a database error, say).
 const INTERNAL: &str = "internal error; reconnect later";
 
+/// Whether a session that ended for `reason` may succeed again on a new connection: silence
+/// (a network's failure) and the coordinator's own failure, not a broken or refused client.
+fn retryable(reason: &str) -> bool {
+    reason == SILENT || reason == INTERNAL
+}
+
 /// Reads the next worker message, or says why there is none.
 async fn next_frame(socket: &mut WebSocket, timeout: Duration) -> Result<ToCoordinator, String> {
     loop {
@@ -155,7 +161,8 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             } else {
                 precisions
             };
-            (key, precisions)
+            // Shared with every request's handler without a copy per frame.
+            (key, Arc::<[Precision]>::from(precisions))
         }
         Ok(_) => {
             close_with(&mut socket, "log in first".into(), false).await;
@@ -163,13 +170,13 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
         }
         Err(e) => {
             if !e.is_empty() {
-                let retry = e == SILENT;
+                let retry = retryable(&e);
                 close_with(&mut socket, e, retry).await;
             }
             return;
         }
     };
-    let prefix = network_prefix(&addr, &key, state.config.local);
+    let prefix: Arc<str> = network_prefix(&addr, &key, state.config.local).into();
     tracing::info!(worker = %key, %prefix, "worker connected");
     let (tx, mut pushed) = mpsc::unbounded_channel();
     state.attach(key, tx);
@@ -243,7 +250,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
         let _ = sink
             .send(Message::Binary(
                 encode(&ToWorker::Error {
-                    retry: reason == SILENT || reason == INTERNAL,
+                    retry: retryable(&reason),
                     message: reason.clone(),
                 })
                 .into(),
@@ -264,8 +271,8 @@ const MAX_IN_FLIGHT: usize = 4;
 async fn handle(
     state: Arc<State>,
     key: PublicKey,
-    prefix: String,
-    precisions: Vec<Precision>,
+    prefix: Arc<str>,
+    precisions: Arc<[Precision]>,
     message: ToCoordinator,
 ) -> Result<Option<ToWorker>, crate::CoordinatorError> {
     let key = &key;

@@ -196,7 +196,6 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         local: true,
         ..Config::default()
     };
-    let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir.clone()))?;
     let base = format!("http://127.0.0.1:{port}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -231,6 +230,7 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
             serve.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
             server = Some(serve.spawn().context("starting `tabula serve`")?);
         } else {
+            let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir.clone()))?;
             tokio::spawn(tabula_coordinator::serve(config, sources, std::future::pending()));
         }
         let server = KillOnDrop(server);
