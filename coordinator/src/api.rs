@@ -1411,6 +1411,7 @@ async fn worker_socket(
     upgrade
         .max_message_size(tabula_protocol::MAX_WORKER_FRAME)
         .max_frame_size(tabula_protocol::MAX_WORKER_FRAME)
+        .read_buffer_size(tabula_protocol::SOCKET_READ_BUFFER)
         .on_upgrade(move |socket| crate::ws::session(socket, addr, state))
 }
 

@@ -144,6 +144,20 @@ pub enum Flavor {
     Postgres,
 }
 
+impl Flavor {
+    /// How a statement numbers its parameters, for [`crate::journal::values_sql`] and
+    /// [`crate::journal::parameter_list`]: PostgreSQL needs `$1, $2, …`; SQLite gets anonymous
+    /// `?`, because it finds a numbered parameter's name by a linear scan, so binding n numbered
+    /// parameters costs n² (a 200-unit insert of 2 000 parameters spent more time binding than
+    /// writing).
+    pub fn first_parameter(self) -> Option<usize> {
+        match self {
+            Flavor::Sqlite => None,
+            Flavor::Postgres => Some(1),
+        }
+    }
+}
+
 pub struct Db {
     pub pool: AnyPool,
     pub flavor: Flavor,

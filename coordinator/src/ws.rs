@@ -6,10 +6,13 @@
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt, stream::FuturesOrdered};
+use futures_util::{
+    FutureExt, SinkExt, StreamExt,
+    stream::{FuturesOrdered, SplitSink},
+};
 use tabula_protocol::{
-    Bytes, MAX_WORKER_FRAME, Precision, PublicKey, ToCoordinator, ToWorker, decode, encode,
-    sign::login_message, verify,
+    Bytes, MAX_WORKER_FRAME, Precision, PublicKey, SignerKey, ToCoordinator, ToWorker, decode,
+    encode, sign::login_message,
 };
 use tokio::sync::mpsc;
 
@@ -115,17 +118,21 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     {
         return;
     }
-    let (key, precisions) = match next_frame(&mut socket, Duration::from_secs(15)).await {
+    let (signer, precisions) = match next_frame(&mut socket, Duration::from_secs(15)).await {
         Ok(ToCoordinator::Login {
             key,
             signature,
             agent,
             precisions,
         }) => {
-            if verify(&key, &login_message(&nonce, &coordinator, &key), &signature).is_err() {
+            // Decompressed once: every result of the session is checked under it.
+            let Ok(signer) = SignerKey::parse(&key).and_then(|signer| {
+                signer.verify(&login_message(&nonce, &coordinator, &key), &signature)?;
+                Ok(signer)
+            }) else {
                 close_with(&mut socket, "login signature does not verify".into(), false).await;
                 return;
-            }
+            };
             match state.login(&key, &agent).await {
                 Ok(Ok(credit)) => {
                     if send(
@@ -162,7 +169,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
                 precisions
             };
             // Shared with every request's handler without a copy per frame.
-            (key, Arc::<[Precision]>::from(precisions))
+            (signer, Arc::<[Precision]>::from(precisions))
         }
         Ok(_) => {
             close_with(&mut socket, "log in first".into(), false).await;
@@ -176,6 +183,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             return;
         }
     };
+    let key = *signer.public();
     let prefix: Arc<str> = network_prefix(&addr, &key, state.config.local).into();
     tracing::info!(worker = %key, %prefix, "worker connected");
     let (tx, mut pushed) = mpsc::unbounded_channel();
@@ -189,28 +197,17 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     // Receipts for this worker arrive from other tasks; forward them while reading frames.
     let reason = loop {
         let frame = tokio::select! {
-            pushed = pushed.recv() => {
-                if let Some(m) = pushed
-                    && sink.send(Message::Binary(encode(&m).into())).await.is_err()
-                {
-                    break String::new();
+            Some(m) = pushed.recv() => {
+                match send_waiting(&mut sink, Ok(Some(m)), &mut pushed, &mut replies, &key).await {
+                    Ok(()) => continue,
+                    Err(reason) => break reason,
                 }
-                continue;
             }
             Some(reply) = replies.next(), if !replies.is_empty() => {
-                match reply {
-                    Ok(Some(reply)) => {
-                        if sink.send(Message::Binary(encode(&reply).into())).await.is_err() {
-                            break String::new();
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::error!(worker = %key, "{e}");
-                        break INTERNAL.to_string();
-                    }
+                match send_waiting(&mut sink, reply, &mut pushed, &mut replies, &key).await {
+                    Ok(()) => continue,
+                    Err(reason) => break reason,
                 }
-                continue;
             }
             // A worker that does not read its replies stops being read.
             frame = tokio::time::timeout(timeout, stream.next()), if replies.len() < MAX_IN_FLIGHT => frame,
@@ -222,7 +219,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
         };
         let mut reply: Reply = Box::pin(handle(
             state.clone(),
-            key,
+            signer,
             prefix.clone(),
             precisions.clone(),
             message,
@@ -261,28 +258,61 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     state.detach(&key);
 }
 
+/// Sends `first` and every other message already waiting — receipts pushed to this worker,
+/// replies whose commits are done — with one flush, so a busy session writes to its socket
+/// once per wake-up instead of once per message. `Err` carries the reason to end the session
+/// (empty when the socket is gone).
+async fn send_waiting(
+    sink: &mut SplitSink<WebSocket, Message>,
+    first: ReplyResult,
+    pushed: &mut mpsc::UnboundedReceiver<ToWorker>,
+    replies: &mut FuturesOrdered<Reply>,
+    worker: &PublicKey,
+) -> Result<(), String> {
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        match item {
+            Ok(Some(message)) => sink
+                .feed(Message::Binary(encode(&message).into()))
+                .await
+                .map_err(|_| String::new())?,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(%worker, "{e}");
+                return Err(INTERNAL.to_string());
+            }
+        }
+        next = match pushed.try_recv() {
+            Ok(m) => Some(Ok(Some(m))),
+            Err(_) => replies.next().now_or_never().flatten(),
+        };
+    }
+    sink.flush().await.map_err(|_| String::new())
+}
+
+type ReplyResult = Result<Option<ToWorker>, crate::CoordinatorError>;
+
 /// A request being handled: its reply (if any) once its decision is committed.
-type Reply =
-    Pin<Box<dyn Future<Output = Result<Option<ToWorker>, crate::CoordinatorError>> + Send>>;
+type Reply = Pin<Box<dyn Future<Output = ReplyResult> + Send>>;
 
 /// Requests of one session whose replies may wait for their commit at the same time.
 const MAX_IN_FLIGHT: usize = 4;
 
 async fn handle(
     state: Arc<State>,
-    key: PublicKey,
+    signer: SignerKey,
     prefix: Arc<str>,
     precisions: Arc<[Precision]>,
     message: ToCoordinator,
-) -> Result<Option<ToWorker>, crate::CoordinatorError> {
-    let key = &key;
+) -> ReplyResult {
+    let key = signer.public();
     Ok(match message {
         ToCoordinator::Ready => Some(match state.grant(key, &prefix, &precisions).await? {
             Some(a) => ToWorker::Assign(a),
             None => ToWorker::NoWork { retry_ms: 250 },
         }),
         ToCoordinator::Heartbeat => None,
-        ToCoordinator::Submit(s) => Some(match state.submit(key, &s).await? {
+        ToCoordinator::Submit(s) => Some(match state.submit(&signer, &s).await? {
             Verdict::Accepted => ToWorker::Accepted { lease: s.lease },
             Verdict::Rejected(reason) => ToWorker::Rejected {
                 lease: s.lease,
@@ -294,12 +324,12 @@ async fn handle(
             None
         }
         ToCoordinator::LinkPayout { address, signature } => {
-            if verify(
-                key,
-                &tabula_protocol::sign::payout_message(&address, key),
-                &signature,
-            )
-            .is_err()
+            if signer
+                .verify(
+                    &tabula_protocol::sign::payout_message(&address, key),
+                    &signature,
+                )
+                .is_err()
             {
                 Some(ToWorker::Error {
                     message: "the payout link signature does not verify".into(),

@@ -24,7 +24,7 @@ use tabula_protocol::{
 use super::{Metrics, Verdict};
 use crate::{
     Config, CoordinatorError,
-    db::{Db, now_ms, ordered_bytes, random_unit},
+    db::{Db, Flavor, now_ms, ordered_bytes, random_unit},
     journal::{CreditRow, JobRow, LeaseRow, UnitRow, WorkerRow, Write, parameter_list, values_sql},
 };
 
@@ -208,13 +208,16 @@ struct JobProgress {
     units_verified: i64,
 }
 
-/// What a decision did, beyond its writes: receipts to push once committed, whether a unit
-/// was verified (waiting requests look again) or went to the referee.
+/// What a decision did, beyond its writes: receipts to push once committed, whether a job
+/// finished (waiting requests look again) or a unit went to the referee.
 #[derive(Default)]
 pub(super) struct Effects {
     pub writes: Vec<Write>,
     pub receipts: Vec<Receipt>,
-    pub progress: bool,
+    /// Only a finished job wakes the requests waiting for jobs: waking them for every
+    /// verified unit made each of them read its job's status from the database hundreds of
+    /// times a second under load.
+    pub job_done: bool,
     pub referee: bool,
 }
 
@@ -301,7 +304,7 @@ impl Book {
         for chunk in unit_ids.chunks(500) {
             let sql = format!(
                 "SELECT id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms, output_hash, output, signature, submitted_ms FROM leases WHERE unit_id IN ({}) ORDER BY issued_ms, id",
-                parameter_list(Some(1), chunk.len())
+                parameter_list(db.flavor.first_parameter(), chunk.len())
             );
             let mut q = sqlx::query(&sql);
             for id in chunk {
@@ -333,7 +336,7 @@ impl Book {
         for chunk in keys.chunks(500) {
             let sql = format!(
                 "SELECT key, verified, clean_streak, strikes, expired, banned FROM workers WHERE key IN ({})",
-                parameter_list(Some(1), chunk.len())
+                parameter_list(db.flavor.first_parameter(), chunk.len())
             );
             let mut q = sqlx::query(&sql);
             for k in chunk {
@@ -829,7 +832,6 @@ impl Book {
         u.verified_by = Some(by);
         u.verified_ms = Some(now);
         effects.writes.push(Write::Unit(unit_row(u)));
-        effects.progress = true;
         ctx.metrics.units_verified.fetch_add(1, Ordering::Relaxed);
         let job_id = u.job_id.clone();
         if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -843,6 +845,7 @@ impl Book {
             }));
             if done {
                 self.jobs.remove(&job_id);
+                effects.job_done = true;
             }
         }
         self.settle_results(ctx, unit_id, &output, &hash, effects);
@@ -994,6 +997,7 @@ impl Book {
 /// round trips).
 pub(super) async fn insert_units(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    flavor: Flavor,
     job_id: &str,
     precision: Precision,
     units: &[Unit],
@@ -1008,7 +1012,7 @@ pub(super) async fn insert_units(
             ],
             chunk.len(),
             "",
-            Some(1),
+            flavor.first_parameter(),
         );
         let mut q = sqlx::query(&sql);
         for (i, u) in chunk.iter().enumerate() {
@@ -1114,7 +1118,7 @@ pub(super) fn worker_from_row(row: &sqlx::any::AnyRow) -> Result<WorkerRecord> {
 
 #[cfg(test)]
 mod tests {
-    use tabula_protocol::{ModelRef, Submission};
+    use tabula_protocol::{ModelRef, SignerKey, Submission};
 
     use super::*;
     use crate::journal::Journal;
@@ -1223,7 +1227,9 @@ mod tests {
 
         fn submit(&mut self, who: &Identity, a: &Assignment, out: Vec<u8>) -> Verdict {
             let s: Submission = who.submission(a.lease, a.unit, out);
-            let signature = s.verify(&who.public()).map_err(|e| e.to_string());
+            let signature = s
+                .verify(&SignerKey::parse(&who.public()).unwrap())
+                .map_err(|e| e.to_string());
             let key = who.public().to_hex();
             self.run(|b, ctx| match b.submit(ctx, &key, &s, signature) {
                 SubmitOutcome::Decided(v, e) => (v, e),
@@ -1322,7 +1328,9 @@ mod tests {
         let lb = t.grant(&b, "net-2").unwrap();
         let forged = ia.submission(lb.lease, lb.unit, output(7));
         let verdict = t.run(|book, ctx| {
-            let signature = forged.verify(&ib.public()).map_err(|e| e.to_string());
+            let signature = forged
+                .verify(&SignerKey::parse(&ib.public()).unwrap())
+                .map_err(|e| e.to_string());
             match book.submit(ctx, &b, &forged, signature) {
                 SubmitOutcome::Decided(v, e) => (v, e),
                 SubmitOutcome::NotInMemory => unreachable!(),
@@ -1464,7 +1472,7 @@ mod tests {
                     )
                 })
                 .collect();
-            insert_units(&mut tx, "job", Precision::Exact, &copies)
+            insert_units(&mut tx, db.flavor, "job", Precision::Exact, &copies)
                 .await
                 .unwrap();
             tx.commit().await.unwrap();

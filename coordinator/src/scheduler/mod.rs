@@ -29,8 +29,8 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use sqlx::Row;
 use tabula_engine::cpu::CpuBackend;
 use tabula_protocol::{
-    Address, Assignment, Identity, LeaseId, Precision, PublicKey, Receipt, Submission, Task,
-    ToWorker, UnitOutput,
+    Address, Assignment, Identity, LeaseId, Precision, PublicKey, Receipt, SignerKey, Submission,
+    Task, ToWorker, UnitOutput,
 };
 use tabula_worker::{Executor, exec::ExecutorThread};
 use tokio::sync::{Notify, mpsc};
@@ -68,8 +68,8 @@ pub struct State {
     pub identity: Identity,
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
-    /// Woken whenever a unit is verified (requests waiting for their jobs look again).
-    pub progress: Notify,
+    /// Woken whenever a job finishes (requests waiting for their jobs look again).
+    pub job_done: Notify,
     referee_wake: Notify,
     referee: ExecutorThread,
     /// The credit contract and the settled ledger.
@@ -116,7 +116,7 @@ impl State {
             identity,
             registry,
             metrics: Metrics::default(),
-            progress: Notify::new(),
+            job_done: Notify::new(),
             referee_wake: Notify::new(),
             referee,
             settlement,
@@ -195,8 +195,8 @@ impl State {
         if !effects.receipts.is_empty() {
             self.push(effects.receipts);
         }
-        if effects.progress {
-            self.progress.notify_waiters();
+        if effects.job_done {
+            self.job_done.notify_waiters();
         }
         if effects.referee {
             self.referee_wake.notify_one();
@@ -371,7 +371,7 @@ impl State {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        book::insert_units(&mut tx, &id, precision, &units).await?;
+        book::insert_units(&mut tx, self.db.flavor, &id, precision, &units).await?;
         tx.commit().await?;
         self.book().add_job(&id, units);
         self.metrics.jobs_created.fetch_add(1, Ordering::Relaxed);
@@ -436,7 +436,7 @@ impl State {
     pub async fn wait_job(&self, id: &str, timeout: Duration) -> Result<bool> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let notified = self.progress.notified();
+            let notified = self.job_done.notified();
             match self.job_status(id).await? {
                 Some(status) if status == "done" => return Ok(true),
                 Some(_) => {}
@@ -496,11 +496,11 @@ impl State {
     // ----- results -----
 
     /// Checks and stores a result, then advances its unit.
-    pub async fn submit(&self, worker: &PublicKey, s: &Submission) -> Result<Verdict> {
+    pub async fn submit(&self, worker: &SignerKey, s: &Submission) -> Result<Verdict> {
         self.metrics
             .results_submitted
             .fetch_add(1, Ordering::Relaxed);
-        let key = worker.to_hex();
+        let key = worker.public().to_hex();
         self.known_worker(&key).await?;
         // The expensive check (hash and ed25519) runs outside the lock.
         let signature = s.verify(worker).map_err(|e| e.to_string());

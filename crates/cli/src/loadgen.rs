@@ -101,7 +101,10 @@ impl Shared {
 async fn simulated_worker(url: String, shared: Arc<Shared>) -> Result<()> {
     let me = Identity::from_seed(tabula_coordinator::db::random_bytes());
     // No Nagle, like `tabula worker`.
-    let (socket, _) = tokio_tungstenite::connect_async_with_config(&url, None, true).await?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(tabula_protocol::SOCKET_READ_BUFFER);
+    let (socket, _) =
+        tokio_tungstenite::connect_async_with_config(&url, Some(config), true).await?;
     let (mut tx, mut rx) = socket.split();
     let mut next = async || -> Result<ToWorker> {
         loop {

@@ -15,7 +15,7 @@ pub mod sign;
 pub use bytes::{Bytes, ParseBytesError};
 pub use codec::{decode, encode};
 pub use output::{FAST_EMBEDDING_MIN_COSINE, UnitOutput};
-pub use sign::{Identity, receipt_message, verify};
+pub use sign::{Identity, SignerKey, receipt_message, verify};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,12 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAX_WORKER_FRAME: usize = 4 << 20;
 /// The largest frame the coordinator sends (a unit's task).
 pub const MAX_COORDINATOR_FRAME: usize = 1 << 20;
+
+/// How many bytes a worker socket reads at a time, on either side. WebSocket libraries
+/// (tungstenite) zero this much of their read buffer before every read, so their 128 KiB
+/// default cost more CPU than decoding the frames of a busy coordinator; a frame larger than
+/// this is still read whole (the buffer grows to the frame's announced length).
+pub const SOCKET_READ_BUFFER: usize = 16 << 10;
 
 /// A SHA-256 digest.
 pub type Hash = Bytes<32>;

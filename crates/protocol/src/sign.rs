@@ -108,23 +108,50 @@ pub fn receipt_message(r: &Receipt) -> Vec<u8> {
 
 /// Checks `signature` of `message` under `key` (strict verification: no malleable encodings).
 pub fn verify(key: &PublicKey, message: &[u8], signature: &Signature) -> Result<(), ProtocolError> {
-    let key = VerifyingKey::from_bytes(&key.0).map_err(|_| ProtocolError::BadKey)?;
-    let signature = ed25519_dalek::Signature::from_bytes(&signature.0);
-    key.verify_strict(message, &signature)
-        .map_err(|_| ProtocolError::BadSignature)
+    SignerKey::parse(key)?.verify(message, signature)
+}
+
+/// A public key decompressed once, to check many signatures by the same signer: the
+/// coordinator checks every result of a session under its worker's key, and decompressing
+/// the key (a square root in the field) was a fifth of each check.
+#[derive(Clone, Copy, Debug)]
+pub struct SignerKey {
+    public: PublicKey,
+    key: VerifyingKey,
+}
+
+impl SignerKey {
+    pub fn parse(public: &PublicKey) -> Result<Self, ProtocolError> {
+        let key = VerifyingKey::from_bytes(&public.0).map_err(|_| ProtocolError::BadKey)?;
+        Ok(Self {
+            public: *public,
+            key,
+        })
+    }
+
+    pub fn public(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// Checks `signature` of `message` (strict verification: no malleable encodings).
+    pub fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), ProtocolError> {
+        let signature = ed25519_dalek::Signature::from_bytes(&signature.0);
+        self.key
+            .verify_strict(message, &signature)
+            .map_err(|_| ProtocolError::BadSignature)
+    }
 }
 
 impl Submission {
     /// Checks that the output hashes to `output_hash` and that `worker` signed the statement.
-    pub fn verify(&self, worker: &PublicKey) -> Result<(), ProtocolError> {
+    pub fn verify(&self, worker: &SignerKey) -> Result<(), ProtocolError> {
         if crate::sha256(&self.output) != self.output_hash {
             return Err(ProtocolError::Malformed(
                 "output does not hash to output_hash".into(),
             ));
         }
-        verify(
-            worker,
-            &result_message(&self.unit, &self.lease, &self.output_hash, worker),
+        worker.verify(
+            &result_message(&self.unit, &self.lease, &self.output_hash, worker.public()),
             &self.signature,
         )
     }
@@ -145,23 +172,27 @@ mod tests {
         Identity::from_seed([n; 32])
     }
 
+    fn signer(i: &Identity) -> SignerKey {
+        SignerKey::parse(&i.public()).unwrap()
+    }
+
     #[test]
     fn results_verify_only_under_their_signer() {
         let alice = identity(1);
         let bob = identity(2);
         let s = alice.submission(Bytes([7; 16]), Bytes([9; 32]), vec![1, 2, 3]);
-        s.verify(&alice.public()).unwrap();
-        assert_eq!(s.verify(&bob.public()), Err(ProtocolError::BadSignature));
+        s.verify(&signer(&alice)).unwrap();
+        assert_eq!(s.verify(&signer(&bob)), Err(ProtocolError::BadSignature));
         let mut tampered = s.clone();
         tampered.output = vec![1, 2, 4];
         assert!(matches!(
-            tampered.verify(&alice.public()),
+            tampered.verify(&signer(&alice)),
             Err(ProtocolError::Malformed(_))
         ));
         let mut other_lease = s.clone();
         other_lease.lease = Bytes([8; 16]);
         assert_eq!(
-            other_lease.verify(&alice.public()),
+            other_lease.verify(&signer(&alice)),
             Err(ProtocolError::BadSignature)
         );
     }

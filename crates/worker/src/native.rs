@@ -251,7 +251,8 @@ impl Session<'_> {
     ) -> Result<End, WorkerError> {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_COORDINATOR_FRAME))
-            .max_frame_size(Some(MAX_COORDINATOR_FRAME));
+            .max_frame_size(Some(MAX_COORDINATOR_FRAME))
+            .read_buffer_size(tabula_protocol::SOCKET_READ_BUFFER);
         let (socket, _) =
             tokio_tungstenite::connect_async_with_config(self.url, Some(config), true)
                 .await
