@@ -4,7 +4,10 @@
 //! by the database. SQLite allows one writer at a time, so writes take [`Db::write`]'s lock
 //! there instead of failing with `SQLITE_BUSY`; PostgreSQL runs them concurrently.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use sqlx::{AnyPool, any::AnyPoolOptions};
 use tokio::sync::{Mutex, MutexGuard};
@@ -161,6 +164,8 @@ impl Flavor {
 pub struct Db {
     pub pool: AnyPool,
     pub flavor: Flavor,
+    /// The SQLite database file, which the journal opens a connection of its own on.
+    pub sqlite_path: Option<PathBuf>,
     write_lock: Mutex<()>,
     /// What [`Db::claim`] holds until the process ends.
     owner: std::sync::Mutex<Option<Owner>>,
@@ -203,6 +208,10 @@ impl Db {
                 "unsupported database URL `{url}`: use postgres://… or sqlite://…"
             )));
         };
+        let sqlite_path = match flavor {
+            Flavor::Sqlite => Some(sqlite_file(&url)?),
+            Flavor::Postgres => None,
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(match flavor {
                 Flavor::Sqlite => 4,
@@ -237,6 +246,7 @@ impl Db {
         Ok(Self {
             pool,
             flavor,
+            sqlite_path,
             write_lock: Mutex::new(()),
             owner: std::sync::Mutex::new(None),
         })
@@ -322,6 +332,23 @@ impl Db {
     }
 }
 
+/// The file of a `sqlite:` URL (`sqlite://path?options` or `sqlite:path`). An in-memory
+/// database is refused: the coordinator's connections must all see the same data.
+fn sqlite_file(url: &str) -> Result<PathBuf, CoordinatorError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.contains(":memory:") {
+        return Err(CoordinatorError::Config(format!(
+            "`{url}` is not a database file: give sqlite://PATH (the coordinator's connections \
+             must share one database)"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
 /// A PostgreSQL deadlock or serialisation failure: the transaction rolled back and can run
 /// again.
 pub fn is_transient(e: &CoordinatorError) -> bool {
@@ -382,6 +409,21 @@ pub fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file_and_memory_is_refused() {
+        let file = |url| sqlite_file(url).unwrap();
+        assert_eq!(
+            file("sqlite:///data/t.db?mode=rwc"),
+            PathBuf::from("/data/t.db")
+        );
+        assert_eq!(file("sqlite://rel/t.db"), PathBuf::from("rel/t.db"));
+        assert_eq!(file("sqlite:t.db"), PathBuf::from("t.db"));
+        for url in ["sqlite::memory:", "sqlite://", "sqlite://?mode=memory"] {
+            let e = sqlite_file(url).unwrap_err().to_string();
+            assert!(e.contains("not a database file"), "{url}: {e}");
+        }
+    }
 
     #[test]
     fn ordered_ids_sort_by_creation_and_stay_unique() {

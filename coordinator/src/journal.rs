@@ -4,8 +4,9 @@
 //! of row writes ([`Write`]). It appends them here *while it still holds its book lock*, so
 //! the journal sees decisions in the order they were made. One writer task takes every entry
 //! that is waiting, folds writes to the same row into the last one, and commits them in one
-//! transaction of a few multi-row statements (one per table and kind), however many workers
-//! asked. Each caller waits for the commit of its entry before it answers anyone: a worker is
+//! transaction, however many workers asked: on PostgreSQL a few multi-row statements (one per
+//! table and kind), on SQLite the same statements row by row, each prepared once, on the
+//! journal's own connection and thread ([`SqliteThread`]). Each caller waits for the commit of its entry before it answers anyone: a worker is
 //! never told about a lease, a verdict or a credit that a `kill -9` could still undo.
 //!
 //! When a batch fails, the journal is *poisoned*: the scheduler's memory now holds decisions
@@ -24,10 +25,7 @@ use std::{
 use sqlx::{Any, AnyConnection, Connection, any::AnyArguments, query::Query};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{
-    CoordinatorError,
-    db::{Db, Flavor},
-};
+use crate::{CoordinatorError, db::Db};
 
 /// Rows per multi-row statement: far below SQLite's 32 766 and PostgreSQL's 65 535 bound
 /// parameters, with the widest row (a lease, 12 columns).
@@ -224,7 +222,10 @@ impl Journal {
 }
 
 async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Arc<JournalStats>) {
-    let mut connection = Writer { conn: None };
+    let mut connection = Writer {
+        conn: None,
+        sqlite: None,
+    };
     let mut failures = 0u64;
     let mut poisoned = false;
     let mut waiting: Option<Message> = None;
@@ -271,6 +272,7 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
                     batch.add(w);
                 }
             }
+            let batch = Arc::new(batch);
             let started = Instant::now();
             let committed = commit_with_retries(&mut connection, &db, &batch).await;
             stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -302,7 +304,7 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
 async fn commit_with_retries(
     writer: &mut Writer,
     db: &Db,
-    batch: &Batch,
+    batch: &Arc<Batch>,
 ) -> Result<(), CoordinatorError> {
     let mut attempt = 0;
     loop {
@@ -585,8 +587,8 @@ enum Sql {
     Plain(&'static str),
 }
 
-/// A statement whose parameters can be numbered from any start, so that SQLite can run a
-/// whole batch as one multi-statement query (one round trip to its thread).
+/// One statement of a batch: many rows of one table on PostgreSQL, or run row by row
+/// ([`Statement::one_row`]) on SQLite.
 struct Statement<'a> {
     sql: Sql,
     values: Vec<Value<'a>>,
@@ -664,6 +666,37 @@ fn placeholder(first: Option<usize>, i: usize) -> String {
     }
 }
 
+impl Statement<'_> {
+    /// The statement for one of its rows, with anonymous parameters, and how many values
+    /// each row binds: the form the SQLite writer prepares once and runs row by row.
+    fn one_row(&self) -> (String, usize) {
+        match &self.sql {
+            Sql::Rows {
+                head,
+                columns,
+                tail,
+                ..
+            } => (
+                values_sql(head, columns, 1, tail, None),
+                columns.iter().filter(|c| **c == "$").count(),
+            ),
+            Sql::DeleteIn { head, .. } => (format!("{head} (?)"), 1),
+            Sql::Plain(_) => (self.render(None), self.values.len()),
+        }
+    }
+}
+
+impl rusqlite::ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+            Value::Int(n) => ValueRef::Integer(n),
+            Value::NullText | Value::NullInt => ValueRef::Null,
+        }))
+    }
+}
+
 fn bind_all<'q>(
     mut q: Query<'q, Any, AnyArguments<'q>>,
     values: &[Value<'q>],
@@ -679,23 +712,28 @@ fn bind_all<'q>(
     q
 }
 
-/// The writer's own connection, kept between batches (one less pool round trip each).
+/// The writer's connections, kept between batches: a PostgreSQL connection from the pool, or
+/// the thread holding the journal's own SQLite connection.
 struct Writer {
     conn: Option<AnyConnection>,
+    sqlite: Option<SqliteThread>,
 }
 
 impl Writer {
-    async fn commit(&mut self, db: &Db, batch: &Batch) -> Result<(), CoordinatorError> {
-        let statements = batch.statements();
+    async fn commit(&mut self, db: &Db, batch: &Arc<Batch>) -> Result<(), CoordinatorError> {
         let _w = db.write().await;
+        if let Some(path) = &db.sqlite_path {
+            let thread = self
+                .sqlite
+                .get_or_insert_with(|| SqliteThread::spawn(path.clone()));
+            return thread.commit(batch.clone()).await;
+        }
+        let statements = batch.statements();
         let conn = match &mut self.conn {
             Some(c) => c,
             None => self.conn.insert(db.pool.acquire().await?.detach()),
         };
-        let result = match db.flavor {
-            Flavor::Sqlite => commit_sqlite(conn, &statements).await,
-            Flavor::Postgres => commit_postgres(conn, &statements).await,
-        };
+        let result = commit_postgres(conn, &statements).await;
         if result.is_err() {
             // The connection may be broken or mid-transaction: start afresh next time.
             self.conn = None;
@@ -704,28 +742,77 @@ impl Writer {
     }
 }
 
-/// SQLite: the whole batch, `BEGIN` to `COMMIT`, as one multi-statement query with anonymous
-/// parameters: one round trip to the SQLite thread. (SQLite's parameter limit applies per
-/// statement, which `ROWS_PER_STATEMENT` keeps under.)
-async fn commit_sqlite(
-    conn: &mut AnyConnection,
-    statements: &[Statement<'_>],
-) -> Result<(), CoordinatorError> {
-    let mut sql = String::from("BEGIN IMMEDIATE;\n");
-    for s in statements {
-        sql.push_str(&s.render(None));
-        sql.push_str(";\n");
+type SqliteJob = (Arc<Batch>, oneshot::Sender<Result<(), CoordinatorError>>);
+
+/// SQLite: the journal's own connection, on a thread of its own, running each batch as one
+/// transaction of single-row statements prepared once per connection. SQLite compiles a
+/// statement per row of a multi-row `VALUES` list, so sending it the batch as text made it
+/// parse and compile every row of every commit; a cached statement only binds and steps.
+/// (Through sqlx each statement would be a round trip to its connection thread; here the
+/// whole batch is one.)
+struct SqliteThread {
+    jobs: std::sync::mpsc::Sender<SqliteJob>,
+}
+
+impl SqliteThread {
+    fn spawn(path: std::path::PathBuf) -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel::<SqliteJob>();
+        let spawned = std::thread::Builder::new()
+            .name("tabula-journal".into())
+            .spawn(move || {
+                let mut conn: Option<rusqlite::Connection> = None;
+                while let Ok((batch, done)) = rx.recv() {
+                    let result = match &mut conn {
+                        Some(c) => commit_rows(c, &batch),
+                        None => {
+                            open_sqlite(&path).and_then(|c| commit_rows(conn.insert(c), &batch))
+                        }
+                    };
+                    if result.is_err() {
+                        // Broken or mid-transaction: open afresh next time.
+                        conn = None;
+                    }
+                    let _ = done.send(result.map_err(CoordinatorError::from));
+                }
+            });
+        if let Err(e) = spawned {
+            // Every commit then fails (its reply channel is dropped), which poisons the journal
+            // and says why in the log.
+            tracing::error!("cannot start the journal's SQLite thread: {e}");
+        }
+        Self { jobs }
     }
-    sql.push_str("COMMIT;");
-    let mut q = sqlx::query(&sql).persistent(false);
-    for s in statements {
-        q = bind_all(q, &s.values);
+
+    async fn commit(&self, batch: Arc<Batch>) -> Result<(), CoordinatorError> {
+        let (done, rx) = oneshot::channel();
+        let gone = || CoordinatorError::Config("the journal's SQLite thread stopped".into());
+        self.jobs.send((batch, done)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
-    if let Err(e) = q.execute(&mut *conn).await {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.into());
+}
+
+fn open_sqlite(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    // As the pool's connections (`Db::open`): WAL with NORMAL sync survives a `kill -9`.
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+fn commit_rows(conn: &mut rusqlite::Connection, batch: &Batch) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for statement in batch.statements() {
+        let (sql, per_row) = statement.one_row();
+        let mut prepared = tx.prepare_cached(&sql)?;
+        for row in statement.values.chunks(per_row.max(1)) {
+            prepared.execute(rusqlite::params_from_iter(row))?;
+        }
     }
-    Ok(())
+    // Dropped without a commit (an error above), the transaction rolls back.
+    tx.commit()
 }
 
 /// PostgreSQL: one transaction, one statement per table (its protocol takes one statement
@@ -815,6 +902,44 @@ mod tests {
         };
         assert_eq!(plain.render(None), "UPDATE t SET a = ? WHERE b = ?");
         assert_eq!(plain.render(Some(4)), "UPDATE t SET a = $4 WHERE b = $5");
+    }
+
+    /// The SQLite writer runs each statement row by row: one row's SQL and its share of the
+    /// values.
+    #[test]
+    fn one_row_of_each_statement_kind() {
+        let rows = Statement {
+            sql: Sql::Rows {
+                head: "INSERT INTO t (a, b, c)",
+                columns: &["$", "0", "$"],
+                rows: 3,
+                tail: "ON CONFLICT DO NOTHING",
+            },
+            values: vec![Value::Int(1); 6],
+        };
+        assert_eq!(
+            rows.one_row(),
+            (
+                "INSERT INTO t (a, b, c) VALUES (?, 0, ?) ON CONFLICT DO NOTHING".into(),
+                2
+            )
+        );
+        let delete = Statement {
+            sql: Sql::DeleteIn {
+                head: "DELETE FROM t WHERE a IN",
+                count: 4,
+            },
+            values: vec![Value::Int(1); 4],
+        };
+        assert_eq!(delete.one_row(), ("DELETE FROM t WHERE a IN (?)".into(), 1));
+        let plain = Statement {
+            sql: Sql::Plain("UPDATE t SET a = $1 WHERE b = $2"),
+            values: vec![Value::Int(1); 2],
+        };
+        assert_eq!(
+            plain.one_row(),
+            ("UPDATE t SET a = ? WHERE b = ?".into(), 2)
+        );
     }
 
     fn worker_row(key: &str, strikes: i64) -> Write {

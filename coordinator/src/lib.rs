@@ -30,6 +30,9 @@ pub enum CoordinatorError {
     Config(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// From the journal's own SQLite connection.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("model: {0}")]
     Model(#[from] tabula_models::ModelError),
     #[error("stored data is corrupt: {0}")]
