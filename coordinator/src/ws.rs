@@ -11,8 +11,8 @@ use futures_util::{
     stream::{FuturesOrdered, SplitSink},
 };
 use tabula_protocol::{
-    Bytes, MAX_WORKER_FRAME, Precision, PublicKey, SignerKey, ToCoordinator, ToWorker, decode,
-    encode, sign::login_message,
+    Bytes, MAX_WORKER_FRAME, Precision, PublicKey, SignerKey, Submission, ToCoordinator, ToWorker,
+    decode, encode, sign::login_message,
 };
 use tokio::sync::mpsc;
 
@@ -194,35 +194,66 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     // first. The session reads the next frame meanwhile, so a worker's `Submit` and the
     // `Ready` it sends right after share one commit instead of waiting for two in a row.
     let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
+    // A frame read ahead while grouping requests, to be handled next.
+    let mut read_ahead: Option<Result<Option<ToCoordinator>, String>> = None;
     // Receipts for this worker arrive from other tasks; forward them while reading frames.
     let reason = loop {
-        let frame = tokio::select! {
-            Some(m) = pushed.recv() => {
-                match send_waiting(&mut sink, Ok(Some(m)), &mut pushed, &mut replies, &key).await {
-                    Ok(()) => continue,
-                    Err(reason) => break reason,
-                }
+        let parsed = match read_ahead.take() {
+            Some(parsed) => parsed,
+            None => {
+                let frame = tokio::select! {
+                    Some(m) = pushed.recv() => {
+                        match send_waiting(&mut sink, Ok(vec![m]), &mut pushed, &mut replies, &key).await {
+                            Ok(()) => continue,
+                            Err(reason) => break reason,
+                        }
+                    }
+                    Some(reply) = replies.next(), if !replies.is_empty() => {
+                        match send_waiting(&mut sink, reply, &mut pushed, &mut replies, &key).await {
+                            Ok(()) => continue,
+                            Err(reason) => break reason,
+                        }
+                    }
+                    // A worker that does not read its replies stops being read.
+                    frame = tokio::time::timeout(timeout, stream.next()), if replies.len() < MAX_IN_FLIGHT => frame,
+                };
+                frame.map_err(|_| SILENT.to_string()).and_then(parse)
             }
-            Some(reply) = replies.next(), if !replies.is_empty() => {
-                match send_waiting(&mut sink, reply, &mut pushed, &mut replies, &key).await {
-                    Ok(()) => continue,
-                    Err(reason) => break reason,
-                }
-            }
-            // A worker that does not read its replies stops being read.
-            frame = tokio::time::timeout(timeout, stream.next()), if replies.len() < MAX_IN_FLIGHT => frame,
         };
-        let message = match frame.map_err(|_| SILENT.to_string()).and_then(parse) {
+        let message = match parsed {
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(reason) => break reason,
         };
+        // Requests of one kind that arrived together are decided together: a worker keeping
+        // several units in flight sends its results, then as many `Ready`s, in one burst, and
+        // they take one turn of the book lock and one journal entry instead of one each. Only
+        // frames already read are grouped; the session never waits for more.
+        let mut request = Request::from(message);
+        while request.len() < MAX_GROUP {
+            let Some(frame) = stream.next().now_or_never() else {
+                break;
+            };
+            match parse(frame) {
+                Ok(Some(next)) => {
+                    if let Some(other) = request.absorb(next) {
+                        read_ahead = Some(Ok(Some(other)));
+                        break;
+                    }
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    read_ahead = Some(Err(reason));
+                    break;
+                }
+            }
+        }
         let mut reply: Reply = Box::pin(handle(
             state.clone(),
             signer,
             prefix.clone(),
             precisions.clone(),
-            message,
+            request,
         ));
         // Run the request up to its first real wait now, in arrival order: that is where it
         // is decided (under the book lock) and queued for the journal. Only its commit, and
@@ -272,56 +303,98 @@ async fn send_waiting(
     let mut next = Some(first);
     while let Some(item) = next.take() {
         match item {
-            Ok(Some(message)) => sink
-                .feed(Message::Binary(encode(&message).into()))
-                .await
-                .map_err(|_| String::new())?,
-            Ok(None) => {}
+            Ok(messages) => {
+                for message in messages {
+                    sink.feed(Message::Binary(encode(&message).into()))
+                        .await
+                        .map_err(|_| String::new())?;
+                }
+            }
             Err(e) => {
                 tracing::error!(%worker, "{e}");
                 return Err(INTERNAL.to_string());
             }
         }
         next = match pushed.try_recv() {
-            Ok(m) => Some(Ok(Some(m))),
+            Ok(m) => Some(Ok(vec![m])),
             Err(_) => replies.next().now_or_never().flatten(),
         };
     }
     sink.flush().await.map_err(|_| String::new())
 }
 
-type ReplyResult = Result<Option<ToWorker>, crate::CoordinatorError>;
+/// The replies to a request, in order: one per frame it grouped (none for a heartbeat or a
+/// release).
+type ReplyResult = Result<Vec<ToWorker>, crate::CoordinatorError>;
 
-/// A request being handled: its reply (if any) once its decision is committed.
+/// A request being handled: its replies once its decision is committed.
 type Reply = Pin<Box<dyn Future<Output = ReplyResult> + Send>>;
 
 /// Requests of one session whose replies may wait for their commit at the same time.
 const MAX_IN_FLIGHT: usize = 4;
+
+/// The most frames one request groups ([`Request`]).
+const MAX_GROUP: usize = 16;
+
+/// One or more frames of a worker decided together: consecutive `Ready`s, or consecutive
+/// `Submit`s; any other message alone.
+enum Request {
+    Ready(usize),
+    Submit(Vec<Submission>),
+    Other(ToCoordinator),
+}
+
+impl From<ToCoordinator> for Request {
+    fn from(message: ToCoordinator) -> Self {
+        match message {
+            ToCoordinator::Ready => Request::Ready(1),
+            ToCoordinator::Submit(s) => Request::Submit(vec![s]),
+            other => Request::Other(other),
+        }
+    }
+}
+
+impl Request {
+    fn len(&self) -> usize {
+        match self {
+            Request::Ready(n) => *n,
+            Request::Submit(results) => results.len(),
+            // Nothing joins a lone message.
+            Request::Other(_) => MAX_GROUP,
+        }
+    }
+
+    /// Adds `next` when it is of this request's kind, else gives it back.
+    fn absorb(&mut self, next: ToCoordinator) -> Option<ToCoordinator> {
+        match (self, next) {
+            (Request::Ready(n), ToCoordinator::Ready) => *n += 1,
+            (Request::Submit(results), ToCoordinator::Submit(s)) => results.push(s),
+            (_, other) => return Some(other),
+        }
+        None
+    }
+}
 
 async fn handle(
     state: Arc<State>,
     signer: SignerKey,
     prefix: Arc<str>,
     precisions: Arc<[Precision]>,
-    message: ToCoordinator,
+    request: Request,
 ) -> ReplyResult {
     let key = signer.public();
+    let message = match request {
+        Request::Ready(units) => return ready(&state, key, &prefix, &precisions, units).await,
+        Request::Submit(results) => return submit(&state, &signer, results).await,
+        Request::Other(message) => message,
+    };
     Ok(match message {
-        ToCoordinator::Ready => Some(match state.grant(key, &prefix, &precisions).await? {
-            Some(a) => ToWorker::Assign(a),
-            None => ToWorker::NoWork { retry_ms: 250 },
-        }),
-        ToCoordinator::Heartbeat => None,
-        ToCoordinator::Submit(s) => Some(match state.submit(&signer, &s).await? {
-            Verdict::Accepted => ToWorker::Accepted { lease: s.lease },
-            Verdict::Rejected(reason) => ToWorker::Rejected {
-                lease: s.lease,
-                reason,
-            },
-        }),
+        ToCoordinator::Ready => return ready(&state, key, &prefix, &precisions, 1).await,
+        ToCoordinator::Submit(s) => return submit(&state, &signer, vec![s]).await,
+        ToCoordinator::Heartbeat => Vec::new(),
         ToCoordinator::Release { lease } => {
             state.release(key, &lease).await?;
-            None
+            Vec::new()
         }
         ToCoordinator::LinkPayout { address, signature } => {
             if signer
@@ -331,18 +404,51 @@ async fn handle(
                 )
                 .is_err()
             {
-                Some(ToWorker::Error {
+                vec![ToWorker::Error {
                     message: "the payout link signature does not verify".into(),
                     retry: false,
-                })
+                }]
             } else {
                 state.link_payout(key, &address).await?;
-                Some(ToWorker::PayoutLinked { address })
+                vec![ToWorker::PayoutLinked { address }]
             }
         }
-        ToCoordinator::Login { .. } => Some(ToWorker::Error {
+        ToCoordinator::Login { .. } => vec![ToWorker::Error {
             message: "already logged in".into(),
             retry: false,
-        }),
+        }],
     })
+}
+
+/// One reply per `Ready`: a unit each while they last, then "no work".
+async fn ready(
+    state: &State,
+    key: &PublicKey,
+    prefix: &str,
+    precisions: &[Precision],
+    units: usize,
+) -> ReplyResult {
+    let granted = state.grant(key, prefix, precisions, units).await?;
+    let no_work = units.saturating_sub(granted.len());
+    Ok(granted
+        .into_iter()
+        .map(ToWorker::Assign)
+        .chain((0..no_work).map(|_| ToWorker::NoWork { retry_ms: 250 }))
+        .collect())
+}
+
+/// One verdict per result, in order.
+async fn submit(state: &State, signer: &SignerKey, results: Vec<Submission>) -> ReplyResult {
+    let verdicts = state.submit(signer, &results).await?;
+    Ok(results
+        .iter()
+        .zip(verdicts)
+        .map(|(s, verdict)| match verdict {
+            Verdict::Accepted => ToWorker::Accepted { lease: s.lease },
+            Verdict::Rejected(reason) => ToWorker::Rejected {
+                lease: s.lease,
+                reason,
+            },
+        })
+        .collect())
 }

@@ -221,6 +221,16 @@ pub(super) struct Effects {
     pub referee: bool,
 }
 
+impl Effects {
+    /// Adds what another decision of the same turn did.
+    pub fn absorb(&mut self, other: Effects) {
+        self.writes.extend(other.writes);
+        self.receipts.extend(other.receipts);
+        self.job_done |= other.job_done;
+        self.referee |= other.referee;
+    }
+}
+
 /// What the book needs from the coordinator to decide.
 pub(super) struct Ctx<'a> {
     pub config: &'a Config,

@@ -451,21 +451,29 @@ impl State {
 
     // ----- leases -----
 
-    /// Leases a unit to `worker` (from network `prefix`), or `None` when nothing is open for it.
+    /// Leases up to `units` units to `worker` (from network `prefix`) in one decision: fewer,
+    /// or none, when nothing more is open for it.
     pub async fn grant(
         &self,
         worker: &PublicKey,
         prefix: &str,
         precisions: &[Precision],
-    ) -> Result<Option<Assignment>> {
+        units: usize,
+    ) -> Result<Vec<Assignment>> {
         let key = worker.to_hex();
         self.known_worker(&key).await?;
-        self.decide(
-            |book, ctx| match book.grant(ctx, &key, prefix, precisions) {
-                Some((assignment, effects)) => (Some(assignment), effects),
-                None => (None, Effects::default()),
-            },
-        )
+        self.decide(|book, ctx| {
+            let mut granted = Vec::new();
+            let mut effects = Effects::default();
+            while granted.len() < units {
+                let Some((assignment, more)) = book.grant(ctx, &key, prefix, precisions) else {
+                    break;
+                };
+                granted.push(assignment);
+                effects.absorb(more);
+            }
+            (granted, effects)
+        })
         .await
     }
 
@@ -495,25 +503,51 @@ impl State {
 
     // ----- results -----
 
-    /// Checks and stores a result, then advances its unit.
-    pub async fn submit(&self, worker: &SignerKey, s: &Submission) -> Result<Verdict> {
+    /// Checks and stores results of `worker` in one decision, then advances their units.
+    /// The verdicts are in the order of `results`.
+    pub async fn submit(&self, worker: &SignerKey, results: &[Submission]) -> Result<Vec<Verdict>> {
         self.metrics
             .results_submitted
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(results.len() as u64, Ordering::Relaxed);
         let key = worker.public().to_hex();
         self.known_worker(&key).await?;
-        // The expensive check (hash and ed25519) runs outside the lock.
-        let signature = s.verify(worker).map_err(|e| e.to_string());
-        let verdict = self
-            .decide(|book, ctx| match book.submit(ctx, &key, s, signature) {
-                SubmitOutcome::Decided(v, effects) => (Some(v), effects),
-                SubmitOutcome::NotInMemory => (None, Effects::default()),
+        // The expensive checks (hash and ed25519) run outside the lock.
+        let signatures: Vec<_> = results
+            .iter()
+            .map(|s| s.verify(worker).map_err(|e| e.to_string()))
+            .collect();
+        let decided = self
+            .decide(|book, ctx| {
+                let mut effects = Effects::default();
+                let verdicts = results
+                    .iter()
+                    .zip(signatures)
+                    .map(
+                        |(s, signature)| match book.submit(ctx, &key, s, signature) {
+                            SubmitOutcome::Decided(v, more) => {
+                                effects.absorb(more);
+                                Some(v)
+                            }
+                            SubmitOutcome::NotInMemory => None,
+                        },
+                    )
+                    .collect::<Vec<_>>();
+                (verdicts, effects)
             })
             .await?;
-        if let Some(v) = verdict {
-            return Ok(v);
+        let mut verdicts = Vec::with_capacity(results.len());
+        for (s, verdict) in results.iter().zip(decided) {
+            verdicts.push(match verdict {
+                Some(v) => v,
+                None => self.reject_stale(&key, s).await?,
+            });
         }
-        // A lease no longer in memory: finished long ago, or never issued.
+        Ok(verdicts)
+    }
+
+    /// The verdict on a result whose lease is no longer in memory: finished long ago, or never
+    /// issued.
+    async fn reject_stale(&self, key: &str, s: &Submission) -> Result<Verdict> {
         let row = sqlx::query("SELECT worker, state FROM leases WHERE id = $1")
             .bind(s.lease.to_hex())
             .fetch_optional(&self.db.pool)
@@ -528,7 +562,7 @@ impl State {
                 false,
             ),
         };
-        self.decide(|book, ctx| book.reject(ctx, &key, &reason, strike))
+        self.decide(|book, ctx| book.reject(ctx, key, &reason, strike))
             .await
     }
 

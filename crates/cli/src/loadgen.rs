@@ -16,14 +16,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tabula_coordinator::{Config, db::Db};
 use tabula_engine::cpu::CpuBackend;
 use tabula_protocol::{
     Hash, Identity, MAX_COORDINATOR_FRAME, Precision, ToCoordinator, ToWorker, decode, encode,
 };
 use tabula_worker::{Executor, exec::ExecutorThread, native::WeightCache};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 #[derive(Args)]
 pub struct LoadArgs {
@@ -48,6 +48,11 @@ pub struct LoadArgs {
     /// verified unit apart from the simulated workers'.
     #[arg(long)]
     separate_process: bool,
+    /// Units each simulated worker keeps asked for at once (1 to 16), like a worker that
+    /// batches units on a GPU or hides a long round trip: it answers each burst of units
+    /// together, all results first, then as many `Ready`s. 1 is what `tabula worker` does.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    in_flight: u32,
 }
 
 /// CPU time (user + system, all threads) of process `pid` (`"self"` for this one), from
@@ -98,24 +103,34 @@ impl Shared {
     }
 }
 
-async fn simulated_worker(url: String, shared: Arc<Shared>) -> Result<()> {
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A frame from the coordinator as a message: `None` for control frames.
+fn worker_message(frame: Option<Result<Message, tungstenite::Error>>) -> Result<Option<ToWorker>> {
+    match frame {
+        Some(Ok(Message::Binary(b))) => Ok(Some(decode(&b, MAX_COORDINATOR_FRAME)?)),
+        Some(Ok(_)) => Ok(None),
+        other => bail!("socket closed: {other:?}"),
+    }
+}
+
+async fn simulated_worker(url: String, shared: Arc<Shared>, in_flight: usize) -> Result<()> {
     let me = Identity::from_seed(tabula_coordinator::db::random_bytes());
-    // No Nagle, like `tabula worker`.
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+    let config = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(tabula_protocol::SOCKET_READ_BUFFER);
+    // No Nagle, like `tabula worker`.
     let (socket, _) =
         tokio_tungstenite::connect_async_with_config(&url, Some(config), true).await?;
     let (mut tx, mut rx) = socket.split();
-    let mut next = async || -> Result<ToWorker> {
+    async fn next(rx: &mut futures_util::stream::SplitStream<Socket>) -> Result<ToWorker> {
         loop {
-            match rx.next().await {
-                Some(Ok(Message::Binary(b))) => return Ok(decode(&b, MAX_COORDINATOR_FRAME)?),
-                Some(Ok(_)) => continue,
-                other => bail!("socket closed: {other:?}"),
+            if let Some(m) = worker_message(rx.next().await)? {
+                return Ok(m);
             }
         }
-    };
-    let ToWorker::Challenge { nonce, coordinator } = next().await? else {
+    }
+    let ToWorker::Challenge { nonce, coordinator } = next(&mut rx).await? else {
         bail!("no challenge")
     };
     let login = ToCoordinator::Login {
@@ -125,35 +140,62 @@ async fn simulated_worker(url: String, shared: Arc<Shared>) -> Result<()> {
         precisions: vec![Precision::Exact],
     };
     tx.send(Message::Binary(encode(&login).into())).await?;
-    let ToWorker::Welcome { .. } = next().await? else {
+    let ToWorker::Welcome { .. } = next(&mut rx).await? else {
         bail!("not welcomed")
     };
-    let mut asked = Instant::now();
-    tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
-        .await?;
+    let ready = || Message::Binary(encode(&ToCoordinator::Ready).into());
+    // When each unanswered `Ready` was sent, oldest first: the coordinator answers them in
+    // order, each with a unit or "no work".
+    let mut asked = std::collections::VecDeque::new();
+    for _ in 0..in_flight {
+        tx.feed(ready()).await?;
+        asked.push_back(Instant::now());
+    }
+    tx.flush().await?;
     while !shared.stop.load(Ordering::Relaxed) {
-        match next().await? {
-            ToWorker::Assign(a) => {
-                let latency = asked.elapsed().as_micros() as u64;
-                shared.latencies_us.lock().expect("lock").push(latency);
-                let output = shared.answer(a.unit, a.task).await?;
-                let s = me.submission(a.lease, a.unit, output.as_ref().clone());
-                tx.send(Message::Binary(encode(&ToCoordinator::Submit(s)).into()))
-                    .await?;
-                shared.submitted.fetch_add(1, Ordering::Relaxed);
-                // Like `tabula worker`: ask for the next unit without waiting for the verdict.
-                asked = Instant::now();
-                tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
-                    .await?;
-            }
-            ToWorker::NoWork { retry_ms } => {
-                tokio::time::sleep(Duration::from_millis(u64::from(retry_ms).min(50))).await;
-                asked = Instant::now();
-                tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
-                    .await?;
-            }
-            _ => {}
+        // Whatever arrived together is answered together, like `tabula worker` sending its
+        // next `Ready` right behind its result.
+        let mut burst = vec![next(&mut rx).await?];
+        while let Some(frame) = rx.next().now_or_never() {
+            burst.extend(worker_message(frame)?);
         }
+        let (mut results, mut readies, mut wait_ms) = (Vec::new(), 0, None);
+        for message in burst {
+            match message {
+                ToWorker::Assign(a) => {
+                    if let Some(at) = asked.pop_front() {
+                        let latency = Instant::elapsed(&at).as_micros() as u64;
+                        shared.latencies_us.lock().expect("lock").push(latency);
+                    }
+                    let output = shared.answer(a.unit, a.task).await?;
+                    results.push(me.submission(a.lease, a.unit, output.as_ref().clone()));
+                    readies += 1;
+                }
+                ToWorker::NoWork { retry_ms } => {
+                    asked.pop_front();
+                    readies += 1;
+                    wait_ms = Some(u64::from(retry_ms).min(50));
+                }
+                _ => {}
+            }
+        }
+        if let Some(ms) = wait_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        shared
+            .submitted
+            .fetch_add(results.len() as u64, Ordering::Relaxed);
+        // Results first, then the `Ready`s: the coordinator decides each run of one kind
+        // together.
+        for s in results {
+            tx.feed(Message::Binary(encode(&ToCoordinator::Submit(s)).into()))
+                .await?;
+        }
+        for _ in 0..readies {
+            tx.feed(ready()).await?;
+            asked.push_back(Instant::now());
+        }
+        tx.flush().await?;
     }
     Ok(())
 }
@@ -279,7 +321,7 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         }
         let url = format!("ws://127.0.0.1:{port}/v1/worker");
         let workers: Vec<_> = (0..args.workers)
-            .map(|_| tokio::spawn(simulated_worker(url.clone(), shared.clone())))
+            .map(|_| tokio::spawn(simulated_worker(url.clone(), shared.clone(), args.in_flight as usize)))
             .collect();
         let server_pid = server.0.as_ref().map(|c| c.id().to_string());
         let cpu_at_start = (
@@ -341,13 +383,14 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
             metric(&text, "tabula_units_solo_total"),
         );
         println!(
-            "{database}: {} units verified ({} results, {} simulated workers, {} replicas) in {elapsed:.1} s: \
+            "{database}: {} units verified ({} results, {} simulated workers with {} in flight each, {} replicas) in {elapsed:.1} s: \
              {:.0} verified units/s, {:.0} results/s; lease latency p50 {:.2} ms, p99 {:.2} ms; \
              {solo} units ran unreplicated, {rejected} results rejected \
              (BOINC's published single-server figure: ~100 tasks/s)",
             args.units,
             results,
             args.workers,
+            args.in_flight,
             args.replicas,
             args.units as f64 / elapsed,
             results as f64 / elapsed,

@@ -887,13 +887,17 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
                 tx.send(Message::Binary(f.into())).await.unwrap();
             }
             let mut replies = Vec::new();
+            let mut assigned = Vec::new();
             for _ in 0..51 {
                 let reply = tokio::time::timeout(Duration::from_secs(10), next_message(&mut rx))
                     .await
                     .expect("a reply within 10 s")
                     .expect("the socket stays open");
                 replies.push(match reply {
-                    ToWorker::Assign(_) => "lease",
+                    ToWorker::Assign(a) => {
+                        assigned.push((a.lease, a.unit));
+                        "lease"
+                    }
                     ToWorker::Error { .. } => "error",
                     other => panic!("unexpected {other:?}"),
                 });
@@ -902,6 +906,40 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
             expected.push("error");
             expected.extend(["lease"; 25]);
             assert_eq!(replies, expected);
+            // Results sent in one burst are decided together (in groups), yet each gets its own
+            // verdict, in the order sent: here every other one carries a forged signature, the
+            // rest an output of the wrong shape.
+            let mut sent = Vec::new();
+            for (i, (lease, unit)) in assigned.iter().enumerate() {
+                let mut result = me.submission(*lease, *unit, vec![1, 2, 3]);
+                if i % 2 == 1 {
+                    result.signature = Bytes([7; 64]);
+                }
+                tx.feed(Message::Binary(
+                    encode(&ToCoordinator::Submit(result)).into(),
+                ))
+                .await
+                .unwrap();
+                sent.push(*lease);
+            }
+            tx.flush().await.unwrap();
+            let mut verdicts = Vec::new();
+            while verdicts.len() < sent.len() {
+                let reply = tokio::time::timeout(Duration::from_secs(10), next_message(&mut rx))
+                    .await
+                    .expect("a verdict within 10 s")
+                    .expect("the socket stays open");
+                match reply {
+                    ToWorker::Rejected { lease, reason } => verdicts.push((lease, reason)),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let leases: Vec<_> = verdicts.iter().map(|(lease, _)| *lease).collect();
+            assert_eq!(leases, sent, "verdicts out of order");
+            for (i, (_, reason)) in verdicts.iter().enumerate() {
+                let forged = reason.contains("signature does not verify");
+                assert_eq!(forged, i % 2 == 1, "verdict {i}: {reason}");
+            }
         }
         let valid = encode(&ToCoordinator::Ready);
         let mut frames: Vec<Vec<u8>> = vec![vec![], vec![1], vec![0xff; 64], valid.clone()];
