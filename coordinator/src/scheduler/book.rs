@@ -251,8 +251,11 @@ pub(super) enum SubmitOutcome {
 #[derive(Default)]
 pub(super) struct Book {
     units: HashMap<String, Unit>,
-    /// Open units by issue order.
-    open: BTreeSet<(i64, String)>,
+    /// Open units with a replica slot free, by issue order: what `grant` looks through. Units
+    /// whose every slot is out stay out of it, so a grant does not walk past every unit in
+    /// flight. [`Book::refresh_leasable`] keeps it true wherever a unit's leases, replicas or
+    /// status change.
+    leasable: BTreeSet<(i64, String)>,
     /// Units waiting for the referee, by issue order.
     referee: BTreeSet<(i64, String)>,
     leases: HashMap<LeaseId, Lease>,
@@ -300,14 +303,8 @@ impl Book {
             book.canaries.push_back(id);
         }
         for u in book.units.values() {
-            match u.status {
-                UnitStatus::Open => {
-                    book.open.insert((u.seq, u.id.clone()));
-                }
-                UnitStatus::Referee => {
-                    book.referee.insert((u.seq, u.id.clone()));
-                }
-                UnitStatus::Verified => {}
+            if u.status == UnitStatus::Referee {
+                book.referee.insert((u.seq, u.id.clone()));
             }
         }
         let unit_ids: Vec<String> = book.units.keys().cloned().collect();
@@ -370,6 +367,11 @@ impl Book {
                 },
             );
         }
+        // With the leases loaded: which units have a slot free.
+        let ids: Vec<String> = book.units.keys().cloned().collect();
+        for id in &ids {
+            book.refresh_leasable(id);
+        }
         tracing::info!(
             units = book.units.len(),
             leases = book.leases.len(),
@@ -390,8 +392,23 @@ impl Book {
             },
         );
         for u in units {
-            self.open.insert((u.seq, u.id.clone()));
-            self.units.insert(u.id.clone(), u);
+            let id = u.id.clone();
+            self.units.insert(id.clone(), u);
+            self.refresh_leasable(&id);
+        }
+    }
+
+    /// Puts `unit_id` in [`Book::leasable`] or takes it out, as it is now: open with a replica
+    /// slot free, or not.
+    fn refresh_leasable(&mut self, unit_id: &str) {
+        let Some(u) = self.units.get(unit_id) else {
+            return;
+        };
+        let key = (u.seq, u.id.clone());
+        if u.status == UnitStatus::Open && self.slots_used(u) < u.replicas {
+            self.leasable.insert(key);
+        } else {
+            self.leasable.remove(&key);
         }
     }
 
@@ -465,7 +482,7 @@ impl Book {
         let (unit_id, kind) = match canary {
             Some(id) => (id, LeaseKind::Canary),
             None => {
-                let id = self.open.iter().find_map(|(_, id)| {
+                let id = self.leasable.iter().find_map(|(_, id)| {
                     let u = &self.units[id];
                     (self.slots_used(u) < u.replicas && allowed(u) && !self.seen(u, worker, prefix))
                         .then(|| id.clone())
@@ -520,6 +537,7 @@ impl Book {
             task: (*u.task).clone(),
         };
         self.leases.insert(lease_id, lease);
+        self.refresh_leasable(&unit_id);
         ctx.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
         Some((assignment, effects))
     }
@@ -538,6 +556,8 @@ impl Book {
             effects.writes.push(Write::Unorphan { lease: id.to_hex() });
         }
         let unit = lease.unit.clone();
+        // Its slot is free again.
+        self.refresh_leasable(&unit);
         self.evict_if_done(&unit);
     }
 
@@ -801,6 +821,7 @@ impl Book {
                 u.replicas += 1;
                 u.quorum = u.quorum.max(i64::from(ctx.config.replicas.min(2)));
                 effects.writes.push(Write::Unit(unit_row(u)));
+                self.refresh_leasable(unit_id);
             } else {
                 self.send_to_referee(unit_id, effects);
             }
@@ -813,7 +834,7 @@ impl Book {
             return;
         }
         u.status = UnitStatus::Referee;
-        self.open.remove(&(u.seq, u.id.clone()));
+        self.leasable.remove(&(u.seq, u.id.clone()));
         self.referee.insert((u.seq, u.id.clone()));
         effects.writes.push(Write::Unit(unit_row(u)));
         effects.referee = true;
@@ -835,7 +856,7 @@ impl Book {
         if u.status == UnitStatus::Verified {
             return;
         }
-        self.open.remove(&(u.seq, u.id.clone()));
+        self.leasable.remove(&(u.seq, u.id.clone()));
         self.referee.remove(&(u.seq, u.id.clone()));
         u.status = UnitStatus::Verified;
         let output = Arc::new(output);
@@ -1198,7 +1219,22 @@ mod tests {
             };
             let (value, effects) = f(&mut self.book, &ctx);
             self.writes.extend(effects.writes);
+            self.assert_leasable_is_exact();
             value
+        }
+
+        /// After every decision, `leasable` holds exactly the open units with a slot free: a
+        /// unit missing from it would never be leased again, one too many would only cost
+        /// time.
+        fn assert_leasable_is_exact(&self) {
+            let b = &self.book;
+            let expected: BTreeSet<(i64, String)> = b
+                .units
+                .values()
+                .filter(|u| u.status == UnitStatus::Open && b.slots_used(u) < u.replicas)
+                .map(|u| (u.seq, u.id.clone()))
+                .collect();
+            assert_eq!(b.leasable, expected);
         }
 
         fn add_job(&mut self, job: &str, tasks: &[Task]) -> Vec<String> {
@@ -1218,6 +1254,7 @@ mod tests {
                 .collect();
             let ids = units.iter().map(|u| u.id.clone()).collect();
             self.book.add_job(job, units);
+            self.assert_leasable_is_exact();
             ids
         }
 
@@ -1537,6 +1574,7 @@ mod tests {
         let loaded_summary = summary(&loaded);
         expected.retain(|line| !line.starts_with("worker") || loaded_summary.contains(line));
         assert_eq!(loaded_summary, expected);
+        assert_eq!(loaded.leasable, t.book.leasable);
         assert!(
             loaded_summary.iter().any(|l| l.contains("r3")),
             "{loaded_summary:#?}"
