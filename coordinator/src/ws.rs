@@ -198,7 +198,8 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     let mut read_ahead: Option<Result<Option<ToCoordinator>, String>> = None;
     // Receipts for this worker arrive from other tasks; forward them while reading frames.
     let reason = loop {
-        let parsed = match read_ahead.take() {
+        // A frame read ahead waits, like any other, while too many replies wait.
+        let parsed = match read_ahead.take_if(|_| replies.len() < MAX_IN_FLIGHT) {
             Some(parsed) => parsed,
             None => {
                 let frame = tokio::select! {
@@ -215,7 +216,8 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
                         }
                     }
                     // A worker that does not read its replies stops being read.
-                    frame = tokio::time::timeout(timeout, stream.next()), if replies.len() < MAX_IN_FLIGHT => frame,
+                    frame = tokio::time::timeout(timeout, stream.next()),
+                        if read_ahead.is_none() && replies.len() < MAX_IN_FLIGHT => frame,
                 };
                 frame.map_err(|_| SILENT.to_string()).and_then(parse)
             }
@@ -230,7 +232,9 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
         // they take one turn of the book lock and one journal entry instead of one each. Only
         // frames already read are grouped; the session never waits for more.
         let mut request = Request::from(message);
-        while request.len() < MAX_GROUP {
+        // Bounded in frames and in bytes: a group holds at most about two frames' worth of
+        // outputs, so grouping does not multiply what a session may hold in memory.
+        while request.len() < MAX_GROUP && request.output_bytes() < MAX_WORKER_FRAME {
             let Some(frame) = stream.next().now_or_never() else {
                 break;
             };
@@ -364,6 +368,14 @@ impl Request {
         }
     }
 
+    /// The bytes of the outputs it carries.
+    fn output_bytes(&self) -> usize {
+        match self {
+            Request::Submit(results) => results.iter().map(|s| s.output.len()).sum(),
+            Request::Ready(_) | Request::Other(_) => 0,
+        }
+    }
+
     /// Adds `next` when it is of this request's kind, else gives it back.
     fn absorb(&mut self, next: ToCoordinator) -> Option<ToCoordinator> {
         match (self, next) {
@@ -451,4 +463,39 @@ async fn submit(state: &State, signer: &SignerKey, results: Vec<Submission>) -> 
             },
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(output_len: usize) -> ToCoordinator {
+        let me = tabula_protocol::Identity::from_seed([1; 32]);
+        ToCoordinator::Submit(me.submission(Bytes([2; 16]), Bytes([3; 32]), vec![0; output_len]))
+    }
+
+    /// Only requests of one kind join, a lone message takes nothing with it, and a group
+    /// counts the bytes of the outputs it holds (the session stops grouping at a frame's worth).
+    #[test]
+    fn requests_group_by_kind_and_count_their_bytes() {
+        let mut ready = Request::from(ToCoordinator::Ready);
+        assert!(ready.absorb(ToCoordinator::Ready).is_none());
+        assert_eq!(ready.len(), 2);
+        assert!(matches!(
+            ready.absorb(result(1)),
+            Some(ToCoordinator::Submit(_))
+        ));
+        assert_eq!(ready.output_bytes(), 0);
+
+        let mut results = Request::from(result(1000));
+        assert!(results.absorb(result(500)).is_none());
+        assert_eq!((results.len(), results.output_bytes()), (2, 1500));
+        assert!(matches!(
+            results.absorb(ToCoordinator::Ready),
+            Some(ToCoordinator::Ready)
+        ));
+
+        let heartbeat = Request::from(ToCoordinator::Heartbeat);
+        assert_eq!(heartbeat.len(), MAX_GROUP, "a lone message is a full group");
+    }
 }
