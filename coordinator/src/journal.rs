@@ -6,8 +6,9 @@
 //! that is waiting, folds writes to the same row into the last one, and commits them in one
 //! transaction, however many workers asked: on PostgreSQL a few multi-row statements (one per
 //! table and kind), on SQLite the same statements row by row, each prepared once, on the
-//! journal's own connection and thread ([`SqliteThread`]). Each caller waits for the commit of its entry before it answers anyone: a worker is
-//! never told about a lease, a verdict or a credit that a `kill -9` could still undo.
+//! journal's own connection and thread ([`SqliteThread`]). Each caller waits for the commit of
+//! its entry before it answers anyone: a worker is never told about a lease, a verdict or a
+//! credit that a `kill -9` could still undo.
 //!
 //! When a batch fails, the journal is *poisoned*: the scheduler's memory now holds decisions
 //! the database does not, so every later entry fails too until [`Journal::reset`] (the
@@ -27,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{CoordinatorError, db::Db};
 
-/// Rows per multi-row statement: far below SQLite's 32 766 and PostgreSQL's 65 535 bound
-/// parameters, with the widest row (a lease, 12 columns).
+/// Rows per multi-row statement: far below PostgreSQL's 65 535 bound parameters with the
+/// widest row (a lease, 12 columns). (SQLite runs the statements row by row anyway.)
 const ROWS_PER_STATEMENT: usize = 400;
 /// Entries per transaction: bounds one commit's size when a crowd arrives at once.
 const ENTRIES_PER_BATCH: usize = 4096;
