@@ -511,10 +511,12 @@ impl State {
             .fetch_add(results.len() as u64, Ordering::Relaxed);
         let key = worker.public().to_hex();
         self.known_worker(&key).await?;
-        // The expensive checks (hash and ed25519) run outside the lock.
-        let signatures: Vec<_> = results
-            .iter()
-            .map(|s| s.verify(worker).map_err(|e| e.to_string()))
+        // The expensive checks (hash and ed25519, the run of results at once) run outside
+        // the lock.
+        let signatures: Vec<_> = worker
+            .verify_results(results)
+            .into_iter()
+            .map(|checked| checked.map_err(|e| e.to_string()))
             .collect();
         let decided = self
             .decide(|book, ctx| {
