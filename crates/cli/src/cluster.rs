@@ -221,6 +221,11 @@ pub struct WorkerArgs {
     /// Stop after this many units (default: run until Ctrl-C).
     #[arg(long)]
     max_units: Option<u64>,
+    /// Units to hold at once: one computing, the rest leased and waiting, so the next unit
+    /// is already here when one finishes. More hides a slow link to the coordinator; fewer
+    /// keeps less work waiting if you stop (waiting units are given back on Ctrl-C).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=native::MAX_UNITS_IN_FLIGHT as i64))]
+    units_in_flight: u32,
 }
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
@@ -262,6 +267,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         payout,
         agent: format!("tabula-cli/{} {backend_name}", env!("CARGO_PKG_VERSION")),
         max_units: args.max_units,
+        units_in_flight: args.units_in_flight as usize,
     };
     let runtime = runtime()?;
     let stats = runtime.block_on(async move {

@@ -48,9 +48,9 @@ pub struct LoadArgs {
     /// verified unit apart from the simulated workers'.
     #[arg(long)]
     separate_process: bool,
-    /// Units each simulated worker keeps asked for at once (1 to 16), like a worker that
-    /// batches units on a GPU or hides a long round trip: it answers each burst of units
-    /// together, all results first, then as many `Ready`s. 1 is what `tabula worker` does.
+    /// Units each simulated worker keeps asked for at once (1 to 16), like
+    /// `tabula worker --units-in-flight K` (1 by default) or a worker batching units on a GPU:
+    /// it answers each burst of units together, all results first, then as many `Ready`s.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     in_flight: u32,
 }

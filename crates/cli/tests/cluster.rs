@@ -1140,19 +1140,7 @@ fn ctrl_c_releases_the_lease() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let pid = cluster.workers[0].id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = cluster.workers[0].wait().unwrap();
-    assert!(
-        status.success(),
-        "the worker did not stop cleanly: {status}"
-    );
+    interrupt_worker(&mut cluster, 0);
     // The release crossed the socket before the worker exited; the coordinator may still be
     // committing it.
     let stopped = Instant::now();
@@ -1170,6 +1158,83 @@ fn ctrl_c_releases_the_lease() {
     assert_eq!(
         body["choices"][0]["text"].as_str().unwrap(),
         local_generation("Once upon a time", 60, "0", "0")
+    );
+}
+
+/// Sends Ctrl-C (SIGINT) to worker `n` and waits for it to exit cleanly.
+fn interrupt_worker(cluster: &mut Cluster, n: usize) {
+    let pid = cluster.workers[n].id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = cluster.workers[n].wait().unwrap();
+    assert!(
+        status.success(),
+        "the worker did not stop cleanly: {status}"
+    );
+}
+
+/// A worker holding several units computes them in turn and, on Ctrl-C, gives back the ones
+/// waiting as well as the one it was computing: another worker finishes every request.
+#[test]
+fn a_worker_holding_several_units_gives_them_all_back_on_ctrl_c() {
+    // Leases short enough that a unit asked for at the very moment of the Ctrl-C (granted,
+    // never delivered) comes back within the test; long enough not to expire otherwise.
+    let mut cluster =
+        Cluster::start(Flavor::Sqlite, &["--lease-secs", "30", "--replicas", "1"]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    cluster.add_worker_with(0, &["--units-in-flight", "3"]);
+    let requests: Vec<_> = (0..5)
+        .map(|_| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                post(
+                    port,
+                    "/v1/completions",
+                    &key,
+                    json!({ "model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0 }),
+                )
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while metric(port, "tabula_leases_granted_total") < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the worker did not take three units: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    interrupt_worker(&mut cluster, 0);
+    // One unit computing and at least one waiting: a worker holding one unit releases one.
+    let stopped = Instant::now();
+    while metric(port, "tabula_leases_released_total") < 2 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "the waiting units were not given back: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.add_worker_with(1, &["--units-in-flight", "2"]);
+    let expected = local_generation("Once upon a time", 40, "0", "0");
+    for request in requests {
+        let (status, body) = request.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["text"].as_str().unwrap(), expected);
+    }
+    assert_eq!(
+        metric(port, "tabula_results_rejected_total"),
+        0,
+        "{}",
+        cluster.log()
     );
 }
 

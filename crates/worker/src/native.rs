@@ -33,7 +33,14 @@ pub struct WorkerOptions {
     pub agent: String,
     /// Stop after this many submitted units (tests, benchmarks); `None` runs until shutdown.
     pub max_units: Option<u64>,
+    /// Units held at once (1 to [`MAX_UNITS_IN_FLIGHT`]): one computing, the others leased
+    /// and waiting their turn, so that the next unit is already here when one finishes
+    /// instead of a round trip to the coordinator later.
+    pub units_in_flight: usize,
 }
+
+/// The most units a worker holds at once ([`WorkerOptions::units_in_flight`]).
+pub const MAX_UNITS_IN_FLIGHT: usize = 16;
 
 /// What the loop reports, for a progress display.
 #[derive(Clone, Debug)]
@@ -188,7 +195,7 @@ where
     let identity = Arc::new(identity);
     let mut stats = Stats::default();
     let mut backoff = Duration::from_millis(500);
-    let mut computing: InFlight = None;
+    let mut units = Units::default();
     loop {
         if *shutdown.borrow() {
             return Ok(stats);
@@ -201,7 +208,7 @@ where
             events: &events,
         };
         match session
-            .run(&mut stats, &mut computing, &mut shutdown, &mut backoff)
+            .run(&mut stats, &mut units, &mut shutdown, &mut backoff)
             .await
         {
             Ok(End::Shutdown | End::Finished) => return Ok(stats),
@@ -231,21 +238,78 @@ struct Session<'a> {
 
 type Computation = tokio::sync::oneshot::Receiver<Result<Vec<u8>, WorkerError>>;
 
-/// The unit being computed. It outlives a session: when the connection drops mid-unit, the
-/// computation goes on and its result is submitted after reconnecting (the lease is bound to
-/// the worker's key, not to the connection).
-type InFlight = Option<(
-    LeaseId,
-    tabula_protocol::Hash,
-    std::time::Instant,
-    Computation,
-)>;
+/// The units a worker holds: the one being computed and those leased and waiting their turn.
+/// They outlive a session: when the connection drops mid-unit, the computation goes on and
+/// its result is submitted after reconnecting, and the waiting units are computed after it
+/// (a lease is bound to the worker's key, not to the connection).
+#[derive(Default)]
+struct Units {
+    computing: Option<(
+        LeaseId,
+        tabula_protocol::Hash,
+        std::time::Instant,
+        Computation,
+    )>,
+    waiting: std::collections::VecDeque<tabula_protocol::Assignment>,
+}
+
+impl Units {
+    fn held(&self) -> usize {
+        usize::from(self.computing.is_some()) + self.waiting.len()
+    }
+
+    /// Starts computing `a` when nothing is, else queues it.
+    fn take(
+        &mut self,
+        a: tabula_protocol::Assignment,
+        executor: &ExecutorThread,
+        events: &mpsc::UnboundedSender<WorkerEvent>,
+    ) -> Result<(), WorkerError> {
+        if self.computing.is_some() {
+            self.waiting.push_back(a);
+            return Ok(());
+        }
+        let _ = events.send(WorkerEvent::Computing {
+            model: a.task.model().name.clone(),
+        });
+        let (reply, handle) = tokio::sync::oneshot::channel();
+        executor.submit(
+            a.task,
+            Box::new(move |r| {
+                let _ = reply.send(r.map(|o| o.encode()));
+            }),
+        )?;
+        self.computing = Some((a.lease, a.unit, std::time::Instant::now(), handle));
+        Ok(())
+    }
+
+    /// Starts the next waiting unit, if any.
+    fn next(
+        &mut self,
+        executor: &ExecutorThread,
+        events: &mpsc::UnboundedSender<WorkerEvent>,
+    ) -> Result<(), WorkerError> {
+        match self.waiting.pop_front() {
+            Some(a) => self.take(a, executor, events),
+            None => Ok(()),
+        }
+    }
+
+    /// Every lease held, to give back; forgets them.
+    fn release_all(&mut self) -> Vec<LeaseId> {
+        let computing = self.computing.take().map(|(lease, ..)| lease);
+        computing
+            .into_iter()
+            .chain(self.waiting.drain(..).map(|a| a.lease))
+            .collect()
+    }
+}
 
 impl Session<'_> {
     async fn run(
         self,
         stats: &mut Stats,
-        computing: &mut InFlight,
+        units: &mut Units,
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Duration,
     ) -> Result<End, WorkerError> {
@@ -299,16 +363,31 @@ impl Session<'_> {
                 signature: self.identity.sign_payout(&address),
             });
         }
-        if computing.is_none() {
-            send!(ToCoordinator::Ready);
+        let limit = self.options.units_in_flight.clamp(1, MAX_UNITS_IN_FLIGHT);
+        // `Ready`s sent in this session and not yet answered (each gets an `Assign` or a
+        // `NoWork`, in order).
+        let mut asked = 0usize;
+        let done_submitting =
+            |stats: &Stats| self.options.max_units.is_some_and(|m| stats.submitted >= m);
+        // Asks for as many units as fit beside those held and those asked for.
+        macro_rules! ask {
+            () => {
+                if !done_submitting(stats) {
+                    while units.held() + asked < limit {
+                        send!(ToCoordinator::Ready);
+                        asked += 1;
+                    }
+                }
+            };
         }
+        ask!();
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(100))));
         let mut ask_again: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
-                    if let Some((lease, ..)) = computing.take() {
+                    for lease in units.release_all() {
                         send!(ToCoordinator::Release { lease });
                     }
                     let _ = tx.send(Message::Close(None)).await;
@@ -317,10 +396,10 @@ impl Session<'_> {
                 _ = heartbeat.tick() => send!(ToCoordinator::Heartbeat),
                 _ = async { tokio::time::sleep_until(ask_again.expect("guarded")).await }, if ask_again.is_some() => {
                     ask_again = None;
-                    send!(ToCoordinator::Ready);
+                    ask!();
                 }
-                done = async { (&mut computing.as_mut().expect("guarded").3).await }, if computing.is_some() => {
-                    let (lease, unit, started, _) = computing.take().expect("guarded");
+                done = async { (&mut units.computing.as_mut().expect("guarded").3).await }, if units.computing.is_some() => {
+                    let (lease, unit, started, _) = units.computing.take().expect("guarded");
                     match done {
                         Ok(Ok(output)) => {
                             send!(ToCoordinator::Submit(self.identity.submission(lease, unit, output)));
@@ -328,8 +407,12 @@ impl Session<'_> {
                             let _ = self.events.send(WorkerEvent::Submitted {
                                 millis: started.elapsed().as_millis() as u64,
                             });
-                            if self.options.max_units.is_some_and(|m| stats.submitted >= m) {
-                                // Wait for the verdict on the last unit before leaving.
+                            if done_submitting(stats) {
+                                // Units fetched ahead go back; then wait for the verdict on
+                                // the last unit before leaving.
+                                for lease in units.release_all() {
+                                    send!(ToCoordinator::Release { lease });
+                                }
                                 continue;
                             }
                         }
@@ -341,24 +424,26 @@ impl Session<'_> {
                             return Err(WorkerError::Model("the executor thread stopped".into()));
                         }
                     }
-                    send!(ToCoordinator::Ready);
+                    units.next(self.executor, self.events)?;
+                    // While an earlier `NoWork` waits out its delay, the coordinator has
+                    // nothing to give: ask when the delay is over.
+                    if ask_again.is_none() {
+                        ask!();
+                    }
                 }
                 message = next_message(&mut rx) => match message? {
                     ToWorker::Assign(a) => {
-                        if computing.is_some() {
-                            // One unit at a time: give the extra one back at once.
+                        asked = asked.saturating_sub(1);
+                        if done_submitting(stats) || units.held() >= limit {
+                            // Not wanted any more (or more than asked for): give it back at once.
                             send!(ToCoordinator::Release { lease: a.lease });
                             continue;
                         }
-                        let _ = self.events.send(WorkerEvent::Computing { model: a.task.model().name.clone() });
-                        let (reply, handle) = tokio::sync::oneshot::channel();
-                        self.executor.submit(a.task, Box::new(move |r| {
-                            let _ = reply.send(r.map(|o| o.encode()));
-                        }))?;
-                        *computing = Some((a.lease, a.unit, std::time::Instant::now(), handle));
+                        units.take(a, self.executor, self.events)?;
                     }
                     ToWorker::NoWork { retry_ms } => {
-                        ask_again = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(retry_ms.clamp(50, 60_000))));
+                        asked = asked.saturating_sub(1);
+                        ask_again.get_or_insert(tokio::time::Instant::now() + Duration::from_millis(u64::from(retry_ms.clamp(50, 60_000))));
                     }
                     ToWorker::Accepted { .. } => {
                         stats.accepted += 1;
