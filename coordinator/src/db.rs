@@ -169,6 +169,8 @@ pub struct Db {
     pub flavor: Flavor,
     /// The SQLite database file, which the journal opens a connection of its own on.
     pub sqlite_path: Option<PathBuf>,
+    /// The PostgreSQL URL, which the journal opens a connection of its own with.
+    pub postgres_url: Option<String>,
     write_lock: Mutex<()>,
     /// What [`Db::claim`] holds until the process ends.
     owner: std::sync::Mutex<Option<Owner>>,
@@ -215,6 +217,7 @@ impl Db {
             Flavor::Sqlite => Some(sqlite_file(&url)?),
             Flavor::Postgres => None,
         };
+        let postgres_url = (flavor == Flavor::Postgres).then(|| url.clone());
         let pool = AnyPoolOptions::new()
             .max_connections(match flavor {
                 Flavor::Sqlite => 4,
@@ -250,6 +253,7 @@ impl Db {
             pool,
             flavor,
             sqlite_path,
+            postgres_url,
             write_lock: Mutex::new(()),
             owner: std::sync::Mutex::new(None),
         })
