@@ -710,8 +710,7 @@ fn bind_all<'q>(
     q
 }
 
-/// The writer's connections, kept between batches: a PostgreSQL connection from the pool, or
-/// the thread holding the journal's own SQLite connection.
+/// The writer's thread with its connection, started at the first batch and kept.
 struct Writer {
     thread: Option<JournalThread>,
 }

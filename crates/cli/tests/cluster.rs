@@ -1130,28 +1130,24 @@ fn ctrl_c_releases_the_lease() {
             json!({ "model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0 }),
         )
     });
-    let started = Instant::now();
-    while metric(port, "tabula_leases_granted_total") == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no lease: {}",
-            cluster.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metric(
+        &cluster,
+        "tabula_leases_granted_total",
+        |n| n > 0,
+        60,
+        "no lease",
+    );
     std::thread::sleep(Duration::from_millis(300));
     interrupt_worker(&mut cluster, 0);
     // The release crossed the socket before the worker exited; the coordinator may still be
     // committing it.
-    let stopped = Instant::now();
-    while metric(port, "tabula_leases_released_total") != 1 {
-        assert!(
-            stopped.elapsed() < Duration::from_secs(10),
-            "the lease was not released: {}",
-            cluster.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metric(
+        &cluster,
+        "tabula_leases_released_total",
+        |n| n == 1,
+        10,
+        "the lease was not released",
+    );
     cluster.add_worker(1);
     let (status, body) = request.join().unwrap();
     assert_eq!(status, 200, "{body}");
@@ -1159,6 +1155,26 @@ fn ctrl_c_releases_the_lease() {
         body["choices"][0]["text"].as_str().unwrap(),
         local_generation("Once upon a time", 60, "0", "0")
     );
+}
+
+/// Waits until the coordinator's metric `name` satisfies `done`; fails saying `what`, with the
+/// cluster's log, after `within_secs`.
+fn wait_for_metric(
+    cluster: &Cluster,
+    name: &str,
+    done: impl Fn(u64) -> bool,
+    within_secs: u64,
+    what: &str,
+) {
+    let started = Instant::now();
+    while !done(metric(cluster.port, name)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(within_secs),
+            "{what}: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Sends Ctrl-C (SIGINT) to worker `n` and waits for it to exit cleanly.
@@ -1202,27 +1218,23 @@ fn a_worker_holding_several_units_gives_them_all_back_on_ctrl_c() {
             })
         })
         .collect();
-    let started = Instant::now();
-    while metric(port, "tabula_leases_granted_total") < 3 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the worker did not take three units: {}",
-            cluster.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metric(
+        &cluster,
+        "tabula_leases_granted_total",
+        |n| n >= 3,
+        60,
+        "the worker did not take three units",
+    );
     std::thread::sleep(Duration::from_millis(300));
     interrupt_worker(&mut cluster, 0);
     // One unit computing and at least one waiting: a worker holding one unit releases one.
-    let stopped = Instant::now();
-    while metric(port, "tabula_leases_released_total") < 2 {
-        assert!(
-            stopped.elapsed() < Duration::from_secs(10),
-            "the waiting units were not given back: {}",
-            cluster.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_metric(
+        &cluster,
+        "tabula_leases_released_total",
+        |n| n >= 2,
+        10,
+        "the waiting units were not given back",
+    );
     cluster.add_worker_with(1, &["--units-in-flight", "2"]);
     let expected = local_generation("Once upon a time", 40, "0", "0");
     for request in requests {
