@@ -74,7 +74,7 @@ impl From<crate::CoordinatorError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(json!({ "error": {
                 "message": self.message,
@@ -83,7 +83,14 @@ impl IntoResponse for ApiError {
                 "code": self.code,
             }})),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // Every limit says when to come back.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        }
+        response
     }
 }
 
@@ -181,6 +188,31 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             "tabula_leases_released_total",
             "Leases given back unfinished by stopping workers",
             &m.leases_released,
+        ),
+        (
+            "tabula_grants_limited_total",
+            "Requests for units refused at a limit (a key's or a network's lease cap, abandoned leases)",
+            &m.grants_limited,
+        ),
+        (
+            "tabula_logins_limited_total",
+            "Logins of new worker keys refused by a network's rate limit",
+            &m.logins_limited,
+        ),
+        (
+            "tabula_units_audited_total",
+            "Verified units the referee re-executed after the fact",
+            &m.units_audited,
+        ),
+        (
+            "tabula_audits_failed_total",
+            "Audits that found a verified output wrong",
+            &m.audits_failed,
+        ),
+        (
+            "tabula_workers_caught_total",
+            "Worker keys banned because an audit caught them",
+            &m.workers_caught,
         ),
         (
             "tabula_leases_canary_total",
@@ -303,6 +335,36 @@ pub(crate) async fn authorize(state: &State, headers: &HeaderMap) -> ApiResult<S
     Ok(key.to_string())
 }
 
+/// The API error for a job that was not created.
+pub(crate) fn refusal(why: crate::scheduler::JobRefused) -> ApiError {
+    use crate::scheduler::JobRefused;
+    match why {
+        JobRefused::Conflict(existing) => ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "invalid_request_error",
+            message: format!(
+                "this Idempotency-Key was used for another request (job {existing}, a different endpoint or body); use a new key for a new request"
+            ),
+            param: None,
+            code: Some("idempotency_key_reused"),
+        },
+        JobRefused::Quota { queued, limit } => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            message: format!(
+                "this API key has {queued} units queued and may have {limit}; wait for its jobs to finish, or ask the operator for a larger --max-queued-units"
+            ),
+            param: None,
+            code: Some("quota_exceeded"),
+        },
+    }
+}
+
+/// Who owns a job: the SHA-256 of the API key that created it (never the key itself).
+pub(crate) fn owner_of(api_key: &str) -> String {
+    tabula_protocol::sha256(api_key.as_bytes()).to_hex()
+}
+
 /// The idempotency key of a request, scoped to the API key that sent it.
 fn idempotency(headers: &HeaderMap, api_key: &str) -> ApiResult<Option<String>> {
     match headers.get("idempotency-key") {
@@ -411,6 +473,7 @@ async fn run_job(
     state: &State,
     headers: &HeaderMap,
     api_key: &str,
+    fingerprint: &str,
     kind: &str,
     model: &ServedModel,
     precision: Precision,
@@ -418,8 +481,17 @@ async fn run_job(
 ) -> ApiResult<(String, Vec<UnitOutput>)> {
     let idem = idempotency(headers, api_key)?;
     let job = state
-        .create_job(kind, &model.name, precision, tasks, idem.as_deref())
-        .await?;
+        .create_job(
+            kind,
+            &model.name,
+            precision,
+            tasks,
+            idem.as_deref(),
+            &owner_of(api_key),
+            Some(fingerprint),
+        )
+        .await?
+        .map_err(refusal)?;
     let done = state
         .wait_job(&job, Duration::from_millis(state.config.request_timeout_ms))
         .await?;
@@ -617,10 +689,12 @@ async fn respond(
 ) -> ApiResult<Response> {
     let api_key = authorize(state, headers).await?;
     let p = prepare(state, endpoint, &body)?;
+    let fingerprint = tabula_protocol::sha256(format!("{endpoint}\n{body}").as_bytes()).to_hex();
     let (job, outputs) = run_job(
         state,
         headers,
         &api_key,
+        &fingerprint,
         p.kind,
         p.model,
         p.precision,
@@ -1201,15 +1275,16 @@ fn prepare_chat<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
     })
 }
 
-/// The 100 most recent jobs with their progress (for the requester page).
+/// The caller's 100 most recent jobs with their progress (for the requester page); other
+/// keys' jobs are not listed.
 async fn list_jobs(
     Extract(state): Extract<AppState>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    authorize(&state, &headers).await?;
+    let api_key = authorize(&state, &headers).await?;
     Ok(Json(json!({
         "object": "list",
-        "data": state.recent_jobs(100).await?,
+        "data": state.recent_jobs(&owner_of(&api_key), 100).await?,
     })))
 }
 
@@ -1308,6 +1383,17 @@ async fn ledger_claim(
                 "{address} has no settled credit yet: it appears after the next epoch is posted"
             )));
         }
+        ClaimOutcome::Busy => {
+            return Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                kind: "rate_limit_error",
+                message: format!(
+                    "a claim for {address} (or too many claims) is being mined now; retry in a few seconds"
+                ),
+                param: None,
+                code: Some("claim_in_progress"),
+            });
+        }
         ClaimOutcome::AlreadyClaimed { proof, .. } => (proof, None, None),
         ClaimOutcome::Claimed { proof, amount, tx } => (proof, Some(amount), Some(tx)),
     };
@@ -1405,9 +1491,12 @@ async fn weights(
 
 async fn worker_socket(
     Extract(state): Extract<AppState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let addr = crate::net::client_address(peer, forwarded, &state.config.trusted_proxies);
     upgrade
         .max_message_size(tabula_protocol::MAX_WORKER_FRAME)
         .max_frame_size(tabula_protocol::MAX_WORKER_FRAME)

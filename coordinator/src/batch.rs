@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::{
-    api::{ApiError, ApiJson, ENDPOINTS, authorize, prepare, render},
+    api::{ApiError, ApiJson, ENDPOINTS, authorize, owner_of as owner, prepare, render},
     db::{now_ms, random_id},
     scheduler::State,
 };
@@ -26,10 +26,6 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The largest uploaded file, and the most requests in one batch.
 pub const MAX_FILE_BYTES: usize = 64 << 20;
 pub const MAX_BATCH_LINES: usize = 50_000;
-
-fn owner(api_key: &str) -> String {
-    tabula_protocol::sha256(api_key.as_bytes()).to_hex()
-}
 
 async fn store_file(
     state: &State,
@@ -240,9 +236,21 @@ pub async fn create(
                 "error": { "code": "invalid_request", "message": "`stream` is not allowed in a batch" } }),
             Ok(p) => {
                 let job = state
-                    .create_job(p.kind, &p.model.name, p.precision, p.tasks, None)
+                    .create_job(
+                        p.kind,
+                        &p.model.name,
+                        p.precision,
+                        p.tasks,
+                        None,
+                        &owner,
+                        None,
+                    )
                     .await?;
-                json!({ "custom_id": custom_id, "body": req_body, "job": job })
+                match job {
+                    Ok(job) => json!({ "custom_id": custom_id, "body": req_body, "job": job }),
+                    Err(why) => json!({ "custom_id": custom_id, "body": req_body,
+                        "error": { "code": "quota_exceeded", "message": crate::api::refusal(why).message } }),
+                }
             }
             Err(e) => json!({ "custom_id": custom_id, "body": req_body,
                 "error": { "code": "invalid_request", "message": e.message } }),

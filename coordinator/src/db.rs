@@ -144,6 +144,15 @@ const SCHEMA: &[&str] = &[
         completed_ms BIGINT)",
 ];
 
+/// Columns added after a table was first shipped: (table, column, type). Added when missing,
+/// so databases made by earlier versions keep working.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // The API key (its SHA-256) that created a job: `/v1/jobs` lists only the caller's.
+    ("jobs", "owner", "TEXT"),
+    // SHA-256 of a job's endpoint and body, checked when its Idempotency-Key comes again.
+    ("jobs", "fingerprint", "TEXT"),
+];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavor {
     Sqlite,
@@ -249,6 +258,26 @@ impl Db {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
+        for (table, column, kind) in ADDED_COLUMNS {
+            let sql = match flavor {
+                Flavor::Postgres => {
+                    format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                }
+                Flavor::Sqlite => format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"),
+            };
+            match sqlx::query(&sql).execute(&pool).await {
+                Ok(_) => {}
+                // SQLite has no IF NOT EXISTS for columns: the column is there already.
+                Err(e) if e.to_string().contains("duplicate column") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // What the per-key quota counts: a requester's running jobs.
+        sqlx::query(
+            "CREATE INDEX IF NOT EXISTS jobs_owner_running ON jobs (owner) WHERE status = 'running'",
+        )
+        .execute(&pool)
+        .await?;
         Ok(Self {
             pool,
             flavor,
@@ -406,11 +435,6 @@ pub fn ordered_id(prefix: &str) -> String {
 /// A random id with a readable prefix, e.g. `job_3f9c…`.
 pub fn random_id(prefix: &str) -> String {
     format!("{prefix}_{}", hex::encode(random_bytes::<12>()))
-}
-
-/// A uniform draw in [0, 1).
-pub fn random_unit() -> f64 {
-    (u64::from_le_bytes(random_bytes::<8>()) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

@@ -402,8 +402,9 @@ impl Batch {
             &mut out,
             "INSERT INTO leases (id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms, output_hash, output, signature, submitted_ms)",
             &["$"; 12],
-            "ON CONFLICT (id) DO UPDATE SET state = excluded.state, output_hash = excluded.output_hash, \
-             output = excluded.output, signature = excluded.signature, submitted_ms = excluded.submitted_ms",
+            "ON CONFLICT (id) DO UPDATE SET state = excluded.state, deadline_ms = excluded.deadline_ms, \
+             output_hash = excluded.output_hash, output = excluded.output, signature = excluded.signature, \
+             submitted_ms = excluded.submitted_ms",
             &full,
             |r, v| {
                 v.extend([

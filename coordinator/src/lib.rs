@@ -12,6 +12,7 @@ pub mod batch;
 pub mod db;
 pub mod journal;
 pub mod models;
+pub mod net;
 pub mod scheduler;
 pub mod settlement;
 pub mod site;
@@ -67,12 +68,37 @@ pub struct Config {
     pub canary_rate: f64,
     /// Wrong or expired results after which a key is banned.
     pub ban_after: u32,
+    /// Fraction of units verified without the referee (by a quorum of trusted workers, or
+    /// solo) that the referee re-executes after the fact. A caught liar is banned, its
+    /// partners in the wrong quorum too, and every unit they helped verify in the audit
+    /// window is audited in turn.
+    pub audit_rate: f64,
+    /// Credit settles on-chain only once it is this old (its audit window closed), and never
+    /// for a banned worker.
+    pub audit_window_ms: u64,
+    /// Active leases one key may hold once past probation (`--units-in-flight` is at most 16).
+    pub max_leases_per_key: u32,
+    /// Active leases one key may hold during probation: its results cost the referee, so a
+    /// fresh key gets one unit at a time.
+    pub probation_leases: u32,
+    /// Active leases all keys of one network prefix may hold together.
+    pub max_leases_per_prefix: u32,
+    /// Leases a key may give back or abandon (released, or expired after its connection
+    /// ended) beyond a quarter of its verified units; past it the key gets no more units.
+    pub abandon_allowance: u32,
+    /// Keys never seen before that may log in from one network prefix per minute.
+    pub new_keys_per_minute: u32,
+    /// Units one API key may have queued (in running jobs) at once.
+    pub max_queued_units: u64,
     pub lease_ms: u64,
     pub heartbeat_ms: u32,
     /// Sequences per embedding unit.
     pub unit_sequences: usize,
     /// Loopback workers count as distinct network prefixes (a one-machine cluster).
     pub local: bool,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`); behind
+    /// one, every worker would otherwise share the proxy's network.
+    pub trusted_proxies: Vec<net::Cidr>,
     /// How long a synchronous API request waits for its job.
     pub request_timeout_ms: u64,
     /// The static site served under `/` (the volunteer page); `None` serves a note instead.
@@ -101,13 +127,22 @@ impl Default for Config {
             max_replicas: 4,
             probation_units: 3,
             solo_after: 200,
-            spot_check_rate: 0.1,
-            canary_rate: 0.02,
+            spot_check_rate: 0.03,
+            canary_rate: 0.01,
             ban_after: 3,
+            audit_rate: 0.05,
+            audit_window_ms: 30 * 60_000,
+            max_leases_per_key: 16,
+            probation_leases: 1,
+            max_leases_per_prefix: 256,
+            abandon_allowance: 16,
+            new_keys_per_minute: 60,
+            max_queued_units: 20_000,
             lease_ms: 120_000,
             heartbeat_ms: 5_000,
             unit_sequences: 4,
             local: false,
+            trusted_proxies: Vec::new(),
             request_timeout_ms: 600_000,
             www_dir: site::default_www_dir(),
             chain_rpc: None,
@@ -128,9 +163,23 @@ impl Config {
         if self.max_replicas < self.replicas || self.max_replicas > 32 {
             return bad("--max-replicas must be at least --replicas and at most 32");
         }
-        if !(0.0..=1.0).contains(&self.spot_check_rate) || !(0.0..=1.0).contains(&self.canary_rate)
+        if !(0.0..=1.0).contains(&self.spot_check_rate)
+            || !(0.0..=1.0).contains(&self.canary_rate)
+            || !(0.0..=1.0).contains(&self.audit_rate)
         {
             return bad("rates must be between 0 and 1");
+        }
+        if self.max_leases_per_key == 0
+            || self.probation_leases == 0
+            || self.probation_leases > self.max_leases_per_key
+            || self.max_leases_per_prefix < self.max_leases_per_key
+        {
+            return bad(
+                "lease caps must be at least 1, --probation-leases at most --max-leases-per-key, and --max-leases-per-prefix at least --max-leases-per-key",
+            );
+        }
+        if self.audit_window_ms > 30 * 24 * 3_600_000 {
+            return bad("--audit-window-minutes must be between 0 and 43200 (30 days)");
         }
         if self.lease_ms < 1000 {
             return bad("--lease-secs must be at least 1");
@@ -169,6 +218,7 @@ pub async fn serve(
     let identity = coordinator_identity(&config.data_dir)?;
     let registry = Arc::new(models::Registry::load(&sources)?);
     let settlement = Arc::new(settlement::Settlement::open(&config).await?);
+    settlement.check_chain(&db).await?;
     db.claim(&config.data_dir).await?;
     let state = scheduler::State::new(config.clone(), db, identity, registry, settlement).await?;
     state.start_background_tasks();

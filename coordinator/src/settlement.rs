@@ -81,6 +81,13 @@ pub struct Settlement {
     /// Serialises posting inside this process (the database serialises processes).
     posting: tokio::sync::Mutex<()>,
     latest_tree: Mutex<Option<Arc<EpochTree>>>,
+    /// Addresses whose relayed claim is being sent and mined: a second claim for one of them
+    /// would revert (and on a real chain, pay for it), so it is refused until the receipt.
+    /// At most [`MAX_CLAIMS_IN_FLIGHT`] at once.
+    claiming: Mutex<std::collections::HashSet<Address>>,
+    /// Credit younger than this is not settled yet: an audit may still find it was earned
+    /// by lying. A banned worker's credit is never settled.
+    audit_window_ms: u64,
 }
 
 fn parse_address(s: &str) -> Result<Address> {
@@ -127,6 +134,8 @@ impl Settlement {
             chain,
             posting: tokio::sync::Mutex::new(()),
             latest_tree: Mutex::new(None),
+            audit_window_ms: config.audit_window_ms,
+            claiming: Mutex::new(Default::default()),
         })
     }
 
@@ -252,10 +261,11 @@ impl Settlement {
             "INSERT INTO settled (worker, unit_id, payout, epoch, credit_micro)
              SELECT c.worker, c.unit_id, w.payout, $1, c.credit_micro
              FROM credits c JOIN workers w ON w.key = c.worker
-             WHERE w.payout IS NOT NULL
+             WHERE w.payout IS NOT NULL AND w.banned = 0 AND c.issued_ms <= $2
                AND NOT EXISTS (SELECT 1 FROM settled s WHERE s.worker = c.worker AND s.unit_id = c.unit_id)",
         )
         .bind(epoch)
+        .bind(now_ms() - self.audit_window_ms as i64)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -287,6 +297,36 @@ impl Settlement {
         .await?;
         tx.commit().await?;
         Ok(Some(epoch as u64))
+    }
+
+    /// Refuses a chain that is behind the database: epochs the database posted to this
+    /// contract are missing from it (its state was lost, say the embedded EVM's file was
+    /// deleted, which redeploys an empty contract at the same address). Serving on would post
+    /// nothing and answer every claim with an error.
+    pub async fn check_chain(&self, db: &Db) -> Result<()> {
+        let contract = self.contract_id();
+        let posted: Option<i64> = sqlx::query(
+            "SELECT MAX(epoch) AS e FROM epochs WHERE posted_ms IS NOT NULL AND contract = $1",
+        )
+        .bind(&contract)
+        .fetch_one(&db.pool)
+        .await?
+        .try_get("e")?;
+        let Some(posted) = posted else {
+            return Ok(());
+        };
+        let on_chain = self.chain.latest_epoch().await?;
+        if on_chain < posted as u64 {
+            return Err(CoordinatorError::Config(format!(
+                "the credit contract {} on {} is at epoch {on_chain}, but this database posted epoch {posted} to it: \
+                 the chain's state was lost or this is another chain. Restore the chain's state \
+                 (for the embedded EVM, DATA_DIR/chain/state.json from a backup), or name the chain \
+                 that holds these epochs with --chain-rpc and --chain-contract; then start again",
+                self.chain.contract_address(),
+                self.chain.describe()
+            )));
+        }
+        Ok(())
     }
 
     async fn latest_posted(&self, db: &Db) -> Result<Option<u64>> {
@@ -341,6 +381,9 @@ impl Settlement {
     /// volunteers who hold none). Returns the proof used and the transaction, or `None` when
     /// there is nothing new to claim.
     pub async fn claim(&self, db: &Db, account: Address) -> Result<ClaimOutcome> {
+        let Some(_claiming) = ClaimGuard::take(&self.claiming, account) else {
+            return Ok(ClaimOutcome::Busy);
+        };
         let Some(proof) = self.proof(db, account).await? else {
             return Ok(ClaimOutcome::NotInLedger);
         };
@@ -425,6 +468,8 @@ impl Settlement {
 pub enum ClaimOutcome {
     /// The address has no settled credit in the latest posted epoch.
     NotInLedger,
+    /// A claim for this address is being mined (or too many claims are): try again soon.
+    Busy,
     /// Everything proven is claimed already.
     AlreadyClaimed { proof: Proof, claimed: U256 },
     Claimed {
@@ -432,6 +477,31 @@ pub enum ClaimOutcome {
         amount: U256,
         tx: TxOutcome,
     },
+}
+
+/// Relayed claims sent and not yet mined, at most.
+const MAX_CLAIMS_IN_FLIGHT: usize = 16;
+
+/// An address's place among the claims in flight, given up when dropped (receipt or error).
+struct ClaimGuard<'a> {
+    set: &'a Mutex<std::collections::HashSet<Address>>,
+    account: Address,
+}
+
+impl<'a> ClaimGuard<'a> {
+    fn take(set: &'a Mutex<std::collections::HashSet<Address>>, account: Address) -> Option<Self> {
+        let mut claiming = set.lock().expect("claims lock");
+        if claiming.len() >= MAX_CLAIMS_IN_FLIGHT || !claiming.insert(account) {
+            return None;
+        }
+        Some(ClaimGuard { set, account })
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("claims lock").remove(&self.account);
+    }
 }
 
 /// A posted epoch and its entries.
@@ -497,4 +567,92 @@ pub fn chain_key(config: &Config) -> Result<[u8; 32]> {
         &path,
         crate::db::random_bytes::<32>,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Finding 8: two relayed claims for one address at once sent two transactions (the second
+    /// reverted, paid for). One claim per address is in flight, and few claims overall.
+    #[test]
+    fn one_claim_per_address_is_in_flight() {
+        let set = Mutex::new(std::collections::HashSet::new());
+        let a = Address::repeat_byte(1);
+        let first = ClaimGuard::take(&set, a).expect("the first claim");
+        assert!(
+            ClaimGuard::take(&set, a).is_none(),
+            "a second claim at once"
+        );
+        drop(first);
+        assert!(ClaimGuard::take(&set, a).is_some(), "after the receipt");
+        let held: Vec<_> = (0..MAX_CLAIMS_IN_FLIGHT as u8)
+            .map(|i| ClaimGuard::take(&set, Address::repeat_byte(10 + i)).unwrap())
+            .collect();
+        assert!(ClaimGuard::take(&set, Address::repeat_byte(200)).is_none());
+        drop(held);
+        assert!(set.lock().unwrap().is_empty());
+    }
+
+    /// Credit inside its audit window, and any credit of a banned worker, stays off-chain;
+    /// older credit of a worker in good standing settles.
+    #[tokio::test]
+    async fn only_credit_past_its_audit_window_and_not_banned_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            audit_window_ms: 60_000,
+            ..Config::default()
+        };
+        let db = Db::open(&config.data_dir, None).await.unwrap();
+        let settlement = Settlement::open(&config).await.unwrap();
+        let now = now_ms();
+        for (key, payout, banned) in [("honest", "0x01", 0), ("liar", "0x02", 1)] {
+            sqlx::query(
+                "INSERT INTO workers (key, payout, agent, verified, clean_streak, strikes, expired, banned, first_seen_ms, last_seen_ms)
+                 VALUES ($1, $2, 'a', 1, 1, 0, 0, $3, 0, 0)",
+            )
+            .bind(key)
+            .bind(format!("0x{}", payout.trim_start_matches("0x").repeat(20)))
+            .bind(banned as i64)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        for (worker, unit, issued) in [
+            ("honest", "old", now - 120_000),
+            ("honest", "new", now),
+            ("liar", "old", now - 120_000),
+        ] {
+            sqlx::query(
+                "INSERT INTO credits (worker, unit_id, lease_id, credit_micro, receipt, issued_ms) VALUES ($1, $2, 'l', 1000, '{}', $3)",
+            )
+            .bind(worker)
+            .bind(unit)
+            .bind(issued)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        settlement.post_epoch(&db).await.unwrap();
+        let settled: Vec<(String, String)> =
+            sqlx::query("SELECT worker, unit_id FROM settled ORDER BY worker, unit_id")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get("worker"), r.get("unit_id")))
+                .collect();
+        assert_eq!(settled, vec![("honest".to_string(), "old".to_string())]);
+        settlement.check_chain(&db).await.unwrap();
+        // Finding 9: the embedded chain's state file is lost; a fresh contract appears at the
+        // same address with no epochs. The coordinator refuses to serve on it, and says how
+        // to recover.
+        drop(settlement);
+        std::fs::remove_file(dir.path().join("chain").join("state.json")).unwrap();
+        let fresh = Settlement::open(&config).await.unwrap();
+        let refusal = fresh.check_chain(&db).await.unwrap_err().to_string();
+        assert!(refusal.contains("posted epoch 1"), "{refusal}");
+        assert!(refusal.contains("state.json"), "{refusal}");
+    }
 }

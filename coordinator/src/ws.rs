@@ -133,7 +133,8 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
                 close_with(&mut socket, "login signature does not verify".into(), false).await;
                 return;
             };
-            match state.login(&key, &agent).await {
+            let network = network_prefix(&addr, &key, false);
+            match state.login(&key, &agent, &network).await {
                 Ok(Ok(credit)) => {
                     if send(
                         &mut socket,
@@ -148,8 +149,8 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
                         return;
                     }
                 }
-                Ok(Err(refusal)) => {
-                    close_with(&mut socket, refusal, false).await;
+                Ok(Err((refusal, retry))) => {
+                    close_with(&mut socket, refusal, retry).await;
                     return;
                 }
                 Err(e) => {
@@ -290,6 +291,9 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             .await;
         let _ = sink.send(Message::Close(None)).await;
     }
+    // The receiving end goes first, so `detach` sees this session's sender closed and forgets
+    // it (it was kept for every session that ever ended before).
+    drop(pushed);
     state.detach(&key);
 }
 

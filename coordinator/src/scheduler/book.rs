@@ -6,11 +6,17 @@
 //! the lock and commits before telling anyone. The database stays the truth across restarts:
 //! [`Book::load`] rebuilds this memory from it.
 //!
-//! A unit leaves memory once it is verified, holds no active lease and has left the canary
-//! pool; a lease leaves with its unit. Workers stay (a record is a few dozen bytes).
+//! A unit leaves memory once it is verified, holds no active lease or result waiting for
+//! judgement, waits for no audit and has left the canary pool; a lease leaves with its unit.
+//! Workers stay (a record is a few dozen bytes; logins of new keys are rate-limited).
+//!
+//! Every choice an attacker could exploit is random ([`Entropy`]): which unit a worker gets
+//! (placement), which units are audited, which leases are canaries and which canary. The book
+//! does no I/O and reads no clock: the time comes in [`Ctx::now`], the randomness from its own
+//! [`Entropy`], so the simulation (`tests/simulation.rs`) replays a seed exactly.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap},
     sync::{Arc, atomic::Ordering},
 };
 
@@ -24,14 +30,79 @@ use tabula_protocol::{
 use super::{Metrics, Verdict};
 use crate::{
     Config, CoordinatorError,
-    db::{Db, Flavor, now_ms, ordered_bytes, random_unit},
+    db::{Db, Flavor, ordered_bytes},
     journal::{CreditRow, JobRow, LeaseRow, UnitRow, WorkerRow, Write, parameter_list, values_sql},
 };
 
 type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
 
-/// Verified units kept for canaries.
+/// Units with a referee-confirmed output kept for canaries.
 const CANARY_POOL: usize = 256;
+/// Grants draw at random among this many of the oldest units a worker may take, so a worker
+/// cannot choose its unit (or its partner) by timing its request.
+const PLACEMENT_WINDOW: usize = 64;
+/// Audits waiting for the referee beyond which random audits are skipped (forced audits, of a
+/// disagreement with a verified unit or of a caught liar's units, always wait their turn).
+const AUDIT_QUEUE: usize = 4096;
+/// How long an orphaned lease (its worker's connection ended) stays valid at most: a worker
+/// that reconnects may still submit, a hoarder's units come back soon.
+const ORPHAN_GRACE_MS: i64 = 30_000;
+const _: () = assert!(PLACEMENT_WINDOW > 1 && CANARY_POOL > 0 && AUDIT_QUEUE > 0);
+
+/// The book's randomness: the operating system's in production (a worker must not predict
+/// its placement, an audit or a canary), a seeded generator in the simulation.
+#[derive(Clone)]
+pub enum Entropy {
+    Os,
+    /// SplitMix64 state: reproducible, and predictable, so only for tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Seeded(u64),
+}
+
+impl Default for Entropy {
+    fn default() -> Self {
+        Entropy::Os
+    }
+}
+
+impl Entropy {
+    pub fn next_u64(&mut self) -> u64 {
+        match self {
+            Entropy::Os => u64::from_le_bytes(crate::db::random_bytes::<8>()),
+            Entropy::Seeded(state) => {
+                *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = *state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            }
+        }
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        assert!(n > 0, "a draw from nothing");
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// A new lease id: ordered by time first, like every id the coordinator makes.
+    fn lease_id(&mut self, now: i64) -> LeaseId {
+        match self {
+            Entropy::Os => tabula_protocol::Bytes(ordered_bytes()),
+            Entropy::Seeded(_) => {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&(now as u64).to_be_bytes());
+                id[8..].copy_from_slice(&self.next_u64().to_be_bytes());
+                tabula_protocol::Bytes(id)
+            }
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum UnitStatus {
@@ -94,6 +165,7 @@ impl LeaseState {
     }
 }
 
+#[derive(Clone)]
 pub(super) struct Unit {
     id: String,
     job_id: String,
@@ -106,11 +178,16 @@ pub(super) struct Unit {
     status: UnitStatus,
     output: Option<Arc<Vec<u8>>>,
     output_hash: Option<String>,
+    /// `quorum` (trusted workers agreed), `solo` (one trusted worker), `referee` (the
+    /// coordinator computed it), `audited` (a quorum or solo output the referee confirmed) or
+    /// `audit` (a quorum or solo output the referee found wrong and replaced).
     verified_by: Option<&'static str>,
     verified_ms: Option<i64>,
     /// Every lease ever issued on the unit, oldest first.
     leases: Vec<LeaseId>,
     in_canary_pool: bool,
+    /// Verified and waiting in [`Book::audits`] for the referee to re-execute it.
+    audit: bool,
 }
 
 impl Unit {
@@ -139,7 +216,14 @@ impl Unit {
             verified_ms: None,
             leases: Vec::new(),
             in_canary_pool: false,
+            audit: false,
         }
+    }
+
+    /// Whether the referee computed or confirmed its output: only such units become canaries.
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    fn referee_confirmed(&self) -> bool {
+        matches!(self.verified_by, Some("referee" | "audited" | "audit"))
     }
 }
 
@@ -149,7 +233,8 @@ enum LeaseKind {
     Canary,
 }
 
-struct Lease {
+#[derive(Clone)]
+pub(super) struct Lease {
     id: LeaseId,
     unit: String,
     worker: String,
@@ -199,10 +284,13 @@ pub(super) struct WorkerRecord {
     pub verified: i64,
     pub clean_streak: i64,
     pub strikes: i64,
+    /// Leases it abandoned: expired (connected or not) or given back. Past
+    /// `abandon_allowance + verified / 4` it gets no more units.
     pub expired: i64,
     pub banned: bool,
 }
 
+#[derive(Clone)]
 struct JobProgress {
     units_total: i64,
     units_verified: i64,
@@ -219,6 +307,9 @@ pub(super) struct Effects {
     /// times a second under load.
     pub job_done: bool,
     pub referee: bool,
+    /// Workers an audit caught (banned now): every unit they helped verify inside the audit
+    /// window is to be audited too ([`Book::add_for_audit`]).
+    pub caught: Vec<String>,
 }
 
 impl Effects {
@@ -228,12 +319,15 @@ impl Effects {
         self.receipts.extend(other.receipts);
         self.job_done |= other.job_done;
         self.referee |= other.referee;
+        self.caught.extend(other.caught);
     }
 }
 
 /// What the book needs from the coordinator to decide.
 pub(super) struct Ctx<'a> {
     pub config: &'a Config,
+    /// The time of the decision, in milliseconds since the epoch.
+    pub now: i64,
     pub identity: &'a Identity,
     pub metrics: &'a Metrics,
     /// The embedding width of a task's model (0 for generation), for the shape check.
@@ -248,7 +342,7 @@ pub(super) enum SubmitOutcome {
     Decided(Verdict, Effects),
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Book {
     units: HashMap<String, Unit>,
     /// Open units with a replica slot free, by issue order: what `grant` looks through. Units
@@ -258,11 +352,19 @@ pub(super) struct Book {
     leasable: BTreeSet<(i64, String)>,
     /// Units waiting for the referee, by issue order.
     referee: BTreeSet<(i64, String)>,
+    /// Verified units waiting for an audit (after `referee`), by issue order.
+    audits: BTreeSet<(i64, String)>,
     leases: HashMap<LeaseId, Lease>,
     workers: HashMap<String, WorkerRecord>,
     jobs: HashMap<String, JobProgress>,
-    /// Recently verified units, newest last.
-    canaries: VecDeque<String>,
+    /// Units whose output the referee computed or confirmed, for canaries, in no order: a
+    /// canary is drawn at random, and a full pool replaces a random member.
+    canaries: Vec<String>,
+    /// Active leases by worker and by network prefix (absent at zero), for the lease caps.
+    /// Kept exact wherever a lease becomes or stops being active.
+    active_by_worker: HashMap<String, u32>,
+    active_by_prefix: HashMap<String, u32>,
+    entropy: Entropy,
 }
 
 impl Book {
@@ -287,7 +389,7 @@ impl Book {
             .await?,
         );
         let pool = sqlx::query(&format!(
-            "SELECT {UNIT_COLUMNS} FROM units WHERE status = 'verified' ORDER BY verified_ms DESC LIMIT {CANARY_POOL}"
+            "SELECT {UNIT_COLUMNS} FROM units WHERE status = 'verified' AND verified_by IN ('referee', 'audited', 'audit') ORDER BY verified_ms DESC LIMIT {CANARY_POOL}"
         ))
         .fetch_all(&db.pool)
         .await?;
@@ -295,12 +397,12 @@ impl Book {
             let unit = unit_from_row(row)?;
             book.units.insert(unit.id.clone(), unit);
         }
-        // The canary pool: the newest verified units, oldest first.
-        for row in pool.iter().rev() {
+        // The canary pool: the newest units whose output the referee computed or confirmed.
+        for row in &pool {
             let unit = unit_from_row(row)?;
             let id = unit.id.clone();
             book.units.entry(id.clone()).or_insert(unit).in_canary_pool = true;
-            book.canaries.push_back(id);
+            book.canaries.push(id);
         }
         for u in book.units.values() {
             if u.status == UnitStatus::Referee {
@@ -367,10 +469,19 @@ impl Book {
                 },
             );
         }
-        // With the leases loaded: which units have a slot free.
+        // With the leases loaded: which units have a slot free, who holds what.
         let ids: Vec<String> = book.units.keys().cloned().collect();
         for id in &ids {
             book.refresh_leasable(id);
+        }
+        let active: Vec<(String, String)> = book
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Active)
+            .map(|l| (l.worker.clone(), l.prefix.clone()))
+            .collect();
+        for (worker, prefix) in active {
+            book.count_active(&worker, &prefix, true);
         }
         tracing::info!(
             units = book.units.len(),
@@ -412,6 +523,30 @@ impl Book {
         }
     }
 
+    /// Counts a lease of `worker` from `prefix` becoming active (`up`) or leaving that state.
+    fn count_active(&mut self, worker: &str, prefix: &str, up: bool) {
+        for (map, key) in [
+            (&mut self.active_by_worker, worker),
+            (&mut self.active_by_prefix, prefix),
+        ] {
+            if up {
+                *map.entry(key.to_string()).or_insert(0) += 1;
+            } else {
+                let n = map.get_mut(key).expect("an active lease was counted");
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Uses seeded randomness (the simulation), from now on.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn seed(&mut self, seed: u64) {
+        self.entropy = Entropy::Seeded(seed);
+    }
+
     pub(super) fn worker(&self, key: &str) -> Option<&WorkerRecord> {
         self.workers.get(key)
     }
@@ -424,11 +559,14 @@ impl Book {
 
     // ----- leases -----
 
+    /// Whether `worker` may not take `unit`: it holds or answered a lease on it, it gave one
+    /// back or let one expire (a released unit is never offered to that key again, so
+    /// releasing cannot be used to pick a unit), or its network holds one.
     fn seen(&self, unit: &Unit, worker: &str, prefix: &str) -> bool {
         unit.leases.iter().any(|id| {
             self.leases
                 .get(id)
-                .is_some_and(|l| l.holds() && (l.worker == worker || l.prefix == prefix))
+                .is_some_and(|l| l.worker == worker || (l.holds() && l.prefix == prefix))
         })
     }
 
@@ -454,8 +592,37 @@ impl Book {
             .count() as i64
     }
 
-    /// Leases a unit to `worker` (from network `prefix`): a canary now and then, else the
-    /// oldest open unit it may take. `None` when nothing is open for it.
+    fn trusted(ctx: &Ctx, w: &WorkerRecord) -> bool {
+        w.clean_streak >= i64::from(ctx.config.probation_units)
+    }
+
+    /// Why `worker` may hold no more leases now, if it may not: a ban, its cap of active
+    /// leases (one during probation), its network's cap, or too many leases abandoned.
+    pub(super) fn limited(&self, ctx: &Ctx, worker: &str, prefix: &str) -> Option<&'static str> {
+        let record = self.workers.get(worker)?;
+        let cap = if Self::trusted(ctx, record) {
+            ctx.config.max_leases_per_key
+        } else {
+            ctx.config.probation_leases
+        };
+        if record.banned {
+            Some("banned")
+        } else if self.active_by_worker.get(worker).copied().unwrap_or(0) >= cap {
+            Some("key")
+        } else if self.active_by_prefix.get(prefix).copied().unwrap_or(0)
+            >= ctx.config.max_leases_per_prefix
+        {
+            Some("network")
+        } else if record.expired > i64::from(ctx.config.abandon_allowance) + record.verified / 4 {
+            Some("abandoned")
+        } else {
+            None
+        }
+    }
+
+    /// Leases a unit to `worker` (from network `prefix`): a canary now and then, else a unit
+    /// drawn at random among the oldest open units it may take. `None` when nothing is open for
+    /// it or it is at one of its limits ([`Book::limited`]).
     pub(super) fn grant(
         &mut self,
         ctx: &Ctx,
@@ -463,43 +630,59 @@ impl Book {
         prefix: &str,
         precisions: &[Precision],
     ) -> Option<(Assignment, Effects)> {
-        let record = self.workers.get(worker)?;
-        if record.banned {
+        if let Some(limit) = self.limited(ctx, worker, prefix) {
+            if limit != "banned" {
+                ctx.metrics.grants_limited.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         }
-        let streak = record.clean_streak;
+        let streak = self.workers.get(worker)?.clean_streak;
         let allowed = |u: &Unit| precisions.contains(&u.task.precision());
-        // A known-answer canary: a unit verified before, which this worker never saw.
-        let canary = (random_unit() < ctx.config.canary_rate)
-            .then(|| {
-                self.canaries.iter().rev().find(|id| {
-                    let u = &self.units[*id];
-                    allowed(u) && !self.seen(u, worker, prefix)
-                })
+        // A known-answer canary: a unit the referee computed or confirmed, drawn at random
+        // from the pool, which this worker never saw.
+        let canary = if !self.canaries.is_empty() && self.entropy.unit() < ctx.config.canary_rate {
+            let start = self.entropy.below(self.canaries.len());
+            let n = self.canaries.len();
+            (0..n).map(|i| &self.canaries[(start + i) % n]).find(|id| {
+                let u = &self.units[*id];
+                allowed(u) && !self.seen(u, worker, prefix)
             })
-            .flatten()
-            .cloned();
+        } else {
+            None
+        }
+        .cloned();
         let (unit_id, kind) = match canary {
             Some(id) => (id, LeaseKind::Canary),
             None => {
-                let id = self.leasable.iter().find_map(|(_, id)| {
-                    let u = &self.units[id];
-                    (self.slots_used(u) < u.replicas && allowed(u) && !self.seen(u, worker, prefix))
-                        .then(|| id.clone())
-                })?;
+                // Random placement among the oldest units this worker may take: two
+                // colluders asking together share a unit only by chance.
+                let candidates: Vec<&String> = self
+                    .leasable
+                    .iter()
+                    .filter_map(|(_, id)| {
+                        let u = &self.units[id];
+                        (allowed(u) && !self.seen(u, worker, prefix)).then_some(id)
+                    })
+                    .take(PLACEMENT_WINDOW)
+                    .collect();
+                if candidates.is_empty() {
+                    return None;
+                }
+                let id = candidates[self.entropy.below(candidates.len())].clone();
                 (id, LeaseKind::Replica)
             }
         };
         let mut effects = Effects::default();
-        let now = now_ms();
-        let lease_id: LeaseId = tabula_protocol::Bytes(ordered_bytes());
+        let now = ctx.now;
+        let lease_id = self.entropy.lease_id(now);
         if kind == LeaseKind::Replica {
             // Adaptive replication: a long-clean worker runs a fresh unit alone, except for a
-            // random fraction of spot checks. It cannot tell which.
+            // random fraction of spot checks; solo units are audited like quorum ones. It
+            // cannot tell which.
             let fresh = self.units[&unit_id].leases.is_empty();
             if streak >= i64::from(ctx.config.solo_after)
                 && fresh
-                && random_unit() >= ctx.config.spot_check_rate
+                && self.entropy.unit() >= ctx.config.spot_check_rate
             {
                 let u = self.units.get_mut(&unit_id).expect("chosen above");
                 u.replicas = 1;
@@ -537,21 +720,33 @@ impl Book {
             task: (*u.task).clone(),
         };
         self.leases.insert(lease_id, lease);
+        self.count_active(worker, prefix, true);
         self.refresh_leasable(&unit_id);
         ctx.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
         Some((assignment, effects))
     }
 
+    /// Moves an active lease out of the active state (to `state`), keeping the counts.
+    fn deactivate(&mut self, id: &LeaseId, state: LeaseState) {
+        let lease = self.leases.get_mut(id).expect("a lease in memory");
+        assert_eq!(lease.state, LeaseState::Active, "only an active lease ends");
+        assert_ne!(state, LeaseState::Active);
+        lease.state = state;
+        let (worker, prefix) = (lease.worker.clone(), lease.prefix.clone());
+        self.count_active(&worker, &prefix, false);
+    }
+
     /// Moves an active lease to `state` (released or expired), freeing its replica slot.
     fn end_lease(&mut self, id: &LeaseId, state: LeaseState, effects: &mut Effects) {
-        let Some(lease) = self.leases.get_mut(id) else {
+        if !self.leases.contains_key(id) {
             return;
-        };
-        lease.state = state;
+        }
+        self.deactivate(id, state);
         effects.writes.push(Write::LeaseState {
             id: id.to_hex(),
             state: state.as_str(),
         });
+        let lease = self.leases.get_mut(id).expect("present");
         if std::mem::take(&mut lease.orphaned) {
             effects.writes.push(Write::Unorphan { lease: id.to_hex() });
         }
@@ -561,7 +756,8 @@ impl Book {
         self.evict_if_done(&unit);
     }
 
-    /// Gives a lease back unfinished: its unit is re-issued at once, without penalty.
+    /// Gives a lease back unfinished: its unit is re-issued at once, never to this key again,
+    /// and the lease counts against the key's allowance of abandoned leases.
     pub(super) fn release(&mut self, ctx: &Ctx, worker: &str, lease: &LeaseId) -> Effects {
         let mut effects = Effects::default();
         if self
@@ -570,20 +766,29 @@ impl Book {
             .is_some_and(|l| l.state == LeaseState::Active && l.worker == worker)
         {
             self.end_lease(lease, LeaseState::Released, &mut effects);
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.expired += 1;
+            }
+            self.write_worker(worker, &mut effects);
             ctx.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
         }
         effects
     }
 
     /// Marks the active leases of `worker` as orphaned: its connection ended without an
-    /// answer. They stay active (a reconnecting worker can still submit), but expiring them
-    /// is not held against the worker.
-    pub(super) fn orphan(&mut self, worker: &str) -> Effects {
+    /// answer. They stay active for a short grace (a reconnecting worker can still submit),
+    /// and expiring them is no strike, but it counts as abandoned.
+    pub(super) fn orphan(&mut self, ctx: &Ctx, worker: &str) -> Effects {
         let mut effects = Effects::default();
-        let now = now_ms();
+        let now = ctx.now;
+        let grace = ORPHAN_GRACE_MS.min(ctx.config.lease_ms as i64);
         for l in self.leases.values_mut() {
             if l.worker == worker && l.state == LeaseState::Active && !l.orphaned {
                 l.orphaned = true;
+                if l.deadline_ms > now + grace {
+                    l.deadline_ms = now + grace;
+                    effects.writes.push(Write::Lease(l.row()));
+                }
                 effects.writes.push(Write::Orphan {
                     lease: l.id.to_hex(),
                     since_ms: now,
@@ -595,14 +800,16 @@ impl Book {
 
     /// Expires overdue leases: their units go to other workers; the holder's streak resets,
     /// and it takes a strike unless the lease was orphaned.
-    pub(super) fn expire(&mut self, ctx: &Ctx, now: i64) -> Effects {
+    pub(super) fn expire(&mut self, ctx: &Ctx) -> Effects {
         let mut effects = Effects::default();
-        let overdue: Vec<(LeaseId, String, bool)> = self
+        let mut overdue: Vec<(LeaseId, String, bool)> = self
             .leases
             .values()
-            .filter(|l| l.state == LeaseState::Active && l.deadline_ms < now)
+            .filter(|l| l.state == LeaseState::Active && l.deadline_ms < ctx.now)
             .map(|l| (l.id, l.worker.clone(), l.orphaned))
             .collect();
+        // In id order, not the map's: the same decisions whatever the hasher.
+        overdue.sort_unstable_by_key(|(id, ..)| *id);
         for (id, worker, orphaned) in overdue {
             self.end_lease(&id, LeaseState::Expired, &mut effects);
             ctx.metrics.leases_expired.fetch_add(1, Ordering::Relaxed);
@@ -655,6 +862,14 @@ impl Book {
                 .map(|e| format!("malformed output: {e}"))
         };
         let mut effects = Effects::default();
+        self.deactivate(
+            &s.lease,
+            if problem.is_some() {
+                LeaseState::Wrong
+            } else {
+                LeaseState::Submitted
+            },
+        );
         let lease = self.leases.get_mut(&s.lease).expect("looked up above");
         if std::mem::take(&mut lease.orphaned) {
             effects.writes.push(Write::Unorphan {
@@ -664,7 +879,6 @@ impl Book {
         let verdict = if let Some(reason) = problem {
             // The replica slot stays used (a bad result is a result); `evaluate` adds a
             // replica once every slot has answered.
-            lease.state = LeaseState::Wrong;
             effects.writes.push(Write::LeaseState {
                 id: s.lease.to_hex(),
                 state: LeaseState::Wrong.as_str(),
@@ -674,11 +888,10 @@ impl Book {
             ctx.metrics.results_rejected.fetch_add(1, Ordering::Relaxed);
             Verdict::Rejected(reason)
         } else {
-            lease.state = LeaseState::Submitted;
             lease.output_hash = Some(s.output_hash.to_hex());
             lease.output = Some(Arc::new(s.output.clone()));
             lease.signature = Some(s.signature.to_hex());
-            lease.submitted_ms = Some(now_ms());
+            lease.submitted_ms = Some(ctx.now);
             effects.writes.push(Write::Lease(lease.row()));
             Verdict::Accepted
         };
@@ -757,17 +970,33 @@ impl Book {
         ids
     }
 
-    /// Advances a unit after a result: verified by a trusted quorum, sent to the referee, or
-    /// given another replica.
+    /// Advances a unit after a result: verified by a quorum of trusted workers, sent to the
+    /// referee, or given another replica. A result for a verified unit (a canary, a late
+    /// replica) is judged against its output when it agrees, and by an audit when it does not.
     fn evaluate(&mut self, ctx: &Ctx, unit_id: &str, effects: &mut Effects) {
         let unit = &self.units[unit_id];
         let precision = unit.task.precision();
         match unit.status {
             UnitStatus::Verified => {
-                // A late replica or a canary: judged against the canonical output.
                 let canonical = unit.output.clone().unwrap_or_default();
                 let hash = unit.output_hash.clone().unwrap_or_default();
-                self.settle_results(ctx, unit_id, &canonical, &hash, effects);
+                let disagreement = self.results(unit).iter().any(|id| {
+                    let l = &self.leases[id];
+                    !Self::agree(
+                        precision,
+                        &hash,
+                        &canonical,
+                        l.output_hash.as_deref().unwrap_or_default(),
+                        l.output.as_deref().map(Vec::as_slice).unwrap_or_default(),
+                    )
+                });
+                if disagreement {
+                    // The stored output may be the wrong one (a quorum of liars): only the
+                    // referee decides, and the results wait for it.
+                    self.queue_audit(unit_id, true, effects);
+                } else if !unit.audit {
+                    self.settle_results(ctx, unit_id, &canonical, &hash, effects);
+                }
                 return;
             }
             UnitStatus::Referee => return,
@@ -792,18 +1021,31 @@ impl Book {
                 None => groups.push(vec![*id]),
             }
         }
-        if let Some(best) = groups.iter().max_by_key(|g| g.len())
-            && best.len() as i64 >= unit.quorum
+        if groups.len() > 1 {
+            // Two well-formed answers differ: someone lied. A majority proves nothing (two
+            // colluders outvote one honest worker), so the referee settles it, and nobody is
+            // struck before it has.
+            self.send_to_referee(unit_id, effects);
+            return;
+        }
+        if let Some(group) = groups.first()
+            && group.len() as i64 >= unit.quorum
         {
-            let trusted = best.iter().any(|id| {
+            // Accepted without the referee only when every member is past probation: a
+            // fresh key agreeing with a trusted one may be that key's partner.
+            let all_trusted = group.iter().all(|id| {
                 self.workers
                     .get(&self.leases[id].worker)
-                    .is_some_and(|w| w.clean_streak >= i64::from(ctx.config.probation_units))
+                    .is_some_and(|w| Self::trusted(ctx, w))
             });
-            if trusted {
-                let (hash, out) = output(&best[0]);
+            if all_trusted {
+                let (hash, out) = output(&group[0]);
                 let (hash, out) = (hash.to_string(), out.to_vec());
-                self.verify_unit(ctx, unit_id, out, hash, "quorum", effects);
+                let by = if unit.quorum == 1 { "solo" } else { "quorum" };
+                self.verify_unit(ctx, unit_id, out, hash, by, effects);
+                if self.entropy.unit() < ctx.config.audit_rate {
+                    self.queue_audit(unit_id, false, effects);
+                }
             } else {
                 self.send_to_referee(unit_id, effects);
             }
@@ -840,6 +1082,23 @@ impl Book {
         effects.referee = true;
     }
 
+    /// Puts a verified unit in the audit queue: at random (`forced` false, skipped when the
+    /// queue is full) or because a result disagrees with it or a liar helped verify it.
+    fn queue_audit(&mut self, unit_id: &str, forced: bool, effects: &mut Effects) {
+        let Some(u) = self.units.get_mut(unit_id) else {
+            return;
+        };
+        if u.status != UnitStatus::Verified || u.audit {
+            return;
+        }
+        if !forced && self.audits.len() >= AUDIT_QUEUE {
+            return;
+        }
+        u.audit = true;
+        self.audits.insert((u.seq, u.id.clone()));
+        effects.referee = true;
+    }
+
     /// Marks a unit verified with `output`, credits agreeing results, strikes the others and
     /// advances its job.
     fn verify_unit(
@@ -851,7 +1110,7 @@ impl Book {
         by: &'static str,
         effects: &mut Effects,
     ) {
-        let now = now_ms();
+        let now = ctx.now;
         let u = self.units.get_mut(unit_id).expect("a unit in memory");
         if u.status == UnitStatus::Verified {
             return;
@@ -882,22 +1141,34 @@ impl Book {
             }
         }
         self.settle_results(ctx, unit_id, &output, &hash, effects);
-        // Into the canary pool, pushing the oldest out.
-        let u = self.units.get_mut(unit_id).expect("a unit in memory");
-        u.in_canary_pool = true;
-        self.canaries.push_back(unit_id.to_string());
-        if self.canaries.len() > CANARY_POOL
-            && let Some(old) = self.canaries.pop_front()
-        {
-            if let Some(u) = self.units.get_mut(&old) {
-                u.in_canary_pool = false;
-            }
-            self.evict_if_done(&old);
+        if by == "referee" {
+            self.add_canary(unit_id);
         }
     }
 
+    /// Puts a unit whose output the referee computed or confirmed into the canary pool; a
+    /// full pool gives up a random member.
+    fn add_canary(&mut self, unit_id: &str) {
+        let u = self.units.get_mut(unit_id).expect("a unit in memory");
+        if u.in_canary_pool {
+            return;
+        }
+        u.in_canary_pool = true;
+        if self.canaries.len() < CANARY_POOL {
+            self.canaries.push(unit_id.to_string());
+            return;
+        }
+        let i = self.entropy.below(self.canaries.len());
+        let old = std::mem::replace(&mut self.canaries[i], unit_id.to_string());
+        if let Some(u) = self.units.get_mut(&old) {
+            u.in_canary_pool = false;
+        }
+        self.evict_if_done(&old);
+    }
+
     /// Credits every submitted result of a unit that agrees with the canonical output and
-    /// strikes every one that does not.
+    /// strikes every one that does not. A key with no verified unit yet is banned at its first
+    /// proven lie: a fresh key has nothing to lose, and each of its lies costs the referee.
     fn settle_results(
         &mut self,
         ctx: &Ctx,
@@ -908,7 +1179,7 @@ impl Book {
     ) {
         let unit = &self.units[unit_id];
         let precision = unit.task.precision();
-        let (digest, credit_micro) = (unit.digest, unit.credit_micro);
+        let (digest, credit_micro) = (unit.digest, earned_credit(unit, canonical));
         for id in self.results(unit) {
             let lease = &self.leases[&id];
             let agrees = Self::agree(
@@ -939,7 +1210,7 @@ impl Book {
                         .and_then(|h| Hash::from_hex(h).ok())
                         .unwrap_or_default(),
                     credit_micro: credit_micro.max(0) as u64,
-                    issued_ms: now_ms() as u64,
+                    issued_ms: ctx.now as u64,
                     signature: Default::default(),
                 };
                 ctx.identity.sign_receipt(&mut receipt);
@@ -968,11 +1239,24 @@ impl Book {
                     id: id.to_hex(),
                     state: LeaseState::Wrong.as_str(),
                 });
-                self.strike(ctx, &worker, effects);
+                if self.workers.get(&worker).is_some_and(|w| w.verified == 0) {
+                    self.ban(&worker, effects);
+                } else {
+                    self.strike(ctx, &worker, effects);
+                }
                 ctx.metrics.results_wrong.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker, unit = unit_id, "wrong result");
             }
         }
+    }
+
+    fn ban(&mut self, key: &str, effects: &mut Effects) {
+        if let Some(w) = self.workers.get_mut(key) {
+            w.strikes += 1;
+            w.clean_streak = 0;
+            w.banned = true;
+        }
+        self.write_worker(key, effects);
     }
 
     /// Forgets a verified unit and its leases once nothing can change it any more.
@@ -982,9 +1266,13 @@ impl Book {
         };
         if u.status != UnitStatus::Verified
             || u.in_canary_pool
-            || u.leases
-                .iter()
-                .any(|id| self.leases[id].state == LeaseState::Active)
+            || u.audit
+            || u.leases.iter().any(|id| {
+                matches!(
+                    self.leases[id].state,
+                    LeaseState::Active | LeaseState::Submitted
+                )
+            })
         {
             return;
         }
@@ -996,10 +1284,14 @@ impl Book {
 
     // ----- referee -----
 
-    /// The oldest unit waiting for the referee, with its task.
-    pub(super) fn next_for_referee(&self) -> Option<(String, Task)> {
-        let (_, id) = self.referee.first()?;
-        Some((id.clone(), (*self.units[id].task).clone()))
+    /// What the referee does next: the oldest unit waiting for it (a job waits on those),
+    /// else the oldest audit. `true` marks an audit.
+    pub(super) fn next_for_referee(&self) -> Option<(String, Task, bool)> {
+        let ((_, id), audit) = match self.referee.first() {
+            Some(first) => (first, false),
+            None => (self.audits.first()?, true),
+        };
+        Some((id.clone(), (*self.units[id].task).clone(), audit))
     }
 
     /// The referee's output for a unit: it becomes the canonical one.
@@ -1019,11 +1311,230 @@ impl Book {
         Some(effects)
     }
 
+    /// The referee's output for a unit it audited. When it agrees with the stored output the
+    /// unit is confirmed (and may become a canary); when not, every worker credited for the
+    /// stored output signed a wrong result that was accepted: each is banned and its other
+    /// units are to be audited ([`Effects::caught`]), the unit takes the referee's output,
+    /// and results waiting for the audit are judged against it.
+    pub(super) fn audited(
+        &mut self,
+        ctx: &Ctx,
+        unit_id: &str,
+        output: Vec<u8>,
+        hash: String,
+    ) -> Option<Effects> {
+        let u = self.units.get_mut(unit_id)?;
+        if !u.audit {
+            return None;
+        }
+        u.audit = false;
+        self.audits.remove(&(u.seq, u.id.clone()));
+        let mut effects = Effects::default();
+        let precision = u.task.precision();
+        let stored = u.output.clone().unwrap_or_default();
+        let stored_hash = u.output_hash.clone().unwrap_or_default();
+        ctx.metrics.units_audited.fetch_add(1, Ordering::Relaxed);
+        if Self::agree(precision, &stored_hash, &stored, &hash, &output) {
+            if u.verified_by != Some("referee") {
+                u.verified_by = Some("audited");
+                effects.writes.push(Write::Unit(unit_row(u)));
+            }
+            self.add_canary(unit_id);
+        } else {
+            ctx.metrics.audits_failed.fetch_add(1, Ordering::Relaxed);
+            let liars: Vec<String> = u
+                .leases
+                .iter()
+                .filter(|id| self.leases[*id].state == LeaseState::Correct)
+                .map(|id| self.leases[id].worker.clone())
+                .collect();
+            tracing::warn!(
+                unit = unit_id,
+                ?liars,
+                "an audit found a wrong verified output"
+            );
+            let u = self.units.get_mut(unit_id).expect("present");
+            u.output = Some(Arc::new(output.clone()));
+            u.output_hash = Some(hash.clone());
+            u.verified_by = Some("audit");
+            effects.writes.push(Write::Unit(unit_row(u)));
+            for liar in liars {
+                if !self.workers.get(&liar).is_some_and(|w| w.banned) {
+                    ctx.metrics.workers_caught.fetch_add(1, Ordering::Relaxed);
+                    effects.caught.push(liar.clone());
+                }
+                self.ban(&liar, &mut effects);
+            }
+            self.add_canary(unit_id);
+        }
+        let canonical = self.units[unit_id].output.clone().unwrap_or_default();
+        let canonical_hash = self.units[unit_id].output_hash.clone().unwrap_or_default();
+        self.settle_results(ctx, unit_id, &canonical, &canonical_hash, &mut effects);
+        self.evict_if_done(unit_id);
+        Some(effects)
+    }
+
+    /// Audits the verified units `ids` that a caught liar helped verify: those already in
+    /// memory as they are, the others from `loaded` (read from the database with their
+    /// finished leases).
+    pub(super) fn add_for_audit(
+        &mut self,
+        ids: &[String],
+        loaded: Vec<Unit>,
+        leases: Vec<Lease>,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        for mut u in loaded {
+            if self.units.contains_key(&u.id) {
+                continue;
+            }
+            u.leases.clear();
+            for l in &leases {
+                // Active leases of a verified unit only matter to their holders; an audit
+                // judges the finished ones.
+                if l.unit == u.id && l.state != LeaseState::Active {
+                    u.leases.push(l.id);
+                }
+            }
+            self.units.insert(u.id.clone(), u);
+        }
+        for l in leases {
+            if l.state != LeaseState::Active
+                && self
+                    .units
+                    .get(&l.unit)
+                    .is_some_and(|u| u.leases.contains(&l.id))
+            {
+                self.leases.entry(l.id).or_insert(l);
+            }
+        }
+        for id in ids {
+            if self
+                .units
+                .get(id)
+                .is_some_and(|u| u.verified_by != Some("referee"))
+            {
+                self.queue_audit(id, true, &mut effects);
+            }
+            // Loaded but not to be audited (refereed already): nothing keeps it.
+            self.evict_if_done(id);
+        }
+        effects
+    }
+
     // ----- inspection (tests, metrics) -----
+
+    /// Panics unless every index agrees with the units and leases it summarises: `leasable`
+    /// holds exactly the open units with a slot free, `referee` the refereed units, `audits`
+    /// the units waiting for an audit, the active counts the active leases, the canary pool
+    /// its members; every unit's leases exist and name it. O(memory): for tests and the
+    /// simulation, after every decision.
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
+    pub(super) fn check_invariants(&self) {
+        let leasable: BTreeSet<(i64, String)> = self
+            .units
+            .values()
+            .filter(|u| u.status == UnitStatus::Open && self.slots_used(u) < u.replicas)
+            .map(|u| (u.seq, u.id.clone()))
+            .collect();
+        assert_eq!(self.leasable, leasable, "leasable");
+        let referee: BTreeSet<(i64, String)> = self
+            .units
+            .values()
+            .filter(|u| u.status == UnitStatus::Referee)
+            .map(|u| (u.seq, u.id.clone()))
+            .collect();
+        assert_eq!(self.referee, referee, "referee queue");
+        let audits: BTreeSet<(i64, String)> = self
+            .units
+            .values()
+            .filter(|u| u.audit)
+            .map(|u| (u.seq, u.id.clone()))
+            .collect();
+        assert_eq!(self.audits, audits, "audit queue");
+        assert!(
+            self.units
+                .values()
+                .all(|u| !u.audit || u.status == UnitStatus::Verified),
+            "only verified units are audited"
+        );
+        let mut by_worker: HashMap<String, u32> = HashMap::new();
+        let mut by_prefix: HashMap<String, u32> = HashMap::new();
+        for l in self.leases.values() {
+            let u = self
+                .units
+                .get(&l.unit)
+                .expect("a lease's unit is in memory");
+            assert!(u.leases.contains(&l.id), "a unit lists its leases");
+            if l.state == LeaseState::Active {
+                *by_worker.entry(l.worker.clone()).or_default() += 1;
+                *by_prefix.entry(l.prefix.clone()).or_default() += 1;
+            }
+        }
+        assert_eq!(self.active_by_worker, by_worker, "active leases by worker");
+        assert_eq!(self.active_by_prefix, by_prefix, "active leases by prefix");
+        for u in self.units.values() {
+            assert!(
+                u.leases.iter().all(|id| self.leases.contains_key(id)),
+                "every lease of a unit is in memory"
+            );
+        }
+        let pool: BTreeSet<&String> = self.canaries.iter().collect();
+        assert_eq!(pool.len(), self.canaries.len(), "a canary is pooled once");
+        for u in self.units.values() {
+            assert_eq!(u.in_canary_pool, pool.contains(&u.id), "canary flags");
+        }
+        assert!(self.canaries.len() <= CANARY_POOL);
+        for id in &self.canaries {
+            let u = &self.units[id];
+            assert!(
+                u.status == UnitStatus::Verified && u.referee_confirmed(),
+                "canaries come only from refereed or audited units"
+            );
+        }
+    }
 
     pub(super) fn units_in_memory(&self) -> usize {
         self.units.len()
     }
+}
+
+/// The units `worker` was credited for since `since_ms` (at most `limit`, newest first), with
+/// their leases: what is to be audited once the worker is caught lying.
+pub(super) async fn load_for_audit(
+    db: &Db,
+    worker: &str,
+    since_ms: i64,
+    limit: i64,
+) -> Result<(Vec<String>, Vec<Unit>, Vec<Lease>)> {
+    const UNIT_COLUMNS: &str = "u.id, u.job_id, u.seq, u.task, u.digest, u.credit_micro, u.replicas, u.quorum, u.status, u.output, u.output_hash, u.verified_by, u.verified_ms";
+    let rows = sqlx::query(&format!(
+        "SELECT {UNIT_COLUMNS} FROM credits c JOIN units u ON u.id = c.unit_id
+         WHERE c.worker = $1 AND c.issued_ms >= $2 AND u.status = 'verified'
+         ORDER BY c.issued_ms DESC LIMIT $3"
+    ))
+    .bind(worker)
+    .bind(since_ms)
+    .bind(limit)
+    .fetch_all(&db.pool)
+    .await?;
+    let units = rows.iter().map(unit_from_row).collect::<Result<Vec<_>>>()?;
+    let ids: Vec<String> = units.iter().map(|u| u.id.clone()).collect();
+    let mut leases = Vec::new();
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms, output_hash, output, signature, submitted_ms FROM leases WHERE unit_id IN ({}) ORDER BY issued_ms, id",
+            parameter_list(db.flavor.first_parameter(), chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(id.as_str());
+        }
+        for row in q.fetch_all(&db.pool).await? {
+            leases.push(lease_from_row(&row)?);
+        }
+    }
+    Ok((ids, units, leases))
 }
 
 /// Inserts the units of a new job (many per statement: a 2 048-input request is a handful of
@@ -1066,6 +1577,22 @@ pub(super) async fn insert_units(
     Ok(())
 }
 
+/// What a unit's verified `output` earns each agreeing worker: its credit, which a generation
+/// unit was priced at for `max_tokens`, scaled to the tokens it produced (a model that stops
+/// early computed less).
+fn earned_credit(unit: &Unit, output: &[u8]) -> i64 {
+    if let Task::Generate {
+        prompt, max_tokens, ..
+    } = unit.task.as_ref()
+        && let Ok(UnitOutput::Generation { tokens, .. }) = UnitOutput::decode(output)
+    {
+        let planned = prompt.len() as i64 + i64::from(*max_tokens);
+        let used = prompt.len() as i64 + (tokens.len() as i64).min(i64::from(*max_tokens));
+        return unit.credit_micro.saturating_mul(used) / planned.max(1);
+    }
+    unit.credit_micro
+}
+
 fn unit_row(u: &Unit) -> UnitRow {
     UnitRow {
         id: u.id.clone(),
@@ -1105,12 +1632,16 @@ fn unit_from_row(row: &sqlx::any::AnyRow) -> Result<Unit> {
         output_hash: row.try_get("output_hash")?,
         verified_by: match row.try_get::<Option<String>, _>("verified_by")?.as_deref() {
             Some("referee") => Some("referee"),
+            Some("solo") => Some("solo"),
+            Some("audited") => Some("audited"),
+            Some("audit") => Some("audit"),
             Some(_) => Some("quorum"),
             None => None,
         },
         verified_ms: row.try_get("verified_ms")?,
         leases: Vec::new(),
         in_canary_pool: false,
+        audit: false,
     })
 }
 
@@ -1154,7 +1685,7 @@ mod tests {
     use tabula_protocol::{ModelRef, SignerKey, Submission};
 
     use super::*;
-    use crate::journal::Journal;
+    use crate::{db::now_ms, journal::Journal};
 
     const DIM: usize = 4;
 
@@ -1195,16 +1726,22 @@ mod tests {
         metrics: Metrics,
         book: Book,
         writes: Vec<Write>,
+        /// The clock of every decision.
+        now: i64,
     }
 
     impl Bench {
         fn new(config: Config) -> Self {
+            let mut book = Book::default();
+            // The same draws (placement, audits, canaries) on every run.
+            book.seed(1);
             Bench {
                 config,
                 identity: Identity::from_seed([9; 32]),
                 metrics: Metrics::default(),
-                book: Book::default(),
+                book,
                 writes: Vec::new(),
+                now: now_ms(),
             }
         }
 
@@ -1213,28 +1750,15 @@ mod tests {
             let dim = |_: &Task| DIM;
             let ctx = Ctx {
                 config: &self.config,
+                now: self.now,
                 identity: &self.identity,
                 metrics: &self.metrics,
                 output_dim: &dim,
             };
             let (value, effects) = f(&mut self.book, &ctx);
             self.writes.extend(effects.writes);
-            self.assert_leasable_is_exact();
+            self.book.check_invariants();
             value
-        }
-
-        /// After every decision, `leasable` holds exactly the open units with a slot free: a
-        /// unit missing from it would never be leased again, one too many would only cost
-        /// time.
-        fn assert_leasable_is_exact(&self) {
-            let b = &self.book;
-            let expected: BTreeSet<(i64, String)> = b
-                .units
-                .values()
-                .filter(|u| u.status == UnitStatus::Open && b.slots_used(u) < u.replicas)
-                .map(|u| (u.seq, u.id.clone()))
-                .collect();
-            assert_eq!(b.leasable, expected);
         }
 
         fn add_job(&mut self, job: &str, tasks: &[Task]) -> Vec<String> {
@@ -1254,7 +1778,7 @@ mod tests {
                 .collect();
             let ids = units.iter().map(|u| u.id.clone()).collect();
             self.book.add_job(job, units);
-            self.assert_leasable_is_exact();
+            self.book.check_invariants();
             ids
         }
 
@@ -1333,29 +1857,50 @@ mod tests {
                 .iter()
                 .any(|w| matches!(w, Write::Job(j) if j.status == "done" && j.units_verified == 1))
         );
-        // Verified and answered: only the canary pool keeps it.
-        assert!(t.book.canaries.iter().any(|id| id == "job-unit0"));
+        // Verified by a quorum, never by the referee: not a canary.
+        assert!(t.book.canaries.is_empty());
+    }
+
+    /// The referee's verdict on the next unit waiting for it (`truth` as its output).
+    fn referee(t: &mut Bench, truth: i32) -> bool {
+        let Some((id, _, audit)) = t.book.next_for_referee() else {
+            return false;
+        };
+        let out = output(truth);
+        let hash = tabula_protocol::sha256(&out).to_hex();
+        t.run(|b, ctx| {
+            let e = if audit {
+                b.audited(ctx, &id, out, hash)
+            } else {
+                b.refereed(ctx, &id, out, hash)
+            };
+            ((), e.unwrap_or_default())
+        });
+        true
     }
 
     #[test]
-    fn a_disagreement_adds_a_replica_and_the_odd_one_out_is_struck() {
+    fn a_disagreement_goes_to_the_referee_and_only_the_liar_is_struck() {
         let mut t = Bench::new(config());
         t.add_job("job", &[task(1)]);
         let (ia, a) = t.worker(1);
         let (ib, b) = t.worker(2);
-        let (ic, c) = t.worker(3);
         let la = t.grant(&a, "net-1").unwrap();
         let lb = t.grant(&b, "net-2").unwrap();
         t.submit(&ia, &la, output(7));
         t.submit(&ib, &lb, output(8));
-        assert_eq!(t.book.units["job-unit0"].replicas, 3);
-        let lc = t.grant(&c, "net-3").expect("the tie-breaker");
-        t.submit(&ic, &lc, output(7));
+        // No majority decides: two colluders would outvote an honest worker.
+        assert_eq!(t.book.units["job-unit0"].status, UnitStatus::Referee);
+        assert_eq!(t.record(&a).strikes + t.record(&b).strikes, 0);
+        assert!(referee(&mut t, 7));
         assert_eq!(t.book.units["job-unit0"].status, UnitStatus::Verified);
         assert_eq!(t.record(&a).verified, 1);
-        assert_eq!(t.record(&c).verified, 1);
-        assert_eq!(t.record(&b).strikes, 1);
-        assert_eq!(t.record(&b).verified, 0);
+        assert_eq!((t.record(&a).strikes, t.record(&b).strikes), (0, 1));
+        // A fresh key's first proven lie bans it: it has nothing to lose, and each lie costs
+        // the referee.
+        assert!(t.record(&b).banned);
+        // A refereed unit is a canary from now on.
+        assert_eq!(t.book.canaries, vec!["job-unit0".to_string()]);
     }
 
     #[test]
@@ -1410,9 +1955,9 @@ mod tests {
         let (_, b) = t.worker(2);
         t.grant(&a, "net-1").unwrap();
         t.grant(&b, "net-2").unwrap();
-        t.run(|book, _| ((), book.orphan(&a)));
-        let later = now_ms() + 10 * t.config.lease_ms as i64;
-        t.run(|book, ctx| ((), book.expire(ctx, later)));
+        t.run(|book, ctx| ((), book.orphan(ctx, &a)));
+        t.now += 10 * t.config.lease_ms as i64;
+        t.run(|book, ctx| ((), book.expire(ctx)));
         assert_eq!(t.metrics.leases_expired.load(Ordering::Relaxed), 2);
         assert_eq!((t.record(&a).expired, t.record(&a).strikes), (1, 0));
         assert_eq!((t.record(&b).expired, t.record(&b).strikes), (1, 1));
@@ -1437,8 +1982,276 @@ mod tests {
         let la = t.grant(&a, "net-1").unwrap();
         assert_eq!(t.book.units["job-unit0"].replicas, 1);
         t.submit(&ia, &la, output(3));
-        assert_eq!(t.book.units["job-unit0"].status, UnitStatus::Verified);
+        assert!(t.writes.iter().any(|w| matches!(w, Write::Unit(u)
+                if u.status == "verified" && u.verified_by == Some("solo"))));
         assert_eq!(t.metrics.units_solo.load(Ordering::Relaxed), 1);
+    }
+
+    fn trusted(t: &mut Bench, key: &str, verified: i64) {
+        let w = t.book.workers.get_mut(key).unwrap();
+        w.verified = verified;
+        w.clean_streak = verified;
+    }
+
+    fn tasks(n: u32) -> Vec<Task> {
+        (0..n).map(task).collect()
+    }
+
+    /// Finding 1: grants went first-come to the oldest unit, so two keys asking back to back
+    /// always shared it. Now a unit is drawn among the oldest the worker may take.
+    #[test]
+    fn two_keys_asking_together_share_a_unit_only_by_chance() {
+        let mut shared = 0;
+        for trial in 0..200 {
+            let mut t = Bench::new(config());
+            t.book.seed(trial);
+            t.add_job("job", &tasks(32));
+            let (_, a) = t.worker(1);
+            let (_, b) = t.worker(2);
+            let la = t.grant(&a, "net-1").unwrap();
+            let lb = t.grant(&b, "net-2").unwrap();
+            shared += u32::from(la.unit == lb.unit);
+        }
+        // About 1 in 32 (first-come: 200 of 200).
+        assert!(shared <= 20, "{shared} of 200 trials shared a unit");
+    }
+
+    /// Finding 3 and pair-seeking: a released unit never comes back to the key, releases
+    /// count against it, and past its allowance it gets nothing.
+    #[test]
+    fn releases_cost_a_key_and_never_return_its_unit() {
+        let mut t = Bench::new(Config {
+            abandon_allowance: 2,
+            ..config()
+        });
+        t.add_job("one", &[task(1)]);
+        let (_, a) = t.worker(1);
+        let l = t.grant(&a, "net-1").unwrap();
+        t.run(|b, ctx| ((), b.release(ctx, &a, &l.lease)));
+        assert!(
+            t.grant(&a, "net-1").is_none(),
+            "the released unit came back"
+        );
+        assert_eq!(t.record(&a).expired, 1);
+        t.add_job("many", &tasks(10));
+        for _ in 0..2 {
+            let l = t.grant(&a, "net-1").unwrap();
+            t.run(|b, ctx| ((), b.release(ctx, &a, &l.lease)));
+        }
+        assert!(
+            t.grant(&a, "net-1").is_none(),
+            "released past its allowance"
+        );
+        assert_eq!(t.metrics.grants_limited.load(Ordering::Relaxed), 1);
+        let (_, b) = t.worker(2);
+        assert!(t.grant(&b, "net-2").is_some(), "others are served");
+    }
+
+    /// Findings 3 and 7: a fresh key holds one unit at a time; a trusted key at most
+    /// `max_leases_per_key`, and one network at most `max_leases_per_prefix` together.
+    #[test]
+    fn lease_caps_per_key_during_probation_and_per_network() {
+        let mut t = Bench::new(Config {
+            probation_units: 3,
+            max_leases_per_key: 3,
+            max_leases_per_prefix: 4,
+            ..config()
+        });
+        t.add_job("job", &tasks(20));
+        let (_, fresh) = t.worker(1);
+        assert!(t.grant(&fresh, "net-1").is_some());
+        assert!(
+            t.grant(&fresh, "net-1").is_none(),
+            "probation: one at a time"
+        );
+        let (_, a) = t.worker(2);
+        let (_, b) = t.worker(3);
+        trusted(&mut t, &a, 10);
+        trusted(&mut t, &b, 10);
+        let held: usize = (0..5).filter(|_| t.grant(&a, "net-2").is_some()).count();
+        assert_eq!(held, 3, "a trusted key's cap");
+        let more: usize = (0..5).filter(|_| t.grant(&b, "net-2").is_some()).count();
+        assert_eq!(more, 1, "the network's cap");
+        assert!(
+            t.grant(&b, "net-3").is_some(),
+            "another network is not capped"
+        );
+    }
+
+    /// An orphaned lease (the connection ended) expires after a short grace, not a whole
+    /// lease period, so a hoarder that drops its connection frees its units soon.
+    #[test]
+    fn an_orphaned_lease_comes_back_after_a_short_grace() {
+        let mut t = Bench::new(config());
+        t.add_job("job", &[task(1)]);
+        let (_, a) = t.worker(1);
+        t.grant(&a, "net-1").unwrap();
+        t.run(|b, ctx| ((), b.orphan(ctx, &a)));
+        t.now += ORPHAN_GRACE_MS + 1;
+        t.run(|b, ctx| ((), b.expire(ctx)));
+        assert_eq!(t.metrics.leases_expired.load(Ordering::Relaxed), 1);
+        assert_eq!((t.record(&a).expired, t.record(&a).strikes), (1, 0));
+    }
+
+    /// Finding 1: a trusted key paired with a fresh partner no longer verifies a unit by
+    /// their agreement alone; the referee checks, and both are caught.
+    #[test]
+    fn a_trusted_key_and_a_fresh_partner_are_refereed() {
+        let mut t = Bench::new(Config {
+            probation_units: 3,
+            ..config()
+        });
+        t.add_job("job", &[task(1)]);
+        let (it, tk) = t.worker(1);
+        let (ic, c) = t.worker(2);
+        trusted(&mut t, &tk, 4);
+        let lt = t.grant(&tk, "net-1").unwrap();
+        let lc = t.grant(&c, "net-2").unwrap();
+        t.submit(&it, &lt, output(0));
+        t.submit(&ic, &lc, output(0));
+        assert_eq!(t.book.units["job-unit0"].status, UnitStatus::Referee);
+        assert!(referee(&mut t, 5));
+        assert_eq!(t.record(&tk).strikes, 1);
+        assert!(t.record(&c).banned, "a fresh key's first proven lie");
+        assert!(!t.writes.iter().any(|w| matches!(w, Write::Credit(_))));
+    }
+
+    /// Findings 1 and 14: an audit re-executes a verified unit; a trusted quorum (or a solo
+    /// worker) that lied is banned, reported for the audit of its other units, and the unit
+    /// takes the referee's output.
+    #[test]
+    fn an_audit_catches_a_lying_quorum_and_bans_its_members() {
+        let mut t = Bench::new(Config {
+            audit_rate: 1.0,
+            ..config()
+        });
+        t.add_job("job", &[task(1)]);
+        let (ia, a) = t.worker(1);
+        let (ib, b) = t.worker(2);
+        trusted(&mut t, &a, 50);
+        trusted(&mut t, &b, 50);
+        let la = t.grant(&a, "net-1").unwrap();
+        let lb = t.grant(&b, "net-2").unwrap();
+        t.submit(&ia, &la, output(0));
+        t.submit(&ib, &lb, output(0));
+        assert_eq!(t.book.units["job-unit0"].status, UnitStatus::Verified);
+        assert!(t.book.units["job-unit0"].audit, "audited at rate 1");
+        assert!(t.book.canaries.is_empty(), "not a canary before its audit");
+        let (id, _, audit) = t.book.next_for_referee().unwrap();
+        assert!(audit);
+        let truth = output(9);
+        let hash = tabula_protocol::sha256(&truth).to_hex();
+        let caught = t.run(|book, ctx| {
+            let e = book.audited(ctx, &id, truth.clone(), hash.clone()).unwrap();
+            (e.caught.clone(), e)
+        });
+        assert_eq!(caught.len(), 2);
+        assert!(t.record(&a).banned && t.record(&b).banned);
+        let u = &t.book.units["job-unit0"];
+        assert_eq!(u.output_hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(u.verified_by, Some("audit"));
+        assert_eq!(t.metrics.audits_failed.load(Ordering::Relaxed), 1);
+    }
+
+    /// Finding 2: canaries come only from units the referee computed or confirmed, and a
+    /// result that disagrees with a verified unit waits for an audit instead of a strike.
+    #[test]
+    fn a_poisoned_unit_is_never_a_canary_and_a_disagreement_waits_for_an_audit() {
+        let mut t = Bench::new(Config {
+            replicas: 3,
+            canary_rate: 1.0,
+            ..config()
+        });
+        // Two colluders make a quorum of 2 of 3 with a wrong answer while the third replica,
+        // honest, still computes.
+        t.add_job("poisoned", &[task(1)]);
+        let (ia, a) = t.worker(1);
+        let (ib, b) = t.worker(2);
+        let (ih, h) = t.worker(3);
+        let la = t.grant(&a, "net-1").unwrap();
+        let lb = t.grant(&b, "net-2").unwrap();
+        let lh = t.grant(&h, "net-3").unwrap();
+        t.submit(&ia, &la, output(0));
+        t.submit(&ib, &lb, output(0));
+        assert_eq!(t.book.units["poisoned-unit0"].status, UnitStatus::Verified);
+        assert!(t.book.canaries.is_empty(), "a quorum's output is no canary");
+        let (_, other) = t.worker(4);
+        assert!(t.grant(&other, "net-4").is_none(), "no canary, no work");
+        // The honest late answer disagrees: an audit, no strike.
+        t.submit(&ih, &lh, output(9));
+        assert_eq!(t.record(&h).strikes, 0, "struck before the referee spoke");
+        assert!(t.book.units["poisoned-unit0"].audit);
+        assert!(referee(&mut t, 9));
+        assert_eq!(t.record(&h).strikes, 0);
+        assert_eq!(t.record(&h).verified, 1, "the honest answer is credited");
+        assert!(t.record(&a).banned && t.record(&b).banned);
+        // Now confirmed by the referee, it is a canary, and the next worker gets it.
+        assert_eq!(t.book.canaries, vec!["poisoned-unit0".to_string()]);
+        assert!(t.grant(&other, "net-4").is_some());
+        assert_eq!(t.metrics.leases_canary.load(Ordering::Relaxed), 1);
+    }
+
+    /// Finding 7: two fresh keys answering the same zeros cost the referee one unit each,
+    /// not every unit of the job.
+    #[test]
+    fn two_fresh_liars_cost_the_referee_one_unit_each() {
+        let mut t = Bench::new(Config {
+            probation_units: 3,
+            ..config()
+        });
+        t.add_job("job", &tasks(32));
+        let (ia, a) = t.worker(1);
+        let (ib, b) = t.worker(2);
+        let mut refereed = 0;
+        for _ in 0..32 {
+            let (Some(la), Some(lb)) = (t.grant(&a, "net-1"), t.grant(&b, "net-2")) else {
+                break;
+            };
+            t.submit(&ia, &la, output(0));
+            t.submit(&ib, &lb, output(0));
+            while referee(&mut t, 5) {
+                refereed += 1;
+            }
+        }
+        assert!(t.record(&a).banned && t.record(&b).banned);
+        assert!(refereed <= 2, "the referee ran {refereed} units");
+    }
+
+    /// Finding 15: a generation that stops early earns the tokens it produced, not the
+    /// `max_tokens` it was priced at.
+    #[test]
+    fn generation_credit_counts_the_tokens_produced() {
+        let unit = Unit::new(
+            "u".into(),
+            "j".into(),
+            0,
+            Task::Generate {
+                model: ModelRef {
+                    name: "m".into(),
+                    files: Vec::new(),
+                },
+                precision: Precision::Exact,
+                prompt: vec![1, 2],
+                max_tokens: 8,
+                temperature_milli: 0,
+                top_p_q16: 65536,
+                seed: 0,
+                stop: vec![2],
+            },
+            1_000,
+            &config(),
+        );
+        let out = |n: usize| {
+            UnitOutput::Generation {
+                tokens: vec![5; n],
+                stopped: n < 8,
+                logits_sha256: vec![Default::default(); n],
+            }
+            .encode()
+        };
+        assert_eq!(earned_credit(&unit, &out(2)), 400);
+        assert_eq!(earned_credit(&unit, &out(8)), 1_000);
+        assert_eq!(earned_credit(&unit, &out(0)), 200);
     }
 
     /// What must survive a restart, in a comparable form.
@@ -1495,33 +2308,28 @@ mod tests {
         let db = Arc::new(Db::open(dir.path(), None).await.unwrap());
         let journal = Journal::spawn(db.clone());
         let mut t = Bench::new(config());
-        // Three units of a job, in the database and in memory.
-        let tasks: Vec<Task> = (0..3).map(task).collect();
-        let ids = t.add_job("job", &tasks);
-        {
+        // Three jobs of a unit each, in the database and in memory (added one at a time below,
+        // so that random placement has one unit to choose from).
+        for n in 0..3 {
+            let job = format!("job{n}");
             let mut tx = db.pool.begin().await.unwrap();
             sqlx::query(
                 "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms)
-                 VALUES ('job', 'embeddings', 'm', 'exact', NULL, 3, 0, 'running', 0, NULL)",
+                 VALUES ($1, 'embeddings', 'm', 'exact', NULL, 1, 0, 'running', 0, NULL)",
             )
+            .bind(&job)
             .execute(&mut *tx)
             .await
             .unwrap();
-            let units: Vec<&Unit> = ids.iter().map(|id| &t.book.units[id]).collect();
-            let copies: Vec<Unit> = units
-                .iter()
-                .map(|u| {
-                    Unit::new(
-                        u.id.clone(),
-                        "job".into(),
-                        u.seq,
-                        (*u.task).clone(),
-                        1_000,
-                        &t.config,
-                    )
-                })
-                .collect();
-            insert_units(&mut tx, db.flavor, "job", Precision::Exact, &copies)
+            let unit = Unit::new(
+                format!("{job}-unit0"),
+                job.clone(),
+                0,
+                task(n as u32),
+                1_000,
+                &t.config,
+            );
+            insert_units(&mut tx, db.flavor, &job, Precision::Exact, &[unit])
                 .await
                 .unwrap();
             tx.commit().await.unwrap();
@@ -1538,12 +2346,15 @@ mod tests {
         let (ib, b) = &workers[1];
         let (ic, c) = &workers[2];
         let (_, d) = &workers[3];
-        // Unit 0: a and b agree. Unit 1: a and c disagree (a third replica is wanted).
+        // Unit 0: a and b agree. Unit 1: a and c disagree (the referee is wanted).
         // Unit 2: d holds it and its connection ends.
+        t.add_job("job0", &[task(0)]);
         let a0 = t.grant(a, "net-a").unwrap();
         let b0 = t.grant(b, "net-b").unwrap();
+        t.add_job("job1", &[task(1)]);
         let a1 = t.grant(a, "net-a").unwrap();
         let c1 = t.grant(c, "net-c").unwrap();
+        t.add_job("job2", &[task(2)]);
         let d2 = t.grant(d, "net-d").unwrap();
         assert_eq!(a0.unit, b0.unit);
         assert_eq!(a1.unit, c1.unit);
@@ -1562,7 +2373,7 @@ mod tests {
             .await
             .unwrap();
         t.submit(ic, &c1, output(3));
-        t.run(|book, _| ((), book.orphan(d)));
+        t.run(|book, ctx| ((), book.orphan(ctx, d)));
         journal
             .append(std::mem::take(&mut t.writes))
             .committed()
@@ -1572,18 +2383,24 @@ mod tests {
         // The loaded book knows only the workers holding leases of units it loaded.
         let mut expected = summary(&t.book);
         let loaded_summary = summary(&loaded);
-        expected.retain(|line| !line.starts_with("worker") || loaded_summary.contains(line));
+        // Nor verified units that hold no active lease and are no canaries (kept in memory
+        // until their results are judged or evicted).
+        expected.retain(|line| {
+            !(line.starts_with("worker") || line.contains(" verified "))
+                || loaded_summary.contains(line)
+        });
         assert_eq!(loaded_summary, expected);
         assert_eq!(loaded.leasable, t.book.leasable);
         assert!(
-            loaded_summary.iter().any(|l| l.contains("r3")),
+            loaded_summary.iter().any(|l| l.contains(" referee ")),
             "{loaded_summary:#?}"
         );
         assert!(
             loaded_summary.iter().any(|l| l.contains(":active:true:")),
             "{loaded_summary:#?}"
         );
-        assert!(loaded_summary.iter().any(|l| l.starts_with("job job 1/3")));
+        assert!(loaded_summary.iter().any(|l| l.starts_with("job job1 0/1")));
+        assert!(!loaded_summary.iter().any(|l| l.starts_with("job job0")));
         let credits: i64 = sqlx::query("SELECT COUNT(*) AS n FROM credits")
             .fetch_one(&db.pool)
             .await

@@ -15,6 +15,8 @@
 //! database ([`crate::db::Db::claim`]).
 
 mod book;
+#[cfg(test)]
+mod sim;
 
 use std::{
     collections::HashMap,
@@ -53,6 +55,15 @@ pub struct Metrics {
     pub units_solo: AtomicU64,
     pub leases_expired: AtomicU64,
     pub leases_released: AtomicU64,
+    /// Grants refused at a limit: a key's or a network's lease cap, or its abandoned leases.
+    pub grants_limited: AtomicU64,
+    /// Logins of new keys refused by a network's rate limit.
+    pub logins_limited: AtomicU64,
+    /// Verified units the referee re-executed after the fact, and those it found wrong.
+    pub units_audited: AtomicU64,
+    pub audits_failed: AtomicU64,
+    /// Workers banned because an audit caught them.
+    pub workers_caught: AtomicU64,
     pub results_submitted: AtomicU64,
     pub results_rejected: AtomicU64,
     pub results_wrong: AtomicU64,
@@ -63,6 +74,8 @@ pub struct Metrics {
 }
 
 pub struct State {
+    /// Itself, for the tasks it starts from a decision.
+    me: std::sync::Weak<State>,
     pub config: Config,
     pub db: Arc<Db>,
     pub identity: Identity,
@@ -76,11 +89,22 @@ pub struct State {
     pub settlement: Arc<crate::settlement::Settlement>,
     /// Connected sessions by worker key, for pushing receipts.
     sessions: Mutex<HashMap<PublicKey, Vec<mpsc::UnboundedSender<ToWorker>>>>,
+    /// Logins of new keys per network in the current minute: (minute, count).
+    new_key_logins: Mutex<HashMap<String, (i64, u32)>>,
     /// Units in play, leases, workers, running jobs: where decisions are made.
     book: Mutex<Book>,
     journal: Journal,
     /// The last journal failure the book was reloaded after.
     reloaded_after: tokio::sync::Mutex<u64>,
+}
+
+/// Why a job was not created.
+#[derive(Debug)]
+pub enum JobRefused {
+    /// Its idempotency key names job `.0`, made from another request.
+    Conflict(String),
+    /// Its owner has `queued` units in running jobs; the job would pass `limit`.
+    Quota { queued: u64, limit: u64 },
 }
 
 /// What happened to a submitted result.
@@ -109,7 +133,8 @@ impl State {
         let files: Arc<dyn tabula_worker::FileSource + Send + Sync> =
             Arc::new(RegistryFiles(registry.clone()));
         let referee = ExecutorThread::spawn(|| Ok(Executor::new(CpuBackend)), files);
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             config,
             journal: Journal::spawn(db.clone()),
             db,
@@ -121,6 +146,7 @@ impl State {
             referee,
             settlement,
             sessions: Mutex::new(HashMap::new()),
+            new_key_logins: Mutex::new(HashMap::new()),
             book: Mutex::new(book),
             reloaded_after: tokio::sync::Mutex::new(0),
         }))
@@ -182,12 +208,17 @@ impl State {
             let output_dim = |task: &Task| self.output_dim(task);
             let ctx = Ctx {
                 config: &self.config,
+                now: now_ms(),
                 identity: &self.identity,
                 metrics: &self.metrics,
                 output_dim: &output_dim,
             };
             let mut book = self.book();
             let (value, mut effects) = decide(&mut book, &ctx);
+            // Every index agrees with what it indexes, after every decision (debug builds:
+            // it walks the whole book).
+            #[cfg(debug_assertions)]
+            book.check_invariants();
             let pending = self.journal.append(std::mem::take(&mut effects.writes));
             (value, pending, effects)
         };
@@ -200,6 +231,9 @@ impl State {
         }
         if effects.referee {
             self.referee_wake.notify_one();
+        }
+        for liar in effects.caught {
+            self.audit_units_of(liar);
         }
         Ok(value)
     }
@@ -266,9 +300,33 @@ impl State {
 
     // ----- workers -----
 
-    /// Records a login; returns the worker's verified credit, or why it is refused.
-    pub async fn login(&self, worker: &PublicKey, agent: &str) -> Result<Result<u64, String>> {
+    /// Records a login from `network` (an address's /24 or /48, `--local` or not); returns the
+    /// worker's verified credit, or why it is refused and whether trying again later may help.
+    /// A key never seen before takes one of its network's `new_keys_per_minute` (keys are
+    /// free: each new one is a row and a probation's worth of referee work).
+    pub async fn login(
+        &self,
+        worker: &PublicKey,
+        agent: &str,
+        network: &str,
+    ) -> Result<Result<u64, (String, bool)>> {
         let key = worker.to_hex();
+        let known = self.book().worker(&key).is_some()
+            || sqlx::query("SELECT 1 FROM workers WHERE key = $1")
+                .bind(&key)
+                .fetch_optional(&self.db.pool)
+                .await?
+                .is_some();
+        if !known && !self.new_key_allowed(network) {
+            self.metrics.logins_limited.fetch_add(1, Ordering::Relaxed);
+            return Ok(Err((
+                format!(
+                    "too many new worker keys from your network ({} a minute); keep your key file and log in again in a minute",
+                    self.config.new_keys_per_minute
+                ),
+                true,
+            )));
+        }
         let seen = Write::WorkerSeen {
             key: key.clone(),
             agent: agent.to_string(),
@@ -278,12 +336,34 @@ impl State {
         self.commit(pending).await?;
         let record = self.known_worker(&key).await?;
         if record.banned {
-            return Ok(Err(format!(
-                "this worker key is banned after {} wrong or abandoned results",
-                record.strikes
+            return Ok(Err((
+                format!(
+                    "this worker key is banned after {} wrong or abandoned results",
+                    record.strikes
+                ),
+                false,
             )));
         }
         Ok(Ok(self.credit_of_worker(&key).await? as u64))
+    }
+
+    /// Takes one of `network`'s logins of new keys for this minute, if any is left.
+    fn new_key_allowed(&self, network: &str) -> bool {
+        let minute = now_ms() / 60_000;
+        let mut logins = self.new_key_logins.lock().expect("login limiter lock");
+        if logins.len() >= 100_000 {
+            // Bounded memory: forget the networks of earlier minutes.
+            logins.retain(|_, (m, _)| *m == minute);
+        }
+        let entry = logins.entry(network.to_string()).or_insert((minute, 0));
+        if entry.0 != minute {
+            *entry = (minute, 0);
+        }
+        if entry.1 >= self.config.new_keys_per_minute {
+            return false;
+        }
+        entry.1 += 1;
+        true
     }
 
     /// The standing of a logged-in worker, loaded into the book if it is not there (after a
@@ -322,8 +402,10 @@ impl State {
 
     // ----- jobs -----
 
-    /// Creates a job of `tasks` (each with its credit in millionths), or returns the existing
-    /// job with the same idempotency key.
+    /// Creates a job of `tasks` (each with its credit in millionths) for `owner`, or returns
+    /// the existing job with the same idempotency key; refused when that key's job was made
+    /// from another request (its `fingerprint` differs) or `owner` has too many units queued.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_job(
         &self,
         kind: &str,
@@ -331,15 +413,36 @@ impl State {
         precision: Precision,
         tasks: Vec<(Task, i64)>,
         idempotency_key: Option<&str>,
-    ) -> Result<String> {
+        owner: &str,
+        fingerprint: Option<&str>,
+    ) -> Result<Result<String, JobRefused>> {
         let _w = self.db.write().await;
         if let Some(k) = idempotency_key
-            && let Some(row) = sqlx::query("SELECT id FROM jobs WHERE idempotency_key = $1")
-                .bind(k)
-                .fetch_optional(&self.db.pool)
-                .await?
+            && let Some(row) =
+                sqlx::query("SELECT id, fingerprint FROM jobs WHERE idempotency_key = $1")
+                    .bind(k)
+                    .fetch_optional(&self.db.pool)
+                    .await?
         {
-            return Ok(row.try_get("id")?);
+            let id: String = row.try_get("id")?;
+            let stored: Option<String> = row.try_get("fingerprint")?;
+            return Ok(match (stored.as_deref(), fingerprint) {
+                (Some(a), Some(b)) if a != b => Err(JobRefused::Conflict(id)),
+                _ => Ok(id),
+            });
+        }
+        let queued: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(units_total - units_verified), 0) AS BIGINT) AS q FROM jobs WHERE owner = $1 AND status = 'running'",
+        )
+        .bind(owner)
+        .fetch_one(&self.db.pool)
+        .await?
+        .try_get("q")?;
+        if queued as u64 + tasks.len() as u64 > self.config.max_queued_units {
+            return Ok(Err(JobRefused::Quota {
+                queued: queued as u64,
+                limit: self.config.max_queued_units,
+            }));
         }
         let id = random_id(kind);
         let now = now_ms();
@@ -359,8 +462,8 @@ impl State {
             .collect();
         let mut tx = self.db.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, NULL)",
+            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms, owner, fingerprint)
+             VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, NULL, $8, $9)",
         )
         .bind(&id)
         .bind(kind)
@@ -369,13 +472,15 @@ impl State {
         .bind(idempotency_key)
         .bind(units.len() as i64)
         .bind(now)
+        .bind(owner)
+        .bind(fingerprint)
         .execute(&mut *tx)
         .await?;
         book::insert_units(&mut tx, self.db.flavor, &id, precision, &units).await?;
         tx.commit().await?;
         self.book().add_job(&id, units);
         self.metrics.jobs_created.fetch_add(1, Ordering::Relaxed);
-        Ok(id)
+        Ok(Ok(id))
     }
 
     /// The status of a job (`running` or `done`), if it exists.
@@ -388,12 +493,13 @@ impl State {
             .transpose()?)
     }
 
-    /// The most recent jobs (at most `limit`), newest first, with their progress.
-    pub async fn recent_jobs(&self, limit: i64) -> Result<Vec<serde_json::Value>> {
+    /// The most recent jobs of `owner` (at most `limit`), newest first, with their progress.
+    pub async fn recent_jobs(&self, owner: &str, limit: i64) -> Result<Vec<serde_json::Value>> {
         let rows = sqlx::query(
             "SELECT id, kind, model, precision, status, units_total, units_verified, created_ms, finished_ms
-             FROM jobs ORDER BY created_ms DESC, id LIMIT $1",
+             FROM jobs WHERE owner = $1 ORDER BY created_ms DESC, id LIMIT $2",
         )
+        .bind(owner)
         .bind(limit)
         .fetch_all(&self.db.pool)
         .await?;
@@ -491,14 +597,13 @@ impl State {
     /// drop and redo its login.
     pub async fn orphan_leases(&self, worker: &PublicKey) -> Result<()> {
         let key = worker.to_hex();
-        self.decide(|book, _| ((), book.orphan(&key))).await
+        self.decide(|book, ctx| ((), book.orphan(ctx, &key))).await
     }
 
     /// Expires overdue leases: their units go to other workers, and the holder takes a strike
     /// unless its connection had ended (an orphaned lease: the streak still resets).
     pub async fn expire_leases(&self) -> Result<()> {
-        let now = now_ms();
-        self.decide(|book, ctx| ((), book.expire(ctx, now))).await
+        self.decide(|book, ctx| ((), book.expire(ctx))).await
     }
 
     // ----- results -----
@@ -575,12 +680,38 @@ impl State {
         }
     }
 
-    /// Re-executes one unit waiting for the referee. Returns whether there was one.
+    /// Audits, in the background, the units a caught liar was credited for inside the audit
+    /// window (at most 10 000): the liar's partners in wrong quorums are caught in turn.
+    fn audit_units_of(&self, liar: String) {
+        let Some(state) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let since = now_ms() - state.config.audit_window_ms as i64;
+            let result = async {
+                let (ids, units, leases) =
+                    book::load_for_audit(&state.db, &liar, since, 10_000).await?;
+                let n = ids.len();
+                state
+                    .decide(|book, _| ((), book.add_for_audit(&ids, units, leases)))
+                    .await?;
+                Ok::<_, CoordinatorError>(n)
+            }
+            .await;
+            match result {
+                Ok(n) => tracing::warn!(worker = liar, units = n, "auditing a caught liar's units"),
+                Err(e) => tracing::error!(worker = liar, "loading a caught liar's units: {e}"),
+            }
+        });
+    }
+
+    /// Re-executes one unit waiting for the referee (or an audit). Returns whether there was
+    /// one.
     async fn referee_one(&self) -> Result<bool> {
-        let Some((unit_id, task)) = self.book().next_for_referee() else {
+        let Some((unit_id, task, audit)) = self.book().next_for_referee() else {
             return Ok(false);
         };
-        tracing::info!(unit = %unit_id, "refereeing");
+        tracing::info!(unit = %unit_id, audit, "refereeing");
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.referee.submit(
             task,
@@ -594,12 +725,17 @@ impl State {
             .encode();
         let hash = tabula_protocol::sha256(&output).to_hex();
         let refereed = self
-            .decide(
-                |book, ctx| match book.refereed(ctx, &unit_id, output, hash) {
-                    Some(effects) => (true, effects),
+            .decide(|book, ctx| {
+                let done = if audit {
+                    book.audited(ctx, &unit_id, output, hash)
+                } else {
+                    book.refereed(ctx, &unit_id, output, hash)
+                };
+                match done {
+                    Some(effects) => (!audit, effects),
                     None => (false, Effects::default()),
-                },
-            )
+                }
+            })
             .await?;
         if refereed {
             self.metrics.units_refereed.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,11 @@ pub struct ChainOptions {
     /// first start].
     #[arg(long, env = "TABULA_CHAIN_KEY_FILE")]
     chain_key_file: Option<PathBuf>,
+    /// Minutes before verified credit may settle on-chain: an audit may still find, inside
+    /// this window, that it was earned by lying (a banned worker's credit never settles).
+    /// 0 settles at once.
+    #[arg(long, env = "TABULA_AUDIT_WINDOW_MINUTES", default_value_t = 30.0)]
+    audit_window_minutes: f64,
 }
 
 impl ChainOptions {
@@ -46,6 +51,10 @@ impl ChainOptions {
         config.chain_key = std::env::var("TABULA_CHAIN_KEY")
             .ok()
             .filter(|k| !k.is_empty());
+        if !(0.0..=43_200.0).contains(&self.audit_window_minutes) {
+            bail!("--audit-window-minutes must be between 0 and 43200 (30 days)");
+        }
+        config.audit_window_ms = (self.audit_window_minutes * 60_000.0) as u64;
         Ok(config)
     }
 }
@@ -179,6 +188,9 @@ async fn post_epoch(args: &ChainArgs) -> Result<()> {
 async fn claim(args: &ChainArgs, account: Address) -> Result<()> {
     let (db, settlement) = open(args).await?;
     match settlement.claim(&db, account).await? {
+        ClaimOutcome::Busy => {
+            bail!("a claim for {account} is being mined now; try again in a few seconds")
+        }
         ClaimOutcome::NotInLedger => bail!(
             "{account} has no settled credit: a worker must link it as its payout address, earn verified credit, and an epoch must be posted (`tabula chain post-epoch`)"
         ),

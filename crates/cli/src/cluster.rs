@@ -78,15 +78,40 @@ pub struct ServeArgs {
     /// Clean units after which a worker may run units unreplicated.
     #[arg(long, default_value_t = 200)]
     solo_after: u32,
-    /// Fraction of a trusted worker's units still replicated.
-    #[arg(long, default_value_t = 0.1)]
+    /// Fraction of a trusted worker's units still replicated (on top of --audit-rate).
+    #[arg(long, default_value_t = 0.03)]
     spot_check_rate: f64,
-    /// Fraction of leases that are known-answer canaries.
-    #[arg(long, default_value_t = 0.02)]
+    /// Fraction of leases that are known-answer canaries (units the referee computed or
+    /// confirmed).
+    #[arg(long, default_value_t = 0.01)]
     canary_rate: f64,
     /// Wrong or abandoned results after which a worker key is banned.
     #[arg(long, default_value_t = 3)]
     ban_after: u32,
+    /// Fraction of units verified without the referee (trusted quorum or solo) that the
+    /// coordinator re-executes after the fact; a caught liar is banned and everything it
+    /// helped verify in the audit window is audited too.
+    #[arg(long, default_value_t = 0.05)]
+    audit_rate: f64,
+    /// Units one worker key may hold at once after probation.
+    #[arg(long, default_value_t = 16)]
+    max_leases_per_key: u32,
+    /// Units one worker key may hold at once during probation.
+    #[arg(long, default_value_t = 1)]
+    probation_leases: u32,
+    /// Units all worker keys of one network (/24 or /48) may hold at once.
+    #[arg(long, default_value_t = 256)]
+    max_leases_per_prefix: u32,
+    /// Units a worker key may give back or abandon, beyond a quarter of its verified units,
+    /// before it gets no more.
+    #[arg(long, default_value_t = 16)]
+    abandon_allowance: u32,
+    /// Worker keys never seen before that may log in from one network per minute.
+    #[arg(long, default_value_t = 60)]
+    new_keys_per_minute: u32,
+    /// Units one API key may have queued in running jobs at once (more: HTTP 429).
+    #[arg(long, default_value_t = 20_000)]
+    max_queued_units: u64,
     /// Seconds a worker has to return a unit before it goes to another.
     #[arg(long, default_value_t = 120)]
     lease_secs: u64,
@@ -99,6 +124,11 @@ pub struct ServeArgs {
     /// A one-machine cluster: workers on loopback count as distinct networks.
     #[arg(long)]
     local: bool,
+    /// A reverse proxy (an address or a network, like 10.0.0.0/8) whose X-Forwarded-For
+    /// header names the real client; repeat for several. Without it, every worker behind the
+    /// proxy has the proxy's address and no unit finds a second replica.
+    #[arg(long, value_name = "CIDR")]
+    trusted_proxy: Vec<tabula_coordinator::net::Cidr>,
 }
 
 /// The models present in `dir`, each with its exact-precision file (quantised now if
@@ -149,9 +179,17 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         spot_check_rate: args.spot_check_rate,
         canary_rate: args.canary_rate,
         ban_after: args.ban_after,
+        audit_rate: args.audit_rate,
+        max_leases_per_key: args.max_leases_per_key,
+        probation_leases: args.probation_leases,
+        max_leases_per_prefix: args.max_leases_per_prefix,
+        abandon_allowance: args.abandon_allowance,
+        new_keys_per_minute: args.new_keys_per_minute,
+        max_queued_units: args.max_queued_units,
         lease_ms: args.lease_secs.saturating_mul(1000),
         unit_sequences: args.unit_sequences,
         local: args.local,
+        trusted_proxies: args.trusted_proxy.clone(),
         request_timeout_ms: args.request_timeout_secs.saturating_mul(1000),
         www_dir: args.www.or_else(tabula_coordinator::site::default_www_dir),
         ..args.chain.apply(Config::default())?

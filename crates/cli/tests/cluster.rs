@@ -243,7 +243,11 @@ fn request(
         }
         None => {
             assert_eq!(method, "GET");
-            agent.get(&url).call()
+            let mut r = agent.get(&url);
+            if let Some(k) = key {
+                r = r.header("authorization", &format!("Bearer {k}"));
+            }
+            r.call()
         }
     };
     match result {
@@ -569,6 +573,38 @@ fn honest_workers_and_adversaries(flavor: Flavor) {
     let port = cluster.port;
     let key = cluster.api_key();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // Finding 4: a login whose agent holds a NUL byte (PostgreSQL refuses it in text) is
+    // refused on its own, and a thousand of them neither fail the journal nor reload the
+    // scheduler (the honest job below still finishes).
+    rt.block_on(async {
+        for i in 0..1000 {
+            let me = Identity::from_seed(rand_bytes());
+            let (socket, _) =
+                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
+                    .await
+                    .unwrap();
+            let (mut tx, mut rx) = socket.split();
+            let Some(ToWorker::Challenge { nonce, coordinator }) = next_message(&mut rx).await
+            else {
+                panic!("no challenge")
+            };
+            let login = ToCoordinator::Login {
+                key: me.public(),
+                signature: me.sign_login(&nonce, &coordinator),
+                agent: format!("evil\0agent {i}"),
+                precisions: vec![tabula_protocol::Precision::Exact],
+            };
+            let _ = tx.send(Message::Binary(encode(&login).into())).await;
+            match next_message(&mut rx).await {
+                Some(ToWorker::Error { message, retry }) => {
+                    assert!(message.contains("control character"), "{message}");
+                    assert!(!retry);
+                }
+                other => panic!("a NUL agent got {other:?}"),
+            }
+        }
+    });
+    assert_eq!(get(port, "/healthz").0, 200);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (captured_tx, mut captured_rx) = tokio::sync::mpsc::unbounded_channel();
     let (replay_tx, replay_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -833,7 +869,12 @@ fn postgres_survives_kill_9() {
 /// serving.
 #[test]
 fn bad_input_gets_errors_and_the_server_keeps_serving() {
-    let cluster = Cluster::start(Flavor::Sqlite, &[]).unwrap();
+    // A fresh key holds one unit at a time by default; this flooding worker asks for fifty.
+    let cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--max-leases-per-key", "64", "--probation-leases", "64"],
+    )
+    .unwrap();
     let port = cluster.port;
     let key = cluster.api_key();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1054,6 +1095,91 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
     assert_eq!(get(port, "/healthz").0, 200);
 }
 
+/// Findings 11, 12 and 13: a requester sees only its own jobs, an Idempotency-Key reused with
+/// another body is a conflict (409), not the first request's answer, and a key's queued units
+/// are bounded (429).
+#[test]
+fn jobs_belong_to_their_key_and_idempotency_keys_to_their_request() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--probation-units", "0", "--max-queued-units", "4"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let (alice, bob) = (cluster.api_key(), cluster.api_key());
+    // Finding 13: a key may queue only so many units (here 4; 20 texts are 5 units).
+    let many: Vec<String> = (0..20).map(|i| format!("text {i}")).collect();
+    let (status, v) = post(
+        port,
+        "/v1/embeddings",
+        &alice,
+        json!({ "model": "all-MiniLM-L6-v2", "input": many }),
+    );
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "quota_exceeded");
+    cluster.add_worker(0);
+    cluster.add_worker(1);
+    let body = json!({ "model": "all-MiniLM-L6-v2", "input": ["A man is eating food."] });
+    let idem = [("idempotency-key", "alice-1")];
+    let (status, first) = request(
+        port,
+        "POST",
+        "/v1/embeddings",
+        Some(&alice),
+        Some(&body),
+        &idem,
+    );
+    assert_eq!(status, 200, "{first}");
+    let (status, again) = request(
+        port,
+        "POST",
+        "/v1/embeddings",
+        Some(&alice),
+        Some(&body),
+        &idem,
+    );
+    assert_eq!(
+        (status, api_embeddings(&again)),
+        (200, api_embeddings(&first))
+    );
+    let other = json!({ "model": "all-MiniLM-L6-v2", "input": ["Something else entirely."] });
+    let (status, conflict) = request(
+        port,
+        "POST",
+        "/v1/embeddings",
+        Some(&alice),
+        Some(&other),
+        &idem,
+    );
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["error"]["code"], "idempotency_key_reused");
+    // Bob's key with the same Idempotency-Key is another request altogether.
+    let (status, bobs) = request(
+        port,
+        "POST",
+        "/v1/embeddings",
+        Some(&bob),
+        Some(&other),
+        &idem,
+    );
+    assert_eq!(status, 200, "{bobs}");
+    let list = |key: &str| {
+        let (status, v) = request(port, "GET", "/v1/jobs", Some(key), None, &[]);
+        assert_eq!(status, 200, "{v}");
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let (alices, bobs_jobs) = (list(&alice), list(&bob));
+    // One job each (the repeated request was the same job), neither sees the other's.
+    assert_eq!(alices.len(), 1, "{alices:?}");
+    assert_eq!(bobs_jobs.len(), 1, "{bobs_jobs:?}");
+    assert_ne!(alices, bobs_jobs);
+}
+
 /// The official `openai` Python client against a real cluster: embeddings, completions, chat
 /// (streamed too), typed errors and the Batch API (`tests/openai_client.py`). Needs the
 /// `openai` package importable from `python3` (or from `$TABULA_PYLIB`, where
@@ -1200,8 +1326,19 @@ fn interrupt_worker(cluster: &mut Cluster, n: usize) {
 fn a_worker_holding_several_units_gives_them_all_back_on_ctrl_c() {
     // Leases short enough that a unit asked for at the very moment of the Ctrl-C (granted,
     // never delivered) comes back within the test; long enough not to expire otherwise.
-    let mut cluster =
-        Cluster::start(Flavor::Sqlite, &["--lease-secs", "30", "--replicas", "1"]).unwrap();
+    // A fresh key holds one unit at a time by default; this one is to hold three.
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--lease-secs",
+            "30",
+            "--replicas",
+            "1",
+            "--probation-leases",
+            "4",
+        ],
+    )
+    .unwrap();
     let port = cluster.port;
     let key = cluster.api_key();
     cluster.add_worker_with(0, &["--units-in-flight", "3"]);
@@ -1331,12 +1468,16 @@ fn run_job(cluster: &Cluster, key: &str, texts: &[String]) {
 /// when the process dies before posting (`kill -9` at that point) is posted after the restart
 /// with the same root, exactly once.
 fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
-    let (mut chain, mut serve_chain): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    // Credit settles at once here (the audit window is tested on its own).
+    let (mut chain, mut serve_chain): (Vec<String>, Vec<String>) = (
+        vec!["--audit-window-minutes".into(), "0".into()],
+        Vec::new(),
+    );
     let dir = tempfile::tempdir().unwrap();
     if let Some(anvil) = anvil {
         let key_file = dir.path().join("anvil.key");
         std::fs::write(&key_file, ANVIL_KEY).unwrap();
-        chain = vec!["--chain-rpc".into(), anvil.url.clone()];
+        chain.extend(["--chain-rpc".into(), anvil.url.clone()]);
         serve_chain = vec!["--chain-key-file".into(), key_file.display().to_string()];
     }
     let mut serve_args: Vec<&str> = vec!["--epoch-minutes", "0", "--probation-units", "0"];

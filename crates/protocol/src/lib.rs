@@ -331,7 +331,39 @@ impl ToCoordinator {
             } if agent.len() > MAX_NAME || precisions.len() > 4 => Err(ProtocolError::Malformed(
                 "login agent or precision list too long".into(),
             )),
+            // A NUL byte is text to postcard and to SQLite but not to PostgreSQL, which refused
+            // it inside a shared journal commit; no control character belongs in a name.
+            ToCoordinator::Login { agent, .. } if agent.chars().any(char::is_control) => Err(
+                ProtocolError::Malformed("login agent contains a control character".into()),
+            ),
             _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(agent: &str) -> ToCoordinator {
+        ToCoordinator::Login {
+            key: Default::default(),
+            signature: Default::default(),
+            agent: agent.to_string(),
+            precisions: vec![Precision::Exact],
+        }
+    }
+
+    #[test]
+    fn login_agents_with_control_characters_or_too_long_are_refused() {
+        assert!(login("tabula-worker 0.1 (linux)").validate().is_ok());
+        for bad in [
+            "a\0b".to_string(),
+            "line\nbreak".into(),
+            "\u{7f}".into(),
+            "x".repeat(MAX_NAME + 1),
+        ] {
+            assert!(login(&bad).validate().is_err(), "{bad:?} accepted");
         }
     }
 }
