@@ -469,6 +469,7 @@ fn check_text(s: &str, param: &'static str) -> ApiResult<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_job(
     state: &State,
     headers: &HeaderMap,

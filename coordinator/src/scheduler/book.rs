@@ -51,18 +51,13 @@ const _: () = assert!(PLACEMENT_WINDOW > 1 && CANARY_POOL > 0 && AUDIT_QUEUE > 0
 
 /// The book's randomness: the operating system's in production (a worker must not predict
 /// its placement, an audit or a canary), a seeded generator in the simulation.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub enum Entropy {
+    #[default]
     Os,
     /// SplitMix64 state: reproducible, and predictable, so only for tests.
     #[cfg_attr(not(test), allow(dead_code))]
     Seeded(u64),
-}
-
-impl Default for Entropy {
-    fn default() -> Self {
-        Entropy::Os
-    }
 }
 
 impl Entropy {

@@ -375,16 +375,14 @@ impl Sim {
                         self.outputs.insert(u.id, hash);
                     }
                 }
-                Write::Job(j) if j.status == "done" => {
-                    // Delivered now: judge every unit against the truth.
-                    if self.finished_jobs.insert(j.id.clone()) {
-                        for id in &self.job_units[&j.id] {
-                            let digest = self.digests[id];
-                            let right = tabula_protocol::sha256(&truth(&digest)).to_hex();
-                            self.report.units += 1;
-                            if self.outputs.get(id) != Some(&right) {
-                                self.report.wrong_delivered += 1;
-                            }
+                // Delivered now (once): judge every unit against the truth.
+                Write::Job(j) if j.status == "done" && self.finished_jobs.insert(j.id.clone()) => {
+                    for id in &self.job_units[&j.id] {
+                        let digest = self.digests[id];
+                        let right = tabula_protocol::sha256(&truth(&digest)).to_hex();
+                        self.report.units += 1;
+                        if self.outputs.get(id) != Some(&right) {
+                            self.report.wrong_delivered += 1;
                         }
                     }
                 }
