@@ -469,28 +469,29 @@ fn check_text(s: &str, param: &'static str) -> ApiResult<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Creates the job of `p` (a request to `endpoint` with `body`) and waits for its verified
+/// outputs.
 async fn run_job(
     state: &State,
     headers: &HeaderMap,
     api_key: &str,
-    fingerprint: &str,
-    kind: &str,
-    model: &ServedModel,
-    precision: Precision,
-    tasks: Vec<(Task, i64)>,
+    endpoint: &str,
+    body: &Value,
+    p: &Prepared<'_>,
 ) -> ApiResult<(String, Vec<UnitOutput>)> {
     let idem = idempotency(headers, api_key)?;
+    let fingerprint = tabula_protocol::sha256(format!("{endpoint}\n{body}").as_bytes()).to_hex();
+    let owner = owner_of(api_key);
+    let new = crate::scheduler::NewJob {
+        kind: p.kind,
+        model: &p.model.name,
+        precision: p.precision,
+        owner: &owner,
+        idempotency_key: idem.as_deref(),
+        fingerprint: Some(&fingerprint),
+    };
     let job = state
-        .create_job(
-            kind,
-            &model.name,
-            precision,
-            tasks,
-            idem.as_deref(),
-            &owner_of(api_key),
-            Some(fingerprint),
-        )
+        .create_job(new, p.tasks.clone())
         .await?
         .map_err(refusal)?;
     let done = state
@@ -690,18 +691,7 @@ async fn respond(
 ) -> ApiResult<Response> {
     let api_key = authorize(state, headers).await?;
     let p = prepare(state, endpoint, &body)?;
-    let fingerprint = tabula_protocol::sha256(format!("{endpoint}\n{body}").as_bytes()).to_hex();
-    let (job, outputs) = run_job(
-        state,
-        headers,
-        &api_key,
-        &fingerprint,
-        p.kind,
-        p.model,
-        p.precision,
-        p.tasks.clone(),
-    )
-    .await?;
+    let (job, outputs) = run_job(state, headers, &api_key, endpoint, &body, &p).await?;
     if p.stream {
         return Ok(sse(stream_events(&p, &job, outputs)?));
     }

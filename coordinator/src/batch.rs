@@ -237,13 +237,15 @@ pub async fn create(
             Ok(p) => {
                 let job = state
                     .create_job(
-                        p.kind,
-                        &p.model.name,
-                        p.precision,
+                        crate::scheduler::NewJob {
+                            kind: p.kind,
+                            model: &p.model.name,
+                            precision: p.precision,
+                            owner: &owner,
+                            idempotency_key: None,
+                            fingerprint: None,
+                        },
                         p.tasks,
-                        None,
-                        &owner,
-                        None,
                     )
                     .await?;
                 match job {

@@ -127,7 +127,7 @@ impl Default for Config {
             max_replicas: 4,
             probation_units: 3,
             solo_after: 200,
-            spot_check_rate: 0.03,
+            spot_check_rate: 0.02,
             canary_rate: 0.01,
             ban_after: 3,
             audit_rate: 0.05,

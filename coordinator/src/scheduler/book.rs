@@ -291,6 +291,34 @@ struct JobProgress {
     units_verified: i64,
 }
 
+/// Why a worker gets no unit now, whatever is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Limit {
+    Banned,
+    /// It holds as many active leases as its standing allows.
+    KeyLeases,
+    /// Its network holds `max_leases_per_prefix` active leases.
+    NetworkLeases,
+    /// It gave back or abandoned more leases than its allowance.
+    Abandoned,
+}
+
+/// Why the referee re-executes a unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RefereeWork {
+    /// Its results disagree, or come from workers still in probation: a job waits for it.
+    Dispute,
+    /// It was verified without the referee; the audit checks after the fact.
+    Audit,
+}
+
+/// A unit for the referee to re-execute.
+pub(super) struct RefereeJob {
+    pub unit: String,
+    pub task: Task,
+    pub work: RefereeWork,
+}
+
 /// What a decision did, beyond its writes: receipts to push once committed, whether a job
 /// finished (waiting requests look again) or a unit went to the referee.
 #[derive(Default)]
@@ -405,22 +433,11 @@ impl Book {
             }
         }
         let unit_ids: Vec<String> = book.units.keys().cloned().collect();
-        for chunk in unit_ids.chunks(500) {
-            let sql = format!(
-                "SELECT id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms, output_hash, output, signature, submitted_ms FROM leases WHERE unit_id IN ({}) ORDER BY issued_ms, id",
-                parameter_list(db.flavor.first_parameter(), chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id.as_str());
+        for lease in load_leases(db, &unit_ids).await? {
+            if let Some(u) = book.units.get_mut(&lease.unit) {
+                u.leases.push(lease.id);
             }
-            for row in q.fetch_all(&db.pool).await? {
-                let lease = lease_from_row(&row)?;
-                if let Some(u) = book.units.get_mut(&lease.unit) {
-                    u.leases.push(lease.id);
-                }
-                book.leases.insert(lease.id, lease);
-            }
+            book.leases.insert(lease.id, lease);
         }
         for row in sqlx::query("SELECT lease_id FROM orphaned_leases")
             .fetch_all(&db.pool)
@@ -593,7 +610,7 @@ impl Book {
 
     /// Why `worker` may hold no more leases now, if it may not: a ban, its cap of active
     /// leases (one during probation), its network's cap, or too many leases abandoned.
-    pub(super) fn limited(&self, ctx: &Ctx, worker: &str, prefix: &str) -> Option<&'static str> {
+    fn limited(&self, ctx: &Ctx, worker: &str, prefix: &str) -> Option<Limit> {
         let record = self.workers.get(worker)?;
         let cap = if Self::trusted(ctx, record) {
             ctx.config.max_leases_per_key
@@ -601,15 +618,15 @@ impl Book {
             ctx.config.probation_leases
         };
         if record.banned {
-            Some("banned")
+            Some(Limit::Banned)
         } else if self.active_by_worker.get(worker).copied().unwrap_or(0) >= cap {
-            Some("key")
+            Some(Limit::KeyLeases)
         } else if self.active_by_prefix.get(prefix).copied().unwrap_or(0)
             >= ctx.config.max_leases_per_prefix
         {
-            Some("network")
+            Some(Limit::NetworkLeases)
         } else if record.expired > i64::from(ctx.config.abandon_allowance) + record.verified / 4 {
-            Some("abandoned")
+            Some(Limit::Abandoned)
         } else {
             None
         }
@@ -626,7 +643,7 @@ impl Book {
         precisions: &[Precision],
     ) -> Option<(Assignment, Effects)> {
         if let Some(limit) = self.limited(ctx, worker, prefix) {
-            if limit != "banned" {
+            if limit != Limit::Banned {
                 ctx.metrics.grants_limited.fetch_add(1, Ordering::Relaxed);
             }
             return None;
@@ -1280,17 +1297,36 @@ impl Book {
     // ----- referee -----
 
     /// What the referee does next: the oldest unit waiting for it (a job waits on those),
-    /// else the oldest audit. `true` marks an audit.
-    pub(super) fn next_for_referee(&self) -> Option<(String, Task, bool)> {
-        let ((_, id), audit) = match self.referee.first() {
-            Some(first) => (first, false),
-            None => (self.audits.first()?, true),
+    /// else the oldest audit.
+    pub(super) fn next_for_referee(&self) -> Option<RefereeJob> {
+        let ((_, id), work) = match self.referee.first() {
+            Some(first) => (first, RefereeWork::Dispute),
+            None => (self.audits.first()?, RefereeWork::Audit),
         };
-        Some((id.clone(), (*self.units[id].task).clone(), audit))
+        Some(RefereeJob {
+            unit: id.clone(),
+            task: (*self.units[id].task).clone(),
+            work,
+        })
     }
 
-    /// The referee's output for a unit: it becomes the canonical one.
-    pub(super) fn refereed(
+    /// The referee's output (`hash` its SHA-256) for `job`. `None` when the unit no longer
+    /// waits for it.
+    pub(super) fn judged(
+        &mut self,
+        ctx: &Ctx,
+        job: &RefereeJob,
+        output: Vec<u8>,
+        hash: String,
+    ) -> Option<Effects> {
+        match job.work {
+            RefereeWork::Dispute => self.refereed(ctx, &job.unit, output, hash),
+            RefereeWork::Audit => self.audited(ctx, &job.unit, output, hash),
+        }
+    }
+
+    /// The referee's output for a disputed unit: it becomes the canonical one.
+    fn refereed(
         &mut self,
         ctx: &Ctx,
         unit_id: &str,
@@ -1311,7 +1347,7 @@ impl Book {
     /// stored output signed a wrong result that was accepted: each is banned and its other
     /// units are to be audited ([`Effects::caught`]), the unit takes the referee's output,
     /// and results waiting for the audit are judged against it.
-    pub(super) fn audited(
+    fn audited(
         &mut self,
         ctx: &Ctx,
         unit_id: &str,
@@ -1379,29 +1415,24 @@ impl Book {
         leases: Vec<Lease>,
     ) -> Effects {
         let mut effects = Effects::default();
+        // Active leases of a verified unit only matter to their holders; an audit judges the
+        // finished ones. Grouped by unit first: this runs under the book lock.
+        let mut by_unit: HashMap<String, Vec<Lease>> = HashMap::new();
+        for l in leases {
+            if l.state != LeaseState::Active {
+                by_unit.entry(l.unit.clone()).or_default().push(l);
+            }
+        }
         for mut u in loaded {
             if self.units.contains_key(&u.id) {
                 continue;
             }
-            u.leases.clear();
-            for l in &leases {
-                // Active leases of a verified unit only matter to their holders; an audit
-                // judges the finished ones.
-                if l.unit == u.id && l.state != LeaseState::Active {
-                    u.leases.push(l.id);
-                }
-            }
-            self.units.insert(u.id.clone(), u);
-        }
-        for l in leases {
-            if l.state != LeaseState::Active
-                && self
-                    .units
-                    .get(&l.unit)
-                    .is_some_and(|u| u.leases.contains(&l.id))
-            {
+            let leases = by_unit.remove(&u.id).unwrap_or_default();
+            u.leases = leases.iter().map(|l| l.id).collect();
+            for l in leases {
                 self.leases.entry(l.id).or_insert(l);
             }
+            self.units.insert(u.id.clone(), u);
         }
         for id in ids {
             if self
@@ -1515,8 +1546,14 @@ pub(super) async fn load_for_audit(
     .await?;
     let units = rows.iter().map(unit_from_row).collect::<Result<Vec<_>>>()?;
     let ids: Vec<String> = units.iter().map(|u| u.id.clone()).collect();
+    let leases = load_leases(db, &ids).await?;
+    Ok((ids, units, leases))
+}
+
+/// Every lease of the units `unit_ids`, oldest first within each query of 500 units.
+async fn load_leases(db: &Db, unit_ids: &[String]) -> Result<Vec<Lease>> {
     let mut leases = Vec::new();
-    for chunk in ids.chunks(500) {
+    for chunk in unit_ids.chunks(500) {
         let sql = format!(
             "SELECT id, unit_id, worker, prefix, kind, state, issued_ms, deadline_ms, output_hash, output, signature, submitted_ms FROM leases WHERE unit_id IN ({}) ORDER BY issued_ms, id",
             parameter_list(db.flavor.first_parameter(), chunk.len())
@@ -1529,7 +1566,7 @@ pub(super) async fn load_for_audit(
             leases.push(lease_from_row(&row)?);
         }
     }
-    Ok((ids, units, leases))
+    Ok(leases)
 }
 
 /// Inserts the units of a new job (many per statement: a 2 048-input request is a handful of
@@ -1675,6 +1712,47 @@ pub(super) fn worker_from_row(row: &sqlx::any::AnyRow) -> Result<WorkerRecord> {
     })
 }
 
+/// What the book's tests and the simulation share: embedding units of width [`DIM`], their
+/// outputs, and a decision context.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::*;
+
+    /// The embedding width of every test task.
+    pub const DIM: usize = 4;
+
+    /// An exact embedding output whose every value is `v`.
+    pub fn output(v: i32) -> Vec<u8> {
+        UnitOutput::ExactEmbeddings {
+            dim: DIM as u32,
+            q15: vec![v; DIM],
+        }
+        .encode()
+    }
+
+    fn dim(_: &Task) -> usize {
+        DIM
+    }
+
+    impl<'a> Ctx<'a> {
+        /// A context for deciding at `now` on test tasks.
+        pub fn for_tests(
+            config: &'a Config,
+            now: i64,
+            identity: &'a Identity,
+            metrics: &'a Metrics,
+        ) -> Self {
+            Ctx {
+                config,
+                now,
+                identity,
+                metrics,
+                output_dim: &dim,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tabula_protocol::{ModelRef, SignerKey, Submission};
@@ -1682,7 +1760,7 @@ mod tests {
     use super::*;
     use crate::{db::now_ms, journal::Journal};
 
-    const DIM: usize = 4;
+    use super::testing::{DIM, output};
 
     fn config() -> Config {
         Config {
@@ -1705,14 +1783,6 @@ mod tests {
             precision: Precision::Exact,
             sequences: vec![vec![101, n, 102]],
         }
-    }
-
-    fn output(v: i32) -> Vec<u8> {
-        UnitOutput::ExactEmbeddings {
-            dim: DIM as u32,
-            q15: vec![v; DIM],
-        }
-        .encode()
     }
 
     struct Bench {
@@ -1742,14 +1812,7 @@ mod tests {
 
         /// Runs a decision with a context, keeping its writes.
         fn run<T>(&mut self, f: impl FnOnce(&mut Book, &Ctx) -> (T, Effects)) -> T {
-            let dim = |_: &Task| DIM;
-            let ctx = Ctx {
-                config: &self.config,
-                now: self.now,
-                identity: &self.identity,
-                metrics: &self.metrics,
-                output_dim: &dim,
-            };
+            let ctx = Ctx::for_tests(&self.config, self.now, &self.identity, &self.metrics);
             let (value, effects) = f(&mut self.book, &ctx);
             self.writes.extend(effects.writes);
             self.book.check_invariants();
@@ -1858,19 +1921,12 @@ mod tests {
 
     /// The referee's verdict on the next unit waiting for it (`truth` as its output).
     fn referee(t: &mut Bench, truth: i32) -> bool {
-        let Some((id, _, audit)) = t.book.next_for_referee() else {
+        let Some(job) = t.book.next_for_referee() else {
             return false;
         };
         let out = output(truth);
         let hash = tabula_protocol::sha256(&out).to_hex();
-        t.run(|b, ctx| {
-            let e = if audit {
-                b.audited(ctx, &id, out, hash)
-            } else {
-                b.refereed(ctx, &id, out, hash)
-            };
-            ((), e.unwrap_or_default())
-        });
+        t.run(|b, ctx| ((), b.judged(ctx, &job, out, hash).unwrap_or_default()));
         true
     }
 
@@ -2132,12 +2188,12 @@ mod tests {
         assert_eq!(t.book.units["job-unit0"].status, UnitStatus::Verified);
         assert!(t.book.units["job-unit0"].audit, "audited at rate 1");
         assert!(t.book.canaries.is_empty(), "not a canary before its audit");
-        let (id, _, audit) = t.book.next_for_referee().unwrap();
-        assert!(audit);
+        let job = t.book.next_for_referee().unwrap();
+        assert_eq!(job.work, RefereeWork::Audit);
         let truth = output(9);
         let hash = tabula_protocol::sha256(&truth).to_hex();
         let caught = t.run(|book, ctx| {
-            let e = book.audited(ctx, &id, truth.clone(), hash.clone()).unwrap();
+            let e = book.judged(ctx, &job, truth.clone(), hash.clone()).unwrap();
             (e.caught.clone(), e)
         });
         assert_eq!(caught.len(), 2);

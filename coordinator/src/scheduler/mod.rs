@@ -98,6 +98,23 @@ pub struct State {
     reloaded_after: tokio::sync::Mutex<u64>,
 }
 
+/// Networks the login limiter remembers at most.
+const MAX_LIMITED_NETWORKS: usize = 100_000;
+
+/// A job to create, but for its tasks.
+pub struct NewJob<'a> {
+    /// `embeddings` or `completion`.
+    pub kind: &'a str,
+    pub model: &'a str,
+    pub precision: Precision,
+    /// Who may see it ([`crate::api::owner_of`] of its API key).
+    pub owner: &'a str,
+    /// The request's Idempotency-Key, scoped to its API key.
+    pub idempotency_key: Option<&'a str>,
+    /// SHA-256 of the request's endpoint and body: the idempotency key's request.
+    pub fingerprint: Option<&'a str>,
+}
+
 /// Why a job was not created.
 #[derive(Debug)]
 pub enum JobRefused {
@@ -351,9 +368,13 @@ impl State {
     fn new_key_allowed(&self, network: &str) -> bool {
         let minute = now_ms() / 60_000;
         let mut logins = self.new_key_logins.lock().expect("login limiter lock");
-        if logins.len() >= 100_000 {
-            // Bounded memory: forget the networks of earlier minutes.
+        if logins.len() >= MAX_LIMITED_NETWORKS && !logins.contains_key(network) {
+            // Bounded memory: forget the networks of earlier minutes; when this minute alone
+            // has that many (an IPv6 attacker has networks to spare), new ones wait.
             logins.retain(|_, (m, _)| *m == minute);
+            if logins.len() >= MAX_LIMITED_NETWORKS {
+                return false;
+            }
         }
         let entry = logins.entry(network.to_string()).or_insert((minute, 0));
         if entry.0 != minute {
@@ -402,20 +423,22 @@ impl State {
 
     // ----- jobs -----
 
-    /// Creates a job of `tasks` (each with its credit in millionths) for `owner`, or returns
-    /// the existing job with the same idempotency key; refused when that key's job was made
-    /// from another request (its `fingerprint` differs) or `owner` has too many units queued.
-    #[allow(clippy::too_many_arguments)]
+    /// Creates `job` of `tasks` (each with its credit in millionths), or returns the existing
+    /// job with the same idempotency key; refused when that key's job was made from another
+    /// request (its fingerprint differs) or the owner has too many units queued.
     pub async fn create_job(
         &self,
-        kind: &str,
-        model: &str,
-        precision: Precision,
+        job: NewJob<'_>,
         tasks: Vec<(Task, i64)>,
-        idempotency_key: Option<&str>,
-        owner: &str,
-        fingerprint: Option<&str>,
     ) -> Result<Result<String, JobRefused>> {
+        let NewJob {
+            kind,
+            model,
+            precision,
+            owner,
+            idempotency_key,
+            fingerprint,
+        } = job;
         let _w = self.db.write().await;
         if let Some(k) = idempotency_key
             && let Some(row) =
@@ -681,7 +704,8 @@ impl State {
     }
 
     /// Audits, in the background, the units a caught liar was credited for inside the audit
-    /// window (at most 10 000): the liar's partners in wrong quorums are caught in turn.
+    /// window (its newest 4 096, what the audit queue holds): the liar's partners in wrong
+    /// quorums are caught in turn.
     fn audit_units_of(&self, liar: String) {
         let Some(state) = self.me.upgrade() else {
             return;
@@ -690,7 +714,7 @@ impl State {
             let since = now_ms() - state.config.audit_window_ms as i64;
             let result = async {
                 let (ids, units, leases) =
-                    book::load_for_audit(&state.db, &liar, since, 10_000).await?;
+                    book::load_for_audit(&state.db, &liar, since, 4_096).await?;
                 let n = ids.len();
                 state
                     .decide(|book, _| ((), book.add_for_audit(&ids, units, leases)))
@@ -708,13 +732,13 @@ impl State {
     /// Re-executes one unit waiting for the referee (or an audit). Returns whether there was
     /// one.
     async fn referee_one(&self) -> Result<bool> {
-        let Some((unit_id, task, audit)) = self.book().next_for_referee() else {
+        let Some(job) = self.book().next_for_referee() else {
             return Ok(false);
         };
-        tracing::info!(unit = %unit_id, audit, "refereeing");
+        tracing::info!(unit = %job.unit, work = ?job.work, "refereeing");
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.referee.submit(
-            task,
+            job.task.clone(),
             Box::new(move |r| {
                 let _ = reply.send(r);
             }),
@@ -724,20 +748,14 @@ impl State {
             .map_err(|_| CoordinatorError::Config("the referee thread stopped".into()))??
             .encode();
         let hash = tabula_protocol::sha256(&output).to_hex();
-        let refereed = self
-            .decide(|book, ctx| {
-                let done = if audit {
-                    book.audited(ctx, &unit_id, output, hash)
-                } else {
-                    book.refereed(ctx, &unit_id, output, hash)
-                };
-                match done {
-                    Some(effects) => (!audit, effects),
-                    None => (false, Effects::default()),
-                }
+        let judged = self
+            .decide(|book, ctx| match book.judged(ctx, &job, output, hash) {
+                Some(effects) => (true, effects),
+                None => (false, Effects::default()),
             })
             .await?;
-        if refereed {
+        // Audits have their own counter (`units_audited`).
+        if judged && job.work == book::RefereeWork::Dispute {
             self.metrics.units_refereed.fetch_add(1, Ordering::Relaxed);
         }
         Ok(true)

@@ -14,23 +14,22 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tabula_protocol::{
-    Assignment, Hash, Identity, ModelRef, Precision, Submission, Task, UnitOutput,
-};
+use tabula_protocol::{Assignment, Hash, Identity, ModelRef, Precision, Submission, Task};
 
 use super::{
     Metrics,
-    book::{Book, Ctx, Effects, Entropy, SubmitOutcome, Unit},
+    book::{Book, Ctx, Effects, Entropy, SubmitOutcome, Unit, testing::output},
 };
 use crate::{Config, journal::Write};
 
-const DIM: usize = 4;
 const UNITS_PER_JOB: u32 = 32;
 /// Simulated milliseconds per step.
 const STEP_MS: i64 = 100;
 /// How long a banned cheater takes to come back under a new key (the coordinator takes a
 /// limited number of new keys a minute from a network).
 const REJOIN_MS: i64 = 5_000;
+/// Unfinished jobs beyond which requesters wait.
+const MAX_BACKLOG_JOBS: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -139,6 +138,7 @@ pub struct Sim {
     /// Units every group member holds (for colluders): digest → worker indexes.
     group_holdings: HashMap<Hash, Vec<usize>>,
     crash_rate: f64,
+    steps: u64,
     report: Report,
     seed: u64,
 }
@@ -162,14 +162,6 @@ fn task(n: u64) -> Task {
             102,
         ]],
     }
-}
-
-fn output(v: i32) -> Vec<u8> {
-    UnitOutput::ExactEmbeddings {
-        dim: DIM as u32,
-        q15: vec![v; DIM],
-    }
-    .encode()
 }
 
 /// The honest answer to a unit: a function of its digest.
@@ -208,6 +200,7 @@ impl Sim {
             outputs: HashMap::new(),
             group_holdings: HashMap::new(),
             crash_rate,
+            steps: 0,
             report: Report::default(),
             seed,
         };
@@ -251,14 +244,7 @@ impl Sim {
     }
 
     fn decide<T>(&mut self, f: impl FnOnce(&mut Book, &Ctx) -> (T, Effects)) -> T {
-        let dim = |_: &Task| DIM;
-        let ctx = Ctx {
-            config: &self.config,
-            now: self.now,
-            identity: &self.identity,
-            metrics: &self.metrics,
-            output_dim: &dim,
-        };
+        let ctx = Ctx::for_tests(&self.config, self.now, &self.identity, &self.metrics);
         let (value, effects) = f(&mut self.book, &ctx);
         self.pending.extend(effects.writes);
         for liar in effects.caught {
@@ -301,7 +287,11 @@ impl Sim {
     /// step's writes commit (or the coordinator crashes and they are lost).
     fn step(&mut self, add_jobs: bool) {
         self.now += STEP_MS;
-        if add_jobs && self.book_jobs() < 4 {
+        // Requesters arrive on their own (open loop): a job every other step, about 80 % of
+        // what the honest workers can verify, up to a bounded backlog. A unit held hostage
+        // delays its job, not the arrival of others.
+        self.steps += 1;
+        if add_jobs && self.steps.is_multiple_of(2) && self.book_jobs() < MAX_BACKLOG_JOBS {
             self.add_job();
         }
         let mut order: Vec<usize> = (0..self.workers.len()).collect();
@@ -315,21 +305,14 @@ impl Sim {
         self.decide(|book, ctx| ((), book.expire(ctx)));
         // The referee: a couple of units per step (the coordinator is one machine).
         for _ in 0..2 {
-            let Some((id, task, audit)) = self.book.next_for_referee() else {
+            let Some(job) = self.book.next_for_referee() else {
                 break;
             };
-            let digest = task.digest();
+            let digest = job.task.digest();
             let out = truth(&digest);
             let hash = tabula_protocol::sha256(&out).to_hex();
             self.report.referee_runs += 1;
-            self.decide(|book, ctx| {
-                let e = if audit {
-                    book.audited(ctx, &id, out, hash)
-                } else {
-                    book.refereed(ctx, &id, out, hash)
-                };
-                ((), e.unwrap_or_default())
-            });
+            self.decide(|book, ctx| ((), book.judged(ctx, &job, out, hash).unwrap_or_default()));
         }
         if self.rng.unit() < self.crash_rate {
             self.crash();
@@ -593,7 +576,7 @@ impl Sim {
 
 /// The mix for `share` Byzantine workers among `n`: every strategy in equal parts.
 pub fn mix(n: usize, share: f64) -> Vec<(Strategy, usize)> {
-    let bad = (n as f64 * share).round() as usize;
+    let bad = (n as f64 * share).ceil() as usize;
     let per = bad / 5;
     let strategies = [
         Strategy::PairSeeker,

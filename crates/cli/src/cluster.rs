@@ -79,7 +79,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 200)]
     solo_after: u32,
     /// Fraction of a trusted worker's units still replicated (on top of --audit-rate).
-    #[arg(long, default_value_t = 0.03)]
+    #[arg(long, default_value_t = 0.02)]
     spot_check_rate: f64,
     /// Fraction of leases that are known-answer canaries (units the referee computed or
     /// confirmed).

@@ -470,8 +470,13 @@ async fn next_message(rx: &mut SocketRx) -> Option<ToWorker> {
     }
 }
 
-/// Opens the worker socket and logs in as `me`, computing exact precision.
-async fn log_in(port: u16, me: &Identity, agent: &str) -> (SocketTx, SocketRx) {
+/// Opens the worker socket and sends a signed login as `me` (computing exact precision);
+/// returns the socket and the coordinator's answer.
+async fn try_log_in(
+    port: u16,
+    me: &Identity,
+    agent: &str,
+) -> (SocketTx, SocketRx, Option<ToWorker>) {
     let (socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
         .await
         .unwrap();
@@ -488,10 +493,17 @@ async fn log_in(port: u16, me: &Identity, agent: &str) -> (SocketTx, SocketRx) {
     tx.send(Message::Binary(encode(&login).into()))
         .await
         .unwrap();
-    assert!(matches!(
-        next_message(&mut rx).await,
-        Some(ToWorker::Welcome { .. })
-    ));
+    let answer = next_message(&mut rx).await;
+    (tx, rx, answer)
+}
+
+/// Logs in as `me` (see [`try_log_in`]), which must be welcome.
+async fn log_in(port: u16, me: &Identity, agent: &str) -> (SocketTx, SocketRx) {
+    let (tx, rx, answer) = try_log_in(port, me, agent).await;
+    assert!(
+        matches!(answer, Some(ToWorker::Welcome { .. })),
+        "{answer:?}"
+    );
     (tx, rx)
 }
 
@@ -579,23 +591,7 @@ fn honest_workers_and_adversaries(flavor: Flavor) {
     rt.block_on(async {
         for i in 0..1000 {
             let me = Identity::from_seed(rand_bytes());
-            let (socket, _) =
-                tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
-                    .await
-                    .unwrap();
-            let (mut tx, mut rx) = socket.split();
-            let Some(ToWorker::Challenge { nonce, coordinator }) = next_message(&mut rx).await
-            else {
-                panic!("no challenge")
-            };
-            let login = ToCoordinator::Login {
-                key: me.public(),
-                signature: me.sign_login(&nonce, &coordinator),
-                agent: format!("evil\0agent {i}"),
-                precisions: vec![tabula_protocol::Precision::Exact],
-            };
-            let _ = tx.send(Message::Binary(encode(&login).into())).await;
-            match next_message(&mut rx).await {
+            match try_log_in(port, &me, &format!("evil\0agent {i}")).await.2 {
                 Some(ToWorker::Error { message, retry }) => {
                     assert!(message.contains("control character"), "{message}");
                     assert!(!retry);
@@ -1178,6 +1174,62 @@ fn jobs_belong_to_their_key_and_idempotency_keys_to_their_request() {
     assert_eq!(alices.len(), 1, "{alices:?}");
     assert_eq!(bobs_jobs.len(), 1, "{bobs_jobs:?}");
     assert_ne!(alices, bobs_jobs);
+}
+
+/// Findings 3 and 5, with many free keys: a network brings only `--new-keys-per-minute` new
+/// keys (a known key still logs in), and a fresh key gets one unit however many it asks for.
+#[test]
+fn new_keys_are_rationed_per_network_and_hold_one_unit() {
+    let cluster = Cluster::start(Flavor::Sqlite, &["--new-keys-per-minute", "3"]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    // Work that no honest worker will take: units to hoard.
+    std::thread::spawn(move || {
+        let input: Vec<String> = (0..40).map(|i| format!("hoard {i}")).collect();
+        post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "all-MiniLM-L6-v2", "input": input }),
+        );
+    });
+    while metric(port, "tabula_units_in_memory") < 10 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let keys: Vec<Identity> = (0..4).map(|_| Identity::from_seed(rand_bytes())).collect();
+        for me in &keys[..3] {
+            let (mut tx, mut rx) = log_in(port, me, "hoarder").await;
+            for _ in 0..5 {
+                tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
+                    .await
+                    .unwrap();
+            }
+            let mut assigned = 0;
+            for _ in 0..5 {
+                match next_message(&mut rx).await {
+                    Some(ToWorker::Assign(_)) => assigned += 1,
+                    Some(ToWorker::NoWork { .. }) => {}
+                    other => panic!("a Ready was answered {other:?}"),
+                }
+            }
+            assert_eq!(assigned, 1, "a fresh key holds one unit at a time");
+        }
+        let (_, _, refused) = try_log_in(port, &keys[3], "one too many").await;
+        match refused {
+            Some(ToWorker::Error { message, retry }) => {
+                assert!(message.contains("too many new worker keys"), "{message}");
+                assert!(retry, "the limit passes: trying later helps");
+            }
+            other => panic!("a fourth new key got {other:?}"),
+        }
+        // Keys it knows are not new.
+        let _session = log_in(port, &keys[0], "back again").await;
+    });
+    // At least once per key (Readys that arrive together are decided as one request).
+    assert!(metric(port, "tabula_grants_limited_total") >= 3);
+    assert_eq!(metric(port, "tabula_logins_limited_total"), 1);
 }
 
 /// The official `openai` Python client against a real cluster: embeddings, completions, chat
