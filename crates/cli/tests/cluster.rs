@@ -560,9 +560,8 @@ async fn adversary(
                 let signer = if evil == Evil::Forger { &other } else { &me };
                 let submission = signer.submission(a.lease, a.unit, output);
                 let frame = encode(&ToCoordinator::Submit(submission));
-                if evil == Evil::Colluder {
-                    let _ = captured.send(frame.clone());
-                }
+                // Whichever adversary answers first gives the replayer a frame to replay.
+                let _ = captured.send(frame.clone());
                 let _ = tx.send(Message::Binary(frame.into())).await;
             }
             ToWorker::NoWork { retry_ms } => {
@@ -668,8 +667,33 @@ fn honest_workers_and_adversaries(flavor: Flavor) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["text"].as_str().unwrap(), expected_text);
 
-    // Let the sleeper's leases run out.
-    std::thread::sleep(Duration::from_secs(22));
+    // Placement is random and a fresh key holds one unit at a time, so an adversary may not
+    // have drawn a unit yet: small jobs keep coming until every one was caught (the sleeper
+    // when its lease runs out, 20 s after it took one).
+    let struck = |key: &String| {
+        ledger(port, key)["workers"][0]["strikes"]
+            .as_i64()
+            .unwrap_or(0)
+            >= 1
+    };
+    let started = Instant::now();
+    for round in 0.. {
+        if adversaries.iter().all(|(_, key)| struck(key))
+            || started.elapsed() > Duration::from_secs(240)
+        {
+            break;
+        }
+        let text = vec![texts[round % texts.len()].clone()];
+        let (status, body) = post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "all-MiniLM-L6-v2", "input": text }),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(api_embeddings(&body), local_embeddings(&text));
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let _ = stop_tx.send(true);
     for (evil, adversary) in &adversaries {
         let entry = ledger(port, adversary);
