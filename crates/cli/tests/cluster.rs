@@ -527,7 +527,17 @@ async fn adversary(
         let _ = tx.send(Message::Binary(encode(m).into())).await;
     };
     if evil == Evil::Replayer {
-        let frame = replay.as_mut().unwrap().recv().await.unwrap();
+        // Placement is random, so the frame to replay may come late: keep the session alive
+        // (a silent session is closed after the heartbeat timeout) until it does.
+        let replay = replay.as_mut().unwrap();
+        let frame = loop {
+            tokio::select! {
+                frame = replay.recv() => break frame.unwrap(),
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                    send(&mut tx, &ToCoordinator::Heartbeat).await;
+                }
+            }
+        };
         let _ = tx.send(Message::Binary(frame.into())).await;
         // Wait for the verdict, then idle.
         let _ = tokio::time::timeout(Duration::from_secs(10), next()).await;
