@@ -14,6 +14,7 @@ pub mod journal;
 pub mod models;
 pub mod net;
 pub mod scheduler;
+pub mod server;
 pub mod settlement;
 pub mod site;
 pub mod ws;
@@ -99,6 +100,14 @@ pub struct Config {
     /// Reverse proxies whose `X-Forwarded-For` names the client (`--trusted-proxy`); behind
     /// one, every worker would otherwise share the proxy's network.
     pub trusted_proxies: Vec<net::Cidr>,
+    /// Sockets open at once; 0 derives the cap from the open-file limit ([`server::Limits`]).
+    pub max_connections: usize,
+    /// Sockets open at once from one address (an IPv4 address or an IPv6 /64), trusted proxies
+    /// excepted.
+    pub max_connections_per_address: usize,
+    /// The time a request's head may take to arrive, also how long an idle keep-alive
+    /// connection stays open.
+    pub header_timeout_ms: u64,
     /// How long a synchronous API request waits for its job.
     pub request_timeout_ms: u64,
     /// The static site served under `/` (the volunteer page); `None` serves a note instead.
@@ -143,6 +152,9 @@ impl Default for Config {
             unit_sequences: 4,
             local: false,
             trusted_proxies: Vec::new(),
+            max_connections: 0,
+            max_connections_per_address: 256,
+            header_timeout_ms: 20_000,
             request_timeout_ms: 600_000,
             www_dir: site::default_www_dir(),
             chain_rpc: None,
@@ -180,6 +192,17 @@ impl Config {
         }
         if self.audit_window_ms > 30 * 24 * 3_600_000 {
             return bad("--audit-window-minutes must be between 0 and 43200 (30 days)");
+        }
+        if self.max_connections_per_address == 0 || self.max_connections_per_address > 1 << 20 {
+            return bad("--max-connections-per-address must be between 1 and 1048576");
+        }
+        if self.max_connections > 1 << 20 {
+            return bad(
+                "--max-connections must be at most 1048576 (0 picks it from the open-file limit)",
+            );
+        }
+        if !(1000..=3_600_000).contains(&self.header_timeout_ms) {
+            return bad("--header-timeout-secs must be between 1 and 3600");
         }
         if self.lease_ms < 1000 {
             return bad("--lease-secs must be at least 1");
@@ -222,6 +245,7 @@ pub async fn serve(
     db.claim(&config.data_dir).await?;
     let state = scheduler::State::new(config.clone(), db, identity, registry, settlement).await?;
     state.start_background_tasks();
+    let open_files = server::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| {
@@ -233,18 +257,13 @@ pub async fn serve(
         models = ?state.registry.names(),
         "coordinator listening"
     );
-    // No Nagle: a worker's frames are small and each waits for an answer, so delaying them
-    // to coalesce costs a delayed-ACK round (~40 ms) per unit.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY: {e}");
-        }
-    });
-    axum::serve(
-        listener,
-        api::router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|e| CoordinatorError::Config(format!("server: {e}")))
+    let limits = server::Limits {
+        max_connections: config.max_connections,
+        max_per_address: config.max_connections_per_address,
+        header_timeout: std::time::Duration::from_millis(config.header_timeout_ms),
+        trusted_proxies: config.trusted_proxies.clone(),
+    };
+    server::serve(listener, api::router(state), limits, open_files, shutdown)
+        .await
+        .map_err(|e| CoordinatorError::Config(format!("server: {e}")))
 }

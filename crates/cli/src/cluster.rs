@@ -129,6 +129,18 @@ pub struct ServeArgs {
     /// proxy has the proxy's address and no unit finds a second replica.
     #[arg(long, value_name = "CIDR")]
     trusted_proxy: Vec<tabula_coordinator::net::Cidr>,
+    /// Connections open at once; past it a new one is answered 503 and closed. 0 takes the
+    /// open-file limit (raised to its maximum at start) less 256.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
+    /// Connections open at once from one address (an IPv6 /64 counts as one); past it a new
+    /// one is answered 429 and closed. Trusted proxies are exempt.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_address: usize,
+    /// Seconds a request's headers may take to arrive, also how long an idle keep-alive
+    /// connection stays open (slow or silent clients are disconnected after it).
+    #[arg(long, default_value_t = 20)]
+    header_timeout_secs: u64,
 }
 
 /// The models present in `dir`, each with its exact-precision file (quantised now if
@@ -190,6 +202,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         unit_sequences: args.unit_sequences,
         local: args.local,
         trusted_proxies: args.trusted_proxy.clone(),
+        max_connections: args.max_connections,
+        max_connections_per_address: args.max_connections_per_address,
+        header_timeout_ms: args.header_timeout_secs.saturating_mul(1000),
         request_timeout_ms: args.request_timeout_secs.saturating_mul(1000),
         www_dir: args.www.or_else(tabula_coordinator::site::default_www_dir),
         ..args.chain.apply(Config::default())?

@@ -239,6 +239,8 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         canary_rate: 0.0,
         unit_sequences: 1,
         local: true,
+        // Every simulated worker and request comes from 127.0.0.1.
+        max_connections_per_address: args.workers + 64,
         ..Config::default()
     };
     let base = format!("http://127.0.0.1:{port}");

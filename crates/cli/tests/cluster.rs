@@ -1266,6 +1266,169 @@ fn new_keys_are_rationed_per_network_and_hold_one_unit() {
     assert_eq!(metric(port, "tabula_logins_limited_total"), 1);
 }
 
+/// What a connection from `from` (a loopback address) hears within `wait`: `Some(status)` when
+/// the server answers without being asked (a refusal over a cap), `None` when it holds the
+/// connection open in silence. The socket is returned with it, to keep it open.
+async fn open_idle(port: u16, from: &str, wait: Duration) -> (tokio::net::TcpStream, Option<u16>) {
+    use tokio::io::AsyncReadExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    let heard = match tokio::time::timeout(wait, stream.read_exact(&mut head)).await {
+        Ok(Ok(_)) => std::str::from_utf8(&head[9..12]).unwrap().parse().ok(),
+        Ok(Err(_)) => Some(0),
+        Err(_) => None,
+    };
+    (stream, heard)
+}
+
+/// Waits until the server closes `stream` (reads end or fail), at most `within`; returns
+/// whether it did.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Finding 6: idle, slow and too many connections. Attackers come from other loopback
+/// addresses (127.0.0.2 and up) than the honest client (127.0.0.1).
+#[test]
+fn idle_slow_and_surplus_connections_are_cut() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--header-timeout-secs",
+            "6",
+            "--max-connections",
+            "90",
+            "--max-connections-per-address",
+            "40",
+            "--replicas",
+            "1",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    // The soft open-file limit was raised to the hard one.
+    let pid = cluster.serve.as_ref().unwrap().id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        files[3], files[4],
+        "soft and hard open-file limits: {limits}"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let wait = Duration::from_millis(1500);
+        let open_many = |from: &'static str, n: usize| {
+            futures_util::future::join_all((0..n).map(move |_| open_idle(port, from, wait)))
+        };
+        let count = |v: &[(tokio::net::TcpStream, Option<u16>)], s: Option<u16>| {
+            v.iter().filter(|(_, h)| *h == s).count()
+        };
+        // One address: 40 idle connections are held, the other 60 are refused with a 429.
+        let mut first = open_many("127.0.0.2", 100).await;
+        assert_eq!(count(&first, None), 40, "held from one address");
+        assert_eq!(count(&first, Some(429)), 60, "refused from one address");
+        // The honest client still gets in.
+        assert_eq!(get(port, "/healthz").0, 200);
+        // Two more addresses fill the server's cap of 90: the surplus hears a 503.
+        let second = open_many("127.0.0.3", 40).await;
+        assert_eq!(count(&second, None), 40);
+        let third = open_many("127.0.0.4", 20).await;
+        assert_eq!(count(&third, None), 10, "held up to the server's cap");
+        assert_eq!(
+            count(&third, Some(503)),
+            10,
+            "refused over the server's cap"
+        );
+        // Silent connections are closed once the header timeout (6 s) has passed, which
+        // frees their places.
+        for (stream, heard) in &mut first {
+            if heard.is_none() {
+                assert!(
+                    closed_by_server(stream, Duration::from_secs(15)).await,
+                    "an idle connection was kept open"
+                );
+            }
+        }
+        drop((first, second, third));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_again, heard) = open_idle(port, "127.0.0.2", Duration::from_millis(300)).await;
+        assert_eq!(heard, None, "a freed place is taken again");
+
+        // Slowloris: a header line every half second never completes a request in time.
+        let (mut slow, _) = open_idle(port, "127.0.0.5", Duration::from_millis(10)).await;
+        let started = Instant::now();
+        let trickle = async {
+            use tokio::io::AsyncWriteExt;
+            let _ = slow
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+                .await;
+            for i in 0.. {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if slow
+                    .write_all(format!("x-{i}: y\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    panic!("a slow client kept its connection for 30 s");
+                }
+            }
+        };
+        trickle.await;
+
+        // Keep-alive: after its answer, an idle connection is closed too.
+        let (mut kept, _) = open_idle(port, "127.0.0.6", Duration::from_millis(10)).await;
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = [0u8; 12];
+            kept.read_exact(&mut head).await.unwrap();
+            assert_eq!(&head[9..12], b"200");
+        }
+        assert!(closed_by_server(&mut kept, Duration::from_secs(15)).await);
+    });
+
+    // A worker's socket is upgraded and outlives the header timeout: it still computes.
+    let key = cluster.api_key();
+    cluster.add_worker(0);
+    std::thread::sleep(Duration::from_secs(8));
+    let texts = vec!["held past the header timeout".to_string()];
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api_embeddings(&body), local_embeddings(&texts));
+}
+
 /// The official `openai` Python client against a real cluster: embeddings, completions, chat
 /// (streamed too), typed errors and the Batch API (`tests/openai_client.py`). Needs the
 /// `openai` package importable from `python3` (or from `$TABULA_PYLIB`, where
