@@ -61,6 +61,17 @@ impl ApiError {
 impl From<crate::CoordinatorError> for ApiError {
     fn from(e: crate::CoordinatorError) -> Self {
         tracing::error!("request failed: {e}");
+        if crate::db::is_storage_full(&e) {
+            return Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "server_error",
+                message: "the coordinator's disk is full, so it cannot record new work; retry \
+                          later (GET /healthz says when it writes again)"
+                    .into(),
+                param: None,
+                code: Some("storage_full"),
+            };
+        }
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             kind: "server_error",
@@ -84,7 +95,10 @@ impl IntoResponse for ApiError {
             }})),
         )
             .into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS {
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             // Every limit says when to come back.
             response
                 .headers_mut()
@@ -164,16 +178,21 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz(Extract(state): Extract<AppState>) -> ApiResult<Json<Value>> {
-    sqlx::query("SELECT 1")
-        .execute(&state.db.pool)
-        .await
-        .map_err(crate::CoordinatorError::from)?;
-    Ok(Json(json!({
-        "status": "ok",
+/// 200 when the database takes writes, else 503 with what fails (`database_writes`), so a
+/// load balancer or an operator sees a full disk before requesters do.
+async fn healthz(Extract(state): Extract<AppState>) -> Response {
+    let writes = state.db.check_writes().await;
+    let body = json!({
+        "status": if writes.is_ok() { "ok" } else { "failing" },
+        "database_writes": writes.as_ref().err().map_or("ok", String::as_str),
         "workers_connected": state.metrics.workers_connected.load(Ordering::Relaxed),
         "database": format!("{:?}", state.db.flavor).to_lowercase(),
-    })))
+    });
+    let status = match writes {
+        Ok(()) => StatusCode::OK,
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {

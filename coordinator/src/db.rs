@@ -130,6 +130,10 @@ const SCHEMA: &[&str] = &[
         bytes BIGINT NOT NULL,
         content TEXT NOT NULL,
         created_ms BIGINT NOT NULL)",
+    // One row, rewritten by `/healthz` to prove the database still takes writes.
+    "CREATE TABLE IF NOT EXISTS health (
+        id BIGINT PRIMARY KEY,
+        checked_ms BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS batches (
         id TEXT PRIMARY KEY,
         owner TEXT NOT NULL,
@@ -252,6 +256,26 @@ impl Db {
                     Ok(())
                 })
             })
+            .before_acquire(move |conn, _| {
+                Box::pin(async move {
+                    if flavor != Flavor::Sqlite {
+                        return Ok(true);
+                    }
+                    // A write that failed in a transaction (a full disk) can leave SQLite's
+                    // transaction open under a connection that goes back to the pool, and with
+                    // it the write lock: every later writer then waits out its busy timeout
+                    // ("database is locked") until a restart. A connection that cannot begin
+                    // a transaction is inside one: it is closed, which rolls it back.
+                    if sqlx::query("BEGIN").execute(&mut *conn).await.is_err() {
+                        tracing::warn!(
+                            "a database connection was left inside a transaction; closing it"
+                        );
+                        return Ok(false);
+                    }
+                    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+                    Ok(true)
+                })
+            })
             .connect(&url)
             .await
             .map_err(|e| CoordinatorError::Config(format!("cannot open database {url}: {e}")))?;
@@ -334,6 +358,55 @@ impl Db {
         Ok(())
     }
 
+    /// Whether the database takes writes now: rewrites the `health` row and, on SQLite,
+    /// checks the free space of the disk under it (a small write can still land in the WAL's
+    /// reused pages while every larger one fails). `Err` says what fails, for `/healthz`.
+    pub async fn check_writes(&self) -> Result<(), String> {
+        if let Some(free) = self.free_bytes()
+            && free < MIN_FREE_BYTES
+        {
+            return Err(format!(
+                "the disk under the database is full ({} KiB free); free space and the coordinator resumes by itself",
+                free / 1024
+            ));
+        }
+        let sql = format!(
+            "INSERT INTO health (id, checked_ms) VALUES ({}) \
+             ON CONFLICT (id) DO UPDATE SET checked_ms = excluded.checked_ms",
+            crate::journal::parameter_list(self.flavor.first_parameter(), 2)
+        );
+        let _w = self.write().await;
+        sqlx::query(&sql)
+            .bind(1i64)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let e = CoordinatorError::from(e);
+                if is_storage_full(&e) {
+                    format!("the database is full: {e}; free space and the coordinator resumes by itself")
+                } else {
+                    format!("the database refuses writes: {e}")
+                }
+            })
+    }
+
+    /// Free bytes on the filesystem of the SQLite database; `None` on PostgreSQL (its disk is
+    /// the server's) or where the platform cannot tell.
+    pub fn free_bytes(&self) -> Option<u64> {
+        #[cfg(unix)]
+        {
+            let dir = self.sqlite_path.as_deref()?.parent()?;
+            let stat = rustix::fs::statvfs(dir).ok()?;
+            Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+        }
+        #[cfg(not(unix))]
+        {
+            None
+        }
+    }
+
     /// Serialises writers on SQLite (its single-writer rule) and is free on PostgreSQL.
     pub async fn write(&self) -> Option<MutexGuard<'_, ()>> {
         match self.flavor {
@@ -395,6 +468,27 @@ pub fn is_transient(e: &CoordinatorError) -> bool {
         _ => false,
     }
 }
+
+/// The database or the disk under it is full (SQLite's `SQLITE_FULL`, PostgreSQL's
+/// `disk_full`, or `ENOSPC` from a file): the request may succeed once space is freed.
+pub fn is_storage_full(e: &CoordinatorError) -> bool {
+    const ENOSPC: i32 = 28;
+    match e {
+        CoordinatorError::Db(sqlx::Error::Database(d)) => {
+            matches!(d.code().as_deref(), Some("13" | "53100"))
+        }
+        CoordinatorError::Db(sqlx::Error::Io(io)) => io.raw_os_error() == Some(ENOSPC),
+        CoordinatorError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+            f.code == rusqlite::ErrorCode::DiskFull
+        }
+        CoordinatorError::Journal(j) => j.storage_full,
+        _ => false,
+    }
+}
+
+/// Free space below which `/healthz` reports the SQLite data directory as failing: enough for
+/// a large job's rows and a WAL checkpoint.
+pub const MIN_FREE_BYTES: u64 = 8 << 20;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -141,6 +141,8 @@ pub struct JournalError {
     /// Counts the journal's failures; the scheduler reloads once per failure.
     pub failure: u64,
     pub message: String,
+    /// The database or its disk was full ([`crate::db::is_storage_full`]).
+    pub storage_full: bool,
 }
 
 impl From<JournalError> for CoordinatorError {
@@ -187,6 +189,7 @@ impl Pending {
                 Err(JournalError {
                     failure: u64::MAX,
                     message: "the journal writer stopped".into(),
+                    storage_full: false,
                 })
             }),
         }
@@ -225,7 +228,8 @@ impl Journal {
 async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Arc<JournalStats>) {
     let mut connection = Writer { thread: None };
     let mut failures = 0u64;
-    let mut poisoned = false;
+    // `Some(storage_full)` of the failure that poisoned the journal, until the reset.
+    let mut poisoned: Option<bool> = None;
     let mut waiting: Option<Message> = None;
     loop {
         let first = match waiting.take() {
@@ -241,7 +245,7 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
             match m {
                 Message::Reset => {
                     if entries.is_empty() {
-                        poisoned = false;
+                        poisoned = None;
                     } else {
                         // Entries before the reset belong to the old book.
                         waiting = Some(Message::Reset);
@@ -258,10 +262,11 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
         if entries.is_empty() {
             continue;
         }
-        let result = if poisoned {
+        let result = if let Some(storage_full) = poisoned {
             Err(JournalError {
                 failure: failures,
                 message: "an earlier batch failed; the scheduler is reloading".into(),
+                storage_full,
             })
         } else {
             let mut batch = Batch::default();
@@ -284,11 +289,12 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
                 Ok(()) => Ok(()),
                 Err(e) => {
                     failures += 1;
-                    poisoned = true;
+                    poisoned = Some(crate::db::is_storage_full(&e));
                     tracing::error!("committing {} scheduler entries: {e}", entries.len());
                     Err(JournalError {
                         failure: failures,
                         message: e.to_string(),
+                        storage_full: crate::db::is_storage_full(&e),
                     })
                 }
             }

@@ -1429,6 +1429,128 @@ fn idle_slow_and_surplus_connections_are_cut() {
     assert_eq!(api_embeddings(&body), local_embeddings(&texts));
 }
 
+/// A coordinator whose data directory is a 48 MiB tmpfs of its own (a private mount namespace,
+/// `unshare -rm`, so no root is needed), driven through a shell that fills and frees the disk
+/// on command. Returns the cluster (its `serve` is the shell; the coordinator dies with it)
+/// and the shell's command line in and answers out, after the first answer: an API key.
+fn cluster_on_a_small_disk() -> (
+    Cluster,
+    std::process::ChildStdin,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    String,
+) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let port = free_port();
+    let script = r#"
+        set -e
+        mount -t tmpfs -o size=48m tmpfs "$DISK"
+        "$BIN" keys create --data-dir "$DISK/data"
+        setpriv --pdeathsig KILL "$BIN" serve --data-dir "$DISK/data" --listen "127.0.0.1:$PORT" \
+            --local --replicas 1 2>"$LOG" &
+        while read -r command; do
+            case "$command" in
+                fill) dd if=/dev/zero of="$DISK/filler" bs=64k 2>/dev/null || true; echo filled ;;
+                free) rm -f "$DISK/filler"; echo freed ;;
+            esac
+        done
+    "#;
+    let mut child = Command::new("unshare")
+        .args(["-rm", "sh", "-c", script])
+        .env("DISK", &disk)
+        .env("BIN", BIN)
+        .env("PORT", port.to_string())
+        .env("LOG", dir.path().join("serve.log"))
+        .env("TABULA_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("unshare (util-linux) runs the coordinator in a mount namespace of its own");
+    let stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let key = lines
+        .next()
+        .expect("the shell in a private mount namespace printed an API key (is unshare -rm allowed here?)")
+        .unwrap();
+    let cluster = Cluster {
+        dir,
+        port,
+        database_url: None,
+        serve: Some(child),
+        workers: Vec::new(),
+        serve_args: Vec::new(),
+    };
+    let started = Instant::now();
+    while get(port, "/healthz").0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the coordinator did not come up: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (cluster, stdin, lines, key)
+}
+
+/// Finding 10: the disk fills, then space comes back. Requests fail with a clear error while
+/// it is full, `/healthz` says writes are failing, and once space returns the same process
+/// serves again with no restart.
+#[test]
+fn a_full_disk_is_reported_and_survived_without_a_restart() {
+    use std::io::Write;
+    let (mut cluster, mut shell, mut answers, key) = cluster_on_a_small_disk();
+    let port = cluster.port;
+    let mut command = |c: &str| {
+        writeln!(shell, "{c}").unwrap();
+        answers.next().unwrap().unwrap()
+    };
+    cluster.add_worker(0);
+    let embed = |text: &str| {
+        post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "all-MiniLM-L6-v2", "input": [text] }),
+        )
+    };
+    let (status, body) = embed("before the disk fills");
+    assert_eq!(status, 200, "{body}");
+
+    assert_eq!(command("fill"), "filled");
+    for i in 0..3 {
+        let (status, body) = embed(&format!("on a full disk {i}"));
+        assert_eq!(status, 503, "{body}\n{}", cluster.log());
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("full"), "{message}");
+    }
+    let (status, health) = get(port, "/healthz");
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "failing", "{health}");
+    assert!(
+        health["database_writes"].as_str().unwrap().contains("full"),
+        "{health}"
+    );
+
+    assert_eq!(command("free"), "freed");
+    let started = Instant::now();
+    while get(port, "/healthz").0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the coordinator did not recover once space came back: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let texts = vec!["after space came back".to_string()];
+    let (status, body) = embed(&texts[0]);
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    assert_eq!(api_embeddings(&body), local_embeddings(&texts));
+    cluster.stop_workers();
+}
+
 /// The official `openai` Python client against a real cluster: embeddings, completions, chat
 /// (streamed too), typed errors and the Batch API (`tests/openai_client.py`). Needs the
 /// `openai` package importable from `python3` (or from `$TABULA_PYLIB`, where
