@@ -10,7 +10,9 @@
 //! its entry before it answers anyone: a worker is never told about a lease, a verdict or a
 //! credit that a `kill -9` could still undo.
 //!
-//! When a batch fails, the journal is *poisoned*: the scheduler's memory now holds decisions
+//! When a batch of several entries fails, its entries are committed again one at a time, in
+//! order, so one entry's bad row fails only itself and the entries after it (decided on its
+//! state), never those before. When an entry fails, the journal is *poisoned*: the scheduler's memory now holds decisions
 //! the database does not, so every later entry fails too until [`Journal::reset`] (the
 //! scheduler reloads its book from the database first). Nothing half-written is ever built on.
 
@@ -262,22 +264,46 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
         if entries.is_empty() {
             continue;
         }
-        let result = if let Some(storage_full) = poisoned {
-            Err(JournalError {
+        let results = if let Some(storage_full) = poisoned {
+            let refused = JournalError {
                 failure: failures,
                 message: "an earlier batch failed; the scheduler is reloading".into(),
                 storage_full,
-            })
+            };
+            vec![Err(refused); entries.len()]
         } else {
-            let mut batch = Batch::default();
-            for (writes, _) in &mut entries {
-                for w in writes.drain(..) {
-                    batch.add(w);
-                }
-            }
-            let batch = Arc::new(batch);
             let started = Instant::now();
+            let batch = Arc::new(Batch::of(
+                entries.iter().flat_map(|(w, _)| w.iter().cloned()),
+            ));
             let committed = commit_with_retries(&mut connection, &db, &batch).await;
+            let results = match committed {
+                Ok(()) => vec![Ok(()); entries.len()],
+                // One entry's bad row must not fail the others: commit them one at a time,
+                // in order, up to the first that fails.
+                Err(e) if entries.len() > 1 => {
+                    tracing::warn!(
+                        "committing {} scheduler entries together failed ({e}); committing them one at a time",
+                        entries.len()
+                    );
+                    let mut results = Vec::with_capacity(entries.len());
+                    for (writes, _) in &entries {
+                        if let Some(Err(e)) = results.last() {
+                            results.push(Err(JournalError::clone(e)));
+                            continue;
+                        }
+                        let one = Arc::new(Batch::of(writes.iter().cloned()));
+                        results.push(
+                            match commit_with_retries(&mut connection, &db, &one).await {
+                                Ok(()) => Ok(()),
+                                Err(e) => Err(failed(&mut failures, &mut poisoned, 1, &e)),
+                            },
+                        );
+                    }
+                    results
+                }
+                Err(e) => vec![Err(failed(&mut failures, &mut poisoned, entries.len(), &e))],
+            };
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats
                 .entries
@@ -285,23 +311,30 @@ async fn writer(db: Arc<Db>, mut rx: mpsc::UnboundedReceiver<Message>, stats: Ar
             stats
                 .commit_us
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            match committed {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    failures += 1;
-                    poisoned = Some(crate::db::is_storage_full(&e));
-                    tracing::error!("committing {} scheduler entries: {e}", entries.len());
-                    Err(JournalError {
-                        failure: failures,
-                        message: e.to_string(),
-                        storage_full: crate::db::is_storage_full(&e),
-                    })
-                }
-            }
+            results
         };
-        for (_, done) in entries {
-            let _ = done.send(result.clone());
+        assert_eq!(results.len(), entries.len(), "one result per entry");
+        for ((_, done), result) in entries.into_iter().zip(results) {
+            let _ = done.send(result);
         }
+    }
+}
+
+/// Records a failed commit of `entries` entries: the journal is poisoned until the reset.
+fn failed(
+    failures: &mut u64,
+    poisoned: &mut Option<bool>,
+    entries: usize,
+    e: &CoordinatorError,
+) -> JournalError {
+    *failures += 1;
+    let storage_full = crate::db::is_storage_full(e);
+    *poisoned = Some(storage_full);
+    tracing::error!("committing {entries} scheduler entries: {e}");
+    JournalError {
+        failure: *failures,
+        message: e.to_string(),
+        storage_full,
     }
 }
 
@@ -339,6 +372,14 @@ enum LeaseWrite {
 }
 
 impl Batch {
+    fn of(writes: impl IntoIterator<Item = Write>) -> Self {
+        let mut batch = Batch::default();
+        for w in writes {
+            batch.add(w);
+        }
+        batch
+    }
+
     fn add(&mut self, write: Write) {
         match write {
             Write::Lease(row) => {
@@ -1049,6 +1090,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(strikes().await, 3);
+    }
+
+    /// A batch that fails is committed again entry by entry: the entries before the bad one
+    /// land, the bad one and those decided after it do not.
+    #[tokio::test]
+    async fn a_bad_entry_fails_only_itself_and_what_follows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path(), None).await.unwrap());
+        // The database refuses one row (as PostgreSQL refuses a NUL in text).
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON workers WHEN NEW.agent = 'bad' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let journal = Journal::spawn(db.clone());
+        let seen = |key: &str, agent: &str| Write::WorkerSeen {
+            key: key.into(),
+            agent: agent.into(),
+            now_ms: 1,
+        };
+        // Appended together, before the writer runs: one batch.
+        let pending: Vec<Pending> = [("a", "ok"), ("b", "ok"), ("c", "bad"), ("d", "ok")]
+            .into_iter()
+            .map(|(k, agent)| journal.append(vec![seen(k, agent)]))
+            .collect();
+        let mut results = Vec::new();
+        for p in pending {
+            results.push(p.committed().await.is_ok());
+        }
+        assert_eq!(results, [true, true, false, false]);
+        let keys: Vec<String> = sqlx::query("SELECT key FROM workers ORDER BY key")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| sqlx::Row::try_get(r, "key").unwrap())
+            .collect();
+        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(journal.stats.batches.load(Ordering::Relaxed), 1);
     }
 
     #[test]
