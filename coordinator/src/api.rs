@@ -21,7 +21,7 @@ use tabula_protocol::{Hash, Precision, Task, UnitOutput};
 
 use crate::{
     models::{ModelKind, ServedModel},
-    scheduler::State,
+    scheduler::{Assurance, State},
 };
 
 pub(crate) type AppState = Arc<State>;
@@ -455,6 +455,23 @@ fn precision(body: &Value) -> ApiResult<Precision> {
     }
 }
 
+/// `"assurance"`: how hard the results are checked (a Tabula extension; default standard).
+fn assurance(body: &Value) -> ApiResult<Assurance> {
+    match body.get("assurance") {
+        None | Some(Value::Null) => Ok(Assurance::Standard),
+        Some(Value::String(s)) => Assurance::parse(s).ok_or_else(|| {
+            ApiError::invalid(
+                "`assurance` must be \"standard\", \"high\" (three workers on distinct networks must all agree) or \"referee\" (the coordinator re-executes every unit)",
+                Some("assurance"),
+            )
+        }),
+        _ => Err(ApiError::invalid(
+            "`assurance` must be a string: \"standard\", \"high\" or \"referee\"",
+            Some("assurance"),
+        )),
+    }
+}
+
 fn token_list(v: &Value, vocab: usize, param: &'static str) -> ApiResult<Vec<u32>> {
     let items = v
         .as_array()
@@ -508,6 +525,7 @@ async fn run_job(
         owner: &owner,
         idempotency_key: idem.as_deref(),
         fingerprint: Some(&fingerprint),
+        assurance: p.assurance,
     };
     let job = state
         .create_job(new, p.tasks.clone())
@@ -543,6 +561,7 @@ pub struct Prepared<'a> {
     pub kind: &'static str,
     pub model: &'a ServedModel,
     pub precision: Precision,
+    pub assurance: Assurance,
     pub tasks: Vec<(Task, i64)>,
     pub stream: bool,
     render: Render,
@@ -864,6 +883,7 @@ fn prepare_embeddings<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<
         kind: "embd",
         model,
         precision,
+        assurance: assurance(body)?,
         tasks,
         stream: false,
         render: Render::Embeddings { base64, tokens },
@@ -1194,6 +1214,7 @@ fn prepare_completion<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<
         kind: "cmpl",
         model,
         precision,
+        assurance: assurance(body)?,
         tasks,
         stream: s.stream,
         render: Render::Completion {
@@ -1276,6 +1297,7 @@ fn prepare_chat<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
         kind: "chat",
         model,
         precision,
+        assurance: assurance(body)?,
         tasks,
         stream: s.stream,
         render: Render::Chat {
@@ -1543,15 +1565,15 @@ async fn openapi() -> Json<Value> {
                     "input": { "oneOf": [ { "type": "string" }, { "type": "array", "items": { "type": "string" } },
                         { "type": "array", "items": { "type": "integer" } }, { "type": "array", "items": { "type": "array", "items": { "type": "integer" } } } ] },
                     "encoding_format": { "enum": ["float", "base64"] },
-                    "precision": { "enum": ["exact", "fast"] } } },
+                    "precision": { "enum": ["exact", "fast"] }, "assurance": { "enum": ["standard", "high", "referee"] } } },
                 "CompletionRequest": { "type": "object", "required": ["model", "prompt"], "properties": {
                     "model": { "type": "string" }, "prompt": {}, "max_tokens": { "type": "integer" }, "temperature": { "type": "number" },
                     "top_p": { "type": "number" }, "seed": { "type": "integer" }, "stop": {}, "stream": { "type": "boolean" },
-                    "precision": { "enum": ["exact", "fast"] } } },
+                    "precision": { "enum": ["exact", "fast"] }, "assurance": { "enum": ["standard", "high", "referee"] } } },
                 "ChatCompletionRequest": { "type": "object", "required": ["model", "messages"], "properties": {
                     "model": { "type": "string" }, "messages": { "type": "array", "items": { "type": "object" } }, "max_tokens": { "type": "integer" },
                     "temperature": { "type": "number" }, "top_p": { "type": "number" }, "seed": { "type": "integer" }, "stop": {},
-                    "stream": { "type": "boolean" }, "precision": { "enum": ["exact", "fast"] } } }
+                    "stream": { "type": "boolean" }, "precision": { "enum": ["exact", "fast"] }, "assurance": { "enum": ["standard", "high", "referee"] } } }
             }
         },
         "paths": {

@@ -244,6 +244,7 @@ pub async fn create(
                             owner: &owner,
                             idempotency_key: None,
                             fingerprint: None,
+                            assurance: p.assurance,
                         },
                         p.tasks,
                     )

@@ -155,6 +155,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "owner", "TEXT"),
     // SHA-256 of a job's endpoint and body, checked when its Idempotency-Key comes again.
     ("jobs", "fingerprint", "TEXT"),
+    // 1 while a verified unit waits for an audit: a restart puts it back in the queue.
+    ("units", "audit", "BIGINT NOT NULL DEFAULT 0"),
+    // `standard`, `high` or `referee` (NULL before assurance levels: standard).
+    ("units", "assurance", "TEXT"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

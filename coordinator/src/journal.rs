@@ -71,6 +71,8 @@ pub struct UnitRow {
     pub output_hash: Option<String>,
     pub verified_by: Option<&'static str>,
     pub verified_ms: Option<i64>,
+    /// Waiting for an audit.
+    pub audit: bool,
 }
 
 /// A worker's reputation counters.
@@ -493,13 +495,14 @@ impl Batch {
         let units: Vec<&UnitRow> = self.units.values().collect();
         Statement::rows(
             &mut out,
-            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms)",
+            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms, audit)",
             &[
                 "$", "''", "0", "0", "''", "''", "''", "0", "$", "$", "0", "$", "$", "$", "$", "$",
+                "$",
             ],
             "ON CONFLICT (id) DO UPDATE SET replicas = excluded.replicas, quorum = excluded.quorum, \
              status = excluded.status, output = excluded.output, output_hash = excluded.output_hash, \
-             verified_by = excluded.verified_by, verified_ms = excluded.verified_ms",
+             verified_by = excluded.verified_by, verified_ms = excluded.verified_ms, audit = excluded.audit",
             &units,
             |r, v| {
                 v.extend([
@@ -511,6 +514,7 @@ impl Batch {
                     opt_text(r.output_hash.as_deref()),
                     opt_text(r.verified_by),
                     opt_int(r.verified_ms),
+                    Value::Int(i64::from(r.audit)),
                 ])
             },
         );

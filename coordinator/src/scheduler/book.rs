@@ -27,7 +27,7 @@ use tabula_protocol::{
     UnitOutput,
 };
 
-use super::{Metrics, Verdict};
+use super::{Assurance, Metrics, Verdict};
 use crate::{
     Config, CoordinatorError,
     db::{Db, Flavor, ordered_bytes},
@@ -35,6 +35,9 @@ use crate::{
 };
 
 type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+/// The columns [`unit_from_row`] reads.
+const UNIT_COLUMNS: &str = "id, job_id, seq, task, digest, credit_micro, replicas, quorum, status, output, output_hash, verified_by, verified_ms, audit, assurance";
 
 /// Units with a referee-confirmed output kept for canaries.
 const CANARY_POOL: usize = 256;
@@ -181,8 +184,11 @@ pub(super) struct Unit {
     /// Every lease ever issued on the unit, oldest first.
     leases: Vec<LeaseId>,
     in_canary_pool: bool,
-    /// Verified and waiting in [`Book::audits`] for the referee to re-execute it.
+    /// Verified and waiting in [`Book::audits`] for the referee to re-execute it. Stored, so
+    /// a restart does not forget an audit.
     audit: bool,
+    /// Never changes after the job is created.
+    assurance: Assurance,
 }
 
 impl Unit {
@@ -193,8 +199,10 @@ impl Unit {
         seq: i64,
         task: Task,
         credit_micro: i64,
+        assurance: Assurance,
         config: &Config,
     ) -> Self {
+        let replicas = assurance.replicas(config);
         Unit {
             id,
             job_id,
@@ -202,8 +210,12 @@ impl Unit {
             digest: task.digest(),
             task: Arc::new(task),
             credit_micro,
-            replicas: i64::from(config.replicas),
-            quorum: i64::from(config.replicas.min(2)),
+            replicas: i64::from(replicas),
+            // High assurance: every replica must agree; otherwise two agreeing suffice.
+            quorum: i64::from(match assurance {
+                Assurance::High => replicas,
+                Assurance::Standard | Assurance::Referee => replicas.min(2),
+            }),
             status: UnitStatus::Open,
             output: None,
             output_hash: None,
@@ -212,6 +224,7 @@ impl Unit {
             leases: Vec::new(),
             in_canary_pool: false,
             audit: false,
+            assurance,
         }
     }
 
@@ -398,7 +411,6 @@ impl Book {
     /// workers holding those leases, and running jobs.
     pub(super) async fn load(db: &Db) -> Result<Book> {
         let mut book = Book::default();
-        const UNIT_COLUMNS: &str = "id, job_id, seq, task, digest, credit_micro, replicas, quorum, status, output, output_hash, verified_by, verified_ms";
         let mut rows = sqlx::query(&format!(
             "SELECT {UNIT_COLUMNS} FROM units WHERE status IN ('open', 'referee')"
         ))
@@ -416,9 +428,21 @@ impl Book {
         ))
         .fetch_all(&db.pool)
         .await?;
+        // Audits that were waiting when the coordinator stopped.
+        let audits = sqlx::query(&format!(
+            "SELECT {UNIT_COLUMNS} FROM units WHERE status = 'verified' AND audit = 1 ORDER BY seq LIMIT {AUDIT_QUEUE}"
+        ))
+        .fetch_all(&db.pool)
+        .await?;
         for row in &rows {
             let unit = unit_from_row(row)?;
             book.units.insert(unit.id.clone(), unit);
+        }
+        for row in &audits {
+            let unit = unit_from_row(row)?;
+            let key = (unit.seq, unit.id.clone());
+            book.units.entry(unit.id.clone()).or_insert(unit).audit = true;
+            book.audits.insert(key);
         }
         // The canary pool: the newest units whose output the referee computed or confirmed.
         for row in &pool {
@@ -694,6 +718,7 @@ impl Book {
             let fresh = self.units[&unit_id].leases.is_empty();
             if streak >= i64::from(ctx.config.solo_after)
                 && fresh
+                && self.units[&unit_id].assurance == Assurance::Standard
                 && self.entropy.unit() >= ctx.config.spot_check_rate
             {
                 let u = self.units.get_mut(&unit_id).expect("chosen above");
@@ -1050,7 +1075,7 @@ impl Book {
                     .get(&self.leases[id].worker)
                     .is_some_and(|w| Self::trusted(ctx, w))
             });
-            if all_trusted {
+            if all_trusted && unit.assurance != Assurance::Referee {
                 let (hash, out) = output(&group[0]);
                 let (hash, out) = (hash.to_string(), out.to_vec());
                 let by = if unit.quorum == 1 { "solo" } else { "quorum" };
@@ -1108,6 +1133,7 @@ impl Book {
         }
         u.audit = true;
         self.audits.insert((u.seq, u.id.clone()));
+        effects.writes.push(Write::Unit(unit_row(u)));
         effects.referee = true;
     }
 
@@ -1368,8 +1394,8 @@ impl Book {
         if Self::agree(precision, &stored_hash, &stored, &hash, &output) {
             if u.verified_by != Some("referee") {
                 u.verified_by = Some("audited");
-                effects.writes.push(Write::Unit(unit_row(u)));
             }
+            effects.writes.push(Write::Unit(unit_row(u)));
             self.add_canary(unit_id);
         } else {
             ctx.metrics.audits_failed.fetch_add(1, Ordering::Relaxed);
@@ -1533,11 +1559,10 @@ pub(super) async fn load_for_audit(
     since_ms: i64,
     limit: i64,
 ) -> Result<(Vec<String>, Vec<Unit>, Vec<Lease>)> {
-    const UNIT_COLUMNS: &str = "u.id, u.job_id, u.seq, u.task, u.digest, u.credit_micro, u.replicas, u.quorum, u.status, u.output, u.output_hash, u.verified_by, u.verified_ms";
     let rows = sqlx::query(&format!(
-        "SELECT {UNIT_COLUMNS} FROM credits c JOIN units u ON u.id = c.unit_id
-         WHERE c.worker = $1 AND c.issued_ms >= $2 AND u.status = 'verified'
-         ORDER BY c.issued_ms DESC LIMIT $3"
+        "SELECT {UNIT_COLUMNS} FROM units WHERE status = 'verified' AND id IN
+         (SELECT unit_id FROM credits WHERE worker = $1 AND issued_ms >= $2)
+         ORDER BY verified_ms DESC LIMIT $3"
     ))
     .bind(worker)
     .bind(since_ms)
@@ -1581,10 +1606,10 @@ pub(super) async fn insert_units(
     const ROWS: usize = 200;
     for (chunk_index, chunk) in units.chunks(ROWS).enumerate() {
         let sql = values_sql(
-            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms)",
+            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms, audit, assurance)",
             &[
                 "$", "$", "$", "$", "$", "$", "$", "$", "$", "$", "0", "'open'", "NULL", "NULL",
-                "NULL", "NULL",
+                "NULL", "NULL", "0", "$",
             ],
             chunk.len(),
             "",
@@ -1602,7 +1627,8 @@ pub(super) async fn insert_units(
                 .bind(u.digest.to_hex())
                 .bind(u.credit_micro)
                 .bind(u.replicas)
-                .bind(u.quorum);
+                .bind(u.quorum)
+                .bind(u.assurance.as_str());
         }
         q.execute(&mut **tx).await?;
     }
@@ -1635,6 +1661,7 @@ fn unit_row(u: &Unit) -> UnitRow {
         output_hash: u.output_hash.clone(),
         verified_by: u.verified_by,
         verified_ms: u.verified_ms,
+        audit: u.audit,
     }
 }
 
@@ -1673,7 +1700,13 @@ fn unit_from_row(row: &sqlx::any::AnyRow) -> Result<Unit> {
         verified_ms: row.try_get("verified_ms")?,
         leases: Vec::new(),
         in_canary_pool: false,
+        // Put back in the audit queue by `Book::load`.
         audit: false,
+        // Units stored before assurance levels existed have none: standard.
+        assurance: match row.try_get::<Option<String>, _>("assurance")?.as_deref() {
+            None => Assurance::Standard,
+            Some(a) => Assurance::parse(a).ok_or_else(|| corrupt(format!("assurance `{a}`")))?,
+        },
     })
 }
 
@@ -1820,6 +1853,10 @@ mod tests {
         }
 
         fn add_job(&mut self, job: &str, tasks: &[Task]) -> Vec<String> {
+            self.add_job_at(job, tasks, Assurance::Standard)
+        }
+
+        fn add_job_at(&mut self, job: &str, tasks: &[Task], assurance: Assurance) -> Vec<String> {
             let units: Vec<Unit> = tasks
                 .iter()
                 .enumerate()
@@ -1830,6 +1867,7 @@ mod tests {
                         i as i64,
                         t.clone(),
                         1_000,
+                        assurance,
                         &self.config,
                     )
                 })
@@ -2036,6 +2074,64 @@ mod tests {
         assert!(t.writes.iter().any(|w| matches!(w, Write::Unit(u)
                 if u.status == "verified" && u.verified_by == Some("solo"))));
         assert_eq!(t.metrics.units_solo.load(Ordering::Relaxed), 1);
+    }
+
+    /// `high`: no unit alone, however clean the worker, and three workers on distinct
+    /// networks must all agree.
+    #[test]
+    fn high_assurance_needs_three_agreeing_workers_and_never_one() {
+        let mut t = Bench::new(Config {
+            solo_after: 0,
+            spot_check_rate: 0.0,
+            audit_rate: 0.0,
+            ..config()
+        });
+        t.add_job_at("job", &[task(1)], Assurance::High);
+        let mut ids = Vec::new();
+        for n in 1..=3u8 {
+            let (id, key) = t.worker(n);
+            trusted(&mut t, &key, 500);
+            let lease = t.grant(&key, &format!("net-{n}")).expect("a replica");
+            ids.push((id, lease));
+        }
+        assert_eq!(t.book.units["job-unit0"].replicas, 3, "not run alone");
+        for (i, (id, lease)) in ids.iter().enumerate() {
+            t.submit(id, lease, output(7));
+            let verified = t.metrics.units_verified.load(Ordering::Relaxed);
+            assert_eq!(
+                verified,
+                u64::from(i == 2),
+                "verified only once all three agree"
+            );
+        }
+        assert_eq!(t.metrics.units_solo.load(Ordering::Relaxed), 0);
+    }
+
+    /// `referee`: even trusted workers that agree are checked by the referee before the output
+    /// is delivered, and they are credited when the referee agrees.
+    #[test]
+    fn referee_assurance_refers_every_unit() {
+        let mut t = Bench::new(Config {
+            audit_rate: 0.0,
+            ..config()
+        });
+        t.add_job_at("job", &[task(1)], Assurance::Referee);
+        let (ia, a) = t.worker(1);
+        let (ib, b) = t.worker(2);
+        trusted(&mut t, &a, 500);
+        trusted(&mut t, &b, 500);
+        let la = t.grant(&a, "net-1").unwrap();
+        let lb = t.grant(&b, "net-2").unwrap();
+        t.submit(&ia, &la, output(7));
+        t.submit(&ib, &lb, output(7));
+        assert_eq!(t.book.units["job-unit0"].status, UnitStatus::Referee);
+        assert!(referee(&mut t, 7));
+        let u = &t.book.units["job-unit0"];
+        assert_eq!(
+            (u.status, u.verified_by),
+            (UnitStatus::Verified, Some("referee"))
+        );
+        assert_eq!((t.record(&a).verified, t.record(&b).verified), (501, 501));
     }
 
     fn trusted(t: &mut Bench, key: &str, verified: i64) {
@@ -2290,6 +2386,7 @@ mod tests {
                 stop: vec![2],
             },
             1_000,
+            Assurance::Standard,
             &config(),
         );
         let out = |n: usize| {
@@ -2358,7 +2455,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Db::open(dir.path(), None).await.unwrap());
         let journal = Journal::spawn(db.clone());
-        let mut t = Bench::new(config());
+        // Every quorum is audited: a waiting audit must survive the restart too.
+        let mut t = Bench::new(Config {
+            audit_rate: 1.0,
+            ..config()
+        });
         // Three jobs of a unit each, in the database and in memory (added one at a time below,
         // so that random placement has one unit to choose from).
         for n in 0..3 {
@@ -2378,6 +2479,7 @@ mod tests {
                 0,
                 task(n as u32),
                 1_000,
+                Assurance::Standard,
                 &t.config,
             );
             insert_units(&mut tx, db.flavor, &job, Precision::Exact, &[unit])
@@ -2442,6 +2544,10 @@ mod tests {
         });
         assert_eq!(loaded_summary, expected);
         assert_eq!(loaded.leasable, t.book.leasable);
+        assert_eq!(loaded.audits, t.book.audits);
+        assert_eq!(loaded.audits.len(), 1, "unit 0's audit is remembered");
+        assert!(loaded.units[&loaded.audits.first().unwrap().1].audit);
+        loaded.check_invariants();
         assert!(
             loaded_summary.iter().any(|l| l.contains(" referee ")),
             "{loaded_summary:#?}"

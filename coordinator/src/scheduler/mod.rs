@@ -101,6 +101,48 @@ pub struct State {
 /// Networks the login limiter remembers at most.
 const MAX_LIMITED_NETWORKS: usize = 100_000;
 
+/// How hard a job's results are checked, chosen per request (`"assurance"` in the body).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Assurance {
+    /// `--replicas` workers agree (a long-clean worker may run a unit alone, spot-checked),
+    /// and `--audit-rate` of accepted units is re-executed by the referee afterwards.
+    #[default]
+    Standard,
+    /// Never alone: at least three workers on distinct networks (at most `--max-replicas`)
+    /// must all agree.
+    High,
+    /// The referee re-executes every unit and its output is the one delivered; the workers'
+    /// agreeing results are still credited, wrong ones struck.
+    Referee,
+}
+
+impl Assurance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assurance::Standard => "standard",
+            Assurance::High => "high",
+            Assurance::Referee => "referee",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "standard" => Assurance::Standard,
+            "high" => Assurance::High,
+            "referee" => Assurance::Referee,
+            _ => return None,
+        })
+    }
+
+    /// Replicas a unit starts with under `config`.
+    pub fn replicas(self, config: &Config) -> u32 {
+        match self {
+            Assurance::High => config.replicas.max(3).min(config.max_replicas),
+            Assurance::Standard | Assurance::Referee => config.replicas,
+        }
+    }
+}
+
 /// A job to create, but for its tasks.
 pub struct NewJob<'a> {
     /// `embeddings` or `completion`.
@@ -113,6 +155,7 @@ pub struct NewJob<'a> {
     pub idempotency_key: Option<&'a str>,
     /// SHA-256 of the request's endpoint and body: the idempotency key's request.
     pub fingerprint: Option<&'a str>,
+    pub assurance: Assurance,
 }
 
 /// Why a job was not created.
@@ -438,6 +481,7 @@ impl State {
             owner,
             idempotency_key,
             fingerprint,
+            assurance,
         } = job;
         let _w = self.db.write().await;
         if let Some(k) = idempotency_key
@@ -479,6 +523,7 @@ impl State {
                     now * 4096 + idx as i64,
                     task,
                     credit,
+                    assurance,
                     &self.config,
                 )
             })

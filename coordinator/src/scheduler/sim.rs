@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use tabula_protocol::{Assignment, Hash, Identity, ModelRef, Precision, Submission, Task};
 
 use super::{
-    Metrics,
+    Assurance, Metrics,
     book::{Book, Ctx, Effects, Entropy, SubmitOutcome, Unit, testing::output},
 };
 use crate::{Config, journal::Write};
@@ -141,6 +141,8 @@ pub struct Sim {
     steps: u64,
     report: Report,
     seed: u64,
+    /// The assurance every job asks for.
+    assurance: Assurance,
 }
 
 enum Message {
@@ -203,6 +205,7 @@ impl Sim {
             steps: 0,
             report: Report::default(),
             seed,
+            assurance: Assurance::Standard,
         };
         for &(strategy, n) in mix {
             for _ in 0..n {
@@ -211,6 +214,12 @@ impl Sim {
         }
         sim.committed = sim.book.clone();
         sim
+    }
+
+    /// Every job from now on asks for `assurance`.
+    pub fn with_assurance(mut self, assurance: Assurance) -> Self {
+        self.assurance = assurance;
+        self
     }
 
     fn add_worker(&mut self, strategy: Strategy) -> usize {
@@ -273,7 +282,15 @@ impl Sim {
                 let task = task(n);
                 self.digests.insert(id.clone(), task.digest());
                 ids.push(id.clone());
-                Unit::new(id, job.clone(), n as i64, task, 1_000, &self.config)
+                Unit::new(
+                    id,
+                    job.clone(),
+                    n as i64,
+                    task,
+                    1_000,
+                    self.assurance,
+                    &self.config,
+                )
             })
             .collect();
         self.job_units.insert(job.clone(), ids);
@@ -605,9 +622,21 @@ mod tests {
 
     /// Runs `seeds` seeds at `share` Byzantine workers and adds up what they measured.
     pub fn measure(share: f64, seeds: u64, steps: usize, workers: usize) -> Report {
+        measure_at(Assurance::Standard, share, seeds, steps, workers)
+    }
+
+    /// [`measure`] with every job at `assurance`.
+    pub fn measure_at(
+        assurance: Assurance,
+        share: f64,
+        seeds: u64,
+        steps: usize,
+        workers: usize,
+    ) -> Report {
         let mut total = Report::default();
         for seed in 0..seeds {
-            let sim = Sim::new(seed, Config::default(), &mix(workers, share), 0.01);
+            let sim = Sim::new(seed, Config::default(), &mix(workers, share), 0.01)
+                .with_assurance(assurance);
             let r = sim.run(steps, 20 * steps);
             total.units += r.units;
             total.wrong_delivered += r.wrong_delivered;
@@ -653,6 +682,51 @@ mod tests {
             if share <= 0.1 {
                 assert!(total.wrong_per_unit() <= 0.001, "{total:?}");
             }
+        }
+    }
+
+    /// What each assurance level costs and buys, with and without cheaters: `high` never runs
+    /// a unit alone and needs three agreeing workers; `referee` delivers only outputs the
+    /// coordinator computed itself, so nothing wrong is ever delivered.
+    #[test]
+    fn assurance_levels() {
+        let seeds = env("TABULA_SIM_SEEDS", 2);
+        let steps = env("TABULA_SIM_STEPS", 800) as usize / 4;
+        let workers = env("TABULA_SIM_WORKERS", 40) as usize;
+        for share in [0.0, 0.1] {
+            let mut overheads = Vec::new();
+            for assurance in [Assurance::Standard, Assurance::High, Assurance::Referee] {
+                let total = measure_at(assurance, share, seeds, steps, workers);
+                println!(
+                    "{:>8} at {:>2.0}% byzantine: units {:>6}  wrong delivered {:.4}%  worker executions {:.3}/unit  referee {:.3}/unit  overhead {:.3}x (steady state {:.3}x)",
+                    assurance.as_str(),
+                    share * 100.0,
+                    total.units,
+                    total.wrong_per_unit() * 100.0,
+                    total.executions as f64 / total.units as f64,
+                    total.referee_runs as f64 / total.units as f64,
+                    total.overhead(),
+                    total.steady_overhead(),
+                );
+                assert!(total.units > 0);
+                match assurance {
+                    Assurance::Referee => {
+                        assert_eq!(total.wrong_delivered, 0, "{total:?}");
+                        assert!(total.referee_runs >= total.units, "{total:?}");
+                    }
+                    Assurance::High => {
+                        assert!(total.wrong_per_unit() <= 0.001, "{total:?}");
+                        // Never alone: at least three workers' executions per unit.
+                        assert!(total.executions >= 3 * total.units, "{total:?}");
+                    }
+                    Assurance::Standard => assert!(total.wrong_per_unit() <= 0.001, "{total:?}"),
+                }
+                overheads.push(total.steady_overhead());
+            }
+            assert!(
+                overheads[0] < overheads[1] && overheads[0] < overheads[2],
+                "a stronger level costs more: {overheads:?}"
+            );
         }
     }
 }

@@ -794,6 +794,44 @@ fn adaptive_replication_canaries_and_payout() {
         metric(port, "tabula_leases_canary_total") > 0,
         "no canary was issued"
     );
+    // Stronger assurance per request: `high` never runs a unit alone (these workers are past
+    // `--solo-after` now), `referee` has the coordinator re-execute every unit.
+    // (Other texts each time: a receipt names its task, which must not repeat.)
+    let solo = metric(port, "tabula_units_solo_total");
+    let texts: Vec<String> = fixture_texts()
+        .iter()
+        .map(|t| format!("high: {t}"))
+        .collect();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts, "assurance": "high" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api_embeddings(&body), local_embeddings(&texts));
+    assert_eq!(
+        metric(port, "tabula_units_solo_total"),
+        solo,
+        "a high unit ran alone"
+    );
+    let refereed = metric(port, "tabula_units_refereed_total");
+    let texts: Vec<String> = fixture_texts()
+        .iter()
+        .map(|t| format!("referee: {t}"))
+        .collect();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts, "assurance": "referee" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api_embeddings(&body), local_embeddings(&texts));
+    assert!(
+        metric(port, "tabula_units_refereed_total") >= refereed + texts.len() as u64,
+        "the referee did not run every unit"
+    );
     cluster.stop_workers();
     let entry = ledger(port, address);
     assert_eq!(entry["workers"][0]["worker"], paid.as_str(), "{entry}");
@@ -1070,6 +1108,14 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
         (
             json!({ "model": "all-MiniLM-L6-v2", "input": "x", "encoding_format": "hex" }),
             "encoding_format",
+        ),
+        (
+            json!({ "model": "all-MiniLM-L6-v2", "input": "x", "assurance": "total" }),
+            "assurance",
+        ),
+        (
+            json!({ "model": "all-MiniLM-L6-v2", "input": "x", "assurance": 3 }),
+            "assurance",
         ),
         (
             json!({ "model": "SmolLM2-135M-Instruct", "input": "x" }),
