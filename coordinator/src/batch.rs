@@ -313,14 +313,11 @@ async fn refresh(state: &State, owner: &str, id: &str) -> ApiResult<Value> {
     let (mut output_file, mut error_file) = (opt("output_file_id")?, opt("error_file_id")?);
     let mut completed_ms: Option<i64> = row.try_get("completed_ms").map_err(db)?;
     let failed = entries.iter().filter(|e| e.get("error").is_some()).count();
-    let mut done = failed;
-    for e in entries.iter() {
-        if let Some(job) = e.get("job").and_then(Value::as_str)
-            && state.job_status(job).await?.is_some_and(|s| s == "done")
-        {
-            done += 1;
-        }
-    }
+    let jobs: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e.get("job").and_then(Value::as_str))
+        .collect();
+    let done = failed + state.jobs_done(&jobs).await?;
     if status == "in_progress" && done == entries.len() {
         let (mut out, mut err) = (String::new(), String::new());
         for e in &entries {
