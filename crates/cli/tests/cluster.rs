@@ -1349,6 +1349,238 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) 
     .is_ok()
 }
 
+/// Computes tasks exactly as `tabula worker` does, in this process (weights fetched from the
+/// coordinator into `dir`): what an adversary needs to earn a clean record first.
+struct HonestCompute(tabula_worker::exec::ExecutorThread);
+
+impl HonestCompute {
+    fn new(dir: &std::path::Path, port: u16) -> Self {
+        let cache = std::sync::Arc::new(tabula_worker::native::WeightCache::new(
+            dir,
+            &format!("http://127.0.0.1:{port}"),
+        ));
+        HonestCompute(tabula_worker::exec::ExecutorThread::spawn(
+            || Ok(tabula_worker::Executor::new(tabula_engine::cpu::CpuBackend)),
+            cache,
+        ))
+    }
+
+    async fn output(&self, task: Task) -> Vec<u8> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .submit(
+                task,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .unwrap();
+        rx.await.unwrap().unwrap().encode()
+    }
+}
+
+/// What a group of turncoats shares out of band: how many of its `size` members have their
+/// clean record (they lie once all have), and for each unit a member took, whether the group
+/// answers it honestly (decided by the first to take it, followed by the others).
+#[derive(Default)]
+struct Group {
+    trusted: std::sync::atomic::AtomicUsize,
+    size: usize,
+    honest: std::sync::Mutex<std::collections::HashMap<[u8; 32], bool>>,
+}
+
+/// A worker written from the protocol that answers honestly until it has been credited
+/// `honest_credits` times and so have all of its `group` (they coordinate out of band), then
+/// answers `lie(unit, task)`. Returns its key once logged in (through `ready`) and runs until
+/// `stop` or the end of its session (a ban).
+async fn turncoat(
+    port: u16,
+    compute: std::sync::Arc<HonestCompute>,
+    honest_credits: usize,
+    group: std::sync::Arc<Group>,
+    lie: fn(&Bytes<32>, &Task) -> Vec<u8>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    ready: tokio::sync::oneshot::Sender<String>,
+) {
+    let me = Identity::from_seed(rand_bytes());
+    let (mut tx, mut rx) = log_in(port, &me, "turncoat").await;
+    let _ = ready.send(me.public().to_hex());
+    let send = async |tx: &mut SocketTx, m: &ToCoordinator| {
+        let _ = tx.send(Message::Binary(encode(m).into())).await;
+    };
+    send(&mut tx, &ToCoordinator::Ready).await;
+    let mut credits = 0;
+    loop {
+        let message = tokio::select! {
+            _ = stop.changed() => return,
+            m = next_message(&mut rx) => match m { Some(m) => m, None => return },
+        };
+        match message {
+            ToWorker::Assign(a) => {
+                let honest = *group
+                    .honest
+                    .lock()
+                    .unwrap()
+                    .entry(a.unit.0)
+                    .or_insert_with(|| {
+                        group.trusted.load(std::sync::atomic::Ordering::SeqCst) < group.size
+                    });
+                let output = if honest {
+                    compute.output(a.task.clone()).await
+                } else {
+                    lie(&a.unit, &a.task)
+                };
+                let submission = me.submission(a.lease, a.unit, output);
+                send(&mut tx, &ToCoordinator::Submit(submission)).await;
+            }
+            ToWorker::Credited(_) => {
+                credits += 1;
+                if credits == honest_credits {
+                    group
+                        .trusted
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            ToWorker::NoWork { retry_ms } => {
+                tokio::time::sleep(Duration::from_millis(u64::from(retry_ms))).await;
+                send(&mut tx, &ToCoordinator::Ready).await;
+            }
+            ToWorker::Accepted { .. } | ToWorker::Rejected { .. } => {
+                send(&mut tx, &ToCoordinator::Ready).await;
+            }
+            ToWorker::Error { .. } => return,
+            _ => {}
+        }
+    }
+}
+
+/// The colluders' shared wrong answer: a function of the unit alone.
+fn collude(unit: &Bytes<32>, task: &Task) -> Vec<u8> {
+    let mut seed = unit.0;
+    seed.iter_mut().for_each(|x| *x ^= 7);
+    wrong_output(task, &seed, false).encode()
+}
+
+/// Findings 1 and 14 with real processes: two keys earn a clean record together, then answer
+/// the same wrong output whenever they share a unit (here always: they are the only workers).
+/// On 3e934b0 their quorum was accepted and nothing looked again. Now an audit re-executes a
+/// quorum, bans both, and replaces the output; their other units are audited too, so the job
+/// ends up holding only correct outputs, and their credit never settles.
+#[test]
+fn a_colluding_pair_is_caught_by_audits_and_its_outputs_replaced() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--probation-units",
+            "1",
+            "--audit-rate",
+            "1",
+            "--canary-rate",
+            "0",
+            "--unit-sequences",
+            "1",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let compute = std::sync::Arc::new(HonestCompute::new(
+        &cluster.dir.path().join("turncoats"),
+        port,
+    ));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let group = std::sync::Arc::new(Group {
+        size: 2,
+        ..Group::default()
+    });
+    let pair: Vec<String> = (0..2)
+        .map(|_| {
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            rt.spawn(turncoat(
+                port,
+                compute.clone(),
+                1,
+                group.clone(),
+                collude,
+                stop.clone(),
+                ready_tx,
+            ));
+            rt.block_on(ready_rx).unwrap()
+        })
+        .collect();
+    let texts: Vec<String> = fixture_texts()
+        .iter()
+        .map(|t| format!("pair: {t}"))
+        .collect();
+    let idem = [("idempotency-key", "pair-job")];
+    let body = json!({ "model": "all-MiniLM-L6-v2", "input": texts });
+    let first_request = {
+        let (key, body) = (key.clone(), body.clone());
+        std::thread::spawn(move || {
+            request(
+                port,
+                "POST",
+                "/v1/embeddings",
+                Some(&key),
+                Some(&body),
+                &idem,
+            )
+        })
+    };
+    // Both are caught once their first wrong quorum is audited.
+    let banned = |k: &String| ledger(port, k)["workers"][0]["banned"] == json!(true);
+    let started = Instant::now();
+    while !pair.iter().all(banned) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the pair was not caught: {:?}\n{}",
+            pair.iter().map(|k| ledger(port, k)).collect::<Vec<_>>(),
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        metric(port, "tabula_audits_failed_total") >= 1,
+        "{}",
+        cluster.log()
+    );
+    // Honest workers finish the job; every output the pair had verified is audited and replaced.
+    for n in 0..2 {
+        cluster.add_worker(n);
+    }
+    let (status, first) = first_request.join().unwrap();
+    assert_eq!(status, 200, "{first}");
+    let expected = local_embeddings(&texts);
+    let started = Instant::now();
+    loop {
+        let (status, again) = request(
+            port,
+            "POST",
+            "/v1/embeddings",
+            Some(&key),
+            Some(&body),
+            &idem,
+        );
+        assert_eq!(status, 200, "{again}");
+        if api_embeddings(&again) == expected {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the job still holds the pair's outputs\n{}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = stop_tx.send(true);
+    cluster.stop_workers();
+    for k in &pair {
+        let entry = ledger(port, k);
+        assert_eq!(entry["workers"][0]["banned"], true, "{entry}");
+    }
+}
+
 /// Finding 6: idle, slow and too many connections. Attackers come from other loopback
 /// addresses (127.0.0.2 and up) than the honest client (127.0.0.1).
 #[test]
