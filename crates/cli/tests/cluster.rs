@@ -1581,6 +1581,123 @@ fn a_colluding_pair_is_caught_by_audits_and_its_outputs_replaced() {
     }
 }
 
+/// A sleeper's wrong answer: any well-formed output but the truth.
+fn sleep_lie(unit: &Bytes<32>, task: &Task) -> Vec<u8> {
+    wrong_output(task, &unit.0, true).encode()
+}
+
+/// Finding 14 with real processes: a key honest long enough to run units alone, then lying.
+/// On 3e934b0 its solo lies were accepted and only a spot check could catch one. Now every
+/// solo unit may be audited (here all are), which bans it and replaces what it verified.
+#[test]
+fn a_sleeper_that_lies_once_it_runs_alone_is_caught_by_an_audit() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--probation-units",
+            "1",
+            "--solo-after",
+            "2",
+            "--spot-check-rate",
+            "0",
+            "--audit-rate",
+            "1",
+            "--canary-rate",
+            "0",
+            // Strikes from disagreements alone would take a while: it is the audits that catch it.
+            "--ban-after",
+            "50",
+            "--unit-sequences",
+            "1",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    cluster.add_worker(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let compute = std::sync::Arc::new(HonestCompute::new(
+        &cluster.dir.path().join("sleeper"),
+        port,
+    ));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let group = std::sync::Arc::new(Group {
+        size: 1,
+        ..Group::default()
+    });
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    rt.spawn(turncoat(port, compute, 3, group, sleep_lie, stop, ready_tx));
+    let sleeper = rt.block_on(ready_rx).unwrap();
+    let texts: Vec<String> = (0..24).map(|i| format!("sleeper text {i}")).collect();
+    let idem = [("idempotency-key", "sleeper-job")];
+    let body = json!({ "model": "all-MiniLM-L6-v2", "input": texts });
+    let (status, first) = request(
+        port,
+        "POST",
+        "/v1/embeddings",
+        Some(&key),
+        Some(&body),
+        &idem,
+    );
+    assert_eq!(status, 200, "{first}");
+    // Placement is random: under load the honest worker may take most units, so work keeps
+    // coming until the sleeper has lied alone and been caught.
+    let started = Instant::now();
+    for round in 0.. {
+        if ledger(port, &sleeper)["workers"][0]["banned"] == json!(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the sleeper was not caught: {}\n{}",
+            ledger(port, &sleeper),
+            cluster.log()
+        );
+        let more: Vec<String> = (0..4).map(|i| format!("more work {round}.{i}")).collect();
+        let (status, body) = post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "all-MiniLM-L6-v2", "input": more }),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(
+        metric(port, "tabula_units_solo_total") >= 1,
+        "no unit ran alone"
+    );
+    assert!(
+        metric(port, "tabula_audits_failed_total") >= 1,
+        "no audit caught a solo lie\n{}",
+        cluster.log()
+    );
+    // What it verified alone is replaced by the referee's output.
+    let expected = local_embeddings(&texts);
+    let started = Instant::now();
+    loop {
+        let (status, again) = request(
+            port,
+            "POST",
+            "/v1/embeddings",
+            Some(&key),
+            Some(&body),
+            &idem,
+        );
+        assert_eq!(status, 200, "{again}");
+        if api_embeddings(&again) == expected {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the job still holds the sleeper's outputs\n{}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = stop_tx.send(true);
+    cluster.stop_workers();
+}
+
 /// Finding 6: idle, slow and too many connections. Attackers come from other loopback
 /// addresses (127.0.0.2 and up) than the honest client (127.0.0.1).
 #[test]
