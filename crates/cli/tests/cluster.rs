@@ -1946,6 +1946,65 @@ fn a_full_disk_is_reported_and_survived_without_a_restart() {
     cluster.stop_workers();
 }
 
+/// Finding 3 with real processes: a key that takes units and gives them back (or drops its
+/// connection and logs in again) hoarded for free on 3e934b0. Now each release counts against
+/// the key, a released unit never comes back to it, and past its allowance it gets nothing,
+/// across reconnections.
+#[test]
+fn a_hoarder_that_releases_and_reconnects_runs_out_of_units() {
+    let cluster = Cluster::start(Flavor::Sqlite, &["--abandon-allowance", "2"]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    std::thread::spawn(move || {
+        let input: Vec<String> = (0..40).map(|i| format!("hoarded {i}")).collect();
+        post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "all-MiniLM-L6-v2", "input": input }),
+        );
+    });
+    while metric(port, "tabula_units_in_memory") < 10 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let me = Identity::from_seed(rand_bytes());
+        let mut units = std::collections::HashSet::new();
+        let ready = async |tx: &mut SocketTx, rx: &mut SocketRx| {
+            tx.send(Message::Binary(encode(&ToCoordinator::Ready).into()))
+                .await
+                .unwrap();
+            next_message(rx).await
+        };
+        // Within its allowance (2, and nothing verified): three units, each given back.
+        for round in 0..3u64 {
+            let (mut tx, mut rx) = log_in(port, &me, "hoarder").await;
+            let Some(ToWorker::Assign(a)) = ready(&mut tx, &mut rx).await else {
+                panic!("no unit in round {round}")
+            };
+            assert!(units.insert(a.unit), "a released unit came back");
+            tx.send(Message::Binary(
+                encode(&ToCoordinator::Release { lease: a.lease }).into(),
+            ))
+            .await
+            .unwrap();
+            while metric(port, "tabula_leases_released_total") < round + 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Reconnect between rounds: a new session forgets nothing.
+            let _ = tx.close().await;
+        }
+        let (mut tx, mut rx) = log_in(port, &me, "hoarder").await;
+        match ready(&mut tx, &mut rx).await {
+            Some(ToWorker::NoWork { .. }) => {}
+            other => panic!("a key past its allowance got {other:?}"),
+        }
+    });
+    assert!(metric(port, "tabula_leases_released_total") >= 3);
+    assert!(metric(port, "tabula_grants_limited_total") >= 1);
+}
+
 /// The official `openai` Python client against a real cluster: embeddings, completions, chat
 /// (streamed too), typed errors and the Batch API (`tests/openai_client.py`). Needs the
 /// `openai` package importable from `python3` (or from `$TABULA_PYLIB`, where
