@@ -400,6 +400,10 @@ pub(super) struct Book {
     /// Kept exact wherever a lease becomes or stops being active.
     active_by_worker: HashMap<String, u32>,
     active_by_prefix: HashMap<String, u32>,
+    /// Results waiting for judgement (submitted leases) by worker (absent at zero): a key in
+    /// probation holds no more unjudged units, leased or answered, than `--probation-leases`,
+    /// so a fresh liar costs the referee one unit before its ban, not every unit it can answer.
+    submitted_by_worker: HashMap<String, u32>,
     entropy: Entropy,
 }
 
@@ -519,6 +523,15 @@ impl Book {
         for (worker, prefix) in active {
             book.count_active(&worker, &prefix, true);
         }
+        let submitted: Vec<String> = book
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Submitted)
+            .map(|l| l.worker.clone())
+            .collect();
+        for worker in submitted {
+            book.count_submitted(&worker, true);
+        }
         tracing::info!(
             units = book.units.len(),
             leases = book.leases.len(),
@@ -575,6 +588,39 @@ impl Book {
                 }
             }
         }
+    }
+
+    /// Counts a result of `worker` waiting for judgement (`up`) or judged.
+    fn count_submitted(&mut self, worker: &str, up: bool) {
+        if up {
+            *self
+                .submitted_by_worker
+                .entry(worker.to_string())
+                .or_insert(0) += 1;
+        } else {
+            let n = self
+                .submitted_by_worker
+                .get_mut(worker)
+                .expect("a submitted result was counted");
+            *n -= 1;
+            if *n == 0 {
+                self.submitted_by_worker.remove(worker);
+            }
+        }
+    }
+
+    /// Judges a submitted result: `Correct` or `Wrong`, keeping the counts.
+    fn judge_result(&mut self, id: &LeaseId, state: LeaseState) {
+        assert!(matches!(state, LeaseState::Correct | LeaseState::Wrong));
+        let lease = self.leases.get_mut(id).expect("a result");
+        assert_eq!(
+            lease.state,
+            LeaseState::Submitted,
+            "only a result is judged"
+        );
+        lease.state = state;
+        let worker = lease.worker.clone();
+        self.count_submitted(&worker, false);
     }
 
     /// Uses seeded randomness (the simulation), from now on.
@@ -634,6 +680,17 @@ impl Book {
 
     /// Why `worker` may hold no more leases now, if it may not: a ban, its cap of active
     /// leases (one during probation), its network's cap, or too many leases abandoned.
+    /// Units `worker` holds against its lease cap: its active leases, and during probation
+    /// its results not judged yet too.
+    fn held(&self, ctx: &Ctx, worker: &str, record: &WorkerRecord) -> u32 {
+        let active = self.active_by_worker.get(worker).copied().unwrap_or(0);
+        if Self::trusted(ctx, record) {
+            active
+        } else {
+            active + self.submitted_by_worker.get(worker).copied().unwrap_or(0)
+        }
+    }
+
     fn limited(&self, ctx: &Ctx, worker: &str, prefix: &str) -> Option<Limit> {
         let record = self.workers.get(worker)?;
         let cap = if Self::trusted(ctx, record) {
@@ -643,7 +700,7 @@ impl Book {
         };
         if record.banned {
             Some(Limit::Banned)
-        } else if self.active_by_worker.get(worker).copied().unwrap_or(0) >= cap {
+        } else if self.held(ctx, worker, record) >= cap {
             Some(Limit::KeyLeases)
         } else if self.active_by_prefix.get(prefix).copied().unwrap_or(0)
             >= ctx.config.max_leases_per_prefix
@@ -907,6 +964,9 @@ impl Book {
                 LeaseState::Submitted
             },
         );
+        if problem.is_none() {
+            self.count_submitted(worker, true);
+        }
         let lease = self.leases.get_mut(&s.lease).expect("looked up above");
         if std::mem::take(&mut lease.orphaned) {
             effects.writes.push(Write::Unorphan {
@@ -1062,6 +1122,19 @@ impl Book {
             // Two well-formed answers differ: someone lied. A majority proves nothing (two
             // colluders outvote one honest worker), so the referee settles it, and nobody is
             // struck before it has.
+            self.send_to_referee(unit_id, effects);
+            return;
+        }
+        // A key in probation never counts towards a quorum, so its unit ends with the referee
+        // anyway: it goes there now, and the key (which may hold no other unjudged unit) is
+        // judged without waiting for replicas that may be probation keys waiting in turn.
+        let untrusted = results.iter().any(|id| {
+            !self
+                .workers
+                .get(&self.leases[id].worker)
+                .is_some_and(|w| Self::trusted(ctx, w))
+        });
+        if untrusted {
             self.send_to_referee(unit_id, effects);
             return;
         }
@@ -1252,7 +1325,7 @@ impl Book {
                     signature: Default::default(),
                 };
                 ctx.identity.sign_receipt(&mut receipt);
-                self.leases.get_mut(&id).expect("a result").state = LeaseState::Correct;
+                self.judge_result(&id, LeaseState::Correct);
                 effects.writes.push(Write::LeaseState {
                     id: id.to_hex(),
                     state: LeaseState::Correct.as_str(),
@@ -1272,7 +1345,7 @@ impl Book {
                 self.write_worker(&worker, effects);
                 effects.receipts.push(receipt);
             } else {
-                self.leases.get_mut(&id).expect("a result").state = LeaseState::Wrong;
+                self.judge_result(&id, LeaseState::Wrong);
                 effects.writes.push(Write::LeaseState {
                     id: id.to_hex(),
                     state: LeaseState::Wrong.as_str(),
@@ -1456,7 +1529,12 @@ impl Book {
             let leases = by_unit.remove(&u.id).unwrap_or_default();
             u.leases = leases.iter().map(|l| l.id).collect();
             for l in leases {
-                self.leases.entry(l.id).or_insert(l);
+                if !self.leases.contains_key(&l.id) {
+                    if l.state == LeaseState::Submitted {
+                        self.count_submitted(&l.worker, true);
+                    }
+                    self.leases.insert(l.id, l);
+                }
             }
             self.units.insert(u.id.clone(), u);
         }
@@ -1524,6 +1602,16 @@ impl Book {
             }
         }
         assert_eq!(self.active_by_worker, by_worker, "active leases by worker");
+        let mut submitted: HashMap<String, u32> = HashMap::new();
+        for l in self.leases.values() {
+            if l.state == LeaseState::Submitted {
+                *submitted.entry(l.worker.clone()).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            self.submitted_by_worker, submitted,
+            "results waiting for judgement by worker"
+        );
         assert_eq!(self.active_by_prefix, by_prefix, "active leases by prefix");
         for u in self.units.values() {
             assert!(
@@ -2132,6 +2220,26 @@ mod tests {
             (UnitStatus::Verified, Some("referee"))
         );
         assert_eq!((t.record(&a).verified, t.record(&b).verified), (501, 501));
+    }
+
+    /// Finding 7: a fresh key's result goes to the referee at once and the key gets no other
+    /// unit until it is judged, so two fresh liars cannot answer a whole job before the first
+    /// verdict bans them (on 3e934b0 the referee re-executed 32 units of 32).
+    #[test]
+    fn a_fresh_key_waits_for_its_verdict_before_its_next_unit() {
+        let mut t = Bench::new(Config {
+            probation_units: 3,
+            ..config()
+        });
+        t.add_job("job", &tasks(8));
+        let (ia, a) = t.worker(1);
+        let la = t.grant(&a, "net-1").unwrap();
+        t.submit(&ia, &la, output(7));
+        assert_eq!(t.book.referee.len(), 1, "refereed without waiting for a replica");
+        assert!(t.grant(&a, "net-1").is_none(), "a second unit before the verdict");
+        assert!(referee(&mut t, 7));
+        assert_eq!(t.record(&a).verified, 1);
+        assert!(t.grant(&a, "net-1").is_some(), "judged: the next unit");
     }
 
     fn trusted(t: &mut Bench, key: &str, verified: i64) {
