@@ -2235,8 +2235,15 @@ mod tests {
         let (ia, a) = t.worker(1);
         let la = t.grant(&a, "net-1").unwrap();
         t.submit(&ia, &la, output(7));
-        assert_eq!(t.book.referee.len(), 1, "refereed without waiting for a replica");
-        assert!(t.grant(&a, "net-1").is_none(), "a second unit before the verdict");
+        assert_eq!(
+            t.book.referee.len(),
+            1,
+            "refereed without waiting for a replica"
+        );
+        assert!(
+            t.grant(&a, "net-1").is_none(),
+            "a second unit before the verdict"
+        );
         assert!(referee(&mut t, 7));
         assert_eq!(t.record(&a).verified, 1);
         assert!(t.grant(&a, "net-1").is_some(), "judged: the next unit");
