@@ -376,6 +376,15 @@ pub(crate) fn refusal(why: crate::scheduler::JobRefused) -> ApiError {
             param: None,
             code: Some("quota_exceeded"),
         },
+        JobRefused::RefereeQuota { queued, limit } => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            message: format!(
+                "this API key has {queued} units at \"referee\" assurance waiting and may have {limit} (each is computed by the coordinator itself); wait for them, send fewer, use \"high\", or ask the operator for a larger --max-referee-units"
+            ),
+            param: Some("assurance"),
+            code: Some("quota_exceeded"),
+        },
     }
 }
 

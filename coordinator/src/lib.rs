@@ -91,6 +91,9 @@ pub struct Config {
     pub new_keys_per_minute: u32,
     /// Units one API key may have queued (in running jobs) at once.
     pub max_queued_units: u64,
+    /// Units at `referee` assurance one API key may have waiting at once: each is computed by
+    /// the coordinator itself.
+    pub max_referee_units: u64,
     pub lease_ms: u64,
     pub heartbeat_ms: u32,
     /// Sequences per embedding unit.
@@ -147,6 +150,7 @@ impl Default for Config {
             abandon_allowance: 16,
             new_keys_per_minute: 60,
             max_queued_units: 20_000,
+            max_referee_units: 1_000,
             lease_ms: 120_000,
             heartbeat_ms: 5_000,
             unit_sequences: 4,

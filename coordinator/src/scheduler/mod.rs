@@ -165,6 +165,9 @@ pub enum JobRefused {
     Conflict(String),
     /// Its owner has `queued` units in running jobs; the job would pass `limit`.
     Quota { queued: u64, limit: u64 },
+    /// Its owner has `queued` units at `referee` assurance not verified yet; the job would
+    /// pass `limit` (`--max-referee-units`).
+    RefereeQuota { queued: u64, limit: u64 },
 }
 
 /// What happened to a submitted result.
@@ -510,6 +513,23 @@ impl State {
                 queued: queued as u64,
                 limit: self.config.max_queued_units,
             }));
+        }
+        if assurance == Assurance::Referee {
+            // Each such unit costs the coordinator's own compute: a quota of its own.
+            let refereed: i64 = sqlx::query(
+                "SELECT COUNT(*) AS q FROM units WHERE assurance = 'referee' AND status <> 'verified'
+                 AND job_id IN (SELECT id FROM jobs WHERE owner = $1 AND status = 'running')",
+            )
+            .bind(owner)
+            .fetch_one(&self.db.pool)
+            .await?
+            .try_get("q")?;
+            if refereed as u64 + tasks.len() as u64 > self.config.max_referee_units {
+                return Ok(Err(JobRefused::RefereeQuota {
+                    queued: refereed as u64,
+                    limit: self.config.max_referee_units,
+                }));
+            }
         }
         let id = random_id(kind);
         let now = now_ms();

@@ -112,6 +112,10 @@ pub struct ServeArgs {
     /// Units one API key may have queued in running jobs at once (more: HTTP 429).
     #[arg(long, default_value_t = 20_000)]
     max_queued_units: u64,
+    /// Units at "referee" assurance (the coordinator re-executes each itself) one API key may
+    /// have waiting at once (more: HTTP 429).
+    #[arg(long, default_value_t = 1_000)]
+    max_referee_units: u64,
     /// Seconds a worker has to return a unit before it goes to another.
     #[arg(long, default_value_t = 120)]
     lease_secs: u64,
@@ -198,6 +202,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         abandon_allowance: args.abandon_allowance,
         new_keys_per_minute: args.new_keys_per_minute,
         max_queued_units: args.max_queued_units,
+        max_referee_units: args.max_referee_units,
         lease_ms: args.lease_secs.saturating_mul(1000),
         unit_sequences: args.unit_sequences,
         local: args.local,

@@ -1178,7 +1178,14 @@ fn bad_input_gets_errors_and_the_server_keeps_serving() {
 fn jobs_belong_to_their_key_and_idempotency_keys_to_their_request() {
     let mut cluster = Cluster::start(
         Flavor::Sqlite,
-        &["--probation-units", "0", "--max-queued-units", "4"],
+        &[
+            "--probation-units",
+            "0",
+            "--max-queued-units",
+            "4",
+            "--max-referee-units",
+            "2",
+        ],
     )
     .unwrap();
     let port = cluster.port;
@@ -1193,6 +1200,30 @@ fn jobs_belong_to_their_key_and_idempotency_keys_to_their_request() {
     );
     assert_eq!(status, 429, "{v}");
     assert_eq!(v["error"]["code"], "quota_exceeded");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-queued-units"),
+        "{v}"
+    );
+    // And fewer at "referee" assurance, which the coordinator computes itself (12 texts are
+    // 3 units of 4; 2 are allowed).
+    let (status, v) = post(
+        port,
+        "/v1/embeddings",
+        &alice,
+        json!({ "model": "all-MiniLM-L6-v2", "input": many[..12], "assurance": "referee" }),
+    );
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["param"], "assurance", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-referee-units"),
+        "{v}"
+    );
     cluster.add_worker(0);
     cluster.add_worker(1);
     let body = json!({ "model": "all-MiniLM-L6-v2", "input": ["A man is eating food."] });
@@ -1706,7 +1737,7 @@ fn idle_slow_and_surplus_connections_are_cut() {
         Flavor::Sqlite,
         &[
             "--header-timeout-secs",
-            "6",
+            "15",
             "--max-connections",
             "90",
             "--max-connections-per-address",
@@ -1733,7 +1764,7 @@ fn idle_slow_and_surplus_connections_are_cut() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let wait = Duration::from_millis(1500);
+        let wait = Duration::from_millis(2500);
         let open_many = |from: &'static str, n: usize| {
             futures_util::future::join_all((0..n).map(move |_| open_idle(port, from, wait)))
         };
@@ -1756,12 +1787,12 @@ fn idle_slow_and_surplus_connections_are_cut() {
             10,
             "refused over the server's cap"
         );
-        // Silent connections are closed once the header timeout (6 s) has passed, which
+        // Silent connections are closed once the header timeout (15 s) has passed, which
         // frees their places.
         for (stream, heard) in &mut first {
             if heard.is_none() {
                 assert!(
-                    closed_by_server(stream, Duration::from_secs(15)).await,
+                    closed_by_server(stream, Duration::from_secs(30)).await,
                     "an idle connection was kept open"
                 );
             }
@@ -1788,8 +1819,8 @@ fn idle_slow_and_surplus_connections_are_cut() {
                 {
                     return;
                 }
-                if started.elapsed() > Duration::from_secs(30) {
-                    panic!("a slow client kept its connection for 30 s");
+                if started.elapsed() > Duration::from_secs(45) {
+                    panic!("a slow client kept its connection for 45 s");
                 }
             }
         };
@@ -1806,13 +1837,13 @@ fn idle_slow_and_surplus_connections_are_cut() {
             kept.read_exact(&mut head).await.unwrap();
             assert_eq!(&head[9..12], b"200");
         }
-        assert!(closed_by_server(&mut kept, Duration::from_secs(15)).await);
+        assert!(closed_by_server(&mut kept, Duration::from_secs(30)).await);
     });
 
     // A worker's socket is upgraded and outlives the header timeout: it still computes.
     let key = cluster.api_key();
     cluster.add_worker(0);
-    std::thread::sleep(Duration::from_secs(8));
+    std::thread::sleep(Duration::from_secs(17));
     let texts = vec!["held past the header timeout".to_string()];
     let (status, body) = post(
         port,
