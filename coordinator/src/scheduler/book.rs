@@ -400,10 +400,6 @@ pub(super) struct Book {
     /// Kept exact wherever a lease becomes or stops being active.
     active_by_worker: HashMap<String, u32>,
     active_by_prefix: HashMap<String, u32>,
-    /// Results waiting for judgement (submitted leases) by worker (absent at zero): a key in
-    /// probation holds no more unjudged units, leased or answered, than `--probation-leases`,
-    /// so a fresh liar costs the referee one unit before its ban, not every unit it can answer.
-    submitted_by_worker: HashMap<String, u32>,
     entropy: Entropy,
 }
 
@@ -523,15 +519,6 @@ impl Book {
         for (worker, prefix) in active {
             book.count_active(&worker, &prefix, true);
         }
-        let submitted: Vec<String> = book
-            .leases
-            .values()
-            .filter(|l| l.state == LeaseState::Submitted)
-            .map(|l| l.worker.clone())
-            .collect();
-        for worker in submitted {
-            book.count_submitted(&worker, true);
-        }
         tracing::info!(
             units = book.units.len(),
             leases = book.leases.len(),
@@ -588,39 +575,6 @@ impl Book {
                 }
             }
         }
-    }
-
-    /// Counts a result of `worker` waiting for judgement (`up`) or judged.
-    fn count_submitted(&mut self, worker: &str, up: bool) {
-        if up {
-            *self
-                .submitted_by_worker
-                .entry(worker.to_string())
-                .or_insert(0) += 1;
-        } else {
-            let n = self
-                .submitted_by_worker
-                .get_mut(worker)
-                .expect("a submitted result was counted");
-            *n -= 1;
-            if *n == 0 {
-                self.submitted_by_worker.remove(worker);
-            }
-        }
-    }
-
-    /// Judges a submitted result: `Correct` or `Wrong`, keeping the counts.
-    fn judge_result(&mut self, id: &LeaseId, state: LeaseState) {
-        assert!(matches!(state, LeaseState::Correct | LeaseState::Wrong));
-        let lease = self.leases.get_mut(id).expect("a result");
-        assert_eq!(
-            lease.state,
-            LeaseState::Submitted,
-            "only a result is judged"
-        );
-        lease.state = state;
-        let worker = lease.worker.clone();
-        self.count_submitted(&worker, false);
     }
 
     /// Uses seeded randomness (the simulation), from now on.
@@ -680,13 +634,6 @@ impl Book {
 
     /// Why `worker` may hold no more leases now, if it may not: a ban, its cap of active
     /// leases (one during probation), its network's cap, or too many leases abandoned.
-    /// Results a key in probation may have waiting for judgement: past it, it gets no unit
-    /// until the referee (which they are sent to) has judged them, so a fresh liar costs the
-    /// referee at most this many units before its ban.
-    fn pending_cap(ctx: &Ctx) -> u32 {
-        ctx.config.probation_units.max(1)
-    }
-
     fn limited(&self, ctx: &Ctx, worker: &str, prefix: &str) -> Option<Limit> {
         let record = self.workers.get(worker)?;
         let cap = if Self::trusted(ctx, record) {
@@ -696,11 +643,7 @@ impl Book {
         };
         if record.banned {
             Some(Limit::Banned)
-        } else if self.active_by_worker.get(worker).copied().unwrap_or(0) >= cap
-            || (!Self::trusted(ctx, record)
-                && self.submitted_by_worker.get(worker).copied().unwrap_or(0)
-                    >= Self::pending_cap(ctx))
-        {
+        } else if self.active_by_worker.get(worker).copied().unwrap_or(0) >= cap {
             Some(Limit::KeyLeases)
         } else if self.active_by_prefix.get(prefix).copied().unwrap_or(0)
             >= ctx.config.max_leases_per_prefix
@@ -964,9 +907,6 @@ impl Book {
                 LeaseState::Submitted
             },
         );
-        if problem.is_none() {
-            self.count_submitted(worker, true);
-        }
         let lease = self.leases.get_mut(&s.lease).expect("looked up above");
         if std::mem::take(&mut lease.orphaned) {
             effects.writes.push(Write::Unorphan {
@@ -993,40 +933,8 @@ impl Book {
             Verdict::Accepted
         };
         self.evaluate(ctx, &unit_id, &mut effects);
-        self.refer_if_blocked(ctx, worker, &mut effects);
         self.evict_if_done(&unit_id);
         SubmitOutcome::Decided(verdict, effects)
-    }
-
-    /// A key in probation with [`Book::pending_cap`] results waiting gets no more units until
-    /// they are judged; the units still waiting for replicas go to the referee now, so it is
-    /// never left waiting on other keys in probation that wait in turn.
-    fn refer_if_blocked(&mut self, ctx: &Ctx, worker: &str, effects: &mut Effects) {
-        let pending = self.submitted_by_worker.get(worker).copied().unwrap_or(0);
-        if pending < Self::pending_cap(ctx)
-            || self
-                .workers
-                .get(worker)
-                .is_none_or(|w| Self::trusted(ctx, w))
-        {
-            return;
-        }
-        let mut units: Vec<String> = self
-            .leases
-            .values()
-            .filter(|l| l.worker == worker && l.state == LeaseState::Submitted)
-            .map(|l| l.unit.clone())
-            .filter(|u| {
-                self.units
-                    .get(u)
-                    .is_some_and(|u| u.status == UnitStatus::Open)
-            })
-            .collect();
-        units.sort_unstable();
-        units.dedup();
-        for unit in units {
-            self.send_to_referee(&unit, effects);
-        }
     }
 
     /// Rejects a submission, with a strike when `strike`.
@@ -1344,7 +1252,7 @@ impl Book {
                     signature: Default::default(),
                 };
                 ctx.identity.sign_receipt(&mut receipt);
-                self.judge_result(&id, LeaseState::Correct);
+                self.leases.get_mut(&id).expect("a result").state = LeaseState::Correct;
                 effects.writes.push(Write::LeaseState {
                     id: id.to_hex(),
                     state: LeaseState::Correct.as_str(),
@@ -1364,7 +1272,7 @@ impl Book {
                 self.write_worker(&worker, effects);
                 effects.receipts.push(receipt);
             } else {
-                self.judge_result(&id, LeaseState::Wrong);
+                self.leases.get_mut(&id).expect("a result").state = LeaseState::Wrong;
                 effects.writes.push(Write::LeaseState {
                     id: id.to_hex(),
                     state: LeaseState::Wrong.as_str(),
@@ -1548,12 +1456,7 @@ impl Book {
             let leases = by_unit.remove(&u.id).unwrap_or_default();
             u.leases = leases.iter().map(|l| l.id).collect();
             for l in leases {
-                if !self.leases.contains_key(&l.id) {
-                    if l.state == LeaseState::Submitted {
-                        self.count_submitted(&l.worker, true);
-                    }
-                    self.leases.insert(l.id, l);
-                }
+                self.leases.entry(l.id).or_insert(l);
             }
             self.units.insert(u.id.clone(), u);
         }
@@ -1621,16 +1524,6 @@ impl Book {
             }
         }
         assert_eq!(self.active_by_worker, by_worker, "active leases by worker");
-        let mut submitted: HashMap<String, u32> = HashMap::new();
-        for l in self.leases.values() {
-            if l.state == LeaseState::Submitted {
-                *submitted.entry(l.worker.clone()).or_default() += 1;
-            }
-        }
-        assert_eq!(
-            self.submitted_by_worker, submitted,
-            "results waiting for judgement by worker"
-        );
         assert_eq!(self.active_by_prefix, by_prefix, "active leases by prefix");
         for u in self.units.values() {
             assert!(
@@ -2241,37 +2134,6 @@ mod tests {
         assert_eq!((t.record(&a).verified, t.record(&b).verified), (501, 501));
     }
 
-    /// Finding 7: a fresh key may have at most `--probation-units` results waiting for
-    /// judgement; then they go to the referee and the key gets no unit until they are judged,
-    /// so two fresh liars cannot answer a whole job before the first verdict bans them (on
-    /// 3e934b0 the referee re-executed 32 units of 32).
-    #[test]
-    fn a_fresh_key_waits_for_its_verdicts_once_it_has_enough_pending() {
-        let mut t = Bench::new(Config {
-            probation_units: 3,
-            ..config()
-        });
-        t.add_job("job", &tasks(8));
-        let (ia, a) = t.worker(1);
-        for n in 0..3 {
-            assert!(t.book.referee.is_empty(), "refereed before the cap");
-            let la = t.grant(&a, "net-1").expect("a unit under the cap");
-            t.submit(&ia, &la, output(7 + n));
-        }
-        assert_eq!(
-            t.book.referee.len(),
-            3,
-            "its pending units went to the referee"
-        );
-        assert!(
-            t.grant(&a, "net-1").is_none(),
-            "a fourth unit before a verdict"
-        );
-        // A wrong answer bans it at once.
-        assert!(referee(&mut t, 100));
-        assert!(t.record(&a).banned);
-    }
-
     fn trusted(t: &mut Bench, key: &str, verified: i64) {
         let w = t.book.workers.get_mut(key).unwrap();
         w.verified = verified;
@@ -2476,10 +2338,10 @@ mod tests {
         assert_eq!(t.metrics.leases_canary.load(Ordering::Relaxed), 1);
     }
 
-    /// Finding 7: two fresh keys answering the same zeros cost the referee a few units each
-    /// (at most `--probation-units`), not every unit of the job.
+    /// Finding 7: two fresh keys answering the same zeros cost the referee one unit each,
+    /// not every unit of the job.
     #[test]
-    fn two_fresh_liars_cost_the_referee_a_few_units_each() {
+    fn two_fresh_liars_cost_the_referee_one_unit_each() {
         let mut t = Bench::new(Config {
             probation_units: 3,
             ..config()
@@ -2499,8 +2361,7 @@ mod tests {
             }
         }
         assert!(t.record(&a).banned && t.record(&b).banned);
-        // At most `probation_units` results each wait for the referee (32 on 3e934b0).
-        assert!(refereed <= 6, "the referee ran {refereed} units");
+        assert!(refereed <= 2, "the referee ran {refereed} units");
     }
 
     /// Finding 15: a generation that stops early earns the tokens it produced, not the

@@ -2036,63 +2036,6 @@ fn a_hoarder_that_releases_and_reconnects_runs_out_of_units() {
     assert!(metric(port, "tabula_grants_limited_total") >= 1);
 }
 
-/// Finding 7 with real processes: two fresh keys answering the same zeros made the
-/// coordinator re-execute every unit of a job (32 of 32 on 3e934b0). Now a fresh key may have
-/// at most `--probation-units` (3) results waiting for judgement and is banned at its first
-/// proven lie: the pair costs the referee at most 3 units each.
-#[test]
-fn fresh_liars_cost_the_referee_a_few_units_each() {
-    let cluster = Cluster::start(Flavor::Sqlite, &["--unit-sequences", "1"]).unwrap();
-    let port = cluster.port;
-    let key = cluster.api_key();
-    std::thread::spawn(move || {
-        let input: Vec<String> = (0..32).map(|i| format!("amplified {i}")).collect();
-        post(
-            port,
-            "/v1/embeddings",
-            &key,
-            json!({ "model": "all-MiniLM-L6-v2", "input": input }),
-        );
-    });
-    while metric(port, "tabula_units_in_memory") < 32 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let (captured, _) = tokio::sync::mpsc::unbounded_channel();
-    let pair: Vec<String> = (0..2)
-        .map(|_| {
-            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            rt.spawn(adversary(
-                port,
-                Evil::Zeros,
-                captured.clone(),
-                None,
-                stop.clone(),
-                ready_tx,
-            ));
-            rt.block_on(ready_rx).unwrap()
-        })
-        .collect();
-    let banned = |k: &String| ledger(port, k)["workers"][0]["banned"] == json!(true);
-    let started = Instant::now();
-    while !pair.iter().all(banned) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the pair was not banned: {}",
-            cluster.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Whatever was still on its way is judged; nothing more reaches the referee.
-    std::thread::sleep(Duration::from_secs(2));
-    let refereed = metric(port, "tabula_units_refereed_total");
-    assert!(
-        (1..=6).contains(&refereed),
-        "the referee ran {refereed} units for two liars"
-    );
-}
-
 /// The official `openai` Python client against a real cluster: embeddings, completions, chat
 /// (streamed too), typed errors and the Batch API (`tests/openai_client.py`). Needs the
 /// `openai` package importable from `python3` (or from `$TABULA_PYLIB`, where
