@@ -1485,6 +1485,40 @@ async fn turncoat(
     }
 }
 
+/// Repeats the request `body` with its Idempotency-Key until the job answers the local exact
+/// embeddings of `texts` (audits replace a liar's outputs after the job has finished), at
+/// most 120 s.
+fn until_outputs_are_exact(
+    cluster: &Cluster,
+    key: &str,
+    body: &Value,
+    idem: &[(&str, &str)],
+    texts: &[String],
+) {
+    let expected = local_embeddings(texts);
+    let started = Instant::now();
+    loop {
+        let (status, again) = request(
+            cluster.port,
+            "POST",
+            "/v1/embeddings",
+            Some(key),
+            Some(body),
+            idem,
+        );
+        assert_eq!(status, 200, "{again}");
+        if api_embeddings(&again) == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the job still holds a liar's outputs\n{}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// The colluders' shared wrong answer: a function of the unit alone.
 fn collude(unit: &Bytes<32>, task: &Task) -> Vec<u8> {
     let mut seed = unit.0;
@@ -1582,28 +1616,7 @@ fn a_colluding_pair_is_caught_by_audits_and_its_outputs_replaced() {
     }
     let (status, first) = first_request.join().unwrap();
     assert_eq!(status, 200, "{first}");
-    let expected = local_embeddings(&texts);
-    let started = Instant::now();
-    loop {
-        let (status, again) = request(
-            port,
-            "POST",
-            "/v1/embeddings",
-            Some(&key),
-            Some(&body),
-            &idem,
-        );
-        assert_eq!(status, 200, "{again}");
-        if api_embeddings(&again) == expected {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the job still holds the pair's outputs\n{}",
-            cluster.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    until_outputs_are_exact(&cluster, &key, &body, &idem, &texts);
     let _ = stop_tx.send(true);
     cluster.stop_workers();
     for k in &pair {
@@ -1703,28 +1716,7 @@ fn a_sleeper_that_lies_once_it_runs_alone_is_caught_by_an_audit() {
         cluster.log()
     );
     // What it verified alone is replaced by the referee's output.
-    let expected = local_embeddings(&texts);
-    let started = Instant::now();
-    loop {
-        let (status, again) = request(
-            port,
-            "POST",
-            "/v1/embeddings",
-            Some(&key),
-            Some(&body),
-            &idem,
-        );
-        assert_eq!(status, 200, "{again}");
-        if api_embeddings(&again) == expected {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the job still holds the sleeper's outputs\n{}",
-            cluster.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    until_outputs_are_exact(&cluster, &key, &body, &idem, &texts);
     let _ = stop_tx.send(true);
     cluster.stop_workers();
 }
