@@ -1417,6 +1417,10 @@ impl HonestCompute {
 struct Group {
     trusted: std::sync::atomic::AtomicUsize,
     size: usize,
+    /// Once trusted, lie on one unit in `lie_one_in` at random (0 or 1: on every unit). A
+    /// patient liar that keeps answering honestly in between rebuilds the clean streak a
+    /// paired lie cost it, and so gets units alone again.
+    lie_one_in: u8,
     honest: std::sync::Mutex<std::collections::HashMap<[u8; 32], bool>>,
 }
 
@@ -1455,6 +1459,7 @@ async fn turncoat(
                     .entry(a.unit.0)
                     .or_insert_with(|| {
                         group.trusted.load(std::sync::atomic::Ordering::SeqCst) < group.size
+                            || rand_bytes::<1>()[0] % group.lie_one_in.max(1) != 0
                     });
                 let output = if honest {
                     compute.output(a.task.clone()).await
@@ -1658,15 +1663,21 @@ fn a_sleeper_that_lies_once_it_runs_alone_is_caught_by_an_audit() {
     .unwrap();
     let port = cluster.port;
     let key = cluster.api_key();
+    // Two honest workers: once the sleeper is banned, a unit one of them answered still finds
+    // a second worker for its quorum.
     cluster.add_worker(0);
+    cluster.add_worker(1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let compute = std::sync::Arc::new(HonestCompute::new(
         &cluster.dir.path().join("sleeper"),
         port,
     ));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    // It lies on half its units: a lie next to the honest worker costs it its clean streak
+    // (a strike), and honest units in between earn it back, until it lies on a unit alone.
     let group = std::sync::Arc::new(Group {
         size: 1,
+        lie_one_in: 2,
         ..Group::default()
     });
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
