@@ -308,6 +308,16 @@ tabula_units_in_memory {}
 ",
         state.units_in_memory()
     ));
+    let (disputes, audits) = state.referee_backlog();
+    text.push_str(&format!(
+        "# HELP tabula_referee_disputes_waiting Units waiting for the referee to settle them (jobs wait on these)
+# TYPE tabula_referee_disputes_waiting gauge
+tabula_referee_disputes_waiting {disputes}
+# HELP tabula_referee_audits_waiting Verified units waiting for an audit
+# TYPE tabula_referee_audits_waiting gauge
+tabula_referee_audits_waiting {audits}
+"
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

@@ -850,6 +850,11 @@ impl State {
         self.book().units_in_memory()
     }
 
+    /// Units waiting for the referee: disputes, then audits (for `/metrics`).
+    pub fn referee_backlog(&self) -> (usize, usize) {
+        self.book().referee_backlog()
+    }
+
     /// The journal's commit counters (for `/metrics`).
     pub fn journal_stats(&self) -> &crate::journal::JournalStats {
         &self.journal.stats

@@ -1343,6 +1343,92 @@ fn new_keys_are_rationed_per_network_and_hold_one_unit() {
     assert_eq!(metric(port, "tabula_logins_limited_total"), 1);
 }
 
+/// Finding 7 with real processes: two fresh keys that agree on a wrong answer for every unit
+/// and answer as fast as the socket allows, while the referee takes its time over each
+/// generation. On 3e934b0 they answered every unit of a 32-unit job and the referee
+/// re-executed 32 of 32 before their ban (without the cap below, 16 of these 16). Now a key
+/// in probation with `--probation-units` (3) results unjudged gets no unit until a verdict,
+/// and its first lie bans it: the referee runs at most 3 units for each.
+#[test]
+fn two_fresh_liars_cost_the_referee_a_few_units_not_the_job() {
+    let mut cluster = Cluster::start(Flavor::Sqlite, &[]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let prompts: Vec<String> = (0..16)
+        .map(|i| format!("Question {i}: why is the sky"))
+        .collect();
+    let requests: Vec<_> = prompts
+        .iter()
+        .map(|prompt| {
+            let (key, prompt) = (key.clone(), prompt.clone());
+            std::thread::spawn(move || {
+                post(
+                    port,
+                    "/v1/completions",
+                    &key,
+                    json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 24, "temperature": 0 }),
+                )
+            })
+        })
+        .collect();
+    while metric(port, "tabula_units_in_memory") < 16 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let liars: Vec<String> = (0..2)
+        .map(|_| {
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let (captured, _) = tokio::sync::mpsc::unbounded_channel();
+            rt.spawn(adversary(
+                port,
+                Evil::Colluder,
+                captured,
+                None,
+                stop.clone(),
+                ready_tx,
+            ));
+            rt.block_on(ready_rx).unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    while !liars
+        .iter()
+        .all(|k| ledger(port, k)["workers"][0]["banned"] == json!(true))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the liars were not banned: {:?}\n{}",
+            liars.iter().map(|k| ledger(port, k)).collect::<Vec<_>>(),
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Nothing else is connected: every unit the referee runs now is one the liars answered.
+    while metric(port, "tabula_referee_disputes_waiting") > 0 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let refereed = metric(port, "tabula_units_refereed_total");
+    assert!(
+        (1..=6).contains(&refereed),
+        "the referee ran {refereed} units for two fresh liars"
+    );
+    // Honest workers finish the job with the truth.
+    for n in 0..2 {
+        cluster.add_worker(n);
+    }
+    let answers: Vec<(u16, Value)> = requests.into_iter().map(|r| r.join().unwrap()).collect();
+    for (status, answer) in &answers {
+        assert_eq!(*status, 200, "{answer}");
+    }
+    assert_eq!(
+        answers[0].1["choices"][0]["text"].as_str().unwrap(),
+        local_generation(&prompts[0], 24, "0", "0")
+    );
+    let _ = stop_tx.send(true);
+    cluster.stop_workers();
+}
+
 /// What a connection from `from` (a loopback address) hears within `wait`: `Some(status)` when
 /// the server answers without being asked (a refusal over a cap), `None` when it holds the
 /// connection open in silence. The socket is returned with it, to keep it open.
@@ -1459,7 +1545,7 @@ async fn turncoat(
                     .entry(a.unit.0)
                     .or_insert_with(|| {
                         group.trusted.load(std::sync::atomic::Ordering::SeqCst) < group.size
-                            || rand_bytes::<1>()[0] % group.lie_one_in.max(1) != 0
+                            || !rand_bytes::<1>()[0].is_multiple_of(group.lie_one_in.max(1))
                     });
                 let output = if honest {
                     compute.output(a.task.clone()).await
