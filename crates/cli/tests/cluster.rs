@@ -477,9 +477,27 @@ async fn try_log_in(
     me: &Identity,
     agent: &str,
 ) -> (SocketTx, SocketRx, Option<ToWorker>) {
-    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/v1/worker"))
-        .await
+    try_log_in_via(port, me, agent, None).await
+}
+
+/// [`try_log_in`] through a reverse proxy that says the client is `forwarded_for` (an
+/// `X-Forwarded-For` header, which the coordinator believes only from a `--trusted-proxy`).
+async fn try_log_in_via(
+    port: u16,
+    me: &Identity,
+    agent: &str,
+    forwarded_for: Option<&str>,
+) -> (SocketTx, SocketRx, Option<ToWorker>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://127.0.0.1:{port}/v1/worker")
+        .into_client_request()
         .unwrap();
+    if let Some(client) = forwarded_for {
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", client.parse().unwrap());
+    }
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let (mut tx, mut rx) = socket.split();
     let Some(ToWorker::Challenge { nonce, coordinator }) = next_message(&mut rx).await else {
         panic!("no challenge")
@@ -1427,6 +1445,132 @@ fn two_fresh_liars_cost_the_referee_a_few_units_not_the_job() {
     );
     let _ = stop_tx.send(true);
     cluster.stop_workers();
+}
+
+/// Finding 16 with real processes: behind a reverse proxy every worker came from the proxy's
+/// address, so no unit found a second replica. With `--trusted-proxy` the client named in
+/// `X-Forwarded-For` is the worker's network: for rationing new keys and for keeping a unit's
+/// replicas on distinct networks. The same header from anyone else is ignored.
+#[test]
+fn workers_behind_a_trusted_proxy_are_told_apart_by_their_forwarded_address() {
+    let cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--new-keys-per-minute",
+            "2",
+            "--canary-rate",
+            "0",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let job = std::thread::spawn(move || {
+        post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "all-MiniLM-L6-v2", "input": ["behind a proxy"] }),
+        )
+    });
+    while metric(port, "tabula_units_in_memory") < 1 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let welcome = |answer: &Option<ToWorker>| matches!(answer, Some(ToWorker::Welcome { .. }));
+        let ids: Vec<Identity> = (0..4).map(|_| Identity::from_seed(rand_bytes())).collect();
+        // Two new keys a minute from 198.51.100.0/24, whatever address the proxy has.
+        let (mut a_tx, mut a_rx, answer) =
+            try_log_in_via(port, &ids[0], "a", Some("198.51.100.7")).await;
+        assert!(welcome(&answer), "{answer:?}");
+        let (mut b_tx, mut b_rx, answer) =
+            try_log_in_via(port, &ids[1], "b", Some("192.0.2.1, 198.51.100.9")).await;
+        assert!(welcome(&answer), "{answer:?}");
+        let (_, _, refused) = try_log_in_via(port, &ids[2], "e", Some("198.51.100.20")).await;
+        match refused {
+            Some(ToWorker::Error { message, .. }) => {
+                assert!(message.contains("too many new worker keys"), "{message}")
+            }
+            other => panic!("a third new key from one network got {other:?}"),
+        }
+        let (mut c_tx, mut c_rx, answer) =
+            try_log_in_via(port, &ids[3], "c", Some("203.0.113.4")).await;
+        assert!(welcome(&answer), "another network: {answer:?}");
+        let ready = encode(&ToCoordinator::Ready);
+        // The unit goes to a; b shares a's network, so it may not be the second replica; c may.
+        a_tx.send(Message::Binary(ready.clone().into()))
+            .await
+            .unwrap();
+        let Some(ToWorker::Assign(first)) = next_message(&mut a_rx).await else {
+            panic!("a got no unit")
+        };
+        b_tx.send(Message::Binary(ready.clone().into()))
+            .await
+            .unwrap();
+        assert!(
+            matches!(next_message(&mut b_rx).await, Some(ToWorker::NoWork { .. })),
+            "a second replica on the first one's network"
+        );
+        c_tx.send(Message::Binary(ready.clone().into()))
+            .await
+            .unwrap();
+        let Some(ToWorker::Assign(second)) = next_message(&mut c_rx).await else {
+            panic!("c (another network) got no unit")
+        };
+        assert_eq!(
+            first.unit, second.unit,
+            "the second replica of the one unit"
+        );
+        // Both answer the truth; the unit is verified and the request answered.
+        let compute = HonestCompute::new(&cluster.dir.path().join("proxied"), port);
+        let truth = compute.output(first.task.clone()).await;
+        for (me, tx, rx, lease) in [
+            (&ids[0], &mut a_tx, &mut a_rx, &first),
+            (&ids[3], &mut c_tx, &mut c_rx, &second),
+        ] {
+            let submit =
+                ToCoordinator::Submit(me.submission(lease.lease, lease.unit, truth.clone()));
+            tx.send(Message::Binary(encode(&submit).into()))
+                .await
+                .unwrap();
+            loop {
+                match next_message(rx).await {
+                    Some(ToWorker::Accepted { .. }) => break,
+                    Some(ToWorker::Rejected { reason, .. }) => panic!("{reason}"),
+                    Some(_) => continue,
+                    None => panic!("the session ended"),
+                }
+            }
+        }
+    });
+    let (status, answer) = job.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        api_embeddings(&answer),
+        local_embeddings(&["behind a proxy".to_string()])
+    );
+    drop(cluster);
+
+    // Without --trusted-proxy the header is the client's word, and is ignored: every key here
+    // comes from 127.0.0.0/24, which has one new key a minute.
+    let cluster = Cluster::start(Flavor::Sqlite, &["--new-keys-per-minute", "1"]).unwrap();
+    let port = cluster.port;
+    rt.block_on(async {
+        let ids: Vec<Identity> = (0..2).map(|_| Identity::from_seed(rand_bytes())).collect();
+        let (_, _, answer) = try_log_in_via(port, &ids[0], "x", Some("198.51.100.7")).await;
+        assert!(
+            matches!(answer, Some(ToWorker::Welcome { .. })),
+            "{answer:?}"
+        );
+        let (_, _, answer) = try_log_in_via(port, &ids[1], "y", Some("203.0.113.4")).await;
+        assert!(
+            matches!(answer, Some(ToWorker::Error { .. })),
+            "a spoofed header chose the network: {answer:?}"
+        );
+    });
 }
 
 /// What a connection from `from` (a loopback address) hears within `wait`: `Some(status)` when
