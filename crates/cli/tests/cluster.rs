@@ -1573,6 +1573,52 @@ fn workers_behind_a_trusted_proxy_are_told_apart_by_their_forwarded_address() {
     });
 }
 
+/// Finding 15 with real processes: a generation was credited at prompt + `max_tokens` even
+/// when the model stopped early, so a requester's generous `max_tokens` paid workers for
+/// tokens nobody computed. The same chat message with `max_tokens` 32 and 256 stops after the
+/// same few tokens, and now earns each worker the same credit (priced at `max_tokens`, the
+/// second would earn about five times the first).
+#[test]
+fn generation_credit_counts_the_tokens_produced() {
+    let mut cluster = Cluster::start(Flavor::Sqlite, &["--canary-rate", "0"]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let workers = [cluster.add_worker(0), cluster.add_worker(1)];
+    let credit = || -> i64 {
+        workers
+            .iter()
+            .map(|w| {
+                ledger(port, w)["verified_credit_micro"]
+                    .as_i64()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let mut earned = Vec::new();
+    for max_tokens in [32, 256] {
+        let before = credit();
+        let (status, body) = post(
+            port,
+            "/v1/chat/completions",
+            &key,
+            json!({ "model": "SmolLM2-135M-Instruct", "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{ "role": "user", "content": "Reply with one word: is water wet?" }] }),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+        let produced = body["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(produced < 16, "{body}");
+        earned.push(credit() - before);
+    }
+    assert!(earned[0] > 0, "{earned:?}");
+    // Equal but for rounding (a micro-credit per receipt).
+    assert!(
+        (earned[0] - earned[1]).abs() <= 4,
+        "credit followed max_tokens: {earned:?}"
+    );
+    cluster.stop_workers();
+}
+
 /// What a connection from `from` (a loopback address) hears within `wait`: `Some(status)` when
 /// the server answers without being asked (a refusal over a cap), `None` when it holds the
 /// connection open in silence. The socket is returned with it, to keep it open.
