@@ -308,6 +308,13 @@ tabula_units_in_memory {}
 ",
         state.units_in_memory()
     ));
+    text.push_str(&format!(
+        "# HELP tabula_session_senders Worker sessions the coordinator holds a sender for (open ones)
+# TYPE tabula_session_senders gauge
+tabula_session_senders {}
+",
+        state.session_senders()
+    ));
     let (disputes, audits) = state.referee_backlog();
     text.push_str(&format!(
         "# HELP tabula_referee_disputes_waiting Units waiting for the referee to settle them (jobs wait on these)

@@ -350,6 +350,17 @@ impl State {
             .fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Session senders held for pushing receipts (for `/metrics`): the sessions open now, and
+    /// never more once they have closed (finding 5: each closed session's sender stayed).
+    pub fn session_senders(&self) -> usize {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
     fn push(&self, receipts: Vec<Receipt>) {
         let sessions = self.sessions.lock().expect("sessions lock");
         for r in receipts {
