@@ -1977,6 +1977,97 @@ fn a_colluding_pair_is_caught_by_audits_and_its_outputs_replaced() {
     }
 }
 
+/// Finding 2 with real processes: canaries were the newest verified units, so a unit a
+/// colluding pair got verified with a wrong output became a canary, and honest workers that
+/// answered it correctly were struck and banned. Now canaries come only from units the
+/// referee computed or confirmed. Here a trusted pair poisons units unchecked (no audits),
+/// then honest workers meet canaries at every other lease and are never struck.
+#[test]
+fn a_colluding_pair_cannot_poison_the_canaries() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--probation-units",
+            "1",
+            "--audit-rate",
+            "0",
+            "--canary-rate",
+            "0.5",
+            "--unit-sequences",
+            "1",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let compute = std::sync::Arc::new(HonestCompute::new(
+        &cluster.dir.path().join("poisoners"),
+        port,
+    ));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let group = std::sync::Arc::new(Group {
+        size: 2,
+        ..Group::default()
+    });
+    for _ in 0..2 {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        rt.spawn(turncoat(
+            port,
+            compute.clone(),
+            1,
+            group.clone(),
+            collude,
+            stop.clone(),
+            ready_tx,
+        ));
+        rt.block_on(ready_rx).unwrap();
+    }
+    // Alone, the pair shares every unit: honest through probation (refereed: the canary
+    // pool), then agreeing on lies that a trusted quorum verifies.
+    let texts: Vec<String> = (0..12).map(|i| format!("poisoned {i}")).collect();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let wrong = api_embeddings(&body)
+        .iter()
+        .zip(local_embeddings(&texts))
+        .filter(|(got, truth)| **got != *truth)
+        .count();
+    assert!(wrong >= 1, "the pair poisoned nothing");
+    // The pair leaves before new work comes (a unit it took would wait for its lease to end).
+    let _ = stop_tx.send(true);
+    while metric(port, "tabula_workers_connected") > 0 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Honest workers now: half their leases are canaries.
+    let honest = [cluster.add_worker(0), cluster.add_worker(1)];
+    for round in 0..3 {
+        let texts: Vec<String> = (0..8)
+            .map(|i| format!("after the poison {round}.{i}"))
+            .collect();
+        let (status, body) = post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(api_embeddings(&body), local_embeddings(&texts));
+    }
+    assert!(metric(port, "tabula_leases_canary_total") >= 1);
+    for w in &honest {
+        let entry = ledger(port, w);
+        assert_eq!(entry["workers"][0]["strikes"], 0, "{entry}");
+        assert_eq!(entry["workers"][0]["banned"], false, "{entry}");
+    }
+    cluster.stop_workers();
+}
+
 /// A sleeper's wrong answer: any well-formed output but the truth.
 fn sleep_lie(unit: &Bytes<32>, task: &Task) -> Vec<u8> {
     wrong_output(task, &unit.0, true).encode()
