@@ -189,6 +189,10 @@ pub struct Db {
     /// The PostgreSQL URL, which the journal opens a connection of its own with.
     pub postgres_url: Option<String>,
     write_lock: Mutex<()>,
+    /// The last write probe of [`Db::check_writes`] and when it ran: `/healthz` needs no key,
+    /// so callers within [`HEALTH_PROBE_EVERY`] share one probe instead of each taking the
+    /// write lock.
+    health: Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     /// What [`Db::claim`] holds until the process ends.
     owner: std::sync::Mutex<Option<Owner>>,
 }
@@ -312,6 +316,7 @@ impl Db {
             sqlite_path,
             postgres_url,
             write_lock: Mutex::new(()),
+            health: Mutex::new(None),
             owner: std::sync::Mutex::new(None),
         })
     }
@@ -365,7 +370,21 @@ impl Db {
     /// Whether the database takes writes now: rewrites the `health` row and, on SQLite,
     /// checks the free space of the disk under it (a small write can still land in the WAL's
     /// reused pages while every larger one fails). `Err` says what fails, for `/healthz`.
+    /// One probe serves every caller for [`HEALTH_PROBE_EVERY`]; callers arriving while it
+    /// runs wait for it.
     pub async fn check_writes(&self) -> Result<(), String> {
+        let mut last = self.health.lock().await;
+        if let Some((at, result)) = last.as_ref()
+            && at.elapsed() < HEALTH_PROBE_EVERY
+        {
+            return result.clone();
+        }
+        let result = self.probe_writes().await;
+        *last = Some((std::time::Instant::now(), result.clone()));
+        result
+    }
+
+    async fn probe_writes(&self) -> Result<(), String> {
         if let Some(free) = self.free_bytes()
             && free < MIN_FREE_BYTES
         {
@@ -494,6 +513,10 @@ pub fn is_storage_full(e: &CoordinatorError) -> bool {
 /// a large job's rows and a WAL checkpoint.
 pub const MIN_FREE_BYTES: u64 = 8 << 20;
 
+/// How long one write probe of `/healthz` answers for (see [`Db::check_writes`]): at most one
+/// probe write a second, however often it is asked.
+pub const HEALTH_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -552,6 +575,33 @@ mod tests {
             let e = sqlite_file(url).unwrap_err().to_string();
             assert!(e.contains("not a database file"), "{url}: {e}");
         }
+    }
+
+    /// `/healthz` needs no key: a flood of it makes one probe write a second, not one each.
+    #[tokio::test]
+    async fn health_probes_are_shared_for_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), None).await.unwrap();
+        let checked = async || -> i64 {
+            sqlx::Row::try_get(
+                &sqlx::query("SELECT checked_ms FROM health WHERE id = 1")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap(),
+                "checked_ms",
+            )
+            .unwrap()
+        };
+        db.check_writes().await.unwrap();
+        let first = checked().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        for _ in 0..100 {
+            db.check_writes().await.unwrap();
+        }
+        assert_eq!(checked().await, first, "a probe write within the second");
+        tokio::time::sleep(HEALTH_PROBE_EVERY).await;
+        db.check_writes().await.unwrap();
+        assert!(checked().await > first, "no probe after the second");
     }
 
     #[test]
