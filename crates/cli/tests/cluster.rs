@@ -2852,10 +2852,31 @@ fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
             &hashes
         ));
         if relay_by_api {
-            let (status, claim) = relay_claim(port, address);
-            assert_eq!(status, 200, "{claim}");
-            assert_eq!(claim["claimed_now"], credit.to_string(), "{claim}");
-            assert!(claim["gas_used"].as_u64().unwrap() > 21_000, "{claim}");
+            // Finding 8: claims for one address at once sent a second, reverting (and paid
+            // for) transaction, answered 500. Now one is in flight per address: exactly one
+            // claims, the others are told to retry or find nothing left.
+            let claims: Vec<(u16, Value)> = (0..6)
+                .map(|_| {
+                    let address = address.to_string();
+                    std::thread::spawn(move || relay_claim(port, &address))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let mut sent = 0;
+            for (status, claim) in &claims {
+                match status {
+                    200 if claim["claimed_now"] == credit.to_string() => {
+                        assert!(claim["gas_used"].as_u64().unwrap() > 21_000, "{claim}");
+                        sent += 1;
+                    }
+                    200 => assert_eq!(claim["claimed_now"], Value::Null, "{claim}"),
+                    429 => assert_eq!(claim["error"]["code"], "claim_in_progress", "{claim}"),
+                    _ => panic!("a concurrent claim got {status}: {claim}"),
+                }
+            }
+            assert_eq!(sent, 1, "{claims:?}");
             // A second claim sends nothing: everything proven is claimed.
             let (status, again) = relay_claim(port, address);
             assert_eq!(status, 200, "{again}");
