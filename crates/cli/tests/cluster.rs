@@ -3020,6 +3020,46 @@ fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+
+    // Finding 9: the embedded chain's state file is lost. A fresh contract would appear at the
+    // same address with no epochs (balances 0, the next epoch unpostable, claims 500); the
+    // coordinator refuses to start instead, and says how to recover.
+    if anvil.is_none() {
+        cluster.kill_serve();
+        std::fs::remove_file(cluster.data_dir().join("chain").join("state.json")).unwrap();
+        let mut serve = Command::new(BIN)
+            .arg("serve")
+            .args(cluster.base_args())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--local"])
+            .args(&cluster.serve_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = serve.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = serve.kill();
+                panic!("the coordinator started on a chain that lost its epochs");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        serve
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!status.success(), "{err}");
+        assert!(
+            err.contains("state.json") && err.contains("epoch 3"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
