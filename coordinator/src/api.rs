@@ -244,6 +244,11 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             &m.units_solo,
         ),
         (
+            "tabula_units_stalled_total",
+            "Units the referee finished because no other worker took them within --replica-wait-secs",
+            &m.units_stalled,
+        ),
+        (
             "tabula_leases_expired_total",
             "Leases that ran past their deadline",
             &m.leases_expired,

@@ -95,6 +95,10 @@ pub struct Config {
     /// the coordinator itself.
     pub max_referee_units: u64,
     pub lease_ms: u64,
+    /// How long a unit's newest result waits for the unit's other replicas, with no lease on
+    /// it running, before the referee finishes it: no other worker could take it in that time
+    /// (too few connected, or all have seen it), and a job must not wait forever.
+    pub replica_wait_ms: u64,
     pub heartbeat_ms: u32,
     /// Sequences per embedding unit.
     pub unit_sequences: usize,
@@ -152,6 +156,7 @@ impl Default for Config {
             max_queued_units: 20_000,
             max_referee_units: 1_000,
             lease_ms: 120_000,
+            replica_wait_ms: 120_000,
             heartbeat_ms: 5_000,
             unit_sequences: 4,
             local: false,
@@ -210,6 +215,9 @@ impl Config {
         }
         if self.lease_ms < 1000 {
             return bad("--lease-secs must be at least 1");
+        }
+        if !(1000..=86_400_000).contains(&self.replica_wait_ms) {
+            return bad("--replica-wait-secs must be between 1 and 86400");
         }
         if !(0.0..=7.0 * 24.0 * 60.0).contains(&self.epoch_minutes)
             || (self.epoch_minutes > 0.0 && self.epoch_minutes < 1.0 / 60.0)

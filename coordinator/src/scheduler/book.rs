@@ -927,6 +927,33 @@ impl Book {
                 self.strike(ctx, &worker, &mut effects);
             }
         }
+        // Units whose newest result has waited `replica_wait_ms` for another replica with none
+        // running: no worker that may take them came (too few connected, or every one has
+        // seen them), so the referee finishes them rather than let their jobs wait forever.
+        let cutoff = ctx.now - ctx.config.replica_wait_ms as i64;
+        let stalled: Vec<String> = self
+            .leasable
+            .iter()
+            .filter_map(|(_, id)| {
+                let u = &self.units[id];
+                let newest = u
+                    .leases
+                    .iter()
+                    .map(|l| &self.leases[l])
+                    .filter(|l| l.state == LeaseState::Submitted)
+                    .map(|l| l.submitted_ms.unwrap_or(l.issued_ms))
+                    .max()?;
+                (newest < cutoff && self.running(u) == 0).then(|| id.clone())
+            })
+            .collect();
+        for id in stalled {
+            tracing::info!(
+                unit = id,
+                "no replica came in time: the referee finishes it"
+            );
+            ctx.metrics.units_stalled.fetch_add(1, Ordering::Relaxed);
+            self.send_to_referee(&id, &mut effects);
+        }
         effects
     }
 
@@ -2515,6 +2542,43 @@ mod tests {
             t.grant(&a, "net-1").is_some() || t.grant(&b, "net-2").is_some(),
             "judged: work goes on"
         );
+    }
+
+    /// A worker alone (the only one connected, or every other has seen the unit): its result
+    /// waits `replica_wait_ms` for another replica, then the referee finishes the unit; a
+    /// unit with a replica still running is left to it.
+    #[test]
+    fn a_unit_no_replica_comes_for_goes_to_the_referee() {
+        let mut t = Bench::new(Config {
+            lease_ms: 1_000_000,
+            replica_wait_ms: 60_000,
+            ..config()
+        });
+        t.add_job("job", &tasks(2));
+        let (ia, a) = t.worker(1);
+        let (ic, c) = t.worker(3);
+        for _ in 0..2 {
+            let l = t.grant(&a, "net-1").unwrap();
+            t.submit(&ia, &l, output(7));
+        }
+        let lc = t.grant(&c, "net-3").unwrap();
+        t.now += 30_000;
+        t.run(|b, ctx| ((), b.expire(ctx)));
+        assert!(t.book.referee.is_empty(), "refereed before the wait");
+        t.now += 60_000;
+        t.run(|b, ctx| ((), b.expire(ctx)));
+        assert_eq!(t.book.referee.len(), 1, "only the unit nobody runs");
+        assert_eq!(t.metrics.units_stalled.load(Ordering::Relaxed), 1);
+        assert!(
+            !t.book
+                .referee
+                .iter()
+                .any(|(_, id)| t.book.leases[&lc.lease].unit == *id)
+        );
+        t.submit(&ic, &lc, output(7));
+        assert!(referee(&mut t, 7));
+        assert_eq!(t.record(&a).verified, 2, "both its results are credited");
+        assert_eq!(t.metrics.units_verified.load(Ordering::Relaxed), 2);
     }
 
     /// Finding 15: a generation that stops early earns the tokens it produced, not the

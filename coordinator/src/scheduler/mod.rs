@@ -53,6 +53,8 @@ pub struct Metrics {
     pub leases_granted: AtomicU64,
     pub leases_canary: AtomicU64,
     pub units_solo: AtomicU64,
+    /// Units the referee finished because no replica came within `replica_wait_ms`.
+    pub units_stalled: AtomicU64,
     pub leases_expired: AtomicU64,
     pub leases_released: AtomicU64,
     /// Grants refused at a limit: a key's or a network's lease cap, or its abandoned leases.

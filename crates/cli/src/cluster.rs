@@ -119,6 +119,10 @@ pub struct ServeArgs {
     /// Seconds a worker has to return a unit before it goes to another.
     #[arg(long, default_value_t = 120)]
     lease_secs: u64,
+    /// Seconds a unit's results wait for its other replicas (with none running) before the
+    /// coordinator finishes it itself: a cluster with too few workers still answers.
+    #[arg(long, default_value_t = 120)]
+    replica_wait_secs: u64,
     /// Sequences per embedding unit.
     #[arg(long, default_value_t = 4)]
     unit_sequences: usize,
@@ -204,6 +208,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         max_queued_units: args.max_queued_units,
         max_referee_units: args.max_referee_units,
         lease_ms: args.lease_secs.saturating_mul(1000),
+        replica_wait_ms: args.replica_wait_secs.saturating_mul(1000),
         unit_sequences: args.unit_sequences,
         local: args.local,
         trusted_proxies: args.trusted_proxy.clone(),

@@ -1690,6 +1690,34 @@ fn logins_that_close_leave_nothing_behind() {
     assert_eq!(get(port, "/healthz").0, 200);
 }
 
+/// One worker alone: each unit waits for a second worker that never comes. After
+/// `--replica-wait-secs` with no other lease running, the referee finishes the unit, so a
+/// small cluster (or one whose other workers left or were banned) still answers.
+#[test]
+fn a_lone_worker_gets_its_units_finished_by_the_referee() {
+    let mut cluster = Cluster::start(Flavor::Sqlite, &["--replica-wait-secs", "2"]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let worker = cluster.add_worker(0);
+    let texts: Vec<String> = (0..6).map(|i| format!("alone {i}")).collect();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api_embeddings(&body), local_embeddings(&texts));
+    assert!(metric(port, "tabula_units_stalled_total") >= 1);
+    cluster.stop_workers();
+    let entry = ledger(port, &worker);
+    assert!(
+        entry["workers"][0]["units_verified"].as_u64().unwrap() >= 1,
+        "{entry}"
+    );
+    assert_eq!(entry["workers"][0]["strikes"], 0, "{entry}");
+}
+
 /// What a connection from `from` (a loopback address) hears within `wait`: `Some(status)` when
 /// the server answers without being asked (a refusal over a cap), `None` when it holds the
 /// connection open in silence. The socket is returned with it, to keep it open.
@@ -2867,7 +2895,7 @@ fn settles_on_chain(flavor: Flavor, anvil: Option<&Anvil>) {
             let mut sent = 0;
             for (status, claim) in &claims {
                 match status {
-                    200 if claim["claimed_now"] == credit.to_string() => {
+                    200 if claim["claimed_now"].as_str() == Some(&credit.to_string()) => {
                         assert!(claim["gas_used"].as_u64().unwrap() > 21_000, "{claim}");
                         sent += 1;
                     }
