@@ -24,7 +24,12 @@ impl Anvil {
     /// Starts anvil from the repository's `node_modules` (panics, saying to run `npm ci`,
     /// when it is missing).
     pub fn start() -> Anvil {
-        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../node_modules/.bin/anvil");
+        // Every crate of the workspace is two levels down; cargo's variable at run time names
+        // the checkout being tested even when the binary was built in another one.
+        let bin = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("../../node_modules/.bin/anvil");
         assert!(
             bin.exists(),
             "{} is missing: run `npm ci` in the repository root",

@@ -7,7 +7,12 @@ use alloy_primitives::{Address, B256, U256};
 use tabula_chain::merkle::{CreditTree, Entry};
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    // Cargo's variable at run time first: a test binary reused from a build in another
+    // checkout (a shared target directory) still finds this checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../..")
 }
 
 /// Root and proofs from `@openzeppelin/merkle-tree`.
@@ -23,7 +28,7 @@ fn reference(entries: &[Entry]) -> (B256, Vec<Vec<B256>>) {
         .map(|e| [e.account.to_string(), e.amount.to_string()])
         .collect();
     let mut child = Command::new("node")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openzeppelin-tree.mjs"))
+        .arg(repo_root().join("crates/chain/tests/openzeppelin-tree.mjs"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -29,9 +29,18 @@ fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
+/// The crate's directory: cargo's `CARGO_MANIFEST_DIR` when it runs this test binary, so a
+/// test binary reused from a build in another checkout (a shared target directory) still
+/// reads this checkout's files; the directory it was built in otherwise.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn fixture_lines(name: &str) -> Vec<serde_json::Value> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/");
-    std::fs::read_to_string(format!("{path}{name}"))
+    let path = manifest_dir().join("../../tests/fixtures").join(name);
+    std::fs::read_to_string(path)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

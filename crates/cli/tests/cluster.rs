@@ -275,11 +275,17 @@ fn post(port: u16, path: &str, key: &str, body: Value) -> (u16, Value) {
     request(port, "POST", path, Some(key), Some(&body), &[])
 }
 
+/// The crate's directory: cargo's `CARGO_MANIFEST_DIR` when it runs this test binary, so a
+/// test binary reused from a build in another checkout (a shared target directory) still
+/// reads this checkout's files; the directory it was built in otherwise.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn fixture_texts() -> Vec<String> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/minilm.jsonl"
-    );
+    let path = manifest_dir().join("../../tests/fixtures/minilm.jsonl");
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -2524,9 +2530,11 @@ fn openai_python_client() {
     for n in 0..2 {
         cluster.add_worker(n);
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/openai_client.py");
+    let script = manifest_dir().join("../../tests/openai_client.py");
     let mut python = Command::new("python3");
-    python.args([script, &format!("http://127.0.0.1:{}", cluster.port), &key]);
+    python
+        .arg(script)
+        .args([&format!("http://127.0.0.1:{}", cluster.port), &key]);
     if let Some(lib) = std::env::var_os("TABULA_PYLIB") {
         python.env("PYTHONPATH", lib);
     }

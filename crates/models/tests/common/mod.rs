@@ -18,7 +18,12 @@ pub fn model_file(local_path: &str) -> Vec<u8> {
 }
 
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    // Cargo's variable at run time first: a test binary reused from a build in another
+    // checkout (a shared target directory) still reads this checkout's fixtures.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../../tests/fixtures")
 }
 
 fn read_jsonl<T: for<'de> Deserialize<'de>>(name: &str) -> Vec<T> {
