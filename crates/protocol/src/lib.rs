@@ -251,6 +251,122 @@ pub struct Receipt {
     pub signature: Signature,
 }
 
+/// A pipeline session: one generation run by stages on several workers.
+pub type SessionId = Bytes<16>;
+
+/// A stage's signed statement about one step of a session: from this input it computed this
+/// output. Signed over [`sign::stage_message`], so it names its signer, and a commitment
+/// replayed under another key, step or stage fails.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageCommit {
+    pub session: SessionId,
+    pub step: u32,
+    pub stage: u16,
+    /// SHA-256 of the input (token ids as little-endian `u32`s for the first stage, the
+    /// previous stage's output bytes otherwise).
+    pub input_hash: Hash,
+    /// SHA-256 of the output (hidden rows as little-endian `i32`s; the logits for the last
+    /// stage).
+    pub output_hash: Hash,
+    pub signature: Signature,
+}
+
+/// The largest activation message (a prefill of the longest prompt on a wide model).
+pub const MAX_ACTIVATION: usize = 48 << 20;
+
+/// One stage's output on its way to the next stage, with the sender's commitment to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activation {
+    pub commit: StageCommit,
+    /// Positions (rows) the data holds.
+    pub rows: u32,
+    /// `rows × dim` little-endian `i32`s.
+    pub data: Vec<u8>,
+}
+
+impl Activation {
+    /// What a receiving stage checks before it uses the data: the sender's signature, the
+    /// session, step and stage it expects, the shape, and that the bytes hash to what was
+    /// signed.
+    pub fn check(
+        &self,
+        sender: &sign::SignerKey,
+        session: &SessionId,
+        step: u32,
+        stage: u16,
+        dim: usize,
+    ) -> Result<(), ProtocolError> {
+        let c = &self.commit;
+        if c.session != *session || c.step != step || c.stage != stage {
+            return Err(ProtocolError::Malformed(format!(
+                "activation for session {} step {} stage {}, expected {session} step {step} stage {stage}",
+                c.session, c.step, c.stage
+            )));
+        }
+        let want = (self.rows as usize)
+            .checked_mul(dim)
+            .and_then(|n| n.checked_mul(4))
+            .filter(|&n| n > 0 && n <= MAX_ACTIVATION);
+        if want != Some(self.data.len()) {
+            return Err(ProtocolError::Malformed(format!(
+                "{} activation bytes are not {} rows of {dim} values",
+                self.data.len(),
+                self.rows
+            )));
+        }
+        c.verify(sender)?;
+        if sha256(&self.data) != c.output_hash {
+            return Err(ProtocolError::Malformed(
+                "activation bytes do not hash to the sender's signed output hash".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The longest SDP a peer may send (a data-channel-only offer is about 1 KiB).
+pub const MAX_SDP: usize = 16 << 10;
+/// The longest ICE candidate (JSON of an `RTCIceCandidateInit`).
+pub const MAX_CANDIDATE: usize = 1 << 10;
+
+/// WebRTC signalling between two peers, carried by the coordinator over their worker sockets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Signal {
+    /// An SDP offer (the text of `RTCSessionDescription.sdp`).
+    Offer { sdp: String },
+    /// The SDP answer to an offer.
+    Answer { sdp: String },
+    /// One trickled ICE candidate: the JSON of an `RTCIceCandidateInit`, as the browser's
+    /// `RTCIceCandidate.toJSON()` writes it.
+    Candidate { json: String },
+}
+
+impl Signal {
+    /// Bounds and character checks; the WebRTC stack parses what passes.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let (what, text, limit, newlines) = match self {
+            Signal::Offer { sdp } => ("SDP offer", sdp, MAX_SDP, true),
+            Signal::Answer { sdp } => ("SDP answer", sdp, MAX_SDP, true),
+            Signal::Candidate { json } => ("ICE candidate", json, MAX_CANDIDATE, false),
+        };
+        if text.is_empty() || text.len() > limit {
+            return Err(ProtocolError::Malformed(format!(
+                "{what} of {} bytes (1 to {limit})",
+                text.len()
+            )));
+        }
+        if text
+            .chars()
+            .any(|c| c.is_control() && !(newlines && (c == '\r' || c == '\n')))
+        {
+            return Err(ProtocolError::Malformed(format!(
+                "{what} contains a control character"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Coordinator → worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -351,6 +467,30 @@ mod tests {
             signature: Default::default(),
             agent: agent.to_string(),
             precisions: vec![Precision::Exact],
+        }
+    }
+
+    #[test]
+    fn signals_are_bounded_text() {
+        let sdp = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n".to_string();
+        assert!(Signal::Offer { sdp: sdp.clone() }.validate().is_ok());
+        assert!(Signal::Answer { sdp }.validate().is_ok());
+        let json = r#"{"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host"}"#.to_string();
+        assert!(Signal::Candidate { json }.validate().is_ok());
+        for bad in [
+            Signal::Offer { sdp: String::new() },
+            Signal::Offer {
+                sdp: "v".repeat(MAX_SDP + 1),
+            },
+            Signal::Answer { sdp: "a\0b".into() },
+            Signal::Candidate {
+                json: "x\ny".into(),
+            },
+            Signal::Candidate {
+                json: "c".repeat(MAX_CANDIDATE + 1),
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?} accepted");
         }
     }
 

@@ -12,7 +12,8 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha512};
 
 use crate::{
-    Address, Bytes, Hash, LeaseId, ProtocolError, PublicKey, Receipt, Signature, Submission,
+    Address, Bytes, Hash, LeaseId, ProtocolError, PublicKey, Receipt, SessionId, Signature,
+    StageCommit, Submission,
 };
 
 /// An ed25519 key pair: a worker's identity or the coordinator's receipt key.
@@ -58,6 +59,33 @@ impl Identity {
         }
     }
 
+    /// Commits to one step of a pipeline stage.
+    pub fn stage_commit(
+        &self,
+        session: SessionId,
+        step: u32,
+        stage: u16,
+        input_hash: Hash,
+        output_hash: Hash,
+    ) -> StageCommit {
+        let signature = self.sign(&stage_message(
+            &session,
+            step,
+            stage,
+            &input_hash,
+            &output_hash,
+            &self.public(),
+        ));
+        StageCommit {
+            session,
+            step,
+            stage,
+            input_hash,
+            output_hash,
+            signature,
+        }
+    }
+
     pub fn sign_payout(&self, address: &Address) -> Signature {
         self.sign(&payout_message(address, &self.public()))
     }
@@ -90,6 +118,27 @@ pub fn result_message(
     tagged(
         b"tabula/result/v1",
         &[&unit.0, &lease.0, &output_hash.0, &worker.0],
+    )
+}
+
+pub fn stage_message(
+    session: &SessionId,
+    step: u32,
+    stage: u16,
+    input_hash: &Hash,
+    output_hash: &Hash,
+    worker: &PublicKey,
+) -> Vec<u8> {
+    tagged(
+        b"tabula/stage/v1",
+        &[
+            &session.0,
+            &step.to_le_bytes(),
+            &stage.to_le_bytes(),
+            &input_hash.0,
+            &output_hash.0,
+            &worker.0,
+        ],
     )
 }
 
@@ -284,6 +333,23 @@ impl Submission {
     }
 }
 
+impl StageCommit {
+    /// Checks that `worker` signed this commitment.
+    pub fn verify(&self, worker: &SignerKey) -> Result<(), ProtocolError> {
+        worker.verify(
+            &stage_message(
+                &self.session,
+                self.step,
+                self.stage,
+                &self.input_hash,
+                &self.output_hash,
+                worker.public(),
+            ),
+            &self.signature,
+        )
+    }
+}
+
 impl Receipt {
     pub fn verify(&self) -> Result<(), ProtocolError> {
         verify(&self.coordinator, &receipt_message(self), &self.signature)
@@ -297,6 +363,51 @@ mod tests {
 
     fn identity(n: u8) -> Identity {
         Identity::from_seed([n; 32])
+    }
+
+    #[test]
+    fn activations_are_checked_against_their_senders_commitment() {
+        use crate::{Activation, sha256};
+        let (a, b) = (identity(1), identity(2));
+        let ka = SignerKey::parse(&a.public()).unwrap();
+        let session = Bytes([9; 16]);
+        let data: Vec<u8> = (0..2 * 8 * 4).map(|i| i as u8).collect();
+        let good = Activation {
+            commit: a.stage_commit(session, 3, 1, sha256(b"in"), sha256(&data)),
+            rows: 2,
+            data: data.clone(),
+        };
+        good.check(&ka, &session, 3, 1, 8).unwrap();
+
+        let mut flipped = good.clone();
+        flipped.data[5] ^= 1;
+        let mut replayed = good.clone();
+        replayed.commit = b.stage_commit(session, 3, 1, sha256(b"in"), sha256(&data));
+        let mut wrong_input = good.clone();
+        wrong_input.commit.input_hash = sha256(b"other");
+        let mut short = good.clone();
+        short.data.pop();
+        let mut rows = good.clone();
+        rows.rows = 3;
+        let cases = [
+            ("a flipped byte", flipped, 3, 1),
+            ("another key's commitment", replayed, 3, 1),
+            ("an input hash it did not sign", wrong_input, 3, 1),
+            ("a short message", short, 3, 1),
+            ("the wrong row count", rows, 3, 1),
+            ("another step", good.clone(), 4, 1),
+            ("another stage", good.clone(), 3, 2),
+        ];
+        for (what, act, step, stage) in cases {
+            assert!(
+                act.check(&ka, &session, step, stage, 8).is_err(),
+                "{what} accepted"
+            );
+        }
+        assert!(good.check(&ka, &Bytes([8; 16]), 3, 1, 8).is_err());
+        // A commitment signed for a stage does not verify as a result or a login.
+        let stage = stage_message(&session, 3, 1, &sha256(b"in"), &sha256(&data), &a.public());
+        assert!(stage.starts_with(b"tabula/stage/v1"));
     }
 
     fn signer(i: &Identity) -> SignerKey {

@@ -2,6 +2,8 @@
 //! keys and values; they are quantised per (row, head) when read, so a row's cached value never
 //! depends on how the prompt was split into steps.
 
+use std::ops::Range;
+
 use tabula_engine::{
     AttentionParams,
     exact::{ActTable, ExactBackend, QMatrix, QNorm, RopeTable, ScoreScale},
@@ -27,18 +29,48 @@ struct Layer<T> {
     down: QMatrix<T>,
 }
 
-/// A quantised Llama decoder on one backend.
+/// The last stage's final norm and output matrix.
+struct Head<T> {
+    norm: QNorm<T>,
+    output: QMatrix<T>,
+}
+
+/// A quantised Llama decoder on one backend: the whole model, or one pipeline stage of it
+/// (a contiguous range of layers; the first stage embeds tokens, the last computes logits).
 pub struct ExactLlama<B: ExactBackend> {
     pub config: LlamaConfig,
     pub frac: u32,
     group: usize,
-    token_embd: QMatrix<B::Int>,
-    output: QMatrix<B::Int>,
-    output_norm: QNorm<B::Int>,
+    /// The layers this instance runs; `0..config.layers` for the whole model.
+    range: Range<usize>,
+    /// Present exactly when `range.start == 0`.
+    token_embd: Option<QMatrix<B::Int>>,
+    /// Present exactly when `range.end == config.layers`.
+    head: Option<Head<B::Int>>,
     silu: ActTable<B::Int>,
     rope: RopeTable<B::Int>,
     score: ScoreScale,
     layers: Vec<Layer<B::Int>>,
+}
+
+/// What a stage takes in: token ids (first stage) or the hidden rows of the previous stage.
+#[derive(Clone, Copy, Debug)]
+pub enum StageInput<'a> {
+    Tokens(&'a [u32]),
+    /// `rows × dim` Fx values, row-major.
+    Hidden {
+        rows: usize,
+        values: &'a [i32],
+    },
+}
+
+/// What a stage gives out: the hidden rows for the next stage, or the last row's logits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StageOutput {
+    /// `rows × dim` Fx values, row-major.
+    Hidden(Vec<i32>),
+    /// The Fx logits of the last position.
+    Logits(Vec<i32>),
 }
 
 /// Keys and values of past positions, per layer, in Fx.
@@ -49,26 +81,59 @@ pub struct ExactCache<T> {
 }
 
 impl<B: ExactBackend> ExactLlama<B> {
+    /// Loads the whole model.
     pub fn load(backend: &B, file: &ExactFile<'_>) -> Result<Self> {
+        let layers = match &file.header.config {
+            ExactArch::Llama(c) => c.layers,
+            ExactArch::Bert(_) => return Err(ModelError::Format("not a Llama model".into())),
+        };
+        Self::load_stage(backend, file, 0..layers)
+    }
+
+    /// Loads the stage running layers `range` (from the whole file or from the stage's pieces).
+    pub fn load_stage(backend: &B, file: &ExactFile<'_>, range: Range<usize>) -> Result<Self> {
         let ExactArch::Llama(config) = &file.header.config else {
             return Err(ModelError::Format("not a Llama model".into()));
         };
         let c = config.clone();
+        if range.is_empty() || range.end > c.layers {
+            return Err(ModelError::Input(format!(
+                "layers {}..{} are not a stage of a {}-layer model",
+                range.start, range.end, c.layers
+            )));
+        }
         let (d, kv, ffn, vocab) = (c.dim, c.kv_heads * c.head_dim, c.ffn_dim, c.vocab_size);
-        let token_embd = file.matrix(backend, "token_embd", vocab, d, false)?;
-        let output = if file.has("output.q") {
-            file.matrix(backend, "output", vocab, d, false)?
+        let token_embd = if range.start == 0 {
+            Some(file.matrix(backend, "token_embd", vocab, d, false)?)
         } else {
-            QMatrix {
-                requant: file.upload(
-                    backend,
-                    "output.requant",
-                    &[vocab, file.weight_blocks(d)?, 2],
-                )?,
-                ..token_embd.clone()
-            }
+            None
         };
-        let layers = (0..c.layers)
+        let head = if range.end == c.layers {
+            let output = if file.has("output.q") {
+                file.matrix(backend, "output", vocab, d, false)?
+            } else {
+                let table = match &token_embd {
+                    Some(t) => t.clone(),
+                    None => file.matrix(backend, "token_embd", vocab, d, false)?,
+                };
+                QMatrix {
+                    requant: file.upload(
+                        backend,
+                        "output.requant",
+                        &[vocab, file.weight_blocks(d)?, 2],
+                    )?,
+                    ..table
+                }
+            };
+            Some(Head {
+                norm: file.norm(backend, "output_norm", d, false)?,
+                output,
+            })
+        } else {
+            None
+        };
+        let layers = range
+            .clone()
             .map(|i| {
                 let m = |name: &str, rows, cols| {
                     file.matrix(backend, &format!("layer.{i}.{name}"), rows, cols, false)
@@ -89,15 +154,25 @@ impl<B: ExactBackend> ExactLlama<B> {
         Ok(Self {
             frac: file.header.frac_bits,
             group: file.header.group,
+            range,
             token_embd,
-            output,
-            output_norm: file.norm(backend, "output_norm", d, false)?,
+            head,
             silu: file.act_table(backend)?,
             rope: file.rope_table(backend, c.head_dim)?,
             score: file.score_scale(),
             layers,
             config: c,
         })
+    }
+
+    /// The layers this instance runs.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// Whether this is the whole model (first and last stage at once).
+    pub fn is_whole(&self) -> bool {
+        self.range.start == 0 && self.range.end == self.config.layers
     }
 
     /// The longest sequence this model can run (its context, bounded by the rotary table).
@@ -117,7 +192,8 @@ impl<B: ExactBackend> ExactLlama<B> {
         Ok(ExactCache { k, v, capacity })
     }
 
-    /// Runs `ids` at positions `pos..` and returns the Fx logits of the last one.
+    /// Runs `ids` at positions `pos..` and returns the Fx logits of the last one (whole
+    /// model only).
     pub async fn step(
         &self,
         backend: &B,
@@ -125,15 +201,76 @@ impl<B: ExactBackend> ExactLlama<B> {
         pos: usize,
         cache: &mut ExactCache<B::Int>,
     ) -> Result<Vec<i32>> {
-        let c = &self.config;
-        let n = ids.len();
-        let total = pos + n;
-        if n == 0 || total > cache.capacity || cache.k.len() != self.layers.len() {
-            return Err(ModelError::Input(format!(
-                "{total} positions exceed the KV cache of {}",
-                cache.capacity
-            )));
+        match self
+            .step_stage(backend, StageInput::Tokens(ids), pos, cache)
+            .await?
+        {
+            StageOutput::Logits(logits) => Ok(logits),
+            StageOutput::Hidden(_) => Err(ModelError::Input(
+                "this stage does not end the model; it has no logits".into(),
+            )),
         }
+    }
+
+    /// Runs this stage's layers on `input` at positions `pos..`, extending `cache`. Running
+    /// the stages of a model one after the other, each on the previous one's output, gives
+    /// the bits of [`Self::step`] on the whole model.
+    pub async fn step_stage(
+        &self,
+        backend: &B,
+        input: StageInput<'_>,
+        pos: usize,
+        cache: &mut ExactCache<B::Int>,
+    ) -> Result<StageOutput> {
+        let c = &self.config;
+        let mut x = match (input, &self.token_embd) {
+            (StageInput::Tokens(ids), Some(table)) => {
+                if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+                    return Err(ModelError::Input(format!(
+                        "token id {bad} outside the vocabulary of {}",
+                        c.vocab_size
+                    )));
+                }
+                if ids.is_empty() {
+                    return Err(ModelError::Input("a step needs at least one token".into()));
+                }
+                backend.qembedding(table, ids)?
+            }
+            (StageInput::Hidden { rows, values }, None) => {
+                if rows == 0 || rows.checked_mul(c.dim) != Some(values.len()) {
+                    return Err(ModelError::Input(format!(
+                        "{} hidden values are not {rows} rows of {}",
+                        values.len(),
+                        c.dim
+                    )));
+                }
+                backend.upload_int(values, &[rows, c.dim])?
+            }
+            (StageInput::Tokens(_), None) => {
+                return Err(ModelError::Input(format!(
+                    "the stage of layers {}..{} takes hidden rows, not tokens",
+                    self.range.start, self.range.end
+                )));
+            }
+            (StageInput::Hidden { .. }, Some(_)) => {
+                return Err(ModelError::Input(
+                    "the first stage takes tokens, not hidden rows".into(),
+                ));
+            }
+        };
+        let n = match input {
+            StageInput::Tokens(ids) => ids.len(),
+            StageInput::Hidden { rows, .. } => rows,
+        };
+        let total = match pos.checked_add(n) {
+            Some(t) if t <= cache.capacity && cache.k.len() == self.layers.len() => t,
+            _ => {
+                return Err(ModelError::Input(format!(
+                    "{n} positions after {pos} exceed the KV cache of {} (or the cache is another stage's)",
+                    cache.capacity
+                )));
+            }
+        };
         let hd = c.head_dim;
         let params = AttentionParams {
             batch: 1,
@@ -145,7 +282,6 @@ impl<B: ExactBackend> ExactLlama<B> {
             causal: true,
             pos_offset: pos,
         };
-        let mut x = backend.qembedding(&self.token_embd, ids)?;
         for (i, l) in self.layers.iter().enumerate() {
             let a =
                 backend.quantize(&backend.norm_int(&x, &l.attn_norm, self.frac)?, self.group)?;
@@ -168,14 +304,21 @@ impl<B: ExactBackend> ExactLlama<B> {
             let down = backend.qlinear(&backend.quantize(&gu, self.group)?, &l.down)?;
             x = backend.add_int(&x, &down)?;
         }
+        let Some(Head {
+            norm: output_norm,
+            output,
+        }) = &self.head
+        else {
+            return Ok(StageOutput::Hidden(backend.read_int(&x).await?));
+        };
         let last = backend.slice_rows_int(&x, n - 1, 1)?;
         let h = backend.quantize(
-            &backend.norm_int(&last, &self.output_norm, self.frac)?,
+            &backend.norm_int(&last, output_norm, self.frac)?,
             self.group,
         )?;
-        Ok(backend
-            .read_int(&backend.qlinear(&h, &self.output)?)
-            .await?)
+        Ok(StageOutput::Logits(
+            backend.read_int(&backend.qlinear(&h, output)?).await?,
+        ))
     }
 
     /// Generates up to `max_tokens` after `prompt`. A token in `stop` ends generation: it is
@@ -190,6 +333,11 @@ impl<B: ExactBackend> ExactLlama<B> {
         mut on_token: impl FnMut(u32),
     ) -> Result<(Vec<ExactStep>, Finish)> {
         let vocab = self.config.vocab_size;
+        if !self.is_whole() {
+            return Err(ModelError::Input(
+                "one stage of a pipeline cannot generate alone".into(),
+            ));
+        }
         if prompt.is_empty() {
             return Err(ModelError::Input("the prompt has no tokens".into()));
         }

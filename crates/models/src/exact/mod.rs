@@ -10,10 +10,12 @@
 
 mod bert;
 mod llama;
+mod pieces;
 mod quantize;
 
 pub use bert::{ExactBert, ExactEmbedder, ExactEmbedding};
-pub use llama::{ExactGenerator, ExactLlama, ExactStep};
+pub use llama::{ExactCache, ExactGenerator, ExactLlama, ExactStep, StageInput, StageOutput};
+pub use pieces::{MAX_PIECES, Piece, PieceInfo, split_pieces, stage_pieces, stage_ranges};
 pub use quantize::{quantize_bert, quantize_llama};
 
 use std::collections::HashMap;
@@ -64,6 +66,10 @@ pub struct ExactHeader {
     pub score_exp: i32,
     /// Positions in the rotary table (Llama only).
     pub rope_positions: usize,
+    /// Set in a piece of a file cut by [`split_pieces`]; absent in a whole file (whose bytes,
+    /// hence whose name, this field does not change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece: Option<PieceInfo>,
 }
 
 /// The file name of a quantised model with content hash `sha256`.
@@ -80,61 +86,129 @@ pub fn hash_in_name<'a>(model: &str, file_name: &'a str) -> Option<&'a str> {
     (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hash)
 }
 
-/// A parsed, hash-checked quantised model file.
+/// A parsed, hash-checked quantised model: one whole file, or the pieces of one (see
+/// [`split_pieces`]) that a pipeline stage needs. Tensors are looked up across all of them.
 pub struct ExactFile<'a> {
+    /// The model's header (for pieces: the whole file's, with `piece` cleared).
     pub header: ExactHeader,
-    tensors: safetensors::SafeTensors<'a>,
+    tensors: Vec<safetensors::SafeTensors<'a>>,
+}
+
+/// Parses and checks the header of one file or piece whose bytes hash to `expected_sha256`.
+fn read_header(bytes: &[u8], expected_sha256: &str) -> Result<ExactHeader> {
+    let actual = sha256_hex(bytes);
+    if !actual.eq_ignore_ascii_case(expected_sha256) {
+        return Err(ModelError::Format(format!(
+            "quantised model file hashes to {actual}, but its name says {expected_sha256}: \
+             it is corrupt or was modified; delete it and run `tabula models quantize`"
+        )));
+    }
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(HEADER_KEY))
+        .ok_or_else(|| ModelError::Format("not a Tabula quantised model (no header)".into()))?;
+    let header: ExactHeader = serde_json::from_str(json)
+        .map_err(|e| ModelError::Format(format!("quantised model header: {e}")))?;
+    if header.format != FORMAT || header.version != VERSION {
+        return Err(ModelError::Format(format!(
+            "quantised model is {} v{}, this build reads {FORMAT} v{VERSION}; run `tabula models quantize`",
+            header.format, header.version
+        )));
+    }
+    if !(7..=20).contains(&header.frac_bits)
+        || header.group == 0
+        || !header.group.is_multiple_of(4)
+        || header
+            .weight_group
+            .is_some_and(|g| g == 0 || !g.is_multiple_of(header.group))
+        || header.act_step_shift == 0
+        || header.act_step_shift > 30
+    {
+        return Err(ModelError::Format(
+            "quantised model header out of range".into(),
+        ));
+    }
+    Ok(header)
+}
+
+fn deserialize(bytes: &[u8]) -> Result<safetensors::SafeTensors<'_>> {
+    safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))
 }
 
 impl<'a> ExactFile<'a> {
     /// Parses `bytes`, which must hash to `expected_sha256` (the hash in the file name).
     pub fn open(bytes: &'a [u8], expected_sha256: &str) -> Result<Self> {
-        let actual = sha256_hex(bytes);
-        if !actual.eq_ignore_ascii_case(expected_sha256) {
-            return Err(ModelError::Format(format!(
-                "quantised model file hashes to {actual}, but its name says {expected_sha256}: \
-                 it is corrupt or was modified; delete it and run `tabula models quantize`"
-            )));
-        }
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
-        let json = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(HEADER_KEY))
-            .ok_or_else(|| ModelError::Format("not a Tabula quantised model (no header)".into()))?;
-        let header: ExactHeader = serde_json::from_str(json)
-            .map_err(|e| ModelError::Format(format!("quantised model header: {e}")))?;
-        if header.format != FORMAT || header.version != VERSION {
-            return Err(ModelError::Format(format!(
-                "quantised model is {} v{}, this build reads {FORMAT} v{VERSION}; run `tabula models quantize`",
-                header.format, header.version
-            )));
-        }
-        if !(7..=20).contains(&header.frac_bits)
-            || header.group == 0
-            || !header.group.is_multiple_of(4)
-            || header
-                .weight_group
-                .is_some_and(|g| g == 0 || !g.is_multiple_of(header.group))
-            || header.act_step_shift == 0
-            || header.act_step_shift > 30
-        {
+        let header = read_header(bytes, expected_sha256)?;
+        if header.piece.is_some() {
             return Err(ModelError::Format(
-                "quantised model header out of range".into(),
+                "this is one piece of a quantised model, not the whole file".into(),
             ));
         }
-        let tensors = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+        Ok(Self {
+            header,
+            tensors: vec![deserialize(bytes)?],
+        })
+    }
+
+    /// Parses pieces of one model (each `(bytes, sha256)`), which must all come from the same
+    /// whole file. Which pieces a stage needs is [`stage_pieces`]; a missing one shows up as a
+    /// missing tensor when the stage loads.
+    pub fn open_pieces(pieces: &[(&'a [u8], &str)]) -> Result<Self> {
+        if pieces.is_empty() || pieces.len() > MAX_PIECES {
+            return Err(ModelError::Format(format!(
+                "{} pieces given; a model has 1 to {MAX_PIECES}",
+                pieces.len()
+            )));
+        }
+        let mut common: Option<(ExactHeader, PieceInfo)> = None;
+        let mut names = std::collections::HashSet::new();
+        let mut tensors = Vec::with_capacity(pieces.len());
+        for (bytes, sha) in pieces {
+            let mut header = read_header(bytes, sha)?;
+            let info = header.piece.take().ok_or_else(|| {
+                ModelError::Format("a whole quantised model file was given as a piece".into())
+            })?;
+            if !names.insert(info.name.clone()) {
+                return Err(ModelError::Format(format!(
+                    "piece `{}` given twice",
+                    info.name
+                )));
+            }
+            match &common {
+                None => common = Some((header, info)),
+                Some((h, first)) => {
+                    if *h != header || first.whole_sha256 != info.whole_sha256 {
+                        return Err(ModelError::Format(format!(
+                            "piece `{}` belongs to model file {}, piece `{}` to {}",
+                            info.name, info.whole_sha256, first.name, first.whole_sha256
+                        )));
+                    }
+                }
+            }
+            tensors.push(deserialize(bytes)?);
+        }
+        let (header, _) = common.expect("at least one piece");
         Ok(Self { header, tensors })
+    }
+
+    /// The tensor `name`, in whichever file or piece holds it.
+    fn tensor(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+        self.tensors
+            .iter()
+            .find_map(|t| t.tensor(name).ok())
+            .ok_or_else(|| {
+                ModelError::Format(format!(
+                    "tensor `{name}` not found (a piece of the model is missing)"
+                ))
+            })
     }
 
     /// The `i32` tensor `name`, which must have `len` values.
     pub(crate) fn ints(&self, name: &str, len: usize) -> Result<Vec<i32>> {
-        let view = self
-            .tensors
-            .tensor(name)
-            .map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))?;
+        let view = self.tensor(name)?;
         if view.dtype() != safetensors::Dtype::I32 || view.data().len() != 4 * len {
             return Err(ModelError::Format(format!(
                 "tensor `{name}` is {:?} {:?}, expected {len} i32 values",
@@ -150,7 +224,7 @@ impl<'a> ExactFile<'a> {
     }
 
     pub(crate) fn has(&self, name: &str) -> bool {
-        self.tensors.tensor(name).is_ok()
+        self.tensor(name).is_ok()
     }
 
     pub(crate) fn upload<B: ExactBackend>(
@@ -256,6 +330,10 @@ impl ExactWriter {
     pub(crate) fn put(&mut self, name: impl Into<String>, data: Vec<i32>, shape: &[usize]) {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
         self.tensors.push((name.into(), data, shape.to_vec()));
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
     }
 
     /// The file's bytes and their SHA-256.

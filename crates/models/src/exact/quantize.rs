@@ -303,6 +303,7 @@ pub fn quantize_bert(
         score_mult,
         score_exp,
         rope_positions: 0,
+        piece: None,
     };
     out.finish(&header)
 }
@@ -430,6 +431,7 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
         score_mult,
         score_exp,
         rope_positions: positions,
+        piece: None,
     };
     out.finish(&header)
 }
