@@ -154,6 +154,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}/pieces", get(model_pieces))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -349,6 +350,36 @@ async fn list_models(Extract(state): Extract<AppState>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "object": "list", "data": data }))
+}
+
+/// A generation model's exact file as per-layer pieces, for a pipeline stage that fetches only
+/// its slice (each at `/v1/weights/{sha256}`, checked by its hash).
+async fn model_pieces(
+    Extract(state): Extract<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let model = state.registry.find(&name).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no model named {name:?}; served: {}",
+            state.registry.names().join(", ")
+        ))
+    })?;
+    let ModelKind::Generation { layers, .. } = &model.kind else {
+        return Err(ApiError::invalid(
+            format!(
+                "{} is an embedding model; only generation models are cut into pipeline pieces",
+                model.name
+            ),
+            None,
+        ));
+    };
+    let exact = model.model_ref(Precision::Exact);
+    Ok(Json(json!({
+        "model": model.name,
+        "exact_sha256": exact.files[0].sha256.to_hex(),
+        "layers": layers,
+        "pieces": model.pieces,
+    })))
 }
 
 pub(crate) async fn authorize(state: &State, headers: &HeaderMap) -> ApiResult<String> {
@@ -1624,6 +1655,7 @@ async fn openapi() -> Json<Value> {
             "/v1/ledger/claim/{address}": { "post": op("Relay a claim: the coordinator pays the gas, the credit token goes to the address", false) },
             "/v1/ledger/epochs/{epoch}": { "get": op("A posted epoch (a number or `latest`): root, transaction and every (address, cumulative amount)", false) },
             "/v1/weights/{sha256}": { "get": op("A content-addressed model file", false) },
+            "/v1/models/{model}/pieces": { "get": op("A generation model's exact file as per-layer pieces", false) },
             "/v1/worker": { "get": op("The worker WebSocket (binary frames, see crates/protocol)", false) },
             "/healthz": { "get": op("Liveness and database check", false) },
             "/metrics": { "get": op("Prometheus metrics", false) }

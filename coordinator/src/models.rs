@@ -35,6 +35,7 @@ pub enum ModelKind {
         tokenizer: Box<LlamaTokenizer>,
         vocab: usize,
         context: usize,
+        layers: usize,
     },
 }
 
@@ -43,8 +44,80 @@ pub struct ServedModel {
     pub kind: ModelKind,
     exact: ModelRef,
     fast: ModelRef,
+    /// A generation model's exact file cut into per-layer pieces (`tabula_models::exact::
+    /// split_pieces`), in the order `tables`, `embed`, `head`, `layer.0`, …; each is served
+    /// at `/v1/weights/{sha256}` like any file. Empty for embedding models.
+    pub pieces: Vec<ServedPiece>,
     /// 2 × weights used per token, in GFLOP.
     pub gflop_per_token: f64,
+}
+
+/// One piece of a model's exact file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServedPiece {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// The pieces of the exact file `exact` (path, SHA-256), kept in `dir/pieces/<exact sha>/`
+/// (one file per piece, named by its own SHA-256, and `manifest.json` written last). Made
+/// once; a later start reads the manifest.
+fn pieces(
+    dir: &std::path::Path,
+    exact: &(PathBuf, String),
+) -> Result<Vec<(ServedPiece, PathBuf)>, CoordinatorError> {
+    let err = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        CoordinatorError::Config(format!("pipeline pieces {}: {e}", what.display()))
+    };
+    let folder = dir.join("pieces").join(&exact.1);
+    let manifest = folder.join("manifest.json");
+    let located = |list: Vec<ServedPiece>| {
+        list.into_iter()
+            .map(|p| {
+                let path = folder.join(&p.sha256);
+                (p, path)
+            })
+            .collect::<Vec<_>>()
+    };
+    if let Ok(text) = std::fs::read(&manifest) {
+        if let Ok(list) = serde_json::from_slice::<Vec<ServedPiece>>(&text) {
+            let all = located(list);
+            let intact = all.iter().all(|(p, path)| {
+                p.sha256.len() == 64
+                    && p.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                    && std::fs::metadata(path).is_ok_and(|m| m.len() == p.size)
+            });
+            if intact && !all.is_empty() {
+                return Ok(all);
+            }
+        }
+        tracing::warn!(
+            "{} is damaged; cutting the pieces again",
+            manifest.display()
+        );
+    }
+    let bytes = std::fs::read(&exact.0).map_err(|e| err(&exact.0, &e))?;
+    let cut = tabula_models::exact::split_pieces(&bytes, &exact.1)?;
+    std::fs::create_dir_all(&folder).map_err(|e| err(&folder, &e))?;
+    let mut list = Vec::with_capacity(cut.len());
+    for piece in cut {
+        let path = folder.join(&piece.sha256);
+        let tmp = folder.join(format!("{}.{}.partial", piece.sha256, std::process::id()));
+        std::fs::write(&tmp, &piece.bytes).map_err(|e| err(&tmp, &e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| err(&path, &e))?;
+        list.push(ServedPiece {
+            name: piece.name,
+            sha256: piece.sha256,
+            size: piece.bytes.len() as u64,
+        });
+    }
+    let tmp = folder.join(format!("manifest.json.{}.partial", std::process::id()));
+    let json = serde_json::to_vec_pretty(&list).expect("pieces serialise");
+    std::fs::write(&tmp, json).map_err(|e| err(&tmp, &e))?;
+    std::fs::rename(&tmp, &manifest).map_err(|e| err(&manifest, &e))?;
+    tracing::info!(pieces = list.len(), dir = %folder.display(), "cut the exact file into pipeline pieces");
+    Ok(located(list))
 }
 
 impl ServedModel {
@@ -106,6 +179,7 @@ impl Registry {
                 name: spec.name.into(),
                 files: vec![add("exact", (source.exact.0.clone(), &source.exact.1))?],
             };
+            let mut served_pieces = Vec::new();
             let (kind, fast, params) = match spec.family {
                 Family::Bert => {
                     let config = BertConfig::from_json(&read(&local("config.json")?.0)?)?;
@@ -148,7 +222,13 @@ impl Registry {
                         tokenizer: Box::new(tokenizer),
                         vocab: config.vocab_size,
                         context: config.context_length,
+                        layers: config.layers,
                     };
+                    for (piece, path) in pieces(&source.dir, &source.exact)? {
+                        let r = file_ref("piece", &path, &piece.sha256)?;
+                        paths.insert(r.sha256, path);
+                        served_pieces.push(piece);
+                    }
                     (kind, fast, params)
                 }
             };
@@ -157,6 +237,7 @@ impl Registry {
                 kind,
                 exact,
                 fast,
+                pieces: served_pieces,
                 gflop_per_token: 2.0 * params as f64 / 1e9,
             });
         }

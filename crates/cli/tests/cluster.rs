@@ -1724,6 +1724,68 @@ fn a_lone_worker_gets_its_units_finished_by_the_referee() {
     assert_eq!(entry["workers"][0]["strikes"], 0, "{entry}");
 }
 
+/// A generation model's exact file is served as per-layer pieces: the listing names each
+/// with its SHA-256, every piece downloads and hashes to its name, and the pieces of one stage
+/// load that stage (and only its layers); embedding models and unknown names get errors.
+#[test]
+fn generation_models_are_served_as_pieces_a_stage_can_load_alone() {
+    use tabula_models::exact::{ExactFile, ExactLlama, stage_pieces, stage_ranges};
+    let cluster = Cluster::start(Flavor::Sqlite, &[]).unwrap();
+    let port = cluster.port;
+    let (status, listing) = get(port, "/v1/models/SmolLM2-135M-Instruct/pieces");
+    assert_eq!(status, 200, "{listing}");
+    let layers = listing["layers"].as_u64().unwrap() as usize;
+    let pieces = listing["pieces"].as_array().unwrap();
+    assert_eq!(pieces.len(), layers + 3, "{listing}");
+    let download = |sha: &str| {
+        let mut bytes = Vec::new();
+        ureq::get(&format!("http://127.0.0.1:{port}/v1/weights/{sha}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .as_reader()
+            .read_to_end(&mut bytes)
+            .unwrap();
+        bytes
+    };
+    let last = stage_ranges(layers, 2).unwrap()[1].clone();
+    let wanted = stage_pieces(layers, &last);
+    let mut mine = Vec::new();
+    for p in pieces {
+        let (name, sha) = (p["name"].as_str().unwrap(), p["sha256"].as_str().unwrap());
+        if !wanted.iter().any(|w| w == name) {
+            continue;
+        }
+        let bytes = download(sha);
+        assert_eq!(bytes.len() as u64, p["size"].as_u64().unwrap(), "{name}");
+        assert_eq!(tabula_models::catalog::sha256_hex(&bytes), sha, "{name}");
+        mine.push((bytes, sha.to_string()));
+    }
+    assert_eq!(mine.len(), wanted.len());
+    let refs: Vec<(&[u8], &str)> = mine
+        .iter()
+        .map(|(b, s)| (b.as_slice(), s.as_str()))
+        .collect();
+    let file = ExactFile::open_pieces(&refs).unwrap();
+    let stage =
+        ExactLlama::load_stage(&tabula_engine::cpu::CpuBackend, &file, last.clone()).unwrap();
+    assert_eq!(stage.range(), last);
+    // The first stage's layers are not in the last stage's pieces.
+    assert!(ExactLlama::load_stage(&tabula_engine::cpu::CpuBackend, &file, 0..1).is_err());
+
+    let (status, body) = get(port, "/v1/models/all-MiniLM-L6-v2/pieces");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("embedding model"),
+        "{body}"
+    );
+    let (status, body) = get(port, "/v1/models/no-such-model/pieces");
+    assert_eq!(status, 404, "{body}");
+}
+
 /// What a connection from `from` (a loopback address) hears within `wait`: `Some(status)` when
 /// the server answers without being asked (a refusal over a cap), `None` when it holds the
 /// connection open in silence. The socket is returned with it, to keep it open.

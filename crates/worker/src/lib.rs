@@ -1,7 +1,8 @@
 //! The Tabula worker: takes a unit, computes it, signs the result, submits it.
 //!
 //! [`exec`] is the pure part, a unit in and its canonical output out, shared with the
-//! coordinator (which re-executes units to referee disputes). The `native` feature adds the
+//! coordinator (which re-executes units to referee disputes); [`stage`] is the same for one
+//! stage of a pipeline session (layers in, signed activations out). The `native` feature adds the
 //! volunteer loop of a native process ([`native`]): the WebSocket session with login,
 //! heartbeats and leases, content-addressed weight downloads and the key file. This crate
 //! must not depend on the coordinator or on the browser build; the browser worker reuses
@@ -11,6 +12,7 @@ pub mod exec;
 pub mod keyfile;
 #[cfg(feature = "native")]
 pub mod native;
+pub mod stage;
 
 pub use exec::{Executor, FileSource};
 
