@@ -7,6 +7,7 @@ mod chain;
 mod cluster;
 mod fetch;
 mod loadgen;
+mod pipebench;
 mod quantize;
 mod run;
 
@@ -71,6 +72,9 @@ enum Command {
     /// Load-test the coordinator: simulated workers over real sockets, verified units per
     /// second and lease latency, on SQLite or PostgreSQL.
     BenchCoordinator(loadgen::LoadArgs),
+    /// Measure SmolLM2 split into pipeline stages (1, 2, 3) with activations over WebRTC
+    /// data channels on loopback: tokens/s, time per hop, bytes per token.
+    BenchPipeline(pipebench::PipelineBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -123,7 +127,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TABULA_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,rtc=error,webrtc=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -147,6 +151,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Embed(args) => run::embed(args),
         Command::Generate(args) => run::generate(args),
         Command::Bench(args) => bench::bench(args),
+        Command::BenchPipeline(args) => pipebench::bench_pipeline(args),
         Command::Serve(args) => cluster::serve(args),
         Command::Keys {
             command: KeysCommand::Create(args),

@@ -11,7 +11,7 @@ use tabula_models::{
     exact::{
         ExactEmbedder, ExactEmbedding, ExactFile, ExactGenerator, ExactLlama, ExactStep,
         StageInput, StageOutput, quantize_bert, quantize_llama, split_pieces, stage_pieces,
-        stage_ranges,
+        stage_ranges, stage_slice,
     },
     gguf::GgufFile,
     sampling::ExactSampler,
@@ -193,13 +193,8 @@ fn smollm2_cut_into_pieces_runs_as_three_stages_with_the_whole_models_bits() {
     let stages: Vec<ExactLlama<CpuBackend>> = ranges
         .iter()
         .map(|r| {
-            let wanted = stage_pieces(layers, r);
-            let mine: Vec<(&[u8], &str)> = pieces
-                .iter()
-                .filter(|p| wanted.contains(&p.name))
-                .map(|p| (p.bytes.as_slice(), p.sha256.as_str()))
-                .collect();
-            assert_eq!(mine.len(), wanted.len());
+            let mine = stage_slice(&pieces, layers, r);
+            assert_eq!(mine.len(), stage_pieces(layers, r).len());
             let file = ExactFile::open_pieces(&mine).unwrap();
             ExactLlama::load_stage(&CpuBackend, &file, r.clone()).unwrap()
         })

@@ -6,8 +6,8 @@ use tabula_engine::cpu::CpuBackend;
 use tabula_models::{
     catalog::{SMOLLM2, default_models_dir},
     exact::{
-        ExactArch, ExactFile, ExactLlama, Piece, quantize_llama, split_pieces, stage_pieces,
-        stage_ranges,
+        ExactArch, ExactFile, ExactLlama, Piece, quantize_llama, split_pieces, stage_ranges,
+        stage_slice,
     },
     gguf::GgufFile,
     sampling::ExactSampler,
@@ -64,14 +64,7 @@ fn pipeline(keys: &[Identity], sampler: (u32, u32, u64)) -> Vec<StageRunner<CpuB
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let wanted = stage_pieces(layers, r);
-            let mine: Vec<(&[u8], &str)> = s
-                .pieces
-                .iter()
-                .filter(|p| wanted.contains(&p.name))
-                .map(|p| (p.bytes.as_slice(), p.sha256.as_str()))
-                .collect();
-            let file = ExactFile::open_pieces(&mine).unwrap();
+            let file = ExactFile::open_pieces(&stage_slice(&s.pieces, layers, r)).unwrap();
             let plan = StagePlan {
                 session: Bytes([5; 16]),
                 stage: i as u16,

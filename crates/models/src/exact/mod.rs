@@ -15,7 +15,9 @@ mod quantize;
 
 pub use bert::{ExactBert, ExactEmbedder, ExactEmbedding};
 pub use llama::{ExactCache, ExactGenerator, ExactLlama, ExactStep, StageInput, StageOutput};
-pub use pieces::{MAX_PIECES, Piece, PieceInfo, split_pieces, stage_pieces, stage_ranges};
+pub use pieces::{
+    MAX_PIECES, Piece, PieceInfo, split_pieces, stage_pieces, stage_ranges, stage_slice,
+};
 pub use quantize::{quantize_bert, quantize_llama};
 
 use std::collections::HashMap;

@@ -130,6 +130,21 @@ pub fn stage_pieces(layers: usize, range: &Range<usize>) -> Vec<String> {
     names
 }
 
+/// The pieces (as `(bytes, sha256)` for [`super::ExactFile::open_pieces`]) that the stage
+/// running layers `range` needs, taken from all of a model's `pieces`.
+pub fn stage_slice<'a>(
+    pieces: &'a [Piece],
+    layers: usize,
+    range: &Range<usize>,
+) -> Vec<(&'a [u8], &'a str)> {
+    let wanted = stage_pieces(layers, range);
+    pieces
+        .iter()
+        .filter(|p| wanted.contains(&p.name))
+        .map(|p| (p.bytes.as_slice(), p.sha256.as_str()))
+        .collect()
+}
+
 /// `layers` cut into `stages` contiguous ranges of (nearly) equal length, longer ones first.
 pub fn stage_ranges(layers: usize, stages: usize) -> Result<Vec<Range<usize>>> {
     if stages == 0 || stages > layers {
