@@ -635,7 +635,8 @@ mod tests {
     ) -> Report {
         let mut total = Report::default();
         for seed in 0..seeds {
-            let sim = Sim::new(seed, Config::default(), &mix(workers, share), 0.01)
+            let crash_rate = env("TABULA_SIM_CRASH_PERCENT", 1) as f64 / 100.0;
+            let sim = Sim::new(seed, Config::default(), &mix(workers, share), crash_rate)
                 .with_assurance(assurance);
             let r = sim.run(steps, 20 * steps);
             total.units += r.units;
@@ -656,7 +657,8 @@ mod tests {
     /// The simulation's invariants (asserted inside, after every step) on a few seeds, at
     /// 0 %, 1 %, 10 % and 30 % Byzantine workers with crashes, and the targets with the
     /// default settings. `TABULA_SIM_SEEDS`, `TABULA_SIM_STEPS` and `TABULA_SIM_WORKERS` make
-    /// it as long as you like.
+    /// it as long as you like; `TABULA_SIM_CRASH_PERCENT` (1) is the share of steps that end
+    /// in a crash.
     #[test]
     fn simulation() {
         let seeds = env("TABULA_SIM_SEEDS", 2);
