@@ -128,7 +128,8 @@ impl Reassembler {
                 count,
                 total,
                 next: 0,
-                bytes: Vec::with_capacity(total),
+                // Grown as chunks arrive: a header alone never reserves the whole message.
+                bytes: Vec::with_capacity(total.min(16 * CHUNK_PAYLOAD)),
             });
         }
         let Some(p) = &mut self.current else {

@@ -67,6 +67,9 @@ impl Default for RtcOptions {
     }
 }
 
+/// The most ICE candidates taken from one peer; the rest are counted as rejected.
+pub const MAX_REMOTE_CANDIDATES: usize = 32;
+
 /// The longest SDP or candidate text quoted back in an error.
 const QUOTE: usize = 80;
 
@@ -162,6 +165,8 @@ async fn apply_signals(
 ) {
     let mut have_remote = false;
     let mut early: Vec<RTCIceCandidateInit> = Vec::new();
+    // Candidates accepted (applied or waiting for the remote description).
+    let mut taken = 0usize;
     let mut fatal = Some(fatal);
     let mut fail = |e: TransportError| {
         if let Some(f) = fatal.take() {
@@ -170,7 +175,11 @@ async fn apply_signals(
     };
     while let Some(signal) = incoming.recv().await {
         if let Err(e) = signal.validate() {
-            fail(TransportError::Signalling(e.to_string()));
+            if matches!(signal, Signal::Candidate { .. }) {
+                rejected.fetch_add(1, Ordering::Relaxed);
+            } else {
+                fail(TransportError::Signalling(e.to_string()));
+            }
             continue;
         }
         let result: Result<(), TransportError> = async {
@@ -190,7 +199,12 @@ async fn apply_signals(
                 }
                 (Signal::Candidate { json }, _) => {
                     match serde_json::from_str::<RTCIceCandidateInit>(&json) {
+                        // A peer offers a handful of candidates; past the cap it is flooding.
+                        Ok(_) if taken >= MAX_REMOTE_CANDIDATES => {
+                            rejected.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(c) if have_remote => {
+                            taken += 1;
                             if let Err(e) = pc.add_ice_candidate(c).await {
                                 rejected.fetch_add(1, Ordering::Relaxed);
                                 tracing::warn!(
@@ -199,9 +213,9 @@ async fn apply_signals(
                                 );
                             }
                         }
-                        Ok(c) if early.len() < 64 => early.push(c),
-                        Ok(_) => {
-                            rejected.fetch_add(1, Ordering::Relaxed);
+                        Ok(c) => {
+                            taken += 1;
+                            early.push(c);
                         }
                         Err(e) => {
                             rejected.fetch_add(1, Ordering::Relaxed);

@@ -160,3 +160,36 @@ async fn garbage_ice_candidates_are_skipped_and_counted() {
     a.close().await;
     b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_ice_candidates_is_capped_and_the_link_still_connects() {
+    let mut flooded = false;
+    let (a, b) = pair_with(
+        move |s| {
+            if let Signal::Candidate { json } = &s
+                && !flooded
+            {
+                flooded = true;
+                let mut out = vec![Signal::Candidate {
+                    json: "c".repeat(tabula_protocol::MAX_CANDIDATE + 1),
+                }];
+                out.extend((0..50).map(|_| Signal::Candidate { json: json.clone() }));
+                return out;
+            }
+            vec![s]
+        },
+        1 << 20,
+    )
+    .await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    // One oversized candidate, and everything past the cap of 32 accepted ones.
+    assert!(
+        b.rejected_candidates() as usize > 50 - tabula_transport::native::MAX_REMOTE_CANDIDATES,
+        "{}",
+        b.rejected_candidates()
+    );
+    a.send(b"still works").await.unwrap();
+    assert_eq!(b.recv().await.unwrap(), b"still works");
+    a.close().await;
+    b.close().await;
+}

@@ -83,9 +83,11 @@ impl<B: ExactBackend> StageRunner<B> {
     /// Loads the plan's layers from `file` (the whole model or the stage's pieces).
     pub fn load(backend: &B, file: &ExactFile<'_>, plan: StagePlan) -> Result<Self, WorkerError> {
         let model = ExactLlama::load_stage(backend, file, plan.layers.clone())?;
-        if (plan.layers.start == 0) != plan.upstream.is_none() {
+        let first = plan.layers.start == 0;
+        if first != plan.upstream.is_none() || first != (plan.stage == 0) {
             return Err(WorkerError::Task(
-                "a stage has an upstream stage exactly when it does not start the model".into(),
+                "stage 0 starts the model and has no upstream stage; every other stage has one"
+                    .into(),
             ));
         }
         if plan.capacity == 0 || plan.capacity > model.max_positions() {

@@ -190,6 +190,15 @@ fn a_stage_refuses_activations_it_cannot_trust_and_goes_on() {
         eprintln!("{what}: {err}");
         assert_eq!(runners[1].step(), 0, "{what} changed the stage's state");
     }
+    // A plan whose stage number contradicts its layers is refused at load.
+    let mut plan = runners[1].plan().clone();
+    plan.stage = 0;
+    let layers = plan.layers.clone();
+    let file = ExactFile::open_pieces(&stage_slice(&s.pieces, 30, &layers)).unwrap();
+    let err = StageRunner::load(&CpuBackend, &file, plan)
+        .err()
+        .expect("stage 0 with an upstream stage");
+    assert!(err.to_string().contains("stage 0"), "{err}");
     // Tokens to a middle stage, an activation to the first.
     assert!(pollster::block_on(runners[1].run_tokens(b, &keys[1], &[1])).is_err());
     assert!(pollster::block_on(runners[0].run_activation(b, &keys[0], &good)).is_err());
