@@ -177,6 +177,7 @@ function onFrame(bytes) {
       break;
     case 'assign': computeUnit(event); break;
     case 'busy': send(event.reply); break;
+    case 'decline': send(event.reply); break;
     case 'noWork':
       report({ phase: 'waiting', message: 'no work right now; asking again soon' });
       askForWork(Math.min(Math.max(event.retryMs, 50), 60000));

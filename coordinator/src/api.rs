@@ -295,6 +295,56 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             "Time spent committing scheduler transactions",
             &state.journal_stats().commit_us,
         ),
+        (
+            "tabula_pipeline_sessions_started_total",
+            "Generations run as pipeline sessions (layers split over several workers)",
+            &state.pipelines.metrics.sessions_started,
+        ),
+        (
+            "tabula_pipeline_sessions_finished_total",
+            "Pipeline sessions whose every token was agreed",
+            &state.pipelines.metrics.sessions_finished,
+        ),
+        (
+            "tabula_pipeline_sessions_failed_total",
+            "Pipeline sessions that ended without a result",
+            &state.pipelines.metrics.sessions_failed,
+        ),
+        (
+            "tabula_pipeline_steps_agreed_total",
+            "Tokens on which every pipeline of a session agreed",
+            &state.pipelines.metrics.steps_agreed,
+        ),
+        (
+            "tabula_pipeline_stage_disputes_total",
+            "Steps where pipelines disagreed and a stage was re-executed",
+            &state.pipelines.metrics.stage_disputes,
+        ),
+        (
+            "tabula_pipeline_stage_liars_total",
+            "Stage members caught lying (by re-execution or by their own signatures)",
+            &state.pipelines.metrics.stage_liars,
+        ),
+        (
+            "tabula_pipeline_rebuilds_total",
+            "Pipelines rebuilt after a member left, stalled or lied",
+            &state.pipelines.metrics.rebuilds,
+        ),
+        (
+            "tabula_pipeline_links_direct_total",
+            "Stage-to-stage links that came up as direct WebRTC data channels",
+            &state.pipelines.metrics.links_direct,
+        ),
+        (
+            "tabula_pipeline_links_relayed_total",
+            "Stage-to-stage links relayed through the coordinator",
+            &state.pipelines.metrics.links_relayed,
+        ),
+        (
+            "tabula_pipeline_relayed_bytes_total",
+            "Activation bytes relayed through the coordinator",
+            &state.pipelines.metrics.relayed_bytes,
+        ),
     ];
     let mut text = String::new();
     for (name, help, value) in counters {
@@ -784,18 +834,253 @@ fn stream_events(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiRe
 
 /// The handler of the three synchronous endpoints.
 async fn respond(
-    state: &State,
+    state: &AppState,
     headers: &HeaderMap,
     endpoint: &str,
     body: Value,
 ) -> ApiResult<Response> {
     let api_key = authorize(state, headers).await?;
     let p = prepare(state, endpoint, &body)?;
+    if let Some(stages) = pipeline_stages(state, &p) {
+        return run_pipeline(state, headers, &api_key, endpoint, &body, p, stages).await;
+    }
     let (job, outputs) = run_job(state, headers, &api_key, endpoint, &body, &p).await?;
     if p.stream {
         return Ok(sse(stream_events(&p, &job, outputs)?));
     }
     Ok(Json(render(&p, &job, outputs)?).into_response())
+}
+
+/// The stages a request runs as, when it becomes a pipeline session: an exact generation of
+/// one prompt, under `--pipeline` (see [`crate::pipeline::stages_for`]).
+fn pipeline_stages(state: &State, p: &Prepared<'_>) -> Option<usize> {
+    let ModelKind::Generation { layers, .. } = &p.model.kind else {
+        return None;
+    };
+    if p.precision != Precision::Exact || p.tasks.len() != 1 || p.model.pieces.is_empty() {
+        return None;
+    }
+    let budgets = state.pipelines.budgets();
+    let whole_mb = p
+        .model
+        .model_ref(Precision::Exact)
+        .files
+        .iter()
+        .map(|f| f.size)
+        .sum::<u64>()
+        .div_ceil(1 << 20);
+    // Workers that take no stages declared no budget: they hold whatever they are given.
+    let unit_only =
+        state.metrics.workers_connected.load(Ordering::Relaxed) as usize > budgets.len();
+    let whole_fits = unit_only || budgets.iter().any(|&b| b == 0 || u64::from(b) >= whole_mb);
+    crate::pipeline::stages_for(
+        state.config.pipeline,
+        p.model,
+        *layers,
+        &budgets,
+        whole_fits,
+        state.config.pipeline_replicas as usize,
+    )
+}
+
+/// Runs a request as a pipeline session: tokens are verified step by step by two disjoint
+/// pipelines, and a streaming request gets each one as soon as it is agreed.
+async fn run_pipeline(
+    state: &AppState,
+    headers: &HeaderMap,
+    api_key: &str,
+    endpoint: &str,
+    body: &Value,
+    p: Prepared<'_>,
+    stages: usize,
+) -> ApiResult<Response> {
+    let (task, credit) = p.tasks[0].clone();
+    let Task::Generate {
+        prompt,
+        max_tokens,
+        temperature_milli,
+        top_p_q16,
+        seed,
+        stop,
+        ..
+    } = task.clone()
+    else {
+        unreachable!("a generation request has generation tasks")
+    };
+    let idem = idempotency(headers, api_key)?;
+    let fingerprint = tabula_protocol::sha256(format!("{endpoint}\n{body}").as_bytes()).to_hex();
+    let owner = owner_of(api_key);
+    let new = crate::scheduler::NewJob {
+        kind: p.kind,
+        model: &p.model.name,
+        precision: p.precision,
+        owner: &owner,
+        idempotency_key: idem.as_deref(),
+        fingerprint: Some(&fingerprint),
+        assurance: p.assurance,
+    };
+    let (job, unit) = match state.create_pipeline_job(new, &task, credit).await? {
+        Ok(ids) => ids,
+        // A retried request: the session of its first attempt answers it.
+        Err(crate::scheduler::JobRefused::Conflict(id)) => {
+            if !state
+                .wait_job(&id, Duration::from_millis(state.config.request_timeout_ms))
+                .await?
+            {
+                return Err(refusal(crate::scheduler::JobRefused::Conflict(id)));
+            }
+            let outputs = state.job_outputs(&id).await?;
+            if p.stream {
+                return Ok(sse(stream_events(&p, &id, outputs)?));
+            }
+            return Ok(Json(render(&p, &id, outputs)?).into_response());
+        }
+        Err(other) => return Err(refusal(other)),
+    };
+    let spec = crate::pipeline::SessionSpec {
+        job_id: job.clone(),
+        unit_id: unit,
+        task,
+        model: p.model.name.clone(),
+        stages,
+        pipelines: state.config.pipeline_replicas as usize,
+        prompt,
+        max_tokens,
+        temperature_milli,
+        top_p_q16,
+        seed,
+        stop,
+        placement_wait: Duration::from_secs(30),
+        direct_ms: state.config.pipeline_direct_ms,
+    };
+    let (tokens_tx, mut tokens) = tokio::sync::mpsc::unbounded_channel();
+    // The session runs on its own: a client that goes away does not stop it (its job
+    // finishes and is credited).
+    let mut session = tokio::spawn(crate::pipeline::run_session(state.clone(), spec, tokens_tx));
+    let failed = |e: String| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        kind: "server_error",
+        message: format!("the pipeline session failed: {e}"),
+        param: None,
+        code: Some("pipeline_failed"),
+    };
+    if !p.stream {
+        let outcome = session
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(failed)?;
+        return Ok(Json(render(&p, &job, vec![outcome.output])?).into_response());
+    }
+    let registry = state.registry.clone();
+    let (chat, stop_texts) = match &p.render {
+        Render::Chat { stop, .. } => (true, stop.clone()),
+        Render::Completion { stop, .. } => (false, stop.clone()),
+        Render::Embeddings { .. } => unreachable!("a generation request"),
+    };
+    let stop_tokens = match &p.model.kind {
+        ModelKind::Generation { tokenizer, .. } => tokenizer.stop.clone(),
+        ModelKind::Embedding { .. } => Vec::new(),
+    };
+    let (id, object) = if chat {
+        (format!("chatcmpl-{job}"), "chat.completion.chunk")
+    } else {
+        (format!("cmpl-{job}"), "text_completion")
+    };
+    let name = p.model.name.clone();
+    let chunk = move |text: Option<&str>, finish: Value| -> String {
+        let choice = if chat {
+            let delta = match text {
+                Some(t) => json!({ "content": t }),
+                None => json!({}),
+            };
+            json!({ "index": 0, "delta": delta, "finish_reason": finish })
+        } else {
+            json!({ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null })
+        };
+        json!({ "id": id, "object": object, "created": now_s(), "model": name, "choices": [choice] })
+            .to_string()
+    };
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    if chat {
+        let first = chunk(None, Value::Null).replace(
+            "\"delta\":{}",
+            "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}",
+        );
+        let _ = events_tx.send(first);
+    }
+    let model_name = p.model.name.clone();
+    tokio::spawn(async move {
+        let Some(ModelKind::Generation { tokenizer, .. }) =
+            registry.find(&model_name).map(|m| &m.kind)
+        else {
+            return;
+        };
+        let mut all: Vec<u32> = Vec::new();
+        let mut shown = 0usize;
+        let mut done = false;
+        loop {
+            tokio::select! {
+                token = tokens.recv(), if !done => match token {
+                    Some(t) => {
+                        all.push(t);
+                        if stop_tokens.contains(&t) {
+                            continue;
+                        }
+                        let Ok(mut text) = tokenizer.decode(&all) else { continue };
+                        let cut = stop_texts.iter().filter_map(|s| text.find(s.as_str())).min();
+                        if let Some(cut) = cut {
+                            text.truncate(cut);
+                        }
+                        // A token that ends inside a character waits for the next one.
+                        if text.len() > shown && text.is_char_boundary(shown) && !text.ends_with('\u{fffd}') {
+                            let _ = events_tx.send(chunk(Some(&text[shown..]), Value::Null));
+                            shown = text.len();
+                        }
+                        if cut.is_some() {
+                            let _ = events_tx.send(chunk(None, json!("stop")));
+                            let _ = events_tx.send("[DONE]".into());
+                            return;
+                        }
+                    }
+                    None => done = true,
+                },
+                result = &mut session => {
+                    match result.map_err(|e| e.to_string()).and_then(|r| r) {
+                        Ok(outcome) => {
+                            // Tokens agreed just before the end are still in the channel.
+                            while let Ok(t) = tokens.try_recv() {
+                                all.push(t);
+                            }
+                            let stopped = matches!(outcome.output, UnitOutput::Generation { stopped: true, .. });
+                            let content = if stopped { &all[..all.len().saturating_sub(1)] } else { &all[..] };
+                            if let Ok(text) = tokenizer.decode(content)
+                                && text.len() > shown
+                                && text.is_char_boundary(shown)
+                            {
+                                let _ = events_tx.send(chunk(Some(&text[shown..]), Value::Null));
+                            }
+                            let finish = if stopped { "stop" } else { "length" };
+                            let _ = events_tx.send(chunk(None, json!(finish)));
+                        }
+                        Err(e) => {
+                            let _ = events_tx.send(json!({ "error": { "message": format!("the pipeline session failed: {e}"), "type": "server_error", "param": null, "code": "pipeline_failed" } }).to_string());
+                        }
+                    }
+                    let _ = events_tx.send("[DONE]".into());
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
+        rx.recv().await.map(|data| {
+            (
+                Ok::<_, std::convert::Infallible>(Event::default().data(data)),
+                rx,
+            )
+        })
+    });
+    Ok(Sse::new(stream).into_response())
 }
 
 async fn embeddings(

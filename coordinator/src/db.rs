@@ -130,6 +130,16 @@ const SCHEMA: &[&str] = &[
         bytes BIGINT NOT NULL,
         content TEXT NOT NULL,
         created_ms BIGINT NOT NULL)",
+    // How each pipeline session ran (`/v1/jobs` shows it beside its job).
+    "CREATE TABLE IF NOT EXISTS pipeline_sessions (
+        job_id TEXT PRIMARY KEY,
+        stages BIGINT NOT NULL,
+        pipelines BIGINT NOT NULL,
+        links_direct BIGINT NOT NULL,
+        links_relayed BIGINT NOT NULL,
+        disputes BIGINT NOT NULL,
+        liars BIGINT NOT NULL,
+        rebuilds BIGINT NOT NULL)",
     // One row, rewritten by `/healthz` to prove the database still takes writes.
     "CREATE TABLE IF NOT EXISTS health (
         id BIGINT PRIMARY KEY,

@@ -4,7 +4,9 @@
 //! the scheduler that cuts jobs into units and leases them to distinct workers, the verifier
 //! that accepts a unit when independent results agree (or after re-executing it itself), and
 //! the credit ledger with signed receipts ([`scheduler`]), all stored through [`db`] in SQLite
-//! or PostgreSQL. It computes only to referee, through `tabula-worker`'s executor; it must not
+//! or PostgreSQL; pipeline sessions (a model's layers split across workers, two pipelines
+//! compared step by step) are planned, routed and judged in [`pipeline`]. It computes only to
+//! referee, through `tabula-worker`'s executor; it must not
 //! depend on the browser build or the CLI.
 
 pub mod api;
@@ -13,6 +15,7 @@ pub mod db;
 pub mod journal;
 pub mod models;
 pub mod net;
+pub mod pipeline;
 pub mod scheduler;
 pub mod server;
 pub mod settlement;
@@ -131,6 +134,12 @@ pub struct Config {
     /// Minutes between epochs (a root posted when there is new credit; fractions allowed);
     /// 0 posts only on demand (`tabula chain post-epoch`).
     pub epoch_minutes: f64,
+    /// When a generation runs as pipeline stages on several workers.
+    pub pipeline: pipeline::PipelineMode,
+    /// Disjoint pipelines that run each session and are compared at every step.
+    pub pipeline_replicas: u32,
+    /// How long stages try for a direct WebRTC path before relaying through the coordinator.
+    pub pipeline_direct_ms: u32,
 }
 
 impl Default for Config {
@@ -171,6 +180,9 @@ impl Default for Config {
             chain_key_file: None,
             chain_key: None,
             epoch_minutes: 60.0,
+            pipeline: pipeline::PipelineMode::Auto,
+            pipeline_replicas: 2,
+            pipeline_direct_ms: 5_000,
         }
     }
 }
@@ -228,6 +240,12 @@ impl Config {
         }
         if self.unit_sequences == 0 || self.unit_sequences > tabula_protocol::MAX_SEQUENCES {
             return bad("--unit-sequences must be between 1 and 64");
+        }
+        if !(1..=4).contains(&self.pipeline_replicas) {
+            return bad("--pipeline-replicas must be between 1 and 4");
+        }
+        if self.pipeline_direct_ms > 60_000 {
+            return bad("--pipeline-direct-secs must be at most 60");
         }
         Ok(())
     }

@@ -36,6 +36,8 @@ pub enum ModelKind {
         vocab: usize,
         context: usize,
         layers: usize,
+        /// Width of a hidden row (what one position of an activation holds).
+        dim: usize,
     },
 }
 
@@ -223,6 +225,7 @@ impl Registry {
                         vocab: config.vocab_size,
                         context: config.context_length,
                         layers: config.layers,
+                        dim: config.dim,
                     };
                     for (piece, path) in pieces(&source.dir, &source.exact)? {
                         let r = file_ref("piece", &path, &piece.sha256)?;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     db::random_bytes,
+    pipeline::{Event, Forward},
     scheduler::{State, Verdict},
 };
 
@@ -118,12 +119,15 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     {
         return;
     }
-    let (signer, precisions) = match next_frame(&mut socket, Duration::from_secs(15)).await {
+    let (signer, precisions, stages) = match next_frame(&mut socket, Duration::from_secs(15)).await
+    {
         Ok(ToCoordinator::Login {
             key,
             signature,
             agent,
             precisions,
+            stages,
+            max_model_mb,
         }) => {
             // Decompressed once: every result of the session is checked under it.
             let Ok(signer) = SignerKey::parse(&key).and_then(|signer| {
@@ -170,7 +174,11 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
                 precisions
             };
             // Shared with every request's handler without a copy per frame.
-            (signer, Arc::<[Precision]>::from(precisions))
+            (
+                signer,
+                Arc::<[Precision]>::from(precisions),
+                stages.then_some(max_model_mb),
+            )
         }
         Ok(_) => {
             close_with(&mut socket, "log in first".into(), false).await;
@@ -188,6 +196,11 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     let prefix: Arc<str> = network_prefix(&addr, &key, state.config.local).into();
     tracing::info!(worker = %key, %prefix, "worker connected");
     let (tx, mut pushed) = mpsc::unbounded_channel();
+    if let Some(budget_mb) = stages {
+        state
+            .pipelines
+            .join(key, tx.clone(), prefix.clone(), budget_mb);
+    }
     state.attach(key, tx);
     let timeout = Duration::from_millis(u64::from(state.config.heartbeat_ms) * 3 + 1000);
     let (mut sink, mut stream) = socket.split();
@@ -295,6 +308,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     // it (it was kept for every session that ever ended before).
     drop(pushed);
     state.detach(&key);
+    state.pipelines.leave(&key);
 }
 
 /// Sends `first` and every other message already waiting — receipts pushed to this worker,
@@ -349,7 +363,7 @@ const MAX_GROUP: usize = 16;
 enum Request {
     Ready(usize),
     Submit(Vec<Submission>),
-    Other(ToCoordinator),
+    Other(Box<ToCoordinator>),
 }
 
 impl From<ToCoordinator> for Request {
@@ -357,7 +371,7 @@ impl From<ToCoordinator> for Request {
         match message {
             ToCoordinator::Ready => Request::Ready(1),
             ToCoordinator::Submit(s) => Request::Submit(vec![s]),
-            other => Request::Other(other),
+            other => Request::Other(Box::new(other)),
         }
     }
 }
@@ -402,7 +416,7 @@ async fn handle(
     let message = match request {
         Request::Ready(units) => return ready(&state, key, &prefix, &precisions, units).await,
         Request::Submit(results) => return submit(&state, &signer, results).await,
-        Request::Other(message) => message,
+        Request::Other(message) => *message,
     };
     Ok(match message {
         ToCoordinator::Ready => return ready(&state, key, &prefix, &precisions, 1).await,
@@ -433,7 +447,60 @@ async fn handle(
             message: "already logged in".into(),
             retry: false,
         }],
+        ToCoordinator::StageUp {
+            session,
+            downstream,
+        } => {
+            state
+                .pipelines
+                .event(key, &session, Event::Up { downstream });
+            Vec::new()
+        }
+        ToCoordinator::StageStep { session, report } => {
+            state.pipelines.event(key, &session, Event::Step(report));
+            Vec::new()
+        }
+        ToCoordinator::StageOutput {
+            session,
+            activation,
+        } => {
+            state
+                .pipelines
+                .event(key, &session, Event::Output(activation));
+            Vec::new()
+        }
+        ToCoordinator::StageFailed { session, reason } => {
+            state.pipelines.event(key, &session, Event::Failed(reason));
+            Vec::new()
+        }
+        ToCoordinator::Signal {
+            session,
+            peer,
+            signal,
+        } => forward(&state, key, session, peer, Forward::Signal(signal)),
+        ToCoordinator::Relay {
+            session,
+            peer,
+            chunk,
+        } => forward(&state, key, session, peer, Forward::Relay(chunk)),
     })
+}
+
+/// Signalling or a relayed chunk for a neighbour; what is addressed to anyone else, or
+/// passes the session's relay limit, is dropped.
+fn forward(
+    state: &State,
+    from: &PublicKey,
+    session: tabula_protocol::SessionId,
+    to: PublicKey,
+    payload: Forward,
+) -> Vec<ToWorker> {
+    // Refused quietly: a neighbour's last chunks may still be on their way after a
+    // pipeline was rebuilt without it, and ending its socket for that would be wrong.
+    if let Err(why) = state.pipelines.forward(from, &session, &to, payload) {
+        tracing::debug!(worker = %from, "not forwarded: {why}");
+    }
+    Vec::new()
 }
 
 /// One reply per `Ready`: a unit each while they last, then "no work".
@@ -444,6 +511,12 @@ async fn ready(
     precisions: &[Precision],
     units: usize,
 ) -> ReplyResult {
+    // A pipeline stage keeps its worker busy for the whole session.
+    if state.pipelines.busy(key) {
+        return Ok((0..units)
+            .map(|_| ToWorker::NoWork { retry_ms: 1000 })
+            .collect());
+    }
     let granted = state.grant(key, prefix, precisions, units).await?;
     let no_work = units.saturating_sub(granted.len());
     Ok(granted

@@ -1408,6 +1408,86 @@ impl Book {
         }
     }
 
+    /// A pipeline session's end: its unit verified with `output`, its job done, each member
+    /// credited for its agreed work with a signed receipt. The session's liars were struck
+    /// when caught ([`Book::strike_stage_liar`]).
+    pub(super) fn settle_session(
+        &mut self,
+        ctx: &Ctx,
+        s: &super::SessionSettlement,
+        lease_ids: &[LeaseId],
+    ) -> Effects {
+        let mut effects = Effects::default();
+        let output_hash = tabula_protocol::sha256(&s.output);
+        effects.writes.push(Write::Unit(UnitRow {
+            id: s.unit_id.clone(),
+            replicas: 0,
+            quorum: 0,
+            status: UnitStatus::Verified.as_str(),
+            output: Some(B64.encode(&s.output)),
+            output_hash: Some(output_hash.to_hex()),
+            verified_by: Some("pipeline"),
+            verified_ms: Some(ctx.now),
+            audit: false,
+        }));
+        effects.writes.push(Write::Job(JobRow {
+            id: s.job_id.clone(),
+            units_verified: 1,
+            status: "done",
+            finished_ms: Some(ctx.now),
+        }));
+        for ((worker, credit_micro), lease) in s.credits.iter().zip(lease_ids) {
+            let key = worker.to_hex();
+            if !self.workers.contains_key(&key) {
+                tracing::error!(
+                    worker = key,
+                    "a stage member missing from the scheduler's memory"
+                );
+                continue;
+            }
+            let mut receipt = Receipt {
+                coordinator: ctx.identity.public(),
+                worker: *worker,
+                unit: s.digest,
+                lease: *lease,
+                output_hash,
+                credit_micro: (*credit_micro).max(0) as u64,
+                issued_ms: ctx.now as u64,
+                signature: Default::default(),
+            };
+            ctx.identity.sign_receipt(&mut receipt);
+            effects.writes.push(Write::Credit(CreditRow {
+                worker: key.clone(),
+                unit_id: s.unit_id.clone(),
+                lease_id: lease.to_hex(),
+                credit_micro: *credit_micro,
+                receipt: serde_json::to_string(&receipt).expect("a receipt serialises"),
+                issued_ms: receipt.issued_ms as i64,
+            }));
+            if let Some(w) = self.workers.get_mut(&key) {
+                w.verified += 1;
+                w.clean_streak += 1;
+            }
+            self.write_worker(&key, &mut effects);
+            effects.receipts.push(receipt);
+        }
+        effects.job_done = true;
+        effects
+    }
+
+    /// A stage member caught lying: a key with nothing verified yet is banned, any other
+    /// struck (banned at `ban_after`).
+    pub(super) fn strike_stage_liar(&mut self, ctx: &Ctx, key: &str) -> Effects {
+        let mut effects = Effects::default();
+        if self.workers.get(key).is_some_and(|w| w.verified == 0) {
+            self.ban(key, &mut effects);
+        } else {
+            self.strike(ctx, key, &mut effects);
+        }
+        ctx.metrics.results_wrong.fetch_add(1, Ordering::Relaxed);
+        effects
+    }
+
     fn ban(&mut self, key: &str, effects: &mut Effects) {
         if let Some(w) = self.workers.get_mut(key) {
             w.strikes += 1;

@@ -98,6 +98,20 @@ pub struct State {
     journal: Journal,
     /// The last journal failure the book was reloaded after.
     reloaded_after: tokio::sync::Mutex<u64>,
+    /// Workers that take pipeline stages, and the sessions running on them.
+    pub pipelines: crate::pipeline::Pipelines,
+}
+
+/// What a finished pipeline session settles ([`State::settle_session`]).
+pub struct SessionSettlement {
+    pub job_id: String,
+    pub unit_id: String,
+    /// The digest of the session's task (what its receipts name).
+    pub digest: tabula_protocol::Hash,
+    /// The encoded [`UnitOutput`].
+    pub output: Vec<u8>,
+    /// Each member's credit, in millionths.
+    pub credits: Vec<(PublicKey, i64)>,
 }
 
 /// Networks the login limiter remembers at most.
@@ -214,6 +228,7 @@ impl State {
             new_key_logins: Mutex::new(HashMap::new()),
             book: Mutex::new(book),
             reloaded_after: tokio::sync::Mutex::new(0),
+            pipelines: crate::pipeline::Pipelines::default(),
         }))
     }
 
@@ -584,6 +599,100 @@ impl State {
         Ok(Ok(id))
     }
 
+    /// The job and unit rows of a pipeline session. The unit's status is `pipeline`, which
+    /// no grant or restart looks at: the session driver settles it ([`Self::settle_session`]).
+    pub async fn create_pipeline_job(
+        &self,
+        job: NewJob<'_>,
+        task: &Task,
+        credit_micro: i64,
+    ) -> Result<Result<(String, String), JobRefused>> {
+        let _w = self.db.write().await;
+        if let Some(k) = job.idempotency_key
+            && let Some(row) =
+                sqlx::query("SELECT id, fingerprint FROM jobs WHERE idempotency_key = $1")
+                    .bind(k)
+                    .fetch_optional(&self.db.pool)
+                    .await?
+        {
+            let id: String = row.try_get("id")?;
+            return Ok(Err(JobRefused::Conflict(id)));
+        }
+        let id = random_id(job.kind);
+        let unit = ordered_id("unit");
+        let now = now_ms();
+        let mut tx = self.db.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms, owner, fingerprint)
+             VALUES ($1, $2, $3, $4, $5, 1, 0, 'running', $6, NULL, $7, $8)",
+        )
+        .bind(&id)
+        .bind(job.kind)
+        .bind(job.model)
+        .bind(job.precision.as_str())
+        .bind(job.idempotency_key)
+        .bind(now)
+        .bind(job.owner)
+        .bind(job.fingerprint)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms, audit, assurance)
+             VALUES ($1, $2, 0, $3, $4, $5, $6, $7, 0, 0, 0, 'pipeline', NULL, NULL, NULL, NULL, 0, $8)",
+        )
+        .bind(&unit)
+        .bind(&id)
+        .bind(now * 4096)
+        .bind(job.precision.as_str())
+        .bind(B64.encode(tabula_protocol::encode(task)))
+        .bind(task.digest().to_hex())
+        .bind(credit_micro)
+        .bind(job.assurance.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.metrics.jobs_created.fetch_add(1, Ordering::Relaxed);
+        Ok(Ok((id, unit)))
+    }
+
+    /// Settles a finished pipeline session: its output, its job, its members' credit.
+    pub async fn settle_session(&self, s: SessionSettlement) -> Result<()> {
+        let leases: Vec<LeaseId> = s
+            .credits
+            .iter()
+            .map(|_| tabula_protocol::Bytes(crate::db::random_bytes::<16>()))
+            .collect();
+        self.decide(|book, ctx| ((), book.settle_session(ctx, &s, &leases)))
+            .await
+    }
+
+    /// Records how a finished pipeline session ran, for `/v1/jobs`.
+    pub async fn record_session(&self, job_id: &str, row: [i64; 7]) -> Result<()> {
+        let _w = self.db.write().await;
+        sqlx::query(
+            "INSERT INTO pipeline_sessions (job_id, stages, pipelines, links_direct, links_relayed, disputes, liars, rebuilds)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(job_id)
+        .bind(row[0])
+        .bind(row[1])
+        .bind(row[2])
+        .bind(row[3])
+        .bind(row[4])
+        .bind(row[5])
+        .bind(row[6])
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Strikes a stage member caught lying (banned if it had nothing verified).
+    pub async fn strike_stage_liar(&self, key: &PublicKey) -> Result<()> {
+        let key = key.to_hex();
+        self.decide(|book, ctx| ((), book.strike_stage_liar(ctx, &key)))
+            .await
+    }
+
     /// The status of a job (`running` or `done`), if it exists.
     pub async fn job_status(&self, id: &str) -> Result<Option<String>> {
         Ok(sqlx::query("SELECT status FROM jobs WHERE id = $1")
@@ -616,8 +725,10 @@ impl State {
     /// The most recent jobs of `owner` (at most `limit`), newest first, with their progress.
     pub async fn recent_jobs(&self, owner: &str, limit: i64) -> Result<Vec<serde_json::Value>> {
         let rows = sqlx::query(
-            "SELECT id, kind, model, precision, status, units_total, units_verified, created_ms, finished_ms
-             FROM jobs WHERE owner = $1 ORDER BY created_ms DESC, id LIMIT $2",
+            "SELECT id, kind, model, precision, status, units_total, units_verified, created_ms, finished_ms,
+                    p.stages, p.pipelines, p.links_direct, p.links_relayed, p.disputes, p.liars, p.rebuilds
+             FROM jobs LEFT JOIN pipeline_sessions p ON p.job_id = jobs.id
+             WHERE owner = $1 ORDER BY created_ms DESC, id LIMIT $2",
         )
         .bind(owner)
         .bind(limit)
@@ -636,6 +747,18 @@ impl State {
                     "units_verified": r.try_get::<i64, _>("units_verified")?,
                     "created_ms": r.try_get::<i64, _>("created_ms")?,
                     "finished_ms": r.try_get::<Option<i64>, _>("finished_ms")?,
+                    "pipeline": match r.try_get::<Option<i64>, _>("stages")? {
+                        None => serde_json::Value::Null,
+                        Some(stages) => serde_json::json!({
+                            "stages": stages,
+                            "pipelines": r.try_get::<Option<i64>, _>("pipelines")?,
+                            "links_direct": r.try_get::<Option<i64>, _>("links_direct")?,
+                            "links_relayed": r.try_get::<Option<i64>, _>("links_relayed")?,
+                            "disputes": r.try_get::<Option<i64>, _>("disputes")?,
+                            "liars": r.try_get::<Option<i64>, _>("liars")?,
+                            "rebuilds": r.try_get::<Option<i64>, _>("rebuilds")?,
+                        }),
+                    },
                 }))
             })
             .collect()

@@ -149,6 +149,24 @@ pub struct ServeArgs {
     /// connection stays open (slow or silent clients are disconnected after it).
     #[arg(long, default_value_t = 20)]
     header_timeout_secs: u64,
+    /// When a generation runs as pipeline stages spread over several workers (activations
+    /// over WebRTC between them): `auto` when no connected worker can hold the model whole
+    /// (by its --max-model-mb), `off` never, or a number of stages for every exact
+    /// single-prompt generation.
+    #[arg(long, default_value = "auto", value_parser = parse_pipeline)]
+    pipeline: tabula_coordinator::pipeline::PipelineMode,
+    /// Disjoint pipelines (distinct workers and networks at every stage) that run each
+    /// session and are compared at every token.
+    #[arg(long, default_value_t = 2)]
+    pipeline_replicas: u32,
+    /// Seconds stages try for a direct WebRTC data channel before relaying activations
+    /// through the coordinator.
+    #[arg(long, default_value_t = 5)]
+    pipeline_direct_secs: u32,
+}
+
+fn parse_pipeline(s: &str) -> Result<tabula_coordinator::pipeline::PipelineMode, String> {
+    s.parse()
 }
 
 /// The models present in `dir`, each with its exact-precision file (quantised now if
@@ -192,6 +210,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         data_dir: data_dir.clone(),
         database_url: args.store.database_url.clone(),
         epoch_minutes: args.epoch_minutes,
+        pipeline: args.pipeline,
+        pipeline_replicas: args.pipeline_replicas,
+        pipeline_direct_ms: args.pipeline_direct_secs.saturating_mul(1000),
         replicas: args.replicas,
         max_replicas: args.max_replicas,
         probation_units: args.probation_units,
@@ -289,6 +310,25 @@ pub struct WorkerArgs {
     /// keeps less work waiting if you stop (waiting units are given back on Ctrl-C).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=native::MAX_UNITS_IN_FLIGHT as i64))]
     units_in_flight: u32,
+    /// The most model weights this worker holds, in MiB (0: no limit). A model larger than
+    /// that is split by the coordinator into pipeline stages that fit (with `--pipeline auto`).
+    #[arg(long, default_value_t = 0)]
+    max_model_mb: u32,
+    /// Do not take pipeline stages (a share of a model too large for one worker, linked to
+    /// other workers over WebRTC).
+    #[arg(long)]
+    no_stages: bool,
+    /// How a pipeline stage reaches its neighbours: `auto` tries a direct WebRTC data channel
+    /// and relays through the coordinator if none comes up; `relay` always relays (for a
+    /// network that blocks UDP).
+    #[arg(long, value_enum, default_value = "auto")]
+    stage_links: StageLinks,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StageLinks {
+    Auto,
+    Relay,
 }
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
@@ -331,6 +371,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         agent: format!("tabula-cli/{} {backend_name}", env!("CARGO_PKG_VERSION")),
         max_units: args.max_units,
         units_in_flight: args.units_in_flight as usize,
+        stages: !args.no_stages,
+        max_model_mb: args.max_model_mb,
+        member: tabula_worker::member::MemberOptions {
+            direct: matches!(args.stage_links, StageLinks::Auto),
+            ..Default::default()
+        },
     };
     let runtime = runtime()?;
     let stats = runtime.block_on(async move {

@@ -138,6 +138,8 @@ async fn simulated_worker(url: String, shared: Arc<Shared>, in_flight: usize) ->
         signature: me.sign_login(&nonce, &coordinator),
         agent: "bench-coordinator".into(),
         precisions: vec![Precision::Exact],
+        stages: false,
+        max_model_mb: 0,
     };
     tx.send(Message::Binary(encode(&login).into())).await?;
     let ToWorker::Welcome { .. } = next(&mut rx).await? else {

@@ -188,6 +188,7 @@ pub fn bench_pipeline(args: PipelineBenchArgs) -> Result<()> {
                         layers: r.clone(),
                         capacity: prompt.len() + args.tokens,
                         upstream: (i > 0).then(|| keys[i - 1].public()),
+                        first_step: 0,
                         temperature_milli: 0,
                         top_p_q16: 65536,
                         seed: 0,

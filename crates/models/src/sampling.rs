@@ -144,6 +144,15 @@ impl ExactSampler {
         }
     }
 
+    /// The same sampler after `picks` tokens were picked: a rebuilt pipeline's last stage
+    /// joins a generation at that step and must make the draws the lost one would have made.
+    pub fn after_picks(mut self, picks: u64) -> Self {
+        if self.temperature_milli != 0 {
+            self.draws = picks;
+        }
+        self
+    }
+
     pub fn pick(&mut self, logits: &[i32], frac: u32) -> u32 {
         let Some(&max) = logits.iter().max() else {
             return 0;

@@ -367,6 +367,111 @@ impl Signal {
     }
 }
 
+/// The most stages a pipeline has.
+pub const MAX_STAGES: u16 = 64;
+
+/// A worker's place in a pipeline session: which layers it runs, who its neighbours are and
+/// how to sample. The coordinator sends one per member; the member loads the stage's pieces,
+/// connects to its neighbours (the upstream one offers) and reports [`ToCoordinator::StageUp`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageOrder {
+    pub session: SessionId,
+    /// 0 for the first stage.
+    pub stage: u16,
+    pub stages: u16,
+    /// The model's layers `[start, end)` this stage runs.
+    pub layers: (u32, u32),
+    /// The model's name and the stage's pieces (role `piece`), each fetched and checked by
+    /// its SHA-256 like any weights file.
+    pub model: ModelRef,
+    /// The most positions the session reaches (prompt + new tokens).
+    pub capacity: u32,
+    /// The session step this stage starts at: 0, or the step a rebuilt pipeline joins at
+    /// (its first input is then the prompt and every token agreed so far).
+    pub first_step: u32,
+    pub temperature_milli: u32,
+    pub top_p_q16: u32,
+    pub seed: u64,
+    /// The stage before this one (it offers the data channel); `None` exactly for stage 0.
+    pub upstream: Option<PublicKey>,
+    /// The stage after this one; `None` exactly for the last stage.
+    pub downstream: Option<PublicKey>,
+    /// How long to try for a direct data channel before relaying through the coordinator.
+    pub direct_ms: u32,
+}
+
+impl StageOrder {
+    /// The bounds and the consistency a member relies on.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |m: String| Err(ProtocolError::InvalidTask(m));
+        let (start, end) = self.layers;
+        if self.stages == 0 || self.stages > MAX_STAGES || self.stage >= self.stages {
+            return bad(format!("stage {} of {}", self.stage, self.stages));
+        }
+        if start >= end {
+            return bad(format!("layers {start}..{end}"));
+        }
+        if (self.stage == 0) != self.upstream.is_none()
+            || (self.stage + 1 == self.stages) != self.downstream.is_none()
+        {
+            return bad(
+                "only the first stage has no upstream and only the last no downstream".into(),
+            );
+        }
+        if self.capacity == 0
+            || self.capacity as usize > MAX_SEQUENCE_TOKENS * 4 + MAX_NEW_TOKENS as usize
+        {
+            return bad(format!("a capacity of {} positions", self.capacity));
+        }
+        if self.top_p_q16 > 65536 {
+            return bad(format!("top_p_q16 {} above 65536", self.top_p_q16));
+        }
+        let model = &self.model;
+        if model.name.is_empty() || model.name.len() > MAX_NAME {
+            return bad(format!("model name of {} bytes", model.name.len()));
+        }
+        if model.files.is_empty() || model.files.len() > MAX_STAGE_PIECES {
+            return bad(format!("{} pieces", model.files.len()));
+        }
+        Ok(())
+    }
+}
+
+/// The most pieces one stage loads (tables, embed, head and its layers).
+pub const MAX_STAGE_PIECES: usize = 512;
+
+/// The largest relayed chunk: one chunk of `tabula-transport`'s framing, which asserts the
+/// two agree.
+pub const MAX_RELAY_CHUNK: usize = 64 << 10;
+
+/// How a member's links to its neighbours came up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkPath {
+    /// A peer-to-peer data channel.
+    Direct,
+    /// Through the coordinator.
+    Relayed,
+}
+
+impl LinkPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkPath::Direct => "direct",
+            LinkPath::Relayed => "relayed",
+        }
+    }
+}
+
+/// A member's report of one step: its signed commitment, the upstream commitment its input
+/// came with (so an upstream stage that signed two different outputs is caught by its own
+/// signatures), and the last stage's sampled token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageReport {
+    pub commit: StageCommit,
+    pub received: Option<StageCommit>,
+    pub token: Option<u32>,
+}
+
 /// Coordinator → worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -409,6 +514,37 @@ pub enum ToWorker {
         message: String,
         retry: bool,
     },
+    /// Join a pipeline session as one of its stages.
+    Stage(StageOrder),
+    /// The first stage's input for `step`: the prompt (and, after a rebuild, the tokens
+    /// agreed so far) at the session's first step, then the agreed token of each step.
+    StageInput {
+        session: SessionId,
+        step: u32,
+        tokens: Vec<u32>,
+    },
+    /// Signalling from the neighbour `peer` of the session.
+    Signal {
+        session: SessionId,
+        peer: PublicKey,
+        signal: Signal,
+    },
+    /// A chunk the neighbour `peer` relayed through the coordinator.
+    Relay {
+        session: SessionId,
+        peer: PublicKey,
+        chunk: Vec<u8>,
+    },
+    /// Send the coordinator this stage's outputs of steps `0..=step`, one
+    /// [`ToCoordinator::StageOutput`] each: it re-executes the next stage from them.
+    StageHistory {
+        session: SessionId,
+        step: u32,
+    },
+    /// The session is over for this member (finished, rebuilt without it, or cancelled).
+    StageEnd {
+        session: SessionId,
+    },
 }
 
 /// Worker → coordinator.
@@ -422,6 +558,10 @@ pub enum ToCoordinator {
         agent: String,
         /// The precisions this worker computes.
         precisions: Vec<Precision>,
+        /// Whether it takes pipeline stages ([`ToWorker::Stage`]).
+        stages: bool,
+        /// The most model weights it holds, in MiB; 0 declares no limit.
+        max_model_mb: u32,
     },
     /// Ask for a unit.
     Ready,
@@ -435,6 +575,40 @@ pub enum ToCoordinator {
     LinkPayout {
         address: Address,
         signature: Signature,
+    },
+    /// The stage is loaded and linked to its neighbours.
+    StageUp {
+        session: SessionId,
+        /// How the link to the downstream stage came up (`None` for the last stage).
+        downstream: Option<LinkPath>,
+    },
+    /// One step computed.
+    StageStep {
+        session: SessionId,
+        report: StageReport,
+    },
+    /// One retained output, answering [`ToWorker::StageHistory`].
+    StageOutput {
+        session: SessionId,
+        activation: Activation,
+    },
+    /// The member cannot go on (a failed load, a broken link, an activation that did not
+    /// check); the coordinator rebuilds the pipeline.
+    StageFailed {
+        session: SessionId,
+        reason: String,
+    },
+    /// Signalling for the neighbour `peer` in the session.
+    Signal {
+        session: SessionId,
+        peer: PublicKey,
+        signal: Signal,
+    },
+    /// A chunk for the neighbour `peer`, to relay.
+    Relay {
+        session: SessionId,
+        peer: PublicKey,
+        chunk: Vec<u8>,
     },
 }
 
@@ -452,6 +626,18 @@ impl ToCoordinator {
             ToCoordinator::Login { agent, .. } if agent.chars().any(char::is_control) => Err(
                 ProtocolError::Malformed("login agent contains a control character".into()),
             ),
+            ToCoordinator::Signal { signal, .. } => signal.validate(),
+            ToCoordinator::Relay { chunk, .. }
+                if chunk.is_empty() || chunk.len() > MAX_RELAY_CHUNK =>
+            {
+                Err(ProtocolError::Malformed(format!(
+                    "a relayed chunk of {} bytes (1 to {MAX_RELAY_CHUNK})",
+                    chunk.len()
+                )))
+            }
+            ToCoordinator::StageFailed { reason, .. } if reason.len() > 1024 => Err(
+                ProtocolError::Malformed("a failure reason over 1 KiB".into()),
+            ),
             _ => Ok(()),
         }
     }
@@ -467,6 +653,8 @@ mod tests {
             signature: Default::default(),
             agent: agent.to_string(),
             precisions: vec![Precision::Exact],
+            stages: false,
+            max_model_mb: 0,
         }
     }
 

@@ -107,6 +107,14 @@ enum FrameEvent {
     },
     /// A receipt that does not verify or is someone else's: ignored.
     BadReceipt,
+    /// A pipeline stage this page does not take (it logged in without stages): send `reply`
+    /// (the refusal), and the coordinator places someone else.
+    #[serde(rename_all = "camelCase")]
+    Decline {
+        reply: Vec<u8>,
+    },
+    /// A pipeline message for a session this page is not in: nothing to do.
+    Ignored,
     PayoutLinked {
         address: String,
     },
@@ -287,6 +295,8 @@ impl Volunteer {
                     signature: self.identity.sign_login(&nonce, &coordinator),
                     agent: self.agent.clone(),
                     precisions: self.precisions.clone(),
+                    stages: false,
+                    max_model_mb: 0,
                 }),
             },
             ToWorker::Welcome {
@@ -338,6 +348,17 @@ impl Volunteer {
                 address: format!("0x{}", address.to_hex()),
             },
             ToWorker::Error { message, retry } => FrameEvent::Error { message, retry },
+            ToWorker::Stage(order) => FrameEvent::Decline {
+                reply: encode(&ToCoordinator::StageFailed {
+                    session: order.session,
+                    reason: "this worker takes no pipeline stages".into(),
+                }),
+            },
+            ToWorker::StageInput { .. }
+            | ToWorker::Signal { .. }
+            | ToWorker::Relay { .. }
+            | ToWorker::StageHistory { .. }
+            | ToWorker::StageEnd { .. } => FrameEvent::Ignored,
         })
     }
 

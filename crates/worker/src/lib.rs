@@ -6,10 +6,13 @@
 //! volunteer loop of a native process ([`native`]): the WebSocket session with login,
 //! heartbeats and leases, content-addressed weight downloads and the key file. This crate
 //! must not depend on the coordinator or on the browser build; the browser worker reuses
-//! [`exec`] and the protocol, with its own transport.
+//! [`exec`] and the protocol, with its own transport. [`member`] runs a native worker's
+//! pipeline stage: its links to the neighbouring stages and its steps.
 
 pub mod exec;
 pub mod keyfile;
+#[cfg(feature = "native")]
+pub mod member;
 #[cfg(feature = "native")]
 pub mod native;
 pub mod stage;

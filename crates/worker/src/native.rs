@@ -12,8 +12,8 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use tabula_engine::{Backend, exact::ExactBackend};
 use tabula_protocol::{
-    Address, FileRef, Identity, LeaseId, MAX_COORDINATOR_FRAME, Precision, ToCoordinator, ToWorker,
-    decode, encode,
+    Address, FileRef, Identity, LeaseId, MAX_COORDINATOR_FRAME, Precision, SessionId,
+    ToCoordinator, ToWorker, decode, encode,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
@@ -37,7 +37,17 @@ pub struct WorkerOptions {
     /// and waiting their turn, so that the next unit is already here when one finishes
     /// instead of a round trip to the coordinator later.
     pub units_in_flight: usize,
+    /// Take pipeline stages ([`crate::member`]).
+    pub stages: bool,
+    /// The most model weights this worker holds, in MiB (0: no limit declared); the
+    /// coordinator gives it only stages (or models) that fit.
+    pub max_model_mb: u32,
+    /// How a stage links to its neighbours.
+    pub member: crate::member::MemberOptions,
 }
+
+/// The most pipeline stages a worker serves at once.
+const MAX_MEMBERSHIPS: usize = 4;
 
 /// The most units a worker holds at once ([`WorkerOptions::units_in_flight`]).
 pub const MAX_UNITS_IN_FLIGHT: usize = 16;
@@ -192,6 +202,7 @@ where
         &http_url(&options.coordinator),
     ));
     let executor = ExecutorThread::spawn(make_executor, cache.clone());
+    let files: Arc<dyn FileSource + Send + Sync> = cache.clone();
     let identity = Arc::new(identity);
     let mut stats = Stats::default();
     let mut backoff = Duration::from_millis(500);
@@ -205,6 +216,7 @@ where
             options: &options,
             identity: identity.clone(),
             executor: &executor,
+            files: files.clone(),
             events: &events,
         };
         match session
@@ -233,6 +245,7 @@ struct Session<'a> {
     options: &'a WorkerOptions,
     identity: Arc<Identity>,
     executor: &'a ExecutorThread,
+    files: Arc<dyn FileSource + Send + Sync>,
     events: &'a mpsc::UnboundedSender<WorkerEvent>,
 }
 
@@ -339,6 +352,8 @@ impl Session<'_> {
             signature: self.identity.sign_login(&nonce, &coordinator),
             agent: self.options.agent.clone(),
             precisions: self.options.precisions.clone(),
+            stages: self.options.stages,
+            max_model_mb: self.options.max_model_mb,
         });
         let heartbeat_ms = match next_message(&mut rx).await? {
             ToWorker::Welcome {
@@ -384,8 +399,19 @@ impl Session<'_> {
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(100))));
         let mut ask_again: Option<tokio::time::Instant> = None;
+        // Pipeline stages this worker serves, by session; dropped (and stopped) with the
+        // connection, since the coordinator rebuilds a pipeline whose member went away.
+        let mut members: std::collections::HashMap<SessionId, crate::member::Member> =
+            Default::default();
+        let (member_out, mut from_members) = mpsc::unbounded_channel::<ToCoordinator>();
         loop {
             tokio::select! {
+                Some(frame) = from_members.recv() => {
+                    if let ToCoordinator::StageFailed { session, .. } = &frame {
+                        members.remove(session);
+                    }
+                    send!(frame);
+                }
                 _ = shutdown.changed() => {
                     for lease in units.release_all() {
                         send!(ToCoordinator::Release { lease });
@@ -474,6 +500,48 @@ impl Session<'_> {
                         let _ = self.events.send(WorkerEvent::PayoutLinked { address });
                     }
                     ToWorker::Error { message, retry } => return Err(session_ended(message, retry)),
+                    ToWorker::Stage(order) => {
+                        let session = order.session;
+                        if !self.options.stages {
+                            send!(ToCoordinator::StageFailed { session, reason: "this worker takes no pipeline stages".into() });
+                            continue;
+                        }
+                        if members.len() >= MAX_MEMBERSHIPS {
+                            send!(ToCoordinator::StageFailed { session, reason: format!("this worker already serves {MAX_MEMBERSHIPS} stages") });
+                            continue;
+                        }
+                        tracing::info!(%session, stage = order.stage, stages = order.stages, "joining a pipeline");
+                        members.insert(session, crate::member::spawn(
+                            order,
+                            self.identity.clone(),
+                            self.files.clone(),
+                            member_out.clone(),
+                            self.options.member.clone(),
+                        ));
+                    }
+                    ToWorker::StageInput { session, step, tokens } => {
+                        if let Some(m) = members.get(&session) {
+                            let _ = m.inbox.send(crate::member::MemberMsg::Input { step, tokens });
+                        }
+                    }
+                    ToWorker::Signal { session, peer, signal } => {
+                        if let Some(m) = members.get(&session) {
+                            let _ = m.inbox.send(crate::member::MemberMsg::Signal { peer, signal });
+                        }
+                    }
+                    ToWorker::Relay { session, peer, chunk } => {
+                        if let Some(m) = members.get(&session) {
+                            let _ = m.inbox.send(crate::member::MemberMsg::Relay { peer, chunk });
+                        }
+                    }
+                    ToWorker::StageHistory { session, step } => {
+                        if let Some(m) = members.get(&session) {
+                            let _ = m.inbox.send(crate::member::MemberMsg::History { step });
+                        }
+                    }
+                    ToWorker::StageEnd { session } => {
+                        members.remove(&session);
+                    }
                     other => tracing::debug!("ignoring {other:?}"),
                 },
             }

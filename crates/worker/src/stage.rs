@@ -32,6 +32,9 @@ pub struct StagePlan {
     pub capacity: usize,
     /// The key of the stage before this one; `None` exactly for the first stage.
     pub upstream: Option<PublicKey>,
+    /// The session's step this stage starts at: 0, or the step a rebuilt pipeline joins at
+    /// (its first input is then the prompt and every token agreed so far).
+    pub first_step: u32,
     /// The exact sampler's parameters (used by the last stage).
     pub temperature_milli: u32,
     pub top_p_q16: u32,
@@ -99,7 +102,9 @@ impl<B: ExactBackend> StageRunner<B> {
         }
         let upstream = plan.upstream.as_ref().map(SignerKey::parse).transpose()?;
         let cache = model.new_cache(backend, plan.capacity)?;
-        let sampler = ExactSampler::from_parts(plan.temperature_milli, plan.top_p_q16, plan.seed);
+        let sampler = ExactSampler::from_parts(plan.temperature_milli, plan.top_p_q16, plan.seed)
+            .after_picks(u64::from(plan.first_step));
+        let step = plan.first_step;
         Ok(Self {
             plan,
             model,
@@ -107,7 +112,7 @@ impl<B: ExactBackend> StageRunner<B> {
             upstream,
             sampler,
             pos: 0,
-            step: 0,
+            step,
         })
     }
 

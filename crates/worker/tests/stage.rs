@@ -71,6 +71,7 @@ fn pipeline(keys: &[Identity], sampler: (u32, u32, u64)) -> Vec<StageRunner<CpuB
                 layers: r.clone(),
                 capacity: s.prompt.len() + NEW_TOKENS,
                 upstream: (i > 0).then(|| keys[i - 1].public()),
+                first_step: 0,
                 temperature_milli: sampler.0,
                 top_p_q16: sampler.1,
                 seed: sampler.2,

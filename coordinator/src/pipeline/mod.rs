@@ -1,0 +1,1142 @@
+//! Pipeline sessions: one generation run by a model's layers cut into stages on several
+//! workers, by two disjoint pipelines compared at every step.
+//!
+//! This module owns the registry of workers that take stages ([`Pipelines`]: their sockets,
+//! networks, memory budgets and the session each serves), the routing of signalling and
+//! relayed chunks between the neighbours of a session (and only between them), and the
+//! driver of a session ([`run_session`]): placement, feeding the first stages, judging each
+//! step ([`judge`]), re-executing the first divergent stage from its agreed input when
+//! pipelines disagree, rebuilding a pipeline whose member left, lied or stalled, and settling
+//! credit per stage. It must not know about HTTP: the API hands it a [`SessionSpec`] and
+//! reads agreed tokens from a channel.
+
+pub mod judge;
+
+use std::{
+    collections::{HashMap, HashSet},
+    ops::Range,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tabula_engine::cpu::CpuBackend;
+use tabula_models::exact::{ExactFile, stage_pieces, stage_ranges};
+use tabula_protocol::{
+    Activation, Bytes, FileRef, Hash, LinkPath, MAX_STAGES, ModelRef, PublicKey, SessionId, Signal,
+    StageOrder, StageReport, Task, ToWorker, UnitOutput,
+};
+use tabula_worker::stage::{StageOut, StagePlan, StageRunner, tokens_hash};
+use tokio::sync::mpsc;
+
+use self::judge::{Reported, StepVerdict};
+use crate::{db::random_bytes, models::ServedModel, scheduler::State};
+
+/// When a generation request runs as a pipeline session (`tabula serve --pipeline`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PipelineMode {
+    /// Never: every generation is a unit on one worker.
+    Off,
+    /// When no connected worker can hold the model whole (by its declared budget).
+    #[default]
+    Auto,
+    /// Always, with this many stages (tests, benchmarks).
+    Stages(u16),
+}
+
+impl std::str::FromStr for PipelineMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(PipelineMode::Off),
+            "auto" => Ok(PipelineMode::Auto),
+            n => match n.parse::<u16>() {
+                Ok(n) if (1..=MAX_STAGES).contains(&n) => Ok(PipelineMode::Stages(n)),
+                _ => Err(format!(
+                    "`{s}` is not off, auto or a stage count from 1 to {MAX_STAGES}"
+                )),
+            },
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct PipelineMetrics {
+    pub sessions_started: AtomicU64,
+    pub sessions_finished: AtomicU64,
+    pub sessions_failed: AtomicU64,
+    pub steps_agreed: AtomicU64,
+    pub stage_disputes: AtomicU64,
+    pub stage_liars: AtomicU64,
+    pub rebuilds: AtomicU64,
+    pub links_direct: AtomicU64,
+    pub links_relayed: AtomicU64,
+    pub relayed_bytes: AtomicU64,
+}
+
+/// A worker that takes stages.
+struct Volunteer {
+    tx: mpsc::UnboundedSender<ToWorker>,
+    prefix: Arc<str>,
+    /// MiB; 0: no limit declared.
+    budget_mb: u32,
+    /// The session it serves. Invariant: `Some` exactly while a session's placement holds it.
+    session: Option<SessionId>,
+}
+
+/// What a member sent about its session.
+#[derive(Debug)]
+pub enum Event {
+    Up { downstream: Option<LinkPath> },
+    Step(StageReport),
+    Output(Activation),
+    Failed(String),
+    Left,
+}
+
+struct Entry {
+    events: mpsc::UnboundedSender<(PublicKey, Event)>,
+    /// Directed pairs of neighbours that may signal and relay to each other.
+    links: HashSet<(PublicKey, PublicKey)>,
+    /// Bytes each member relayed, against `relay_limit`.
+    relayed: HashMap<PublicKey, u64>,
+    relay_limit: u64,
+}
+
+/// The registry of stage workers and running sessions.
+#[derive(Default)]
+pub struct Pipelines {
+    volunteers: Mutex<HashMap<PublicKey, Volunteer>>,
+    sessions: Mutex<HashMap<SessionId, Entry>>,
+    pub metrics: PipelineMetrics,
+}
+
+/// Sessions one coordinator drives at once.
+pub const MAX_SESSIONS: usize = 256;
+
+impl Pipelines {
+    fn volunteers(&self) -> std::sync::MutexGuard<'_, HashMap<PublicKey, Volunteer>> {
+        self.volunteers.lock().expect("pipeline volunteers lock")
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Entry>> {
+        self.sessions.lock().expect("pipeline sessions lock")
+    }
+
+    /// A logged-in worker that takes stages.
+    pub fn join(
+        &self,
+        key: PublicKey,
+        tx: mpsc::UnboundedSender<ToWorker>,
+        prefix: Arc<str>,
+        budget_mb: u32,
+    ) {
+        // A second connection of the same key replaces the first; a session it served
+        // hears that the member left.
+        if let Some(old) = self.volunteers().insert(
+            key,
+            Volunteer {
+                tx,
+                prefix,
+                budget_mb,
+                session: None,
+            },
+        ) && let Some(session) = old.session
+        {
+            self.event(&key, &session, Event::Left);
+        }
+    }
+
+    /// The worker's connection ended.
+    pub fn leave(&self, key: &PublicKey) {
+        let gone = {
+            let mut v = self.volunteers();
+            match v.get(key) {
+                Some(w) if w.tx.is_closed() => v.remove(key),
+                _ => None,
+            }
+        };
+        if let Some(session) = gone.and_then(|w| w.session) {
+            self.event(key, &session, Event::Left);
+        }
+    }
+
+    /// Whether `key` serves a session now (it then gets no units).
+    pub fn busy(&self, key: &PublicKey) -> bool {
+        self.volunteers()
+            .get(key)
+            .is_some_and(|v| v.session.is_some())
+    }
+
+    /// Workers that take stages, and the budgets they declared.
+    pub fn budgets(&self) -> Vec<u32> {
+        self.volunteers().values().map(|v| v.budget_mb).collect()
+    }
+
+    /// Hands a member's message to its session, if it is a member of it.
+    pub fn event(&self, from: &PublicKey, session: &SessionId, event: Event) {
+        let sessions = self.sessions();
+        if let Some(entry) = sessions.get(session)
+            && entry.links.iter().any(|(a, _)| a == from)
+        {
+            let _ = entry.events.send((*from, event));
+        }
+    }
+
+    /// Forwards signalling or a relayed chunk from `from` to its neighbour `to`. Refused
+    /// (with the reason) for anyone who is not that neighbour, and past the relay limit.
+    pub fn forward(
+        &self,
+        from: &PublicKey,
+        session: &SessionId,
+        to: &PublicKey,
+        payload: Forward,
+    ) -> Result<(), String> {
+        let mut sessions = self.sessions();
+        let Some(entry) = sessions.get_mut(session) else {
+            return Err(format!("no session {session} here"));
+        };
+        if !entry.links.contains(&(*from, *to)) {
+            return Err(format!("{to} is not your neighbour in session {session}"));
+        }
+        if let Forward::Relay(chunk) = &payload {
+            let used = entry.relayed.entry(*from).or_default();
+            *used += chunk.len() as u64;
+            if *used > entry.relay_limit {
+                return Err(format!(
+                    "relayed more than the session's {} bytes",
+                    entry.relay_limit
+                ));
+            }
+            self.metrics
+                .relayed_bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        drop(sessions);
+        let message = match payload {
+            Forward::Signal(signal) => ToWorker::Signal {
+                session: *session,
+                peer: *from,
+                signal,
+            },
+            Forward::Relay(chunk) => ToWorker::Relay {
+                session: *session,
+                peer: *from,
+                chunk,
+            },
+        };
+        if let Some(v) = self.volunteers().get(to) {
+            let _ = v.tx.send(message);
+        }
+        Ok(())
+    }
+
+    fn send(&self, to: &PublicKey, message: ToWorker) {
+        if let Some(v) = self.volunteers().get(to) {
+            let _ = v.tx.send(message);
+        }
+    }
+
+    /// Takes one worker per stage: free, not in `avoid`, each from a network no other member
+    /// of the session uses, with a budget that holds its stage; chosen at random, so no
+    /// worker picks its position or its partners.
+    fn place(
+        &self,
+        session: SessionId,
+        need_mb: &[u32],
+        avoid: &HashSet<PublicKey>,
+        avoid_prefixes: &HashSet<Arc<str>>,
+    ) -> Option<Vec<PublicKey>> {
+        let mut volunteers = self.volunteers();
+        let mut free: Vec<(PublicKey, Arc<str>, u32)> = volunteers
+            .iter()
+            .filter(|(k, v)| {
+                v.session.is_none()
+                    && !avoid.contains(*k)
+                    && !avoid_prefixes.contains(&v.prefix)
+                    && !v.tx.is_closed()
+            })
+            .map(|(k, v)| (*k, v.prefix.clone(), v.budget_mb))
+            .collect();
+        // Fisher–Yates with the OS's randomness.
+        for i in (1..free.len()).rev() {
+            let j = (u64::from_le_bytes(random_bytes::<8>()) % (i as u64 + 1)) as usize;
+            free.swap(i, j);
+        }
+        let mut chosen: Vec<PublicKey> = Vec::with_capacity(need_mb.len());
+        let mut used: HashSet<Arc<str>> = HashSet::new();
+        for &need in need_mb {
+            let pick = free.iter().position(|(_, prefix, budget)| {
+                !used.contains(prefix) && (*budget == 0 || *budget >= need)
+            })?;
+            let (key, prefix, _) = free.swap_remove(pick);
+            used.insert(prefix);
+            chosen.push(key);
+        }
+        for key in &chosen {
+            volunteers
+                .get_mut(key)
+                .expect("chosen from the map")
+                .session = Some(session);
+        }
+        Some(chosen)
+    }
+
+    /// Frees `keys` from `session` (they get no more of its messages).
+    fn free(&self, session: &SessionId, keys: &[PublicKey]) {
+        let mut volunteers = self.volunteers();
+        for key in keys {
+            if let Some(v) = volunteers.get_mut(key)
+                && v.session == Some(*session)
+            {
+                v.session = None;
+                let _ = v.tx.send(ToWorker::StageEnd { session: *session });
+            }
+        }
+    }
+
+    fn prefix(&self, key: &PublicKey) -> Option<Arc<str>> {
+        self.volunteers().get(key).map(|v| v.prefix.clone())
+    }
+}
+
+/// What [`Pipelines::forward`] carries.
+pub enum Forward {
+    Signal(Signal),
+    Relay(Vec<u8>),
+}
+
+/// A generation to run as a pipeline session.
+#[derive(Clone, Debug)]
+pub struct SessionSpec {
+    pub job_id: String,
+    pub unit_id: String,
+    /// The unit's task (its digest names the credit receipts).
+    pub task: Task,
+    pub model: String,
+    pub stages: usize,
+    pub pipelines: usize,
+    pub prompt: Vec<u32>,
+    pub max_tokens: u32,
+    pub temperature_milli: u32,
+    pub top_p_q16: u32,
+    pub seed: u64,
+    pub stop: Vec<u32>,
+    /// How long to wait for enough free workers, and for a stalled step.
+    pub placement_wait: Duration,
+    pub direct_ms: u32,
+}
+
+/// How a session ended well.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub output: UnitOutput,
+    pub links_direct: u64,
+    pub links_relayed: u64,
+    pub disputes: u64,
+    pub liars: Vec<PublicKey>,
+    pub rebuilds: u64,
+}
+
+/// One pipeline of a session.
+struct Pipe {
+    keys: Vec<PublicKey>,
+    /// The step its stages started at.
+    base: u32,
+    up: Vec<bool>,
+    fed: bool,
+    reports: Vec<Option<StageReport>>,
+    /// Each stage's output hash at every agreed step since `base`.
+    history: Vec<Vec<Hash>>,
+    /// Rows each stage computed at the current step.
+    rows: usize,
+    /// When the current step (or the pipeline's start) began.
+    since: tokio::time::Instant,
+}
+
+/// A stage's share of the model: its pieces' MiB, and GFLOP per position.
+fn stage_costs(
+    model: &ServedModel,
+    layers: usize,
+    ranges: &[Range<usize>],
+) -> (Vec<u32>, Vec<f64>) {
+    let size = |name: &str| {
+        model
+            .pieces
+            .iter()
+            .find(|p| p.name == name)
+            .map_or(0, |p| p.size)
+    };
+    let mut mb = Vec::new();
+    let mut gflop = Vec::new();
+    for r in ranges {
+        let names = stage_pieces(layers, r);
+        let bytes: u64 = names.iter().map(|n| size(n)).sum();
+        mb.push(bytes.div_ceil(1 << 20) as u32);
+        // Int8 weights: a byte is a parameter; the embedding is a lookup, not products.
+        let computed: u64 = names
+            .iter()
+            .filter(|n| n.starts_with("layer.") || n.as_str() == "head")
+            .map(|n| size(n))
+            .sum();
+        gflop.push(2.0 * computed as f64 / 1e9);
+    }
+    (mb, gflop)
+}
+
+/// The stage count `mode` asks for `model` given the budgets of the stage workers
+/// connected now (`None`: run it as a unit). `whole_fits` says whether some worker can
+/// hold the model whole.
+pub fn stages_for(
+    mode: PipelineMode,
+    model: &ServedModel,
+    layers: usize,
+    budgets: &[u32],
+    whole_fits: bool,
+    pipelines: usize,
+) -> Option<usize> {
+    match mode {
+        PipelineMode::Off => None,
+        PipelineMode::Stages(n) => Some((n as usize).min(layers)),
+        PipelineMode::Auto if whole_fits => None,
+        PipelineMode::Auto => (2..=layers.min(MAX_STAGES as usize)).find(|&n| {
+            let Ok(ranges) = stage_ranges(layers, n) else {
+                return false;
+            };
+            let (need, _) = stage_costs(model, layers, &ranges);
+            let biggest = need.iter().copied().max().unwrap_or(0);
+            budgets.iter().filter(|&&b| b == 0 || b >= biggest).count() >= n * pipelines
+        }),
+    }
+}
+
+/// Runs one session to its end. Agreed tokens go to `tokens` as they are agreed; the
+/// outcome is settled (credit, strikes, the job's output) before this returns.
+pub async fn run_session(
+    state: Arc<State>,
+    spec: SessionSpec,
+    tokens: mpsc::UnboundedSender<u32>,
+) -> Result<Outcome, String> {
+    let session: SessionId = Bytes(random_bytes::<16>());
+    let pipelines = &state.pipelines;
+    if pipelines.sessions().len() >= MAX_SESSIONS {
+        return Err(format!(
+            "{MAX_SESSIONS} pipeline sessions are running; retry later"
+        ));
+    }
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let model = state
+        .registry
+        .find(&spec.model)
+        .ok_or_else(|| format!("model {} is not served", spec.model))?;
+    let crate::models::ModelKind::Generation { layers, dim, .. } = model.kind else {
+        return Err("not a generation model".into());
+    };
+    let capacity = spec.prompt.len() + spec.max_tokens as usize;
+    pipelines.sessions().insert(
+        session,
+        Entry {
+            events: events_tx,
+            links: HashSet::new(),
+            relayed: HashMap::new(),
+            // Every activation of the session twice over (a rebuild resends the prefill).
+            relay_limit: (capacity * dim * 4 * 2 + (4 << 20)) as u64,
+        },
+    );
+    pipelines
+        .metrics
+        .sessions_started
+        .fetch_add(1, Ordering::Relaxed);
+    let mut driver = Driver {
+        state: state.clone(),
+        session,
+        spec,
+        layers,
+        dim,
+        capacity,
+        events,
+        tokens_tx: tokens,
+        pipes: Vec::new(),
+        ranges: Vec::new(),
+        need_mb: Vec::new(),
+        gflop: Vec::new(),
+        excluded: HashSet::new(),
+        liars: Vec::new(),
+        tokens: Vec::new(),
+        logits: Vec::new(),
+        credit: HashMap::new(),
+        rebuilds: 0,
+        disputes: 0,
+        direct: 0,
+        relayed: 0,
+    };
+    let result = driver.run().await;
+    let members: Vec<PublicKey> = driver.pipes.iter().flat_map(|p| p.keys.clone()).collect();
+    pipelines.free(&session, &members);
+    pipelines.sessions().remove(&session);
+    match &result {
+        Ok(_) => pipelines
+            .metrics
+            .sessions_finished
+            .fetch_add(1, Ordering::Relaxed),
+        Err(e) => {
+            tracing::warn!(%session, "pipeline session failed: {e}");
+            pipelines
+                .metrics
+                .sessions_failed
+                .fetch_add(1, Ordering::Relaxed)
+        }
+    };
+    result
+}
+
+/// Rebuilds one session may take before it gives up.
+const MAX_REBUILDS_PER_STAGE: u64 = 3;
+/// How long a pipeline may take to load and link before its first step.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one step may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Driver {
+    state: Arc<State>,
+    session: SessionId,
+    spec: SessionSpec,
+    layers: usize,
+    dim: usize,
+    capacity: usize,
+    events: mpsc::UnboundedReceiver<(PublicKey, Event)>,
+    tokens_tx: mpsc::UnboundedSender<u32>,
+    pipes: Vec<Pipe>,
+    ranges: Vec<Range<usize>>,
+    need_mb: Vec<u32>,
+    gflop: Vec<f64>,
+    /// Keys that may not serve this session again: liars, and members that left or stalled.
+    excluded: HashSet<PublicKey>,
+    liars: Vec<PublicKey>,
+    tokens: Vec<u32>,
+    /// The agreed last stage's output hash (the logits) of every step.
+    logits: Vec<Hash>,
+    /// GFLOP of agreed work per member.
+    credit: HashMap<PublicKey, f64>,
+    rebuilds: u64,
+    disputes: u64,
+    direct: u64,
+    relayed: u64,
+}
+
+impl Driver {
+    fn pipelines(&self) -> &Pipelines {
+        &self.state.pipelines
+    }
+
+    async fn run(&mut self) -> Result<Outcome, String> {
+        let model = self
+            .state
+            .registry
+            .find(&self.spec.model)
+            .ok_or("the model went away")?;
+        self.ranges = stage_ranges(self.layers, self.spec.stages).map_err(|e| e.to_string())?;
+        (self.need_mb, self.gflop) = stage_costs(model, self.layers, &self.ranges);
+        for p in 0..self.spec.pipelines {
+            self.pipes.push(Pipe {
+                keys: Vec::new(),
+                base: 0,
+                up: Vec::new(),
+                fed: false,
+                reports: Vec::new(),
+                history: Vec::new(),
+                rows: 0,
+                since: tokio::time::Instant::now(),
+            });
+            self.place(p, 0).await?;
+        }
+        let mut step: u32 = 0;
+        loop {
+            self.feed(step);
+            if self
+                .pipes
+                .iter()
+                .all(|p| p.reports.iter().all(Option::is_some))
+            {
+                match self.judge(step).await? {
+                    Some(token) => {
+                        if self.spec.stop.contains(&token)
+                            || self.tokens.len() >= self.spec.max_tokens as usize
+                        {
+                            return self.finish(self.spec.stop.contains(&token)).await;
+                        }
+                        step += 1;
+                        for p in &mut self.pipes {
+                            p.reports.iter_mut().for_each(|r| *r = None);
+                            p.fed = false;
+                            p.since = tokio::time::Instant::now();
+                        }
+                    }
+                    None => continue,
+                }
+                continue;
+            }
+            let deadline = self
+                .pipes
+                .iter()
+                .map(|p| {
+                    p.since
+                        + if p.up.iter().all(|&u| u) {
+                            STEP_TIMEOUT
+                        } else {
+                            START_TIMEOUT
+                        }
+                })
+                .min()
+                .expect("a session has pipelines");
+            tokio::select! {
+                event = self.events.recv() => {
+                    let Some((from, event)) = event else {
+                        return Err("the session's event channel closed".into());
+                    };
+                    self.on_event(step, from, event).await?;
+                }
+                _ = tokio::time::sleep_until(deadline) => self.on_stall(step).await?,
+            }
+        }
+    }
+
+    /// The position of `key` now, if it is a member.
+    fn position(&self, key: &PublicKey) -> Option<(usize, usize)> {
+        self.pipes
+            .iter()
+            .enumerate()
+            .find_map(|(p, pipe)| pipe.keys.iter().position(|k| k == key).map(|s| (p, s)))
+    }
+
+    async fn on_event(&mut self, step: u32, from: PublicKey, event: Event) -> Result<(), String> {
+        let Some((p, s)) = self.position(&from) else {
+            return Ok(());
+        };
+        match event {
+            Event::Up { downstream } => {
+                self.pipes[p].up[s] = true;
+                match downstream {
+                    Some(LinkPath::Direct) => {
+                        self.direct += 1;
+                        self.pipelines()
+                            .metrics
+                            .links_direct
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(LinkPath::Relayed) => {
+                        self.relayed += 1;
+                        self.pipelines()
+                            .metrics
+                            .links_relayed
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
+            }
+            Event::Step(report) => {
+                if report.commit.step == step && self.pipes[p].reports[s].is_none() {
+                    self.pipes[p].reports[s] = Some(report);
+                }
+            }
+            // Outputs are read by the referee; one arriving otherwise is dropped.
+            Event::Output(_) => {}
+            Event::Failed(reason) => {
+                tracing::info!(session = %self.session, member = %from, "a stage failed: {reason}");
+                self.excluded.insert(from);
+                // A complaint about the upstream's data cannot be proven either way: neither
+                // serves this session again, and neither is struck.
+                if reason.starts_with("upstream") && s > 0 {
+                    self.excluded.insert(self.pipes[p].keys[s - 1]);
+                }
+                self.rebuild(p, step).await?;
+            }
+            Event::Left => {
+                tracing::info!(session = %self.session, member = %from, "a stage left");
+                self.excluded.insert(from);
+                self.rebuild(p, step).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A step that took too long: the first member of each late pipeline that has not
+    /// reported while its upstream has is left out (not struck), and its pipeline rebuilt.
+    async fn on_stall(&mut self, step: u32) -> Result<(), String> {
+        let now = tokio::time::Instant::now();
+        for p in 0..self.pipes.len() {
+            let pipe = &self.pipes[p];
+            let limit = if pipe.up.iter().all(|&u| u) {
+                STEP_TIMEOUT
+            } else {
+                START_TIMEOUT
+            };
+            if pipe.since + limit > now {
+                continue;
+            }
+            let late = match pipe.up.iter().position(|&u| !u) {
+                Some(s) => s,
+                None => pipe.reports.iter().position(Option::is_none).unwrap_or(0),
+            };
+            let key = pipe.keys[late];
+            tracing::info!(session = %self.session, member = %key, "a stage stalled");
+            self.excluded.insert(key);
+            self.rebuild(p, step).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends each linked pipeline's first stage its input for `step`.
+    fn feed(&mut self, step: u32) {
+        for p in 0..self.pipes.len() {
+            let pipe = &self.pipes[p];
+            if pipe.fed || !pipe.up.iter().all(|&u| u) {
+                continue;
+            }
+            let input = self.input(p, step);
+            let first = pipe.keys[0];
+            self.pipes[p].rows = input.len();
+            self.pipes[p].fed = true;
+            self.pipes[p].since = tokio::time::Instant::now();
+            self.pipelines().send(
+                &first,
+                ToWorker::StageInput {
+                    session: self.session,
+                    step,
+                    tokens: input,
+                },
+            );
+        }
+    }
+
+    /// The tokens pipeline `p`'s first stage takes at `step`: the prompt and the tokens
+    /// agreed so far at its first step, then the last agreed token.
+    fn input(&self, p: usize, step: u32) -> Vec<u32> {
+        if step == self.pipes[p].base {
+            let mut all = self.spec.prompt.clone();
+            all.extend_from_slice(&self.tokens[..step as usize]);
+            all
+        } else {
+            vec![self.tokens[step as usize - 1]]
+        }
+    }
+
+    /// Places (or re-places) pipeline `p` to start at `step`.
+    async fn place(&mut self, p: usize, step: u32) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.spec.placement_wait;
+        let keys = loop {
+            let mut avoid = self.excluded.clone();
+            let mut avoid_prefixes = HashSet::new();
+            for (q, pipe) in self.pipes.iter().enumerate() {
+                if q != p {
+                    for k in &pipe.keys {
+                        avoid.insert(*k);
+                        if let Some(prefix) = self.pipelines().prefix(k) {
+                            avoid_prefixes.insert(prefix);
+                        }
+                    }
+                }
+            }
+            if let Some(keys) =
+                self.pipelines()
+                    .place(self.session, &self.need_mb, &avoid, &avoid_prefixes)
+            {
+                break keys;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "too few workers take pipeline stages: {} stages × {} pipelines need {} on distinct networks (stages of up to {} MiB)",
+                    self.spec.stages,
+                    self.spec.pipelines,
+                    self.spec.stages * self.spec.pipelines,
+                    self.need_mb.iter().max().copied().unwrap_or(0)
+                ));
+            }
+            // Events of members of other pipelines keep arriving meanwhile; they wait.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let model = self
+            .state
+            .registry
+            .find(&self.spec.model)
+            .ok_or("the model went away")?;
+        {
+            let mut sessions = self.pipelines().sessions();
+            let entry = sessions
+                .get_mut(&self.session)
+                .expect("the session is open");
+            for w in keys.windows(2) {
+                entry.links.insert((w[0], w[1]));
+                entry.links.insert((w[1], w[0]));
+            }
+            // A one-stage pipeline's member still reports.
+            entry.links.insert((keys[0], keys[0]));
+            entry
+                .links
+                .insert((keys[keys.len() - 1], keys[keys.len() - 1]));
+        }
+        let stages = keys.len();
+        for (s, key) in keys.iter().enumerate() {
+            let range = &self.ranges[s];
+            let files: Vec<FileRef> = stage_pieces(self.layers, range)
+                .iter()
+                .filter_map(|name| model.pieces.iter().find(|p| &p.name == name))
+                .filter_map(|p| {
+                    Some(FileRef {
+                        role: "piece".into(),
+                        sha256: Hash::from_hex(&p.sha256).ok()?,
+                        size: p.size,
+                    })
+                })
+                .collect();
+            let order = StageOrder {
+                session: self.session,
+                stage: s as u16,
+                stages: stages as u16,
+                layers: (range.start as u32, range.end as u32),
+                model: ModelRef {
+                    name: model.name.clone(),
+                    files,
+                },
+                capacity: self.capacity as u32,
+                first_step: step,
+                temperature_milli: self.spec.temperature_milli,
+                top_p_q16: self.spec.top_p_q16,
+                seed: self.spec.seed,
+                upstream: (s > 0).then(|| keys[s - 1]),
+                downstream: (s + 1 < stages).then(|| keys[s + 1]),
+                direct_ms: self.spec.direct_ms,
+            };
+            self.pipelines().send(key, ToWorker::Stage(order));
+        }
+        let pipe = &mut self.pipes[p];
+        pipe.keys = keys;
+        pipe.base = step;
+        pipe.up = vec![false; stages];
+        pipe.fed = false;
+        pipe.reports = vec![None; stages];
+        pipe.history = vec![Vec::new(); stages];
+        pipe.since = tokio::time::Instant::now();
+        Ok(())
+    }
+
+    /// Ends pipeline `p`'s members' part and places a new one at `step`.
+    async fn rebuild(&mut self, p: usize, step: u32) -> Result<(), String> {
+        self.rebuilds += 1;
+        self.pipelines()
+            .metrics
+            .rebuilds
+            .fetch_add(1, Ordering::Relaxed);
+        if self.rebuilds > MAX_REBUILDS_PER_STAGE * (self.spec.stages * self.spec.pipelines) as u64
+        {
+            return Err(format!(
+                "the session's pipelines were rebuilt {} times; giving up",
+                self.rebuilds - 1
+            ));
+        }
+        let old = std::mem::take(&mut self.pipes[p].keys);
+        {
+            let mut sessions = self.pipelines().sessions();
+            if let Some(entry) = sessions.get_mut(&self.session) {
+                entry
+                    .links
+                    .retain(|(a, b)| !old.contains(a) && !old.contains(b));
+            }
+        }
+        self.pipelines().free(&self.session, &old);
+        self.place(p, step).await
+    }
+
+    /// Judges a step whose reports are all in: `Some(token)` when agreed, `None` when a
+    /// pipeline was rebuilt and the step runs again there.
+    async fn judge(&mut self, step: u32) -> Result<Option<u32>, String> {
+        let inputs: Vec<Hash> = (0..self.pipes.len())
+            .map(|p| tokens_hash(&self.input(p, step)))
+            .collect();
+        let reports: Vec<Vec<Reported>> = self
+            .pipes
+            .iter()
+            .map(|pipe| {
+                pipe.keys
+                    .iter()
+                    .zip(&pipe.reports)
+                    .map(|(k, r)| Reported {
+                        key: *k,
+                        report: r.clone().expect("all reports are in"),
+                    })
+                    .collect()
+            })
+            .collect();
+        match judge::judge(&self.session, step, &inputs, &reports) {
+            StepVerdict::Agreed { token } => {
+                for pipe in &mut self.pipes {
+                    for (s, key) in pipe.keys.iter().enumerate() {
+                        *self.credit.entry(*key).or_default() += self.gflop[s] * pipe.rows as f64;
+                        let out = pipe.reports[s].as_ref().expect("in").commit.output_hash;
+                        pipe.history[s].push(out);
+                    }
+                }
+                let last = reports[0].len() - 1;
+                self.logits.push(reports[0][last].report.commit.output_hash);
+                self.tokens.push(token);
+                let _ = self.tokens_tx.send(token);
+                self.pipelines()
+                    .metrics
+                    .steps_agreed
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(Some(token))
+            }
+            StepVerdict::Proven {
+                pipeline,
+                stage,
+                why,
+            } => {
+                let liar = self.pipes[pipeline].keys[stage];
+                tracing::warn!(session = %self.session, %liar, stage, "a stage lied: {why}");
+                self.convict(liar).await?;
+                self.rebuild(pipeline, step).await?;
+                Ok(None)
+            }
+            StepVerdict::Diverged { stage } => {
+                self.disputes += 1;
+                self.pipelines()
+                    .metrics
+                    .stage_disputes
+                    .fetch_add(1, Ordering::Relaxed);
+                let liars = self.referee(step, stage).await?;
+                if liars.is_empty() {
+                    return Err(format!(
+                        "pipelines disagree at step {step} stage {stage} and the re-execution matched both"
+                    ));
+                }
+                for p in liars {
+                    let liar = self.pipes[p].keys[stage];
+                    tracing::warn!(session = %self.session, %liar, stage, step, "re-execution caught a stage");
+                    self.convict(liar).await?;
+                    self.rebuild(p, step).await?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn convict(&mut self, liar: PublicKey) -> Result<(), String> {
+        self.excluded.insert(liar);
+        self.liars.push(liar);
+        self.credit.remove(&liar);
+        self.pipelines()
+            .metrics
+            .stage_liars
+            .fetch_add(1, Ordering::Relaxed);
+        self.state
+            .strike_stage_liar(&liar)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Re-executes stage `stage` of step `step` from its agreed input, once per group of
+    /// pipelines that started at the same step; returns the pipelines whose member there
+    /// computed something else.
+    async fn referee(&mut self, step: u32, stage: usize) -> Result<Vec<usize>, String> {
+        let mut liars = Vec::new();
+        let mut bases: Vec<u32> = self.pipes.iter().map(|p| p.base).collect();
+        bases.sort_unstable();
+        bases.dedup();
+        for base in bases {
+            let group: Vec<usize> = (0..self.pipes.len())
+                .filter(|&p| self.pipes[p].base == base)
+                .collect();
+            let (hash, token) = self.replay(step, stage, base, &group).await?;
+            for p in group {
+                let r = self.pipes[p].reports[stage].as_ref().expect("in");
+                if r.commit.output_hash != hash || (token.is_some() && r.token != token) {
+                    liars.push(p);
+                }
+            }
+        }
+        Ok(liars)
+    }
+
+    /// The output hash (and, for the last stage, the token) stage `stage` computes at `step`
+    /// when it started at `base`, from inputs fetched from a predecessor in `group`.
+    async fn replay(
+        &mut self,
+        step: u32,
+        stage: usize,
+        base: u32,
+        group: &[usize],
+    ) -> Result<(Hash, Option<u32>), String> {
+        enum Inputs {
+            Tokens(Vec<Vec<u32>>),
+            Hidden(PublicKey, Vec<Activation>),
+        }
+        let inputs = if stage == 0 {
+            Inputs::Tokens((base..=step).map(|k| self.input(group[0], k)).collect())
+        } else {
+            let mut found = None;
+            for &p in group {
+                let up = self.pipes[p].keys[stage - 1];
+                if let Some(list) = self.fetch_history(p, stage - 1, step).await {
+                    found = Some((up, list));
+                    break;
+                }
+            }
+            let (up, list) = found.ok_or_else(|| {
+                format!("no predecessor of stage {stage} sent its outputs for re-execution")
+            })?;
+            Inputs::Hidden(up, list)
+        };
+        let model = self
+            .state
+            .registry
+            .find(&self.spec.model)
+            .ok_or("the model went away")?;
+        let exact = model.model_ref(tabula_protocol::Precision::Exact);
+        let file = exact.files.first().ok_or("no exact file")?;
+        let path = self
+            .state
+            .registry
+            .path(&file.sha256)
+            .ok_or("the exact file is missing")?
+            .clone();
+        let sha = file.sha256.to_hex();
+        let plan = StagePlan {
+            session: self.session,
+            stage: stage as u16,
+            layers: self.ranges[stage].clone(),
+            capacity: self.capacity,
+            upstream: match &inputs {
+                Inputs::Tokens(_) => None,
+                Inputs::Hidden(up, _) => Some(*up),
+            },
+            first_step: base,
+            temperature_milli: self.spec.temperature_milli,
+            top_p_q16: self.spec.top_p_q16,
+            seed: self.spec.seed,
+        };
+        // The re-execution's own commitments are never sent: any key signs them.
+        let identity = tabula_protocol::Identity::from_seed(random_bytes::<32>());
+        tokio::task::spawn_blocking(move || -> Result<(Hash, Option<u32>), String> {
+            let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+            let file = ExactFile::open(&bytes, &sha).map_err(|e| e.to_string())?;
+            let backend = CpuBackend;
+            let mut runner = StageRunner::load(&backend, &file, plan).map_err(|e| e.to_string())?;
+            let mut last = None;
+            match inputs {
+                Inputs::Tokens(list) => {
+                    for t in list {
+                        last = Some(
+                            pollster::block_on(runner.run_tokens(&backend, &identity, &t))
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                }
+                Inputs::Hidden(_, list) => {
+                    for a in list {
+                        last = Some(
+                            pollster::block_on(runner.run_activation(&backend, &identity, &a))
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                }
+            }
+            let out = last.ok_or("nothing to re-execute")?;
+            Ok(match out {
+                StageOut::Activation(a) => (a.commit.output_hash, None),
+                StageOut::Token { token, commit } => (commit.output_hash, Some(token)),
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Asks pipeline `p`'s stage `s` for its outputs from its first step to `step`, each
+    /// checked against its signature and the hash it reported at that step. `None` when it
+    /// does not answer in time or answers wrong.
+    async fn fetch_history(&mut self, p: usize, s: usize, step: u32) -> Option<Vec<Activation>> {
+        let key = self.pipes[p].keys[s];
+        let base = self.pipes[p].base;
+        let mut expected: Vec<Hash> = self.pipes[p].history[s].clone();
+        expected.push(self.pipes[p].reports[s].as_ref()?.commit.output_hash);
+        if expected.len() != (step - base + 1) as usize {
+            return None;
+        }
+        let signer = tabula_protocol::SignerKey::parse(&key).ok()?;
+        self.pipelines().send(
+            &key,
+            ToWorker::StageHistory {
+                session: self.session,
+                step,
+            },
+        );
+        let mut got: Vec<Activation> = Vec::new();
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        while got.len() < expected.len() {
+            let (from, event) = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .ok()??;
+            // Other members' events during a dispute: only failures matter, and the
+            // pipeline is rebuilt after the verdict anyway.
+            let Event::Output(a) = event else { continue };
+            if from != key {
+                continue;
+            }
+            let k = base + got.len() as u32;
+            if a.check(&signer, &self.session, k, s as u16, self.dim)
+                .is_err()
+                || a.commit.output_hash != expected[got.len()]
+            {
+                tracing::warn!(session = %self.session, member = %key, "an output for re-execution did not check");
+                return None;
+            }
+            got.push(a);
+        }
+        Some(got)
+    }
+
+    async fn finish(&mut self, stopped: bool) -> Result<Outcome, String> {
+        let output = UnitOutput::Generation {
+            tokens: self.tokens.clone(),
+            stopped,
+            logits_sha256: self.logits.clone(),
+        };
+        let credits: Vec<(PublicKey, i64)> = self
+            .credit
+            .iter()
+            .map(|(k, gflop)| (*k, (gflop * 1e6).round() as i64))
+            .collect();
+        self.state
+            .settle_session(crate::scheduler::SessionSettlement {
+                job_id: self.spec.job_id.clone(),
+                unit_id: self.spec.unit_id.clone(),
+                digest: self.spec.task.digest(),
+                output: output.encode(),
+                credits,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let row = [
+            self.spec.stages as i64,
+            self.spec.pipelines as i64,
+            self.direct as i64,
+            self.relayed as i64,
+            self.disputes as i64,
+            self.liars.len() as i64,
+            self.rebuilds as i64,
+        ];
+        if let Err(e) = self.state.record_session(&self.spec.job_id, row).await {
+            tracing::warn!("recording a pipeline session: {e}");
+        }
+        Ok(Outcome {
+            output,
+            links_direct: self.direct,
+            links_relayed: self.relayed,
+            disputes: self.disputes,
+            liars: self.liars.clone(),
+            rebuilds: self.rebuilds,
+        })
+    }
+}

@@ -1,0 +1,455 @@
+//! A native worker's part in a pipeline session: the stage the coordinator ordered
+//! ([`StageOrder`]), run as a task beside the unit loop. It fetches only its stage's pieces,
+//! links to its neighbours over WebRTC data channels (signalling through the worker socket)
+//! or, when no direct path comes up in time, through the coordinator's relay, then computes
+//! step after step and reports each step's signed commitment. It keeps the outputs it sent,
+//! so that the coordinator can re-execute the next stage from them when pipelines disagree.
+//!
+//! The member talks to the socket loop through two channels only: [`MemberMsg`]s in (what the
+//! coordinator sent for this session) and [`ToCoordinator`] frames out.
+
+use std::{sync::Arc, time::Duration};
+
+use tabula_engine::cpu::CpuBackend;
+use tabula_models::exact::ExactFile;
+use tabula_protocol::{
+    Activation, Identity, LinkPath, MAX_ACTIVATION, PublicKey, SessionId, Signal, StageOrder,
+    StageReport, ToCoordinator, decode, encode,
+};
+use tabula_transport::{
+    ChannelLink, Link, MAX_MESSAGE, Path, TransportError,
+    native::{Role, RtcLink, RtcOptions, connect},
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    FileSource, WorkerError,
+    stage::{StageOut, StagePlan, StageRunner},
+};
+
+/// What the socket loop hands a member.
+#[derive(Debug)]
+pub enum MemberMsg {
+    /// The first stage's input for `step`.
+    Input {
+        step: u32,
+        tokens: Vec<u32>,
+    },
+    Signal {
+        peer: PublicKey,
+        signal: Signal,
+    },
+    Relay {
+        peer: PublicKey,
+        chunk: Vec<u8>,
+    },
+    /// Send the retained outputs of steps up to `step`.
+    History {
+        step: u32,
+    },
+}
+
+/// How a member links to its neighbours.
+#[derive(Clone, Debug)]
+pub struct MemberOptions {
+    /// Try a direct data channel first (`false`: relay through the coordinator at once, as a
+    /// worker behind a firewall that blocks UDP would end up doing).
+    pub direct: bool,
+    pub rtc: RtcOptions,
+}
+
+impl Default for MemberOptions {
+    fn default() -> Self {
+        Self {
+            direct: true,
+            rtc: RtcOptions::default(),
+        }
+    }
+}
+
+/// A running member: its inbox, and the task (aborted when dropped).
+pub struct Member {
+    pub inbox: mpsc::UnboundedSender<MemberMsg>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The largest encoded activation a neighbour may send: the data and its commitment.
+const MAX_ACTIVATION_FRAME: usize = MAX_ACTIVATION + 4096;
+const _: () = assert!(MAX_ACTIVATION_FRAME <= MAX_MESSAGE);
+const _: () = assert!(tabula_protocol::MAX_RELAY_CHUNK == tabula_transport::MAX_CHUNK);
+
+/// Starts a member for `order`; what it sends the coordinator goes into `out`.
+pub fn spawn(
+    order: StageOrder,
+    identity: Arc<Identity>,
+    files: Arc<dyn FileSource + Send + Sync>,
+    out: mpsc::UnboundedSender<ToCoordinator>,
+    options: MemberOptions,
+) -> Member {
+    let (inbox, rx) = mpsc::unbounded_channel();
+    let session = order.session;
+    let task = tokio::spawn(async move {
+        if let Err(e) = run(order, identity, files, out.clone(), rx, options).await {
+            tracing::warn!(%session, "pipeline stage: {e}");
+            let _ = out.send(ToCoordinator::StageFailed {
+                session,
+                reason: e.to_string().chars().take(1000).collect(),
+            });
+        }
+    });
+    Member { inbox, task }
+}
+
+/// One neighbour: a direct channel when one came up, and the relay, which is always there
+/// (the peer may have fallen back to it while this side's channel came up).
+struct Neighbour {
+    direct: Option<RtcLink>,
+    relay: ChannelLink,
+}
+
+impl Neighbour {
+    fn path(&self) -> LinkPath {
+        match self.direct {
+            Some(_) => LinkPath::Direct,
+            None => LinkPath::Relayed,
+        }
+    }
+
+    async fn send(&mut self, message: &[u8]) -> Result<(), TransportError> {
+        if let Some(direct) = &self.direct {
+            match direct.send(message).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!("data channel failed ({e}); relaying through the coordinator");
+                    self.direct = None;
+                }
+            }
+        }
+        self.relay.send(message).await
+    }
+
+    async fn recv(&self) -> Result<Vec<u8>, TransportError> {
+        match &self.direct {
+            Some(direct) => tokio::select! {
+                m = direct.recv() => m,
+                m = self.relay.recv() => m,
+            },
+            None => self.relay.recv().await,
+        }
+    }
+}
+
+async fn run(
+    order: StageOrder,
+    identity: Arc<Identity>,
+    files: Arc<dyn FileSource + Send + Sync>,
+    out: mpsc::UnboundedSender<ToCoordinator>,
+    mut inbox: mpsc::UnboundedReceiver<MemberMsg>,
+    options: MemberOptions,
+) -> Result<(), WorkerError> {
+    order.validate()?;
+    let session = order.session;
+    let plan = StagePlan {
+        session,
+        stage: order.stage,
+        layers: order.layers.0 as usize..order.layers.1 as usize,
+        capacity: order.capacity as usize,
+        upstream: order.upstream,
+        first_step: order.first_step,
+        temperature_milli: order.temperature_milli,
+        top_p_q16: order.top_p_q16,
+        seed: order.seed,
+    };
+    // Loading (a download, then parsing) and linking go on together; signals and relayed
+    // chunks that arrive meanwhile are routed by the loop below.
+    let load = {
+        let files = files.clone();
+        let model = order.model.clone();
+        tokio::task::spawn_blocking(move || -> Result<StageRunner<CpuBackend>, WorkerError> {
+            let mut bytes = Vec::with_capacity(model.files.len());
+            for f in &model.files {
+                bytes.push((files.read(f)?, f.sha256.to_hex()));
+                if tabula_protocol::sha256(&bytes.last().expect("pushed").0) != f.sha256 {
+                    return Err(WorkerError::File(format!("piece {} is corrupt", f.sha256)));
+                }
+            }
+            let pieces: Vec<(&[u8], &str)> = bytes
+                .iter()
+                .map(|(b, h)| (b.as_slice(), h.as_str()))
+                .collect();
+            let file = ExactFile::open_pieces(&pieces)?;
+            StageRunner::load(&CpuBackend, &file, plan)
+        })
+    };
+    let wait = Duration::from_millis(u64::from(order.direct_ms));
+    // Signals and relayed chunks that arrive while the links come up go to them through
+    // these; afterwards relayed chunks keep flowing the same way.
+    let (up_early_tx, up_early) = mpsc::unbounded_channel::<MemberMsg>();
+    let (down_early_tx, down_early) = mpsc::unbounded_channel::<MemberMsg>();
+    let mut inputs: std::collections::VecDeque<(u32, Vec<u32>)> = Default::default();
+    let mut history_asks: Vec<u32> = Vec::new();
+    let route = |msg: MemberMsg,
+                 inputs: &mut std::collections::VecDeque<(u32, Vec<u32>)>,
+                 history_asks: &mut Vec<u32>| match msg {
+        MemberMsg::Input { step, tokens } => inputs.push_back((step, tokens)),
+        MemberMsg::History { step } => history_asks.push(step),
+        m @ (MemberMsg::Signal { .. } | MemberMsg::Relay { .. }) => {
+            let peer = match &m {
+                MemberMsg::Signal { peer, .. } | MemberMsg::Relay { peer, .. } => *peer,
+                _ => unreachable!("matched above"),
+            };
+            if Some(peer) == order.upstream {
+                let _ = up_early_tx.send(m);
+            } else if Some(peer) == order.downstream {
+                let _ = down_early_tx.send(m);
+            } else {
+                tracing::warn!(%peer, "a signal from a peer that is not a neighbour; dropped");
+            }
+        }
+    };
+    let (runner, up_link, down_link) = {
+        let (up_sig_tx, up_sig_rx) = mpsc::channel::<Signal>(64);
+        let (down_sig_tx, down_sig_rx) = mpsc::channel::<Signal>(64);
+        let (up_relay_tx, up_relay_rx) = futures_channel::mpsc::channel::<Vec<u8>>(64);
+        let (down_relay_tx, down_relay_rx) = futures_channel::mpsc::channel::<Vec<u8>>(64);
+        let forward = |mut early: mpsc::UnboundedReceiver<MemberMsg>,
+                       sig: mpsc::Sender<Signal>,
+                       mut relay: futures_channel::mpsc::Sender<Vec<u8>>| async move {
+            while let Some(m) = early.recv().await {
+                match m {
+                    MemberMsg::Signal { signal, .. } => {
+                        let _ = sig.send(signal).await;
+                    }
+                    MemberMsg::Relay { chunk, .. } => {
+                        use futures_util::SinkExt;
+                        if relay.send(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let fwd_up = tokio::spawn(forward(up_early, up_sig_tx, up_relay_tx));
+        let fwd_down = tokio::spawn(forward(down_early, down_sig_tx, down_relay_tx));
+        let up = async {
+            match order.upstream {
+                Some(peer) => Some(
+                    link_with(
+                        Role::Answerer,
+                        session,
+                        peer,
+                        &out,
+                        &options,
+                        wait,
+                        up_sig_rx,
+                        up_relay_rx,
+                    )
+                    .await,
+                ),
+                None => None,
+            }
+        };
+        let down = async {
+            match order.downstream {
+                Some(peer) => Some(
+                    link_with(
+                        Role::Offerer,
+                        session,
+                        peer,
+                        &out,
+                        &options,
+                        wait,
+                        down_sig_rx,
+                        down_relay_rx,
+                    )
+                    .await,
+                ),
+                None => None,
+            }
+        };
+        let setup = async { tokio::join!(load, up, down) };
+        tokio::pin!(setup);
+        let (loaded, up, down) = loop {
+            tokio::select! {
+                done = &mut setup => break done,
+                msg = inbox.recv() => match msg {
+                    Some(m) => route(m, &mut inputs, &mut history_asks),
+                    None => return Ok(()),
+                },
+            }
+        };
+        // The forwarders keep carrying relayed chunks for the life of the session; they end
+        // when `route` (and its senders) goes away with this function.
+        drop((fwd_up, fwd_down));
+        let runner = loaded.map_err(|e| WorkerError::Model(format!("stage load: {e}")))??;
+        (runner, up, down)
+    };
+    let mut down_link = down_link;
+    let _ = out.send(ToCoordinator::StageUp {
+        session,
+        downstream: down_link.as_ref().map(Neighbour::path),
+    });
+    let mut runner = Some(runner);
+    // Outputs sent downstream, by step, for the coordinator's re-execution of the next stage.
+    let mut sent: Vec<Activation> = Vec::new();
+    let last = order.downstream.is_none();
+    loop {
+        for step in history_asks.drain(..) {
+            for a in sent.iter().filter(|a| a.commit.step <= step) {
+                let _ = out.send(ToCoordinator::StageOutput {
+                    session,
+                    activation: a.clone(),
+                });
+            }
+        }
+        // The next input: tokens for the first stage, an activation otherwise.
+        enum Input {
+            Tokens(Vec<u32>),
+            Hidden(Activation),
+        }
+        let input = if let Some((step, tokens)) = inputs.pop_front() {
+            let expected = runner.as_ref().map_or(0, StageRunner::step);
+            if order.upstream.is_some() || step != expected {
+                return Err(WorkerError::Task(format!(
+                    "input for step {step}; this stage expects step {expected} from upstream"
+                )));
+            }
+            Input::Tokens(tokens)
+        } else {
+            tokio::select! {
+                msg = inbox.recv() => {
+                    match msg {
+                        Some(m) => route(m, &mut inputs, &mut history_asks),
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
+                bytes = async { up_link.as_ref().expect("guarded").recv().await }, if up_link.is_some() => {
+                    let bytes = bytes.map_err(|e| WorkerError::Connection(format!("upstream link: {e}")))?;
+                    let activation: Activation = decode_activation(&bytes)?;
+                    Input::Hidden(activation)
+                }
+            }
+        };
+        let mut r = runner
+            .take()
+            .expect("the runner is put back after each step");
+        let id = identity.clone();
+        let (r, result, received) = tokio::task::spawn_blocking(move || {
+            let backend = CpuBackend;
+            match input {
+                Input::Tokens(t) => {
+                    let res = pollster::block_on(r.run_tokens(&backend, &id, &t));
+                    (r, res, None)
+                }
+                Input::Hidden(a) => {
+                    let res = pollster::block_on(r.run_activation(&backend, &id, &a));
+                    (r, res, Some(a.commit))
+                }
+            }
+        })
+        .await
+        .map_err(|e| WorkerError::Model(format!("stage step: {e}")))?;
+        runner = Some(r);
+        let result = result?;
+        let report = StageReport {
+            commit: result.commit().clone(),
+            received,
+            token: match &result {
+                StageOut::Token { token, .. } => Some(*token),
+                StageOut::Activation(_) => None,
+            },
+        };
+        if let StageOut::Activation(a) = result {
+            debug_assert!(!last);
+            let link = down_link
+                .as_mut()
+                .expect("a stage with output has a downstream");
+            link.send(&encode(&a))
+                .await
+                .map_err(|e| WorkerError::Connection(format!("downstream link: {e}")))?;
+            sent.push(a);
+        }
+        let _ = out.send(ToCoordinator::StageStep { session, report });
+    }
+}
+
+fn decode_activation(bytes: &[u8]) -> Result<Activation, WorkerError> {
+    // An activation travels as a bare postcard frame with the protocol version in front.
+    Ok(decode(bytes, MAX_ACTIVATION_FRAME)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn link_with(
+    role: Role,
+    session: SessionId,
+    peer: PublicKey,
+    out: &mpsc::UnboundedSender<ToCoordinator>,
+    options: &MemberOptions,
+    wait: Duration,
+    incoming: mpsc::Receiver<Signal>,
+    relay_inbox: futures_channel::mpsc::Receiver<Vec<u8>>,
+) -> Neighbour {
+    let (relay_out, mut relay_chunks) = futures_channel::mpsc::channel::<Vec<u8>>(16);
+    let relay = ChannelLink::new(relay_out, relay_inbox, MAX_ACTIVATION_FRAME, Path::Relayed);
+    {
+        let out = out.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(chunk) = relay_chunks.next().await {
+                if out
+                    .send(ToCoordinator::Relay {
+                        session,
+                        peer,
+                        chunk,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    if !options.direct || wait.is_zero() {
+        return Neighbour {
+            direct: None,
+            relay,
+        };
+    }
+    let (signals_out, mut outgoing) = mpsc::unbounded_channel::<Signal>();
+    {
+        let out = out.clone();
+        tokio::spawn(async move {
+            while let Some(signal) = outgoing.recv().await {
+                if out
+                    .send(ToCoordinator::Signal {
+                        session,
+                        peer,
+                        signal,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    let mut rtc = options.rtc.clone();
+    rtc.connect_timeout = wait;
+    rtc.limit = MAX_ACTIVATION_FRAME;
+    let direct = match connect(role, signals_out, incoming, rtc).await {
+        Ok(direct) => Some(direct),
+        Err(e) => {
+            tracing::info!(%peer, "no direct path ({e}); relaying through the coordinator");
+            None
+        }
+    };
+    Neighbour { direct, relay }
+}
