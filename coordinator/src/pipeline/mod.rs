@@ -85,6 +85,9 @@ struct Volunteer {
     budget_mb: u32,
     /// The session it serves. Invariant: `Some` exactly while a session's placement holds it.
     session: Option<SessionId>,
+    /// Caught lying: never placed again (its key is struck or banned; a banned key's next
+    /// login is refused).
+    barred: bool,
 }
 
 /// What a member sent about its session.
@@ -143,6 +146,7 @@ impl Pipelines {
                 prefix,
                 budget_mb,
                 session: None,
+                barred: false,
             },
         ) && let Some(session) = old.session
         {
@@ -255,6 +259,7 @@ impl Pipelines {
             .iter()
             .filter(|(k, v)| {
                 v.session.is_none()
+                    && !v.barred
                     && !avoid.contains(*k)
                     && !avoid_prefixes.contains(&v.prefix)
                     && !v.tx.is_closed()
@@ -295,6 +300,13 @@ impl Pipelines {
                 v.session = None;
                 let _ = v.tx.send(ToWorker::StageEnd { session: *session });
             }
+        }
+    }
+
+    /// Never places `key` again while it is connected.
+    fn bar(&self, key: &PublicKey) {
+        if let Some(v) = self.volunteers().get_mut(key) {
+            v.barred = true;
         }
     }
 
@@ -637,8 +649,12 @@ impl Driver {
                     None => {}
                 }
             }
+            // A member reports once per step, in order, and a rebuilt pipeline's old members
+            // never serve the session again: whatever a member reports while its slot is
+            // empty is its report for this step (one for another step or stage is judged a
+            // lie).
             Event::Step(report) => {
-                if report.commit.step == step && self.pipes[p].reports[s].is_none() {
+                if self.pipes[p].reports[s].is_none() {
                     self.pipes[p].reports[s] = Some(report);
                 }
             }
@@ -838,6 +854,9 @@ impl Driver {
             ));
         }
         let old = std::mem::take(&mut self.pipes[p].keys);
+        // None of them serves this session again: a message of its old position still on
+        // its way would otherwise be taken for one of its new position.
+        self.excluded.extend(old.iter().copied());
         {
             let mut sessions = self.pipelines().sessions();
             if let Some(entry) = sessions.get_mut(&self.session) {
@@ -925,6 +944,7 @@ impl Driver {
 
     async fn convict(&mut self, liar: PublicKey) -> Result<(), String> {
         self.excluded.insert(liar);
+        self.pipelines().bar(&liar);
         self.liars.push(liar);
         self.credit.remove(&liar);
         self.pipelines()

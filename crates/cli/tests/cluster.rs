@@ -3302,3 +3302,235 @@ fn three_stages_on_six_workers_generate_what_the_whole_model_does() {
         check_receipts(&entry);
     }
 }
+
+/// A stage worker in this process that lies with `tamper`; stops when the sender is dropped
+/// (or set). Returns its key.
+fn lying_stage_worker(
+    cluster: &Cluster,
+    n: usize,
+    tamper: tabula_worker::member::Tamper,
+) -> (String, tokio::sync::watch::Sender<bool>) {
+    use tabula_worker::native::{WorkerOptions, load_or_create_identity, run};
+    let state_dir = cluster.dir.path().join(format!("liar{n}"));
+    let identity = load_or_create_identity(&state_dir).unwrap();
+    let key = identity.public().to_hex();
+    let options = WorkerOptions {
+        coordinator: format!("http://127.0.0.1:{}", cluster.port),
+        state_dir,
+        precisions: vec![tabula_protocol::Precision::Exact],
+        payout: None,
+        agent: format!("liar {tamper:?}"),
+        max_units: None,
+        units_in_flight: 1,
+        stages: true,
+        max_model_mb: 0,
+        member: tabula_worker::member::MemberOptions {
+            tamper: Some(tamper),
+            ..Default::default()
+        },
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let (events, _keep) = tokio::sync::mpsc::unbounded_channel();
+            let _ = run(
+                || Ok(tabula_worker::Executor::new(tabula_engine::cpu::CpuBackend)),
+                identity,
+                options,
+                events,
+                stop,
+            )
+            .await;
+        });
+    });
+    (key, stop_tx)
+}
+
+/// The number of `/v1/ledger/{key}`'s strikes and whether it is banned.
+fn strikes(port: u16, key: &str) -> (i64, bool) {
+    let entry = ledger(port, key);
+    let w = &entry["workers"][0];
+    (
+        w["strikes"].as_i64().unwrap_or(0),
+        w["banned"].as_bool().unwrap_or(false),
+    )
+}
+
+/// Issue 17: stages that lie. Each round starts a cluster whose six first stage workers
+/// include the liars (so they are placed), asks for a completion, and adds honest spares for
+/// the rebuilds. The answer is still the whole model's; a liar proven by re-execution or by
+/// its own signatures is struck (banned: it had nothing verified) and gets no credit; a
+/// stage whose sent bytes do not match its signature costs the session a rebuild and nobody
+/// a strike (which of the two lied cannot be proven).
+#[test]
+fn lying_stages_are_found_struck_and_the_answer_is_still_right() {
+    use tabula_worker::member::Tamper;
+    let prompt = "Water boils at";
+    let want = local_generation(prompt, 12, "0", "0");
+    let rounds: [(&[Tamper], bool); 3] = [
+        (&[Tamper::FlipOutput, Tamper::FlipOutput], true),
+        (&[Tamper::WrongInputHash, Tamper::Replay], true),
+        (&[Tamper::CorruptSend], false),
+    ];
+    for (liars, struck) in rounds {
+        let mut cluster = Cluster::start(
+            Flavor::Sqlite,
+            &["--pipeline", "3", "--canary-rate", "0", "--audit-rate", "0"],
+        )
+        .unwrap();
+        let port = cluster.port;
+        let key = cluster.api_key();
+        let mut honest: Vec<String> = (0..6 - liars.len())
+            .map(|n| cluster.add_worker(n))
+            .collect();
+        let evil: Vec<(String, _)> = liars
+            .iter()
+            .enumerate()
+            .map(|(i, t)| lying_stage_worker(&cluster, i, *t))
+            .collect();
+        wait_for_workers(&cluster, 6);
+        let ask = std::thread::spawn(move || {
+            post(
+                port,
+                "/v1/completions",
+                &key,
+                json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 12, "temperature": 0 }),
+            )
+        });
+        // Spares for the rebuilds, once the six are placed.
+        std::thread::sleep(Duration::from_millis(500));
+        for n in 0..6 {
+            honest.push(cluster.add_worker(10 + n));
+        }
+        let (status, body) = ask.join().unwrap();
+        assert_eq!(status, 200, "{liars:?}: {body}\n{}", cluster.log());
+        assert_eq!(
+            body["choices"][0]["text"].as_str().unwrap(),
+            want,
+            "{liars:?}"
+        );
+        let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&cluster.api_key()), None, &[]);
+        let _ = jobs;
+        for (liar, _) in &evil {
+            let (strikes, banned) = strikes(port, liar);
+            assert_eq!(
+                (strikes > 0, banned),
+                (struck, struck),
+                "{liars:?}: liar {liar}\n{}",
+                cluster.log()
+            );
+            assert_eq!(
+                ledger(port, liar)["verified_credit_micro"]
+                    .as_i64()
+                    .unwrap_or(0),
+                0,
+                "a liar earns nothing"
+            );
+        }
+        if struck {
+            assert!(metric(port, "tabula_pipeline_stage_liars_total") >= liars.len() as u64);
+        } else {
+            assert_eq!(metric(port, "tabula_pipeline_stage_liars_total"), 0);
+            assert!(metric(port, "tabula_pipeline_rebuilds_total") >= 1);
+        }
+        if liars.contains(&Tamper::FlipOutput) {
+            assert!(metric(port, "tabula_pipeline_stage_disputes_total") >= 1);
+        }
+        cluster.stop_workers();
+        for w in &honest {
+            assert_eq!(
+                strikes(port, w),
+                (0, false),
+                "honest {w} struck:\n{}",
+                cluster.log()
+            );
+        }
+        drop(evil);
+    }
+}
+
+/// Issue 17: a stage killed with `kill -9` mid-generation (streaming, so the kill lands
+/// between tokens): the coordinator rebuilds its pipeline from the prompt and the tokens
+/// agreed so far, the answer is the whole model's, and the worker that left is not struck.
+/// Then the same with direct paths off: every activation is relayed, same tokens.
+#[test]
+fn a_stage_killed_mid_generation_is_replaced_and_relayed_links_give_the_same_tokens() {
+    let prompt = "Once upon a time, in a small village,";
+    let want = local_generation(prompt, 40, "0", "0");
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--pipeline", "3", "--canary-rate", "0", "--audit-rate", "0"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let workers: Vec<String> = (0..6).map(|n| cluster.add_worker(n)).collect();
+    wait_for_workers(&cluster, 6);
+    let body = json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 40,
+                       "temperature": 0, "stream": true });
+    let stream = {
+        let key = key.clone();
+        std::thread::spawn(move || stream_events(port, &key, "/v1/completions", body))
+    };
+    // Spares, then a kill once tokens flow.
+    for n in 0..4 {
+        cluster.add_worker(10 + n);
+    }
+    let started = Instant::now();
+    while metric(port, "tabula_pipeline_steps_agreed_total") < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let victim = 1;
+    cluster.workers[victim].kill().unwrap();
+    cluster.workers[victim].wait().unwrap();
+    let events = stream.join().unwrap();
+    let text: String = events
+        .iter()
+        .filter_map(|(_, e)| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, want, "{events:?}\n{}", cluster.log());
+    assert!(
+        metric(port, "tabula_pipeline_rebuilds_total") >= 1,
+        "{}",
+        cluster.log()
+    );
+    let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
+    assert!(
+        jobs["data"][0]["pipeline"]["rebuilds"].as_i64().unwrap() >= 1,
+        "{jobs}"
+    );
+    assert_eq!(strikes(port, &workers[victim]), (0, false));
+    cluster.stop_workers();
+    drop(cluster);
+
+    // Direct paths blocked: every link relayed through the coordinator.
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--pipeline", "3", "--canary-rate", "0", "--audit-rate", "0"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    for n in 0..6 {
+        cluster.add_worker_with(n, &["--stage-links", "relay"]);
+    }
+    wait_for_workers(&cluster, 6);
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        &key,
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 40, "temperature": 0 }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), want);
+    assert_eq!(metric(port, "tabula_pipeline_links_direct_total"), 0);
+    assert_eq!(metric(port, "tabula_pipeline_links_relayed_total"), 4);
+    assert!(metric(port, "tabula_pipeline_relayed_bytes_total") > 0);
+    cluster.stop_workers();
+}

@@ -56,6 +56,10 @@ pub struct MemberOptions {
     /// worker behind a firewall that blocks UDP would end up doing).
     pub direct: bool,
     pub rtc: RtcOptions,
+    /// Lie in one of the ways an attacker would (tests of the coordinator's defences only;
+    /// no command-line option sets it).
+    #[doc(hidden)]
+    pub tamper: Option<Tamper>,
 }
 
 impl Default for MemberOptions {
@@ -63,7 +67,71 @@ impl Default for MemberOptions {
         Self {
             direct: true,
             rtc: RtcOptions::default(),
+            tamper: None,
         }
+    }
+}
+
+/// The lies a test's malicious stage tells.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tamper {
+    /// Computes wrong: one activation byte flipped (and signed as if right); the last stage
+    /// answers another token.
+    FlipOutput,
+    /// Signs an input hash it was not given.
+    WrongInputHash,
+    /// Reports a commitment that is not its own for this step (its upstream's, or its own of
+    /// the step before).
+    Replay,
+    /// Sends bytes that do not hash to what it signed.
+    CorruptSend,
+}
+
+/// Applies `t` to a step's result; returns the bytes to send instead of the signed ones, if
+/// any.
+fn tamper(t: Tamper, identity: &Identity, result: &mut StageOut) -> Option<Vec<u8>> {
+    let resign = |c: &tabula_protocol::StageCommit, input, output| {
+        identity.stage_commit(c.session, c.step, c.stage, input, output)
+    };
+    match (t, result) {
+        (Tamper::FlipOutput, StageOut::Activation(a)) => {
+            a.data[0] ^= 1;
+            a.commit = resign(
+                &a.commit,
+                a.commit.input_hash,
+                tabula_protocol::sha256(&a.data),
+            );
+            None
+        }
+        (Tamper::FlipOutput, StageOut::Token { token, .. }) => {
+            *token ^= 1;
+            None
+        }
+        (Tamper::WrongInputHash, StageOut::Activation(a)) => {
+            a.commit = resign(
+                &a.commit,
+                tabula_protocol::sha256(b"not my input"),
+                a.commit.output_hash,
+            );
+            None
+        }
+        (Tamper::WrongInputHash, StageOut::Token { commit, .. }) => {
+            *commit = resign(
+                commit,
+                tabula_protocol::sha256(b"not my input"),
+                commit.output_hash,
+            );
+            None
+        }
+        // Only the report lies (see the caller); what goes downstream is right.
+        (Tamper::Replay, _) => None,
+        (Tamper::CorruptSend, StageOut::Activation(a)) => {
+            let mut bytes = a.data.clone();
+            bytes[0] ^= 1;
+            Some(bytes)
+        }
+        (Tamper::CorruptSend, StageOut::Token { .. }) => None,
     }
 }
 
@@ -297,6 +365,8 @@ async fn run(
         downstream: down_link.as_ref().map(Neighbour::path),
     });
     let mut runner = Some(runner);
+    // This member's commitment of the step before (for the replay attack of tests).
+    let mut last_commit: Option<tabula_protocol::StageCommit> = None;
     // Outputs sent downstream, by step, for the coordinator's re-execution of the next stage.
     let mut sent: Vec<Activation> = Vec::new();
     let last = order.downstream.is_none();
@@ -350,7 +420,8 @@ async fn run(
                     (r, res, None)
                 }
                 Input::Hidden(a) => {
-                    let res = pollster::block_on(r.run_activation(&backend, &id, &a));
+                    let res = pollster::block_on(r.run_activation(&backend, &id, &a))
+                        .map_err(|e| WorkerError::Task(format!("upstream activation: {e}")));
                     (r, res, Some(a.commit))
                 }
             }
@@ -358,21 +429,35 @@ async fn run(
         .await
         .map_err(|e| WorkerError::Model(format!("stage step: {e}")))?;
         runner = Some(r);
-        let result = result?;
-        let report = StageReport {
+        let mut result = result?;
+        let mut sent_data: Option<Vec<u8>> = None;
+        if let Some(t) = options.tamper {
+            sent_data = tamper(t, &identity, &mut result);
+        }
+        let mut report = StageReport {
             commit: result.commit().clone(),
-            received,
+            received: received.clone(),
             token: match &result {
                 StageOut::Token { token, .. } => Some(*token),
                 StageOut::Activation(_) => None,
             },
         };
+        if options.tamper == Some(Tamper::Replay)
+            && let Some(replayed) = received.or_else(|| last_commit.clone())
+        {
+            report.commit = replayed;
+        }
+        last_commit = Some(result.commit().clone());
         if let StageOut::Activation(a) = result {
             debug_assert!(!last);
             let link = down_link
                 .as_mut()
                 .expect("a stage with output has a downstream");
-            link.send(&encode(&a))
+            let mut wire = a.clone();
+            if let Some(data) = sent_data {
+                wire.data = data;
+            }
+            link.send(&encode(&wire))
                 .await
                 .map_err(|e| WorkerError::Connection(format!("downstream link: {e}")))?;
             sent.push(a);
