@@ -470,6 +470,7 @@ pub async fn run_session(
         dim,
         capacity,
         events,
+        deferred: Default::default(),
         tokens_tx: tokens,
         pipes: Vec::new(),
         ranges: Vec::new(),
@@ -520,6 +521,8 @@ struct Driver {
     dim: usize,
     capacity: usize,
     events: mpsc::UnboundedReceiver<(PublicKey, Event)>,
+    /// Events that arrived while a dispute was being settled, to handle next.
+    deferred: std::collections::VecDeque<(PublicKey, Event)>,
     tokens_tx: mpsc::UnboundedSender<u32>,
     pipes: Vec<Pipe>,
     ranges: Vec<Range<usize>>,
@@ -604,6 +607,10 @@ impl Driver {
                 })
                 .min()
                 .expect("a session has pipelines");
+            if let Some((from, event)) = self.deferred.pop_front() {
+                self.on_event(step, from, event).await?;
+                continue;
+            }
             tokio::select! {
                 event = self.events.recv() => {
                     let Some((from, event)) = event else {
@@ -925,16 +932,46 @@ impl Driver {
                     .metrics
                     .stage_disputes
                     .fetch_add(1, Ordering::Relaxed);
-                let liars = self.referee(step, stage).await?;
-                if liars.is_empty() {
+                // The first divergent stage, re-executed once per group of pipelines that
+                // started together: usually this finds the liar.
+                let mut caught: Vec<(usize, usize)> = self
+                    .referee(step, stage)
+                    .await?
+                    .into_iter()
+                    .map(|p| (p, stage))
+                    .collect();
+                // A colluder further down a convicted pipeline computed on the liar's output;
+                // each later stage there is re-executed from what it was actually sent.
+                for p in caught.iter().map(|&(p, _)| p).collect::<Vec<_>>() {
+                    for s in self.chain_check(step, p, stage + 1).await {
+                        caught.push((p, s));
+                    }
+                }
+                // Pipelines that started at different steps (one was rebuilt) agree on no
+                // stage's input, so only their tokens compare: each chain is re-executed
+                // from its first stage until its liar is found.
+                if caught.is_empty() {
+                    for p in 0..self.pipes.len() {
+                        for s in self.chain_check(step, p, 0).await {
+                            caught.push((p, s));
+                        }
+                    }
+                }
+                if caught.is_empty() {
                     return Err(format!(
-                        "pipelines disagree at step {step} stage {stage} and the re-execution matched both"
+                        "pipelines disagree at step {step} stage {stage} and the re-execution matched every stage"
                     ));
                 }
-                for p in liars {
-                    let liar = self.pipes[p].keys[stage];
-                    tracing::warn!(session = %self.session, %liar, stage, step, "re-execution caught a stage");
+                let mut rebuilt = Vec::new();
+                for (p, s) in caught {
+                    let liar = self.pipes[p].keys[s];
+                    tracing::warn!(session = %self.session, %liar, stage = s, step, "re-execution caught a stage");
                     self.convict(liar).await?;
+                    if !rebuilt.contains(&p) {
+                        rebuilt.push(p);
+                    }
+                }
+                for p in rebuilt {
                     self.rebuild(p, step).await?;
                 }
                 Ok(None)
@@ -978,6 +1015,31 @@ impl Driver {
             }
         }
         Ok(liars)
+    }
+
+    /// Re-executes pipeline `p`'s stages from `from` on, each from the outputs its own
+    /// predecessor sent; returns those whose report differs. Stops at a stage whose inputs
+    /// cannot be had (its predecessor does not send them).
+    async fn chain_check(&mut self, step: u32, p: usize, from: usize) -> Vec<usize> {
+        let mut liars = Vec::new();
+        for s in from..self.pipes[p].keys.len() {
+            let base = self.pipes[p].base;
+            match self.replay(step, s, base, &[p]).await {
+                Ok((hash, token)) => {
+                    let r = self.pipes[p].reports[s]
+                        .as_ref()
+                        .expect("all reports are in");
+                    if r.commit.output_hash != hash || (token.is_some() && r.token != token) {
+                        liars.push(s);
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(session = %self.session, stage = s, "cannot re-execute: {e}");
+                    break;
+                }
+            }
+        }
+        liars
     }
 
     /// The output hash (and, for the last stage, the token) stage `stage` computes at `step`
@@ -1098,12 +1160,15 @@ impl Driver {
             let (from, event) = tokio::time::timeout_at(deadline, self.events.recv())
                 .await
                 .ok()??;
-            // Other members' events during a dispute: only failures matter, and the
-            // pipeline is rebuilt after the verdict anyway.
-            let Event::Output(a) = event else { continue };
-            if from != key {
-                continue;
-            }
+            // Other members' events wait until the dispute is settled.
+            let a = match event {
+                Event::Output(a) if from == key => a,
+                Event::Output(_) => continue,
+                other => {
+                    self.deferred.push_back((from, other));
+                    continue;
+                }
+            };
             let k = base + got.len() as u32;
             if a.check(&signer, &self.session, k, s as u16, self.dim)
                 .is_err()

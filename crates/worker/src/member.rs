@@ -86,6 +86,8 @@ pub enum Tamper {
     Replay,
     /// Sends bytes that do not hash to what it signed.
     CorruptSend,
+    /// Signals garbage: an SDP that does not parse, candidates that are not JSON.
+    GarbageSignals,
 }
 
 /// Applies `t` to a step's result; returns the bytes to send instead of the signed ones, if
@@ -95,8 +97,12 @@ fn tamper(t: Tamper, identity: &Identity, result: &mut StageOut) -> Option<Vec<u
         identity.stage_commit(c.session, c.step, c.stage, input, output)
     };
     match (t, result) {
+        // Each liar lies its own way (the byte and the token depend on its key): two
+        // liars telling the same lie at the same position of both pipelines would agree,
+        // which no comparison of replicas can catch (see ARCHITECTURE.md).
         (Tamper::FlipOutput, StageOut::Activation(a)) => {
-            a.data[0] ^= 1;
+            let at = usize::from(identity.public().0[0]) % a.data.len();
+            a.data[at] ^= 1;
             a.commit = resign(
                 &a.commit,
                 a.commit.input_hash,
@@ -105,7 +111,7 @@ fn tamper(t: Tamper, identity: &Identity, result: &mut StageOut) -> Option<Vec<u
             None
         }
         (Tamper::FlipOutput, StageOut::Token { token, .. }) => {
-            *token ^= 1;
+            *token ^= 1 + u32::from(identity.public().0[0] % 16);
             None
         }
         (Tamper::WrongInputHash, StageOut::Activation(a)) => {
@@ -131,7 +137,7 @@ fn tamper(t: Tamper, identity: &Identity, result: &mut StageOut) -> Option<Vec<u
             bytes[0] ^= 1;
             Some(bytes)
         }
-        (Tamper::CorruptSend, StageOut::Token { .. }) => None,
+        (Tamper::CorruptSend, StageOut::Token { .. }) | (Tamper::GarbageSignals, _) => None,
     }
 }
 
@@ -511,8 +517,22 @@ async fn link_with(
     let (signals_out, mut outgoing) = mpsc::unbounded_channel::<Signal>();
     {
         let out = out.clone();
+        let garbage = options.tamper == Some(Tamper::GarbageSignals);
         tokio::spawn(async move {
-            while let Some(signal) = outgoing.recv().await {
+            while let Some(mut signal) = outgoing.recv().await {
+                if garbage {
+                    signal = match signal {
+                        Signal::Offer { .. } => Signal::Offer {
+                            sdp: "v=0\r\nnot an offer".into(),
+                        },
+                        Signal::Answer { .. } => Signal::Answer {
+                            sdp: "v=0\r\nnot an answer".into(),
+                        },
+                        Signal::Candidate { .. } => Signal::Candidate {
+                            json: "{not json".into(),
+                        },
+                    };
+                }
                 if out
                     .send(ToCoordinator::Signal {
                         session,
