@@ -331,6 +331,11 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             &state.pipelines.metrics.rebuilds,
         ),
         (
+            "tabula_pipeline_spot_checks_total",
+            "Stages of lone trusted pipelines re-executed at random",
+            &state.pipelines.metrics.spot_checks,
+        ),
+        (
             "tabula_pipeline_links_direct_total",
             "Stage-to-stage links that came up as direct WebRTC data channels",
             &state.pipelines.metrics.links_direct,
@@ -919,24 +924,25 @@ async fn run_pipeline(
         fingerprint: Some(&fingerprint),
         assurance: p.assurance,
     };
-    let (job, unit) = match state.create_pipeline_job(new, &task, credit).await? {
-        Ok(ids) => ids,
-        // A retried request: the session of its first attempt answers it.
-        Err(crate::scheduler::JobRefused::Conflict(id)) => {
-            if !state
-                .wait_job(&id, Duration::from_millis(state.config.request_timeout_ms))
-                .await?
-            {
-                return Err(refusal(crate::scheduler::JobRefused::Conflict(id)));
+    let crate::scheduler::PipelineJob { job, unit, pool } =
+        match state.create_pipeline_job(new, &task, credit).await? {
+            Ok(created) => created,
+            // A retried request: the session of its first attempt answers it.
+            Err(crate::scheduler::JobRefused::Conflict(id)) => {
+                if !state
+                    .wait_job(&id, Duration::from_millis(state.config.request_timeout_ms))
+                    .await?
+                {
+                    return Err(refusal(crate::scheduler::JobRefused::Conflict(id)));
+                }
+                let outputs = state.job_outputs(&id).await?;
+                if p.stream {
+                    return Ok(sse(stream_events(&p, &id, outputs)?));
+                }
+                return Ok(Json(render(&p, &id, outputs)?).into_response());
             }
-            let outputs = state.job_outputs(&id).await?;
-            if p.stream {
-                return Ok(sse(stream_events(&p, &id, outputs)?));
-            }
-            return Ok(Json(render(&p, &id, outputs)?).into_response());
-        }
-        Err(other) => return Err(refusal(other)),
-    };
+            Err(other) => return Err(refusal(other)),
+        };
     let spec = crate::pipeline::SessionSpec {
         job_id: job.clone(),
         unit_id: unit,
@@ -952,6 +958,7 @@ async fn run_pipeline(
         stop,
         placement_wait: Duration::from_secs(30),
         direct_ms: state.config.pipeline_direct_ms,
+        pool,
     };
     let (tokens_tx, mut tokens) = tokio::sync::mpsc::unbounded_channel();
     // The session runs on its own: a client that goes away does not stop it (its job

@@ -14,6 +14,9 @@ use tokio::sync::{Mutex, MutexGuard};
 
 use crate::CoordinatorError;
 
+/// The most workers an API key's pool names.
+pub const MAX_POOL: usize = 1024;
+
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS api_keys (
         key_hash TEXT PRIMARY KEY,
@@ -130,6 +133,16 @@ const SCHEMA: &[&str] = &[
         bytes BIGINT NOT NULL,
         content TEXT NOT NULL,
         created_ms BIGINT NOT NULL)",
+    // An API key limited to a pool of worker keys (hex): its jobs run only there.
+    "CREATE TABLE IF NOT EXISTS api_key_pools (
+        key_hash TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        PRIMARY KEY (key_hash, worker))",
+    // The pool of each job of such a key, for a restart.
+    "CREATE TABLE IF NOT EXISTS job_pools (
+        job_id TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        PRIMARY KEY (job_id, worker))",
     // How each pipeline session ran (`/v1/jobs` shows it beside its job).
     "CREATE TABLE IF NOT EXISTS pipeline_sessions (
         job_id TEXT PRIMARY KEY,
@@ -451,16 +464,59 @@ impl Db {
 
 impl Db {
     /// Creates a requester API key; only its SHA-256 is stored.
-    pub async fn create_api_key(&self, label: &str) -> Result<String, CoordinatorError> {
+    /// A new API key; with `pool`, its jobs run only on those workers.
+    pub async fn create_api_key(
+        &self,
+        label: &str,
+        pool: &[tabula_protocol::PublicKey],
+    ) -> Result<String, CoordinatorError> {
+        if pool.len() > MAX_POOL {
+            return Err(CoordinatorError::Config(format!(
+                "a pool of {} workers; at most {MAX_POOL}",
+                pool.len()
+            )));
+        }
         let key = format!("tbl-{}", hex::encode(random_bytes::<24>()));
+        let hash = tabula_protocol::sha256(key.as_bytes()).to_hex();
         let _w = self.write().await;
+        let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO api_keys (key_hash, label, created_ms) VALUES ($1, $2, $3)")
-            .bind(tabula_protocol::sha256(key.as_bytes()).to_hex())
+            .bind(&hash)
             .bind(label)
             .bind(now_ms())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        for worker in pool {
+            sqlx::query(
+                "INSERT INTO api_key_pools (key_hash, worker) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(&hash)
+            .bind(worker.to_hex())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(key)
+    }
+
+    /// The pool of worker keys (hex) an API key's jobs are limited to (`owner` is the key's
+    /// hash); `None` when it has none.
+    pub async fn api_key_pool(
+        &self,
+        owner: &str,
+    ) -> Result<Option<std::collections::HashSet<String>>, CoordinatorError> {
+        let rows = sqlx::query("SELECT worker FROM api_key_pools WHERE key_hash = $1")
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.iter()
+                .map(|r| sqlx::Row::try_get::<String, _>(r, "worker"))
+                .collect::<Result<_, _>>()?,
+        ))
     }
 
     pub async fn api_key_valid(&self, key: &str) -> Result<bool, CoordinatorError> {

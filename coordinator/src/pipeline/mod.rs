@@ -72,6 +72,8 @@ pub struct PipelineMetrics {
     pub stage_disputes: AtomicU64,
     pub stage_liars: AtomicU64,
     pub rebuilds: AtomicU64,
+    /// Stages of lone trusted pipelines re-executed at random.
+    pub spot_checks: AtomicU64,
     pub links_direct: AtomicU64,
     pub links_relayed: AtomicU64,
     pub relayed_bytes: AtomicU64,
@@ -253,6 +255,7 @@ impl Pipelines {
         need_mb: &[u32],
         avoid: &HashSet<PublicKey>,
         avoid_prefixes: &HashSet<Arc<str>>,
+        pool: Option<&HashSet<PublicKey>>,
     ) -> Option<Vec<PublicKey>> {
         let mut volunteers = self.volunteers();
         let mut free: Vec<(PublicKey, Arc<str>, u32)> = volunteers
@@ -261,6 +264,7 @@ impl Pipelines {
                 v.session.is_none()
                     && !v.barred
                     && !avoid.contains(*k)
+                    && pool.is_none_or(|p| p.contains(*k))
                     && !avoid_prefixes.contains(&v.prefix)
                     && !v.tx.is_closed()
             })
@@ -340,6 +344,8 @@ pub struct SessionSpec {
     /// How long to wait for enough free workers, and for a stalled step.
     pub placement_wait: Duration,
     pub direct_ms: u32,
+    /// The only workers that may serve it (its API key's pool), if limited.
+    pub pool: Option<HashSet<PublicKey>>,
 }
 
 /// How a session ended well.
@@ -485,6 +491,10 @@ pub async fn run_session(
         disputes: 0,
         direct: 0,
         relayed: 0,
+        spot: None,
+        spot_checks: 0,
+        held: Vec::new(),
+        restart: false,
     };
     let result = driver.run().await;
     let members: Vec<PublicKey> = driver.pipes.iter().flat_map(|p| p.keys.clone()).collect();
@@ -540,6 +550,28 @@ struct Driver {
     disputes: u64,
     direct: u64,
     relayed: u64,
+    /// A lone trusted pipeline's pending spot check: (step, stage).
+    spot: Option<(u32, usize)>,
+    spot_checks: u64,
+    /// Agreed tokens of a lone pipeline, held until its spot check passes.
+    held: Vec<u32>,
+    /// Set when a spot check failed: the session starts over at step 0.
+    restart: bool,
+}
+
+/// A uniform draw in [0, 1) from the OS's randomness.
+fn unit_random() -> f64 {
+    (u64::from_le_bytes(random_bytes::<8>()) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The (step, stage) a lone pipeline's spot check re-executes: uniform over the steps a
+/// session may reach and its stages. A session that ends sooner is checked at its last
+/// step.
+fn spot_check(max_tokens: u32, stages: usize) -> (u32, usize) {
+    let r = u64::from_le_bytes(random_bytes::<8>());
+    let step = (r % u64::from(max_tokens.max(1))) as u32;
+    let stage = ((r >> 32) % stages.max(1) as u64) as usize;
+    (step, stage)
 }
 
 impl Driver {
@@ -555,18 +587,18 @@ impl Driver {
             .ok_or("the model went away")?;
         self.ranges = stage_ranges(self.layers, self.spec.stages).map_err(|e| e.to_string())?;
         (self.need_mb, self.gflop) = stage_costs(model, self.layers, &self.ranges);
-        for p in 0..self.spec.pipelines {
-            self.pipes.push(Pipe {
-                keys: Vec::new(),
-                base: 0,
-                up: Vec::new(),
-                fed: false,
-                reports: Vec::new(),
-                history: Vec::new(),
-                rows: 0,
-                since: tokio::time::Instant::now(),
-            });
-            self.place(p, 0).await?;
+        self.add_pipe(0).await?;
+        // A pipeline of long-clean workers runs alone, but for a random share of sessions
+        // (`--spot-check-rate`), with one stage of one step re-executed at random; it cannot
+        // tell which.
+        let trusted = self.pipes[0].keys.iter().all(|k| self.state.long_clean(k));
+        if self.spec.pipelines > 1 && trusted && unit_random() >= self.state.config.spot_check_rate
+        {
+            self.spot = Some(spot_check(self.spec.max_tokens, self.spec.stages));
+        } else {
+            for _ in 1..self.spec.pipelines {
+                self.add_pipe(0).await?;
+            }
         }
         let mut step: u32 = 0;
         loop {
@@ -590,7 +622,11 @@ impl Driver {
                             p.since = tokio::time::Instant::now();
                         }
                     }
-                    None => continue,
+                    None => {
+                        if std::mem::take(&mut self.restart) {
+                            step = 0;
+                        }
+                    }
                 }
                 continue;
             }
@@ -621,6 +657,71 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => self.on_stall(step).await?,
             }
         }
+    }
+
+    /// Adds a pipeline and places it to start at `step`.
+    async fn add_pipe(&mut self, step: u32) -> Result<(), String> {
+        self.pipes.push(Pipe {
+            keys: Vec::new(),
+            base: step,
+            up: Vec::new(),
+            fed: false,
+            reports: Vec::new(),
+            history: Vec::new(),
+            rows: 0,
+            since: tokio::time::Instant::now(),
+        });
+        self.place(self.pipes.len() - 1, step).await
+    }
+
+    /// A lone trusted pipeline whose spot check is due at `step` (or whose generation ends
+    /// before it): re-executes the chosen stage. A lie there convicts the stage, and the
+    /// session goes on with two pipelines. `true` when the step stands.
+    async fn spot_check_due(&mut self, step: u32, token: u32) -> Result<bool, String> {
+        let Some((at, stage)) = self.spot else {
+            return Ok(true);
+        };
+        let ends = self.spec.stop.contains(&token)
+            || self.tokens.len() + 1 >= self.spec.max_tokens as usize;
+        if step < at && !ends {
+            return Ok(true);
+        }
+        self.spot = None;
+        self.spot_checks += 1;
+        self.pipelines()
+            .metrics
+            .spot_checks
+            .fetch_add(1, Ordering::Relaxed);
+        let base = self.pipes[0].base;
+        let (hash, want) = self.replay(step, stage, base, &[0]).await?;
+        let r = self.pipes[0].reports[stage]
+            .as_ref()
+            .expect("all reports are in");
+        if r.commit.output_hash == hash && (want.is_none() || r.token == want) {
+            // The tokens held back until now go out.
+            for t in std::mem::take(&mut self.held) {
+                let _ = self.tokens_tx.send(t);
+            }
+            return Ok(true);
+        }
+        let liar = self.pipes[0].keys[stage];
+        tracing::warn!(session = %self.session, %liar, stage, step, "a spot check caught a trusted stage");
+        self.convict(liar).await?;
+        self.start_over().await?;
+        Ok(false)
+    }
+
+    /// A lone pipeline caught lying: nothing it computed can be trusted, so the generation
+    /// starts over at step 0, checked by two pipelines (none of its tokens reached the
+    /// requester: they were held for the spot check).
+    async fn start_over(&mut self) -> Result<(), String> {
+        self.spot = None;
+        self.held.clear();
+        self.tokens.clear();
+        self.logits.clear();
+        self.credit.clear();
+        self.restart = true;
+        self.rebuild(0, 0).await
     }
 
     /// The position of `key` now, if it is a member.
@@ -763,15 +864,23 @@ impl Driver {
                     }
                 }
             }
-            if let Some(keys) =
-                self.pipelines()
-                    .place(self.session, &self.need_mb, &avoid, &avoid_prefixes)
-            {
+            if let Some(keys) = self.pipelines().place(
+                self.session,
+                &self.need_mb,
+                &avoid,
+                &avoid_prefixes,
+                self.spec.pool.as_ref(),
+            ) {
                 break keys;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!(
-                    "too few workers take pipeline stages: {} stages × {} pipelines need {} on distinct networks (stages of up to {} MiB)",
+                    "too few workers{} take pipeline stages: {} stages × {} pipelines need {} on distinct networks (stages of up to {} MiB)",
+                    if self.spec.pool.is_some() {
+                        " of this API key's pool"
+                    } else {
+                        ""
+                    },
                     self.spec.stages,
                     self.spec.pipelines,
                     self.spec.stages * self.spec.pipelines,
@@ -873,7 +982,21 @@ impl Driver {
             }
         }
         self.pipelines().free(&self.session, &old);
-        self.place(p, step).await
+        self.place(p, step).await?;
+        // A lone pipeline that lost a member is no longer all trusted: from here on a second
+        // pipeline checks it.
+        if self.pipes.len() < self.spec.pipelines {
+            // A member that left (not one caught lying: see `start_over`) leaves its earlier
+            // steps standing; their tokens go out now.
+            self.spot = None;
+            for t in std::mem::take(&mut self.held) {
+                let _ = self.tokens_tx.send(t);
+            }
+            while self.pipes.len() < self.spec.pipelines {
+                self.add_pipe(step).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Judges a step whose reports are all in: `Some(token)` when agreed, `None` when a
@@ -898,6 +1021,9 @@ impl Driver {
             .collect();
         match judge::judge(&self.session, step, &inputs, &reports) {
             StepVerdict::Agreed { token } => {
+                if !self.spot_check_due(step, token).await? {
+                    return Ok(None);
+                }
                 for pipe in &mut self.pipes {
                     for (s, key) in pipe.keys.iter().enumerate() {
                         *self.credit.entry(*key).or_default() += self.gflop[s] * pipe.rows as f64;
@@ -908,7 +1034,12 @@ impl Driver {
                 let last = reports[0].len() - 1;
                 self.logits.push(reports[0][last].report.commit.output_hash);
                 self.tokens.push(token);
-                let _ = self.tokens_tx.send(token);
+                // A lone pipeline's tokens wait for its spot check.
+                if self.spot.is_some() {
+                    self.held.push(token);
+                } else {
+                    let _ = self.tokens_tx.send(token);
+                }
                 self.pipelines()
                     .metrics
                     .steps_agreed
@@ -923,7 +1054,11 @@ impl Driver {
                 let liar = self.pipes[pipeline].keys[stage];
                 tracing::warn!(session = %self.session, %liar, stage, "a stage lied: {why}");
                 self.convict(liar).await?;
-                self.rebuild(pipeline, step).await?;
+                if self.spot.is_some() {
+                    self.start_over().await?;
+                } else {
+                    self.rebuild(pipeline, step).await?;
+                }
                 Ok(None)
             }
             StepVerdict::Diverged { stage } => {
@@ -1205,7 +1340,7 @@ impl Driver {
             .map_err(|e| e.to_string())?;
         let row = [
             self.spec.stages as i64,
-            self.spec.pipelines as i64,
+            self.pipes.len() as i64,
             self.direct as i64,
             self.relayed as i64,
             self.disputes as i64,

@@ -189,9 +189,25 @@ pub(super) struct Unit {
     audit: bool,
     /// Never changes after the job is created.
     assurance: Assurance,
+    /// The only workers (hex keys) that may compute it, when its API key is limited to a
+    /// pool; such a unit is never a canary (its input would reach workers outside the pool).
+    pool: Option<Arc<std::collections::HashSet<String>>>,
 }
 
 impl Unit {
+    /// Limits the unit to `pool`'s workers.
+    pub(super) fn with_pool(
+        mut self,
+        pool: Option<Arc<std::collections::HashSet<String>>>,
+    ) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    fn admits(&self, worker: &str) -> bool {
+        self.pool.as_ref().is_none_or(|p| p.contains(worker))
+    }
+
     /// A unit of a job just created.
     pub(super) fn new(
         id: String,
@@ -225,6 +241,7 @@ impl Unit {
             in_canary_pool: false,
             audit: false,
             assurance,
+            pool: None,
         }
     }
 
@@ -430,7 +447,7 @@ impl Book {
             .await?,
         );
         let pool = sqlx::query(&format!(
-            "SELECT {UNIT_COLUMNS} FROM units WHERE status = 'verified' AND verified_by IN ('referee', 'audited', 'audit') ORDER BY verified_ms DESC LIMIT {CANARY_POOL}"
+            "SELECT {UNIT_COLUMNS} FROM units WHERE status = 'verified' AND verified_by IN ('referee', 'audited', 'audit') AND job_id NOT IN (SELECT job_id FROM job_pools) ORDER BY verified_ms DESC LIMIT {CANARY_POOL}"
         ))
         .fetch_all(&db.pool)
         .await?;
@@ -461,6 +478,21 @@ impl Book {
             if u.status == UnitStatus::Referee {
                 book.referee.insert((u.seq, u.id.clone()));
             }
+        }
+        // Pools of the units' jobs (one per job, shared by its units).
+        let mut pools: HashMap<String, Arc<std::collections::HashSet<String>>> = HashMap::new();
+        for row in sqlx::query(
+            "SELECT job_id, worker FROM job_pools WHERE job_id IN (SELECT id FROM jobs WHERE status = 'running')",
+        )
+        .fetch_all(&db.pool)
+        .await?
+        {
+            let job: String = row.try_get("job_id")?;
+            let worker: String = row.try_get("worker")?;
+            Arc::make_mut(pools.entry(job).or_default()).insert(worker);
+        }
+        for u in book.units.values_mut() {
+            u.pool = pools.get(&u.job_id).cloned();
         }
         let unit_ids: Vec<String> = book.units.keys().cloned().collect();
         for lease in load_leases(db, &unit_ids).await? {
@@ -719,7 +751,7 @@ impl Book {
             return None;
         }
         let streak = self.workers.get(worker)?.clean_streak;
-        let allowed = |u: &Unit| precisions.contains(&u.task.precision());
+        let allowed = |u: &Unit| precisions.contains(&u.task.precision()) && u.admits(worker);
         // A known-answer canary: a unit the referee computed or confirmed, drawn at random
         // from the pool, which this worker never saw.
         let canary = if !self.canaries.is_empty() && self.entropy.unit() < ctx.config.canary_rate {
@@ -1316,7 +1348,7 @@ impl Book {
     /// full pool gives up a random member.
     fn add_canary(&mut self, unit_id: &str) {
         let u = self.units.get_mut(unit_id).expect("a unit in memory");
-        if u.in_canary_pool {
+        if u.in_canary_pool || u.pool.is_some() {
             return;
         }
         u.in_canary_pool = true;
@@ -1922,6 +1954,8 @@ fn unit_from_row(row: &sqlx::any::AnyRow) -> Result<Unit> {
             None => Assurance::Standard,
             Some(a) => Assurance::parse(a).ok_or_else(|| corrupt(format!("assurance `{a}`")))?,
         },
+        // Set by `Book::load` from `job_pools`.
+        pool: None,
     })
 }
 

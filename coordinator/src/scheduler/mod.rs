@@ -102,6 +102,29 @@ pub struct State {
     pub pipelines: crate::pipeline::Pipelines,
 }
 
+/// A pipeline session's job, unit and the pool of workers it is limited to.
+pub struct PipelineJob {
+    pub job: String,
+    pub unit: String,
+    pub pool: Option<std::collections::HashSet<PublicKey>>,
+}
+
+/// Stores a job's pool (its API key's) for a restart.
+async fn insert_pool(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job: &str,
+    pool: Option<&std::collections::HashSet<String>>,
+) -> Result<()> {
+    for worker in pool.into_iter().flatten() {
+        sqlx::query("INSERT INTO job_pools (job_id, worker) VALUES ($1, $2)")
+            .bind(job)
+            .bind(worker)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 /// What a finished pipeline session settles ([`State::settle_session`]).
 pub struct SessionSettlement {
     pub job_id: String,
@@ -559,6 +582,7 @@ impl State {
                 }));
             }
         }
+        let pool = self.db.api_key_pool(owner).await?.map(Arc::new);
         let id = random_id(kind);
         let now = now_ms();
         let units: Vec<Unit> = tasks
@@ -574,9 +598,11 @@ impl State {
                     assurance,
                     &self.config,
                 )
+                .with_pool(pool.clone())
             })
             .collect();
         let mut tx = self.db.pool.begin().await?;
+        insert_pool(&mut tx, &id, pool.as_deref()).await?;
         sqlx::query(
             "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms, owner, fingerprint)
              VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, NULL, $8, $9)",
@@ -606,7 +632,8 @@ impl State {
         job: NewJob<'_>,
         task: &Task,
         credit_micro: i64,
-    ) -> Result<Result<(String, String), JobRefused>> {
+    ) -> Result<Result<PipelineJob, JobRefused>> {
+        let pool = self.db.api_key_pool(job.owner).await?;
         let _w = self.db.write().await;
         if let Some(k) = job.idempotency_key
             && let Some(row) =
@@ -650,9 +677,18 @@ impl State {
         .bind(job.assurance.as_str())
         .execute(&mut *tx)
         .await?;
+        insert_pool(&mut tx, &id, pool.as_ref()).await?;
         tx.commit().await?;
         self.metrics.jobs_created.fetch_add(1, Ordering::Relaxed);
-        Ok(Ok((id, unit)))
+        Ok(Ok(PipelineJob {
+            job: id,
+            unit,
+            pool: pool.map(|p| {
+                p.iter()
+                    .filter_map(|k| PublicKey::from_hex(k).ok())
+                    .collect()
+            }),
+        }))
     }
 
     /// Settles a finished pipeline session: its output, its job, its members' credit.
@@ -684,6 +720,14 @@ impl State {
         .execute(&self.db.pool)
         .await?;
         Ok(())
+    }
+
+    /// Whether `key` has the clean record (`--solo-after`) that lets a pipeline of such
+    /// workers run alone, spot-checked.
+    pub fn long_clean(&self, key: &PublicKey) -> bool {
+        self.book()
+            .worker(&key.to_hex())
+            .is_some_and(|w| !w.banned && w.clean_streak >= i64::from(self.config.solo_after))
     }
 
     /// Strikes a stage member caught lying (banned if it had nothing verified).

@@ -269,14 +269,29 @@ pub struct KeysArgs {
     /// A label to remember the key by.
     #[arg(long, default_value = "")]
     label: String,
+    /// Limit the key's jobs to these workers (their public keys, as `tabula worker` prints
+    /// them, comma-separated): a private pool for data that must not reach strangers.
+    #[arg(long, value_delimiter = ',', value_name = "WORKER_KEY")]
+    workers: Vec<String>,
 }
 
 /// `tabula keys create`: prints a new API key on stdout.
 pub fn create_key(args: KeysArgs) -> Result<()> {
     let data_dir = args.store.data_dir();
+    let pool = args
+        .workers
+        .iter()
+        .map(|w| {
+            tabula_protocol::PublicKey::from_hex(w.trim()).map_err(|_| {
+                anyhow::anyhow!(
+                    "--workers: `{w}` is not a worker key (64 hex digits, as `tabula worker` prints it)"
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let key = runtime()?.block_on(async {
         let db = Db::open(&data_dir, args.store.database_url.as_deref()).await?;
-        db.create_api_key(&args.label).await
+        db.create_api_key(&args.label, &pool).await
     })?;
     println!("{key}");
     Ok(())

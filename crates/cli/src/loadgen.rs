@@ -251,7 +251,7 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
         .build()?;
     runtime.block_on(async move {
         let db = Db::open(&config.data_dir, config.database_url.as_deref()).await?;
-        let key = db.create_api_key("bench").await?;
+        let key = db.create_api_key("bench", &[]).await?;
         drop(db);
         let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
         // The coordinator in its own process, with the settings of `config`; killed on drop.

@@ -164,9 +164,14 @@ impl Cluster {
     }
 
     fn api_key(&self) -> String {
+        self.api_key_with(&[])
+    }
+
+    fn api_key_with(&self, extra: &[&str]) -> String {
         let out = Command::new(BIN)
             .args(["keys", "create"])
             .args(self.base_args())
+            .args(extra)
             .output()
             .unwrap();
         assert!(
@@ -3310,8 +3315,16 @@ fn lying_stage_worker(
     n: usize,
     tamper: tabula_worker::member::Tamper,
 ) -> (String, tokio::sync::watch::Sender<bool>) {
+    lying_stage_worker_in(cluster, cluster.dir.path().join(format!("liar{n}")), tamper)
+}
+
+/// [`lying_stage_worker`] with the key in `state_dir` (a key with a history: a sleeper).
+fn lying_stage_worker_in(
+    cluster: &Cluster,
+    state_dir: PathBuf,
+    tamper: tabula_worker::member::Tamper,
+) -> (String, tokio::sync::watch::Sender<bool>) {
     use tabula_worker::native::{WorkerOptions, load_or_create_identity, run};
-    let state_dir = cluster.dir.path().join(format!("liar{n}"));
     let identity = load_or_create_identity(&state_dir).unwrap();
     let key = identity.public().to_hex();
     let options = WorkerOptions {
@@ -3580,5 +3593,149 @@ fn a_model_larger_than_every_budget_is_split_automatically() {
     );
     let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
     assert_eq!(jobs["data"][0]["pipeline"]["stages"], 3, "{jobs}");
+    cluster.stop_workers();
+}
+
+/// Issue 17: an API key limited to a pool of workers (`tabula keys create --workers`) has its
+/// jobs run only on them, pipeline sessions and units alike; workers outside the pool compute
+/// nothing of it and earn nothing. A key that is not a worker key is refused with a message
+/// that says what one looks like.
+#[test]
+fn a_key_limited_to_a_pool_runs_only_on_its_workers() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--pipeline", "3", "--canary-rate", "0", "--audit-rate", "0"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let pool: Vec<String> = (0..6).map(|n| cluster.add_worker(n)).collect();
+    let outsiders: Vec<String> = (6..9).map(|n| cluster.add_worker(n)).collect();
+    wait_for_workers(&cluster, 9);
+    let key = cluster.api_key_with(&["--workers", &pool.join(",")]);
+    let prompt = "A short poem about the sea:";
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        &key,
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 10, "temperature": 0 }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    assert_eq!(
+        body["choices"][0]["text"].as_str().unwrap(),
+        local_generation(prompt, 10, "0", "0")
+    );
+    let texts = fixture_texts();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts[..8] }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(api_embeddings(&body), local_embeddings(&texts[..8]));
+    cluster.stop_workers();
+    let earned = |w: &String| {
+        ledger(port, w)["verified_credit_micro"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    for w in &outsiders {
+        assert_eq!(earned(w), 0, "an outsider computed for a pooled key");
+    }
+    assert!(pool.iter().map(earned).sum::<i64>() > 0);
+
+    let out = Command::new(BIN)
+        .args(["keys", "create", "--workers", "abc"])
+        .args(cluster.base_args())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`abc` is not a worker key"), "{err}");
+}
+
+/// Issue 17: once its workers have a clean record (`--solo-after`), a pipeline runs alone and
+/// one random stage of one random step is re-executed (its tokens are held until then). A
+/// sleeper — a key that earned that record, then lies — is caught by the spot check, struck,
+/// and the generation starts over with two pipelines: the answer is still the whole
+/// model's, and no token of the liar's reached the requester.
+#[test]
+fn a_trusted_pipeline_runs_alone_and_its_spot_check_catches_a_sleeper() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--pipeline",
+            "1",
+            "--solo-after",
+            "1",
+            "--spot-check-rate",
+            "0",
+            "--canary-rate",
+            "0",
+            "--audit-rate",
+            "0",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let sleeper = cluster.add_worker(0);
+    cluster.add_worker(1);
+    wait_for_workers(&cluster, 2);
+    let prompt = "The moon is";
+    let want = local_generation(prompt, 12, "0", "0");
+    let complete = move |port: u16, key: &str| {
+        post(
+            port,
+            "/v1/completions",
+            key,
+            json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 12, "temperature": 0 }),
+        )
+    };
+    let last_job = |key: &str| {
+        let (_, jobs) = request(port, "GET", "/v1/jobs", Some(key), None, &[]);
+        jobs["data"][0]["pipeline"].clone()
+    };
+    // Fresh keys: two pipelines. Then both keys are long-clean: one pipeline, spot-checked.
+    for pipelines in [2, 1] {
+        let (status, body) = complete(port, &key);
+        assert_eq!(status, 200, "{body}\n{}", cluster.log());
+        assert_eq!(body["choices"][0]["text"].as_str().unwrap(), want);
+        assert_eq!(last_job(&key)["pipelines"], pipelines, "{}", cluster.log());
+    }
+    assert_eq!(metric(port, "tabula_pipeline_spot_checks_total"), 1);
+
+    // The first key turns liar and is the only worker when the next request comes.
+    cluster.stop_workers();
+    let started = Instant::now();
+    while metric(port, "tabula_workers_connected") > 0 {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (liar, _stop) = lying_stage_worker_in(
+        &cluster,
+        cluster.dir.path().join("worker0"),
+        tabula_worker::member::Tamper::FlipOutput,
+    );
+    assert_eq!(liar, sleeper);
+    wait_for_workers(&cluster, 1);
+    let ask = {
+        let key = key.clone();
+        std::thread::spawn(move || complete(port, &key))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.add_worker(10);
+    cluster.add_worker(11);
+    let (status, body) = ask.join().unwrap();
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), want);
+    assert_eq!(metric(port, "tabula_pipeline_spot_checks_total"), 2);
+    let job = last_job(&key);
+    assert_eq!(
+        (job["pipelines"].clone(), job["liars"].clone()),
+        (json!(2), json!(1)),
+        "{job}"
+    );
+    assert!(strikes(port, &sleeper).0 >= 1, "the sleeper is struck");
     cluster.stop_workers();
 }
