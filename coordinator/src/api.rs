@@ -622,6 +622,51 @@ fn check_text(s: &str, param: &'static str) -> ApiResult<()> {
     Ok(())
 }
 
+/// The answer to a request whose job did not finish within `--request-timeout-secs`.
+fn pending(state: &State, job: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        kind: "timeout",
+        message: format!(
+            "job {job} is not verified yet ({} workers connected); it keeps running: \
+             retry with the same Idempotency-Key to get its result, and start workers with \
+             `tabula worker --coordinator URL`",
+            state.metrics.workers_connected.load(Ordering::Relaxed)
+        ),
+        param: None,
+        code: Some("job_pending"),
+    }
+}
+
+/// Who asked for a job, and the request it is: its owner, idempotency key and fingerprint.
+struct Requester {
+    owner: String,
+    idempotency_key: Option<String>,
+    fingerprint: String,
+}
+
+impl Requester {
+    fn of(headers: &HeaderMap, api_key: &str, endpoint: &str, body: &Value) -> ApiResult<Self> {
+        Ok(Self {
+            idempotency_key: idempotency(headers, api_key)?,
+            fingerprint: tabula_protocol::sha256(format!("{endpoint}\n{body}").as_bytes()).to_hex(),
+            owner: owner_of(api_key),
+        })
+    }
+
+    fn new_job<'a>(&'a self, p: &'a Prepared<'_>) -> crate::scheduler::NewJob<'a> {
+        crate::scheduler::NewJob {
+            kind: p.kind,
+            model: &p.model.name,
+            precision: p.precision,
+            owner: &self.owner,
+            idempotency_key: self.idempotency_key.as_deref(),
+            fingerprint: Some(&self.fingerprint),
+            assurance: p.assurance,
+        }
+    }
+}
+
 /// Creates the job of `p` (a request to `endpoint` with `body`) and waits for its verified
 /// outputs.
 async fn run_job(
@@ -632,18 +677,8 @@ async fn run_job(
     body: &Value,
     p: &Prepared<'_>,
 ) -> ApiResult<(String, Vec<UnitOutput>)> {
-    let idem = idempotency(headers, api_key)?;
-    let fingerprint = tabula_protocol::sha256(format!("{endpoint}\n{body}").as_bytes()).to_hex();
-    let owner = owner_of(api_key);
-    let new = crate::scheduler::NewJob {
-        kind: p.kind,
-        model: &p.model.name,
-        precision: p.precision,
-        owner: &owner,
-        idempotency_key: idem.as_deref(),
-        fingerprint: Some(&fingerprint),
-        assurance: p.assurance,
-    };
+    let who = Requester::of(headers, api_key, endpoint, body)?;
+    let new = who.new_job(p);
     let job = state
         .create_job(new, p.tasks.clone())
         .await?
@@ -652,18 +687,7 @@ async fn run_job(
         .wait_job(&job, Duration::from_millis(state.config.request_timeout_ms))
         .await?;
     if !done {
-        return Err(ApiError {
-            status: StatusCode::GATEWAY_TIMEOUT,
-            kind: "timeout",
-            message: format!(
-                "job {job} is not verified yet ({} workers connected); it keeps running: \
-                 retry with the same Idempotency-Key to get its result, and start workers with \
-                 `tabula worker --coordinator URL`",
-                state.metrics.workers_connected.load(Ordering::Relaxed)
-            ),
-            param: None,
-            code: Some("job_pending"),
-        });
+        return Err(pending(state, &job));
     }
     let outputs = state.job_outputs(&job).await?;
     Ok((job, outputs))
@@ -912,37 +936,40 @@ async fn run_pipeline(
     else {
         unreachable!("a generation request has generation tasks")
     };
-    let idem = idempotency(headers, api_key)?;
-    let fingerprint = tabula_protocol::sha256(format!("{endpoint}\n{body}").as_bytes()).to_hex();
-    let owner = owner_of(api_key);
-    let new = crate::scheduler::NewJob {
-        kind: p.kind,
-        model: &p.model.name,
-        precision: p.precision,
-        owner: &owner,
-        idempotency_key: idem.as_deref(),
-        fingerprint: Some(&fingerprint),
-        assurance: p.assurance,
-    };
-    let crate::scheduler::PipelineJob { job, unit, pool } =
-        match state.create_pipeline_job(new, &task, credit).await? {
-            Ok(created) => created,
-            // A retried request: the session of its first attempt answers it.
-            Err(crate::scheduler::JobRefused::Conflict(id)) => {
-                if !state
-                    .wait_job(&id, Duration::from_millis(state.config.request_timeout_ms))
-                    .await?
-                {
-                    return Err(refusal(crate::scheduler::JobRefused::Conflict(id)));
+    let who = Requester::of(headers, api_key, endpoint, body)?;
+    let new = who.new_job(&p);
+    let crate::scheduler::PipelineJob { job, unit, pool } = match state
+        .create_pipeline_job(new, &task, credit)
+        .await?
+    {
+        Ok(crate::scheduler::PipelineCreated::New(created)) => created,
+        // A retried request: the session of its first attempt answers it.
+        Ok(crate::scheduler::PipelineCreated::Existing(id)) => {
+            if !state
+                .wait_job(&id, Duration::from_millis(state.config.request_timeout_ms))
+                .await?
+            {
+                if state.job_status(&id).await?.as_deref() == Some("failed") {
+                    return Err(ApiError {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        kind: "server_error",
+                        message: format!(
+                            "job {id}, the first attempt of this request, failed; send the request again with a new Idempotency-Key"
+                        ),
+                        param: None,
+                        code: Some("pipeline_failed"),
+                    });
                 }
-                let outputs = state.job_outputs(&id).await?;
-                if p.stream {
-                    return Ok(sse(stream_events(&p, &id, outputs)?));
-                }
-                return Ok(Json(render(&p, &id, outputs)?).into_response());
+                return Err(pending(state, &id));
             }
-            Err(other) => return Err(refusal(other)),
-        };
+            let outputs = state.job_outputs(&id).await?;
+            if p.stream {
+                return Ok(sse(stream_events(&p, &id, outputs)?));
+            }
+            return Ok(Json(render(&p, &id, outputs)?).into_response());
+        }
+        Err(other) => return Err(refusal(other)),
+    };
     let spec = crate::pipeline::SessionSpec {
         job_id: job.clone(),
         unit_id: unit,
@@ -956,7 +983,7 @@ async fn run_pipeline(
         top_p_q16,
         seed,
         stop,
-        placement_wait: Duration::from_secs(30),
+        placement_wait: Duration::from_millis(state.config.pipeline_wait_ms),
         direct_ms: state.config.pipeline_direct_ms,
         pool,
     };

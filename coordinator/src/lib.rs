@@ -140,6 +140,8 @@ pub struct Config {
     pub pipeline_replicas: u32,
     /// How long stages try for a direct WebRTC path before relaying through the coordinator.
     pub pipeline_direct_ms: u32,
+    /// How long a session waits for enough free stage workers before it fails.
+    pub pipeline_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -183,6 +185,7 @@ impl Default for Config {
             pipeline: pipeline::PipelineMode::Auto,
             pipeline_replicas: 2,
             pipeline_direct_ms: 5_000,
+            pipeline_wait_ms: 30_000,
         }
     }
 }
@@ -246,6 +249,9 @@ impl Config {
         }
         if self.pipeline_direct_ms > 60_000 {
             return bad("--pipeline-direct-secs must be at most 60");
+        }
+        if !(1000..=3_600_000).contains(&self.pipeline_wait_ms) {
+            return bad("--pipeline-wait-secs must be between 1 and 3600");
         }
         Ok(())
     }

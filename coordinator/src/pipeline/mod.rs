@@ -432,8 +432,24 @@ pub fn stages_for(
 }
 
 /// Runs one session to its end. Agreed tokens go to `tokens` as they are agreed; the
-/// outcome is settled (credit, strikes, the job's output) before this returns.
+/// outcome is settled (credit, strikes, the job's output) before this returns. A session
+/// that fails marks its job failed (it no longer counts against its owner's quota).
 pub async fn run_session(
+    state: Arc<State>,
+    spec: SessionSpec,
+    tokens: mpsc::UnboundedSender<u32>,
+) -> Result<Outcome, String> {
+    let job = spec.job_id.clone();
+    let result = drive_session(state.clone(), spec, tokens).await;
+    if let Err(why) = &result
+        && let Err(e) = state.fail_pipeline_job(&job, why).await
+    {
+        tracing::error!(job, "marking a failed pipeline job: {e}");
+    }
+    result
+}
+
+async fn drive_session(
     state: Arc<State>,
     spec: SessionSpec,
     tokens: mpsc::UnboundedSender<u32>,

@@ -109,6 +109,39 @@ pub struct PipelineJob {
     pub pool: Option<std::collections::HashSet<PublicKey>>,
 }
 
+/// What [`State::create_pipeline_job`] did.
+pub enum PipelineCreated {
+    New(PipelineJob),
+    /// The idempotency key names this job, made from the same request.
+    Existing(String),
+}
+
+/// The `jobs` row of a new job of `units_total` units.
+async fn insert_job_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+    job: &NewJob<'_>,
+    units_total: i64,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms, owner, fingerprint)
+         VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, NULL, $8, $9)",
+    )
+    .bind(id)
+    .bind(job.kind)
+    .bind(job.model)
+    .bind(job.precision.as_str())
+    .bind(job.idempotency_key)
+    .bind(units_total)
+    .bind(now)
+    .bind(job.owner)
+    .bind(job.fingerprint)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Stores a job's pool (its API key's) for a restart.
 async fn insert_pool(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -231,6 +264,14 @@ impl State {
         settlement: Arc<crate::settlement::Settlement>,
     ) -> Result<Arc<Self>> {
         let db = Arc::new(db);
+        // Pipeline sessions live in memory: the jobs of those a restart cut short failed.
+        sqlx::query(
+            "UPDATE jobs SET status = 'failed', finished_ms = $1
+             WHERE status = 'running' AND id IN (SELECT job_id FROM units WHERE status = 'pipeline')",
+        )
+        .bind(now_ms())
+        .execute(&db.pool)
+        .await?;
         let book = Book::load(&db).await?;
         let files: Arc<dyn tabula_worker::FileSource + Send + Sync> =
             Arc::new(RegistryFiles(registry.clone()));
@@ -528,60 +569,19 @@ impl State {
         job: NewJob<'_>,
         tasks: Vec<(Task, i64)>,
     ) -> Result<Result<String, JobRefused>> {
+        let _w = self.db.write().await;
+        match self.admit(&job, tasks.len() as u64).await? {
+            Ok(Some(existing)) => return Ok(Ok(existing)),
+            Ok(None) => {}
+            Err(refused) => return Ok(Err(refused)),
+        }
         let NewJob {
             kind,
-            model,
             precision,
             owner,
-            idempotency_key,
-            fingerprint,
             assurance,
+            ..
         } = job;
-        let _w = self.db.write().await;
-        if let Some(k) = idempotency_key
-            && let Some(row) =
-                sqlx::query("SELECT id, fingerprint FROM jobs WHERE idempotency_key = $1")
-                    .bind(k)
-                    .fetch_optional(&self.db.pool)
-                    .await?
-        {
-            let id: String = row.try_get("id")?;
-            let stored: Option<String> = row.try_get("fingerprint")?;
-            return Ok(match (stored.as_deref(), fingerprint) {
-                (Some(a), Some(b)) if a != b => Err(JobRefused::Conflict(id)),
-                _ => Ok(id),
-            });
-        }
-        let queued: i64 = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(units_total - units_verified), 0) AS BIGINT) AS q FROM jobs WHERE owner = $1 AND status = 'running'",
-        )
-        .bind(owner)
-        .fetch_one(&self.db.pool)
-        .await?
-        .try_get("q")?;
-        if queued as u64 + tasks.len() as u64 > self.config.max_queued_units {
-            return Ok(Err(JobRefused::Quota {
-                queued: queued as u64,
-                limit: self.config.max_queued_units,
-            }));
-        }
-        if assurance == Assurance::Referee {
-            // Each such unit costs the coordinator's own compute: a quota of its own.
-            let refereed: i64 = sqlx::query(
-                "SELECT COUNT(*) AS q FROM units WHERE assurance = 'referee' AND status <> 'verified'
-                 AND job_id IN (SELECT id FROM jobs WHERE owner = $1 AND status = 'running')",
-            )
-            .bind(owner)
-            .fetch_one(&self.db.pool)
-            .await?
-            .try_get("q")?;
-            if refereed as u64 + tasks.len() as u64 > self.config.max_referee_units {
-                return Ok(Err(JobRefused::RefereeQuota {
-                    queued: refereed as u64,
-                    limit: self.config.max_referee_units,
-                }));
-            }
-        }
         let pool = self.db.api_key_pool(owner).await?.map(Arc::new);
         let id = random_id(kind);
         let now = now_ms();
@@ -603,26 +603,67 @@ impl State {
             .collect();
         let mut tx = self.db.pool.begin().await?;
         insert_pool(&mut tx, &id, pool.as_deref()).await?;
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms, owner, fingerprint)
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 'running', $7, NULL, $8, $9)",
-        )
-        .bind(&id)
-        .bind(kind)
-        .bind(model)
-        .bind(precision.as_str())
-        .bind(idempotency_key)
-        .bind(units.len() as i64)
-        .bind(now)
-        .bind(owner)
-        .bind(fingerprint)
-        .execute(&mut *tx)
-        .await?;
+        insert_job_row(&mut tx, &id, &job, units.len() as i64, now).await?;
         book::insert_units(&mut tx, self.db.flavor, &id, precision, &units).await?;
         tx.commit().await?;
         self.book().add_job(&id, units);
         self.metrics.jobs_created.fetch_add(1, Ordering::Relaxed);
         Ok(Ok(id))
+    }
+
+    /// Whether `job` (of `units` units) may be created: `Some(id)` when its idempotency key
+    /// names a job made from the same request (a retry), a refusal when it names another
+    /// request's or the owner's quotas are full. Called under the database write lock.
+    async fn admit(
+        &self,
+        job: &NewJob<'_>,
+        units: u64,
+    ) -> Result<Result<Option<String>, JobRefused>> {
+        if let Some(k) = job.idempotency_key
+            && let Some(row) =
+                sqlx::query("SELECT id, fingerprint FROM jobs WHERE idempotency_key = $1")
+                    .bind(k)
+                    .fetch_optional(&self.db.pool)
+                    .await?
+        {
+            let id: String = row.try_get("id")?;
+            let stored: Option<String> = row.try_get("fingerprint")?;
+            return Ok(match (stored.as_deref(), job.fingerprint) {
+                (Some(a), Some(b)) if a != b => Err(JobRefused::Conflict(id)),
+                _ => Ok(Some(id)),
+            });
+        }
+        let queued: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(units_total - units_verified), 0) AS BIGINT) AS q FROM jobs WHERE owner = $1 AND status = 'running'",
+        )
+        .bind(job.owner)
+        .fetch_one(&self.db.pool)
+        .await?
+        .try_get("q")?;
+        if queued as u64 + units > self.config.max_queued_units {
+            return Ok(Err(JobRefused::Quota {
+                queued: queued as u64,
+                limit: self.config.max_queued_units,
+            }));
+        }
+        if job.assurance == Assurance::Referee {
+            // Each such unit costs the coordinator's own compute: a quota of its own.
+            let refereed: i64 = sqlx::query(
+                "SELECT COUNT(*) AS q FROM units WHERE assurance = 'referee' AND status <> 'verified'
+                 AND job_id IN (SELECT id FROM jobs WHERE owner = $1 AND status = 'running')",
+            )
+            .bind(job.owner)
+            .fetch_one(&self.db.pool)
+            .await?
+            .try_get("q")?;
+            if refereed as u64 + units > self.config.max_referee_units {
+                return Ok(Err(JobRefused::RefereeQuota {
+                    queued: refereed as u64,
+                    limit: self.config.max_referee_units,
+                }));
+            }
+        }
+        Ok(Ok(None))
     }
 
     /// The job and unit rows of a pipeline session. The unit's status is `pipeline`, which
@@ -632,37 +673,19 @@ impl State {
         job: NewJob<'_>,
         task: &Task,
         credit_micro: i64,
-    ) -> Result<Result<PipelineJob, JobRefused>> {
+    ) -> Result<Result<PipelineCreated, JobRefused>> {
         let pool = self.db.api_key_pool(job.owner).await?;
         let _w = self.db.write().await;
-        if let Some(k) = job.idempotency_key
-            && let Some(row) =
-                sqlx::query("SELECT id, fingerprint FROM jobs WHERE idempotency_key = $1")
-                    .bind(k)
-                    .fetch_optional(&self.db.pool)
-                    .await?
-        {
-            let id: String = row.try_get("id")?;
-            return Ok(Err(JobRefused::Conflict(id)));
+        match self.admit(&job, 1).await? {
+            Ok(Some(existing)) => return Ok(Ok(PipelineCreated::Existing(existing))),
+            Ok(None) => {}
+            Err(refused) => return Ok(Err(refused)),
         }
         let id = random_id(job.kind);
         let unit = ordered_id("unit");
         let now = now_ms();
         let mut tx = self.db.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, model, precision, idempotency_key, units_total, units_verified, status, created_ms, finished_ms, owner, fingerprint)
-             VALUES ($1, $2, $3, $4, $5, 1, 0, 'running', $6, NULL, $7, $8)",
-        )
-        .bind(&id)
-        .bind(job.kind)
-        .bind(job.model)
-        .bind(job.precision.as_str())
-        .bind(job.idempotency_key)
-        .bind(now)
-        .bind(job.owner)
-        .bind(job.fingerprint)
-        .execute(&mut *tx)
-        .await?;
+        insert_job_row(&mut tx, &id, &job, 1, now).await?;
         sqlx::query(
             "INSERT INTO units (id, job_id, idx, seq, precision, task, digest, credit_micro, replicas, quorum, live, status, output, output_hash, verified_by, verified_ms, audit, assurance)
              VALUES ($1, $2, 0, $3, $4, $5, $6, $7, 0, 0, 0, 'pipeline', NULL, NULL, NULL, NULL, 0, $8)",
@@ -680,7 +703,7 @@ impl State {
         insert_pool(&mut tx, &id, pool.as_ref()).await?;
         tx.commit().await?;
         self.metrics.jobs_created.fetch_add(1, Ordering::Relaxed);
-        Ok(Ok(PipelineJob {
+        Ok(Ok(PipelineCreated::New(PipelineJob {
             job: id,
             unit,
             pool: pool.map(|p| {
@@ -688,7 +711,7 @@ impl State {
                     .filter_map(|k| PublicKey::from_hex(k).ok())
                     .collect()
             }),
-        }))
+        })))
     }
 
     /// Settles a finished pipeline session: its output, its job, its members' credit.
@@ -700,6 +723,21 @@ impl State {
             .collect();
         self.decide(|book, ctx| ((), book.settle_session(ctx, &s, &leases)))
             .await
+    }
+
+    /// Marks a pipeline session's job failed: its session ended without a result (or the
+    /// coordinator restarted under it: sessions live in memory only).
+    pub async fn fail_pipeline_job(&self, job_id: &str, why: &str) -> Result<()> {
+        tracing::warn!(job = job_id, "pipeline job failed: {why}");
+        let _w = self.db.write().await;
+        sqlx::query(
+            "UPDATE jobs SET status = 'failed', finished_ms = $1 WHERE id = $2 AND status = 'running'",
+        )
+        .bind(now_ms())
+        .bind(job_id)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
     }
 
     /// Records how a finished pipeline session ran, for `/v1/jobs`.
@@ -832,6 +870,7 @@ impl State {
             let notified = self.job_done.notified();
             match self.job_status(id).await? {
                 Some(status) if status == "done" => return Ok(true),
+                Some(status) if status == "failed" => return Ok(false),
                 Some(_) => {}
                 None => return Ok(false),
             }

@@ -163,6 +163,10 @@ pub struct ServeArgs {
     /// through the coordinator.
     #[arg(long, default_value_t = 5)]
     pipeline_direct_secs: u32,
+    /// Seconds a pipeline session waits for enough free stage workers (to start, or to
+    /// replace one that left) before it fails with HTTP 503.
+    #[arg(long, default_value_t = 30)]
+    pipeline_wait_secs: u64,
 }
 
 fn parse_pipeline(s: &str) -> Result<tabula_coordinator::pipeline::PipelineMode, String> {
@@ -213,6 +217,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         pipeline: args.pipeline,
         pipeline_replicas: args.pipeline_replicas,
         pipeline_direct_ms: args.pipeline_direct_secs.saturating_mul(1000),
+        pipeline_wait_ms: args.pipeline_wait_secs.saturating_mul(1000),
         replicas: args.replicas,
         max_replicas: args.max_replicas,
         probation_units: args.probation_units,

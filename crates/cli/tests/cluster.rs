@@ -3206,6 +3206,22 @@ fn stream_events(port: u16, key: &str, path: &str, body: Value) -> Vec<(Duration
     events
 }
 
+/// Asks `cluster` for a greedy completion of `prompt` and checks it is what `tabula generate
+/// --precision exact` says.
+fn completes_like_the_whole_model(cluster: &Cluster, key: &str, prompt: &str, max_tokens: u32) {
+    let (status, body) = post(
+        cluster.port,
+        "/v1/completions",
+        key,
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    assert_eq!(
+        body["choices"][0]["text"].as_str().unwrap(),
+        local_generation(prompt, max_tokens, "0", "0")
+    );
+}
+
 /// Waits until `n` workers that take stages are connected.
 fn wait_for_workers(cluster: &Cluster, n: u64) {
     let started = Instant::now();
@@ -3580,17 +3596,7 @@ fn a_model_larger_than_every_budget_is_split_automatically() {
     }
     wait_for_workers(&cluster, 6);
     let prompt = "The capital of France is";
-    let (status, body) = post(
-        port,
-        "/v1/completions",
-        &key,
-        json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 8, "temperature": 0 }),
-    );
-    assert_eq!(status, 200, "{body}\n{}", cluster.log());
-    assert_eq!(
-        body["choices"][0]["text"].as_str().unwrap(),
-        local_generation(prompt, 8, "0", "0")
-    );
+    completes_like_the_whole_model(&cluster, &key, prompt, 8);
     let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
     assert_eq!(jobs["data"][0]["pipeline"]["stages"], 3, "{jobs}");
     cluster.stop_workers();
@@ -3613,17 +3619,7 @@ fn a_key_limited_to_a_pool_runs_only_on_its_workers() {
     wait_for_workers(&cluster, 9);
     let key = cluster.api_key_with(&["--workers", &pool.join(",")]);
     let prompt = "A short poem about the sea:";
-    let (status, body) = post(
-        port,
-        "/v1/completions",
-        &key,
-        json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 10, "temperature": 0 }),
-    );
-    assert_eq!(status, 200, "{body}\n{}", cluster.log());
-    assert_eq!(
-        body["choices"][0]["text"].as_str().unwrap(),
-        local_generation(prompt, 10, "0", "0")
-    );
+    completes_like_the_whole_model(&cluster, &key, prompt, 10);
     let texts = fixture_texts();
     let (status, body) = post(
         port,
@@ -3738,4 +3734,39 @@ fn a_trusted_pipeline_runs_alone_and_its_spot_check_catches_a_sleeper() {
     );
     assert!(strikes(port, &sleeper).0 >= 1, "the sleeper is struck");
     cluster.stop_workers();
+}
+
+/// Issue 17: a session that cannot be placed (too few stage workers) fails within
+/// `--pipeline-wait-secs` with a 503 that says why and what is missing; its job is marked
+/// failed (so it no longer counts against the key's quota), and the coordinator serves on.
+#[test]
+fn a_session_without_enough_workers_fails_with_a_clear_error() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--pipeline", "3", "--pipeline-wait-secs", "2"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    for n in 0..2 {
+        cluster.add_worker(n);
+    }
+    wait_for_workers(&cluster, 2);
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        &key,
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4 }),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "pipeline_failed", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("too few workers take pipeline stages") && message.contains("need 6"),
+        "{message}"
+    );
+    let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
+    assert_eq!(jobs["data"][0]["status"], "failed", "{jobs}");
+    assert_eq!(metric(port, "tabula_pipeline_sessions_failed_total"), 1);
+    assert_eq!(get(port, "/healthz").0, 200);
 }

@@ -682,6 +682,79 @@ mod tests {
         }
     }
 
+    fn order() -> StageOrder {
+        StageOrder {
+            session: Bytes([1; 16]),
+            stage: 1,
+            stages: 3,
+            layers: (10, 20),
+            model: ModelRef {
+                name: "m".into(),
+                files: vec![FileRef {
+                    role: "piece".into(),
+                    sha256: Bytes([2; 32]),
+                    size: 1,
+                }],
+            },
+            capacity: 64,
+            first_step: 0,
+            temperature_milli: 0,
+            top_p_q16: 65536,
+            seed: 0,
+            upstream: Some(Bytes([3; 32])),
+            downstream: Some(Bytes([4; 32])),
+            direct_ms: 5000,
+        }
+    }
+
+    #[test]
+    fn stage_orders_are_consistent_and_bounded() {
+        assert!(order().validate().is_ok());
+        type Spoil = fn(&mut StageOrder);
+        let bad: [(&str, Spoil); 10] = [
+            ("stage past the count", |o| o.stage = 3),
+            ("no stages", |o| o.stages = 0),
+            ("too many stages", |o| o.stages = MAX_STAGES + 1),
+            ("empty layer range", |o| o.layers = (5, 5)),
+            ("a middle stage without upstream", |o| o.upstream = None),
+            ("a middle stage without downstream", |o| o.downstream = None),
+            ("a first stage with an upstream", |o| o.stage = 0),
+            ("no capacity", |o| o.capacity = 0),
+            ("top-p above one", |o| o.top_p_q16 = 65537),
+            ("no pieces", |o| o.model.files.clear()),
+        ];
+        for (what, spoil) in bad {
+            let mut o = order();
+            spoil(&mut o);
+            assert!(o.validate().is_err(), "{what} accepted");
+        }
+    }
+
+    #[test]
+    fn relayed_chunks_and_failure_reasons_are_bounded() {
+        let relay = |n: usize| ToCoordinator::Relay {
+            session: Bytes([1; 16]),
+            peer: Bytes([2; 32]),
+            chunk: vec![0; n],
+        };
+        assert!(relay(1).validate().is_ok());
+        assert!(relay(MAX_RELAY_CHUNK).validate().is_ok());
+        assert!(relay(0).validate().is_err());
+        assert!(relay(MAX_RELAY_CHUNK + 1).validate().is_err());
+        let failed = |n: usize| ToCoordinator::StageFailed {
+            session: Bytes([1; 16]),
+            reason: "x".repeat(n),
+        };
+        assert!(failed(1024).validate().is_ok());
+        assert!(failed(1025).validate().is_err());
+        let signal = ToCoordinator::Signal {
+            session: Bytes([1; 16]),
+            peer: Bytes([2; 32]),
+            signal: Signal::Offer { sdp: String::new() },
+        };
+        assert!(signal.validate().is_err(), "an empty SDP");
+    }
+
     #[test]
     fn login_agents_with_control_characters_or_too_long_are_refused() {
         assert!(login("tabula-worker 0.1 (linux)").validate().is_ok());
