@@ -52,7 +52,7 @@ class Cluster:
         log = open(os.path.join(self.dir, "serve.log"), "w")
         self.procs.append(subprocess.Popen(
             [tabula, "serve", "--data-dir", data, "--listen", f"127.0.0.1:{self.port}", "--local",
-             "--canary-rate", "0", "--audit-rate", "0"] + serve_args,
+             "--canary-rate", "0", "--audit-rate", "0", "--probation-units", "0"] + serve_args,
             stdout=subprocess.DEVNULL, stderr=log))
         deadline = time.time() + 60
         while True:
@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
+    ap.add_argument("--prompt", default="Once upon a time, in a small village,")
     a = ap.parse_args()
     n = str(a.stages)
     rows = [
@@ -152,10 +152,12 @@ def main():
     texts = {r["text"] for r in rows}
     if len(texts) != 1:
         sys.exit(f"the configurations answered differently: {texts}")
-    print(f"| configuration | first token s | decode tokens/s | total s | activation bytes relayed |")
+    print("| configuration | first token s | decode tokens/s (streamed) | end to end tokens/s | "
+          "activation bytes relayed |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['label']} | {r['first']:.2f} | {r['rate']:.1f} | {r['total']:.2f} | "
+        rate = f"{r['rate']:.1f}" if r["rate"] else "– (one delta)"
+        print(f"| {r['label']} | {r['first']:.2f} | {rate} | {a.tokens / r['total']:.1f} | "
               f"{int(r['relayed'])} |")
     print(f"\nall configurations gave the same {a.tokens} tokens: {rows[0]['text'][:60]!r}…")
 
