@@ -106,9 +106,11 @@ struct Entry {
     events: mpsc::UnboundedSender<(PublicKey, Event)>,
     /// Directed pairs of neighbours that may signal and relay to each other.
     links: HashSet<(PublicKey, PublicKey)>,
-    /// Bytes each member relayed, against `relay_limit`.
+    /// Bytes each member relayed or signalled, against `relay_limit`.
     relayed: HashMap<PublicKey, u64>,
     relay_limit: u64,
+    /// The member whose retained outputs the session is waiting for, if any.
+    history_from: Option<PublicKey>,
 }
 
 /// The registry of stage workers and running sessions.
@@ -182,13 +184,23 @@ impl Pipelines {
         self.volunteers().values().map(|v| v.budget_mb).collect()
     }
 
-    /// Hands a member's message to its session, if it is a member of it.
+    /// Hands a member's message to its session, if it is a member of it. A retained output
+    /// (megabytes) is taken only from the member the session asked for them, while it waits
+    /// for them: anyone else's are dropped here, before they can pile up.
     pub fn event(&self, from: &PublicKey, session: &SessionId, event: Event) {
         let sessions = self.sessions();
         if let Some(entry) = sessions.get(session)
             && entry.links.iter().any(|(a, _)| a == from)
+            && (!matches!(event, Event::Output(_)) || entry.history_from == Some(*from))
         {
             let _ = entry.events.send((*from, event));
+        }
+    }
+
+    /// Takes retained outputs from `from` only (or from nobody).
+    fn expect_outputs(&self, session: &SessionId, from: Option<PublicKey>) {
+        if let Some(entry) = self.sessions().get_mut(session) {
+            entry.history_from = from;
         }
     }
 
@@ -208,18 +220,25 @@ impl Pipelines {
         if !entry.links.contains(&(*from, *to)) {
             return Err(format!("{to} is not your neighbour in session {session}"));
         }
-        if let Forward::Relay(chunk) = &payload {
-            let used = entry.relayed.entry(*from).or_default();
-            *used += chunk.len() as u64;
-            if *used > entry.relay_limit {
-                return Err(format!(
-                    "relayed more than the session's {} bytes",
-                    entry.relay_limit
-                ));
-            }
+        // Signalling counts against the same allowance as relayed chunks: neither may grow
+        // a neighbour's socket queue without bound.
+        let bytes = match &payload {
+            Forward::Relay(chunk) => chunk.len(),
+            Forward::Signal(Signal::Offer { sdp } | Signal::Answer { sdp }) => sdp.len(),
+            Forward::Signal(Signal::Candidate { json }) => json.len(),
+        } as u64;
+        let used = entry.relayed.entry(*from).or_default();
+        *used += bytes;
+        if *used > entry.relay_limit {
+            return Err(format!(
+                "relayed more than the session's {} bytes",
+                entry.relay_limit
+            ));
+        }
+        if let Forward::Relay(_) = &payload {
             self.metrics
                 .relayed_bytes
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                .fetch_add(bytes, Ordering::Relaxed);
         }
         drop(sessions);
         let message = match payload {
@@ -275,16 +294,25 @@ impl Pipelines {
             let j = (u64::from_le_bytes(random_bytes::<8>()) % (i as u64 + 1)) as usize;
             free.swap(i, j);
         }
-        let mut chosen: Vec<PublicKey> = Vec::with_capacity(need_mb.len());
+        // The largest stages first: a worker with a big budget is not spent on a small stage
+        // that anyone could hold.
+        let mut order: Vec<usize> = (0..need_mb.len()).collect();
+        order.sort_by_key(|&s| std::cmp::Reverse(need_mb[s]));
+        let mut chosen: Vec<Option<PublicKey>> = vec![None; need_mb.len()];
         let mut used: HashSet<Arc<str>> = HashSet::new();
-        for &need in need_mb {
+        for s in order {
+            let need = need_mb[s];
             let pick = free.iter().position(|(_, prefix, budget)| {
                 !used.contains(prefix) && (*budget == 0 || *budget >= need)
             })?;
             let (key, prefix, _) = free.swap_remove(pick);
             used.insert(prefix);
-            chosen.push(key);
+            chosen[s] = Some(key);
         }
+        let chosen: Vec<PublicKey> = chosen
+            .into_iter()
+            .map(|k| k.expect("every stage placed"))
+            .collect();
         for key in &chosen {
             volunteers
                 .get_mut(key)
@@ -478,6 +506,7 @@ async fn drive_session(
             relayed: HashMap::new(),
             // Every activation of the session twice over (a rebuild resends the prefill).
             relay_limit: (capacity * dim * 4 * 2 + (4 << 20)) as u64,
+            history_from: None,
         },
     );
     pipelines
@@ -1298,6 +1327,23 @@ impl Driver {
             return None;
         }
         let signer = tabula_protocol::SignerKey::parse(&key).ok()?;
+        self.pipelines().expect_outputs(&self.session, Some(key));
+        let got = self
+            .collect_history(key, signer, s, base, &expected, step)
+            .await;
+        self.pipelines().expect_outputs(&self.session, None);
+        got
+    }
+
+    async fn collect_history(
+        &mut self,
+        key: PublicKey,
+        signer: tabula_protocol::SignerKey,
+        s: usize,
+        base: u32,
+        expected: &[Hash],
+        step: u32,
+    ) -> Option<Vec<Activation>> {
         self.pipelines().send(
             &key,
             ToWorker::StageHistory {
@@ -1374,5 +1420,155 @@ impl Driver {
             liars: self.liars.clone(),
             rebuilds: self.rebuilds,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tabula_protocol::{Identity, Signal};
+
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        Identity::from_seed([seed; 32]).public()
+    }
+
+    /// A session of members `a → b` with `limit` bytes of relaying each; returns the
+    /// registry, the session's event receiver and each member's socket receiver.
+    #[allow(clippy::type_complexity)]
+    fn session(
+        limit: u64,
+    ) -> (
+        Pipelines,
+        SessionId,
+        mpsc::UnboundedReceiver<(PublicKey, Event)>,
+        Vec<mpsc::UnboundedReceiver<ToWorker>>,
+    ) {
+        let p = Pipelines::default();
+        let mut sockets = Vec::new();
+        for seed in 1..=3 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            p.join(key(seed), tx, format!("net{seed}").into(), 0);
+            sockets.push(rx);
+        }
+        let id: SessionId = Bytes([9; 16]);
+        let (events, rx) = mpsc::unbounded_channel();
+        p.sessions().insert(
+            id,
+            Entry {
+                events,
+                links: [(key(1), key(2)), (key(2), key(1))].into_iter().collect(),
+                relayed: HashMap::new(),
+                relay_limit: limit,
+                history_from: None,
+            },
+        );
+        (p, id, rx, sockets)
+    }
+
+    #[test]
+    fn only_neighbours_signal_or_relay_and_only_within_their_allowance() {
+        let (p, id, _events, mut sockets) = session(100);
+        let chunk = |n| Forward::Relay(vec![0; n]);
+        assert!(p.forward(&key(1), &id, &key(2), chunk(60)).is_ok());
+        assert!(matches!(
+            sockets[1].try_recv(),
+            Ok(ToWorker::Relay { peer, .. }) if peer == key(1)
+        ));
+        // Not a neighbour (a member of no link, and a link that does not exist).
+        assert!(p.forward(&key(3), &id, &key(2), chunk(1)).is_err());
+        assert!(p.forward(&key(1), &id, &key(3), chunk(1)).is_err());
+        // Another session.
+        assert!(
+            p.forward(&key(1), &Bytes([8; 16]), &key(2), chunk(1))
+                .is_err()
+        );
+        // Signalling counts against the same allowance as chunks.
+        let sdp = Forward::Signal(Signal::Offer {
+            sdp: "v".repeat(30),
+        });
+        assert!(p.forward(&key(1), &id, &key(2), sdp).is_ok());
+        assert!(
+            p.forward(&key(1), &id, &key(2), chunk(20)).is_err(),
+            "past 100 bytes"
+        );
+        assert!(
+            sockets[2].try_recv().is_err(),
+            "nothing reached the outsider"
+        );
+    }
+
+    #[test]
+    fn outputs_are_taken_only_from_the_member_asked_for_them() {
+        let (p, id, mut events, _sockets) = session(100);
+        let output = || {
+            Event::Output(Activation {
+                commit: Identity::from_seed([1; 32]).stage_commit(
+                    id,
+                    0,
+                    0,
+                    Default::default(),
+                    Default::default(),
+                ),
+                rows: 1,
+                data: vec![0; 4],
+            })
+        };
+        p.event(&key(1), &id, output());
+        assert!(events.try_recv().is_err(), "nobody asked");
+        p.expect_outputs(&id, Some(key(2)));
+        p.event(&key(1), &id, output());
+        assert!(events.try_recv().is_err(), "someone else was asked");
+        p.event(&key(2), &id, output());
+        assert!(events.try_recv().is_ok());
+        // Other events from members pass; from outsiders they do not.
+        p.event(&key(1), &id, Event::Failed("x".into()));
+        assert!(events.try_recv().is_ok());
+        p.event(&key(3), &id, Event::Failed("x".into()));
+        assert!(events.try_recv().is_err());
+    }
+
+    #[test]
+    fn placement_takes_distinct_networks_budgets_and_pools() {
+        let p = Pipelines::default();
+        let mut keep = Vec::new();
+        for (seed, net, budget) in [(1, "a", 0), (2, "a", 0), (3, "b", 50), (4, "c", 200)] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            p.join(key(seed), tx, net.into(), budget);
+            keep.push(rx);
+        }
+        let none = HashSet::new();
+        let nets = HashSet::new();
+        // Three stages need three networks: a, b, c; stage 1 needs 100 MiB, which b lacks.
+        assert!(
+            p.place(Bytes([1; 16]), &[10, 100, 10], &none, &nets, None)
+                .is_some()
+        );
+        for _ in 0..20 {
+            p.free(&Bytes([1; 16]), &[key(1), key(2), key(3), key(4)]);
+            let chosen = p
+                .place(Bytes([1; 16]), &[10, 100, 10], &none, &nets, None)
+                .unwrap();
+            assert_ne!(
+                chosen[1],
+                key(3),
+                "a budget of 50 MiB holds no 100 MiB stage"
+            );
+            let prefixes: HashSet<_> = chosen.iter().map(|k| p.prefix(k).unwrap()).collect();
+            assert_eq!(prefixes.len(), 3);
+        }
+        p.free(&Bytes([1; 16]), &[key(1), key(2), key(3), key(4)]);
+        // A pool without network c cannot fill three stages.
+        let pool: HashSet<_> = [key(1), key(2), key(3)].into_iter().collect();
+        assert!(
+            p.place(Bytes([2; 16]), &[1, 1, 1], &none, &nets, Some(&pool))
+                .is_none()
+        );
+        // A barred key is never placed.
+        p.bar(&key(4));
+        assert!(
+            p.place(Bytes([3; 16]), &[1, 1, 1], &none, &nets, None)
+                .is_none()
+        );
     }
 }
