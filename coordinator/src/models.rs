@@ -119,7 +119,43 @@ fn pieces(
     std::fs::write(&tmp, json).map_err(|e| err(&tmp, &e))?;
     std::fs::rename(&tmp, &manifest).map_err(|e| err(&manifest, &e))?;
     tracing::info!(pieces = list.len(), dir = %folder.display(), "cut the exact file into pipeline pieces");
+    remove_stale_pieces(dir);
     Ok(located(list))
+}
+
+/// Removes the pieces of exact files that are no longer in `dir` (a `tabula models quantize`
+/// of a newer format left the old file's pieces behind): each folder under `dir/pieces` is
+/// named by the SHA-256 of the exact file it was cut from.
+fn remove_stale_pieces(dir: &std::path::Path) {
+    let Ok(files) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let present: std::collections::HashSet<String> = files
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_suffix(".safetensors")?;
+            let (_, hash) = rest.rsplit_once(".exact.")?;
+            Some(hash.to_string())
+        })
+        .collect();
+    let Ok(folders) = std::fs::read_dir(dir.join("pieces")) else {
+        return;
+    };
+    for folder in folders.flatten() {
+        let name = folder.file_name().to_string_lossy().into_owned();
+        let hashlike = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        if hashlike && !present.contains(&name) {
+            match std::fs::remove_dir_all(folder.path()) {
+                Ok(()) => {
+                    tracing::info!(folder = %folder.path().display(), "removed the pieces of an exact file that is gone")
+                }
+                Err(e) => {
+                    tracing::warn!(folder = %folder.path().display(), "removing stale pieces: {e}")
+                }
+            }
+        }
+    }
 }
 
 impl ServedModel {
@@ -273,5 +309,31 @@ impl FileSource for RegistryFiles {
             .path(&file.sha256)
             .ok_or_else(|| WorkerError::File(format!("no served file {}", file.sha256)))?;
         Ok(std::fs::read(path)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pieces_of_exact_files_that_are_gone_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (current, old) = ("a".repeat(64), "b".repeat(64));
+        std::fs::write(
+            dir.path()
+                .join(format!("SmolLM2-135M-Instruct.exact.{current}.safetensors")),
+            b"x",
+        )
+        .unwrap();
+        for folder in [&current, &old, &"not-a-hash".to_string()] {
+            std::fs::create_dir_all(dir.path().join("pieces").join(folder)).unwrap();
+        }
+        super::remove_stale_pieces(dir.path());
+        let pieces = dir.path().join("pieces");
+        assert!(pieces.join(&current).exists());
+        assert!(!pieces.join(&old).exists());
+        assert!(
+            pieces.join("not-a-hash").exists(),
+            "only folders named by a hash go"
+        );
     }
 }
