@@ -3521,9 +3521,7 @@ fn a_stage_killed_mid_generation_is_replaced_and_relayed_links_give_the_same_tok
         std::thread::spawn(move || stream_events(port, &key, "/v1/completions", body))
     };
     // Spares, then a kill once tokens flow.
-    for n in 0..4 {
-        cluster.add_worker(10 + n);
-    }
+    let spares: Vec<String> = (0..4).map(|n| cluster.add_worker(10 + n)).collect();
     let started = Instant::now();
     while metric(port, "tabula_pipeline_steps_agreed_total") < 5 {
         assert!(
@@ -3533,7 +3531,15 @@ fn a_stage_killed_mid_generation_is_replaced_and_relayed_links_give_the_same_tok
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let victim = 1;
+    // A worker that serves the session (its log says it joined; a spare may have connected
+    // before the placement and taken a place instead).
+    let victim = (0..cluster.workers.len())
+        .find(|n| {
+            let name = if *n < 6 { *n } else { 10 + n - 6 };
+            std::fs::read_to_string(cluster.dir.path().join(format!("worker{name}.log")))
+                .is_ok_and(|log| log.contains("joining a pipeline"))
+        })
+        .expect("a worker that joined the session");
     cluster.workers[victim].kill().unwrap();
     cluster.workers[victim].wait().unwrap();
     let events = stream.join().unwrap();
@@ -3552,7 +3558,12 @@ fn a_stage_killed_mid_generation_is_replaced_and_relayed_links_give_the_same_tok
         jobs["data"][0]["pipeline"]["rebuilds"].as_i64().unwrap() >= 1,
         "{jobs}"
     );
-    assert_eq!(strikes(port, &workers[victim]), (0, false));
+    let victim_key = if victim < 6 {
+        workers[victim].clone()
+    } else {
+        spares[victim - 6].clone()
+    };
+    assert_eq!(strikes(port, &victim_key), (0, false));
     cluster.stop_workers();
     drop(cluster);
 
