@@ -924,18 +924,6 @@ async fn run_pipeline(
     stages: usize,
 ) -> ApiResult<Response> {
     let (task, credit) = p.tasks[0].clone();
-    let Task::Generate {
-        prompt,
-        max_tokens,
-        temperature_milli,
-        top_p_q16,
-        seed,
-        stop,
-        ..
-    } = task.clone()
-    else {
-        unreachable!("a generation request has generation tasks")
-    };
     let who = Requester::of(headers, api_key, endpoint, body)?;
     let new = who.new_job(&p);
     let crate::scheduler::PipelineJob { job, unit, pool } = match state
@@ -970,23 +958,17 @@ async fn run_pipeline(
         }
         Err(other) => return Err(refusal(other)),
     };
-    let spec = crate::pipeline::SessionSpec {
-        job_id: job.clone(),
-        unit_id: unit,
+    let spec = crate::pipeline::SessionSpec::for_task(
         task,
-        model: p.model.name.clone(),
+        job.clone(),
+        unit,
         stages,
-        pipelines: state.config.pipeline_replicas as usize,
-        prompt,
-        max_tokens,
-        temperature_milli,
-        top_p_q16,
-        seed,
-        stop,
-        placement_wait: Duration::from_millis(state.config.pipeline_wait_ms),
-        direct_ms: state.config.pipeline_direct_ms,
+        state.config.pipeline_replicas as usize,
+        Duration::from_millis(state.config.pipeline_wait_ms),
+        state.config.pipeline_direct_ms,
         pool,
-    };
+    )
+    .expect("a generation request has generation tasks");
     let (tokens_tx, mut tokens) = tokio::sync::mpsc::unbounded_channel();
     // The session runs on its own: a client that goes away does not stop it (its job
     // finishes and is credited).

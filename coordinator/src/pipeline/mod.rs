@@ -376,6 +376,53 @@ pub struct SessionSpec {
     pub pool: Option<HashSet<PublicKey>>,
 }
 
+impl SessionSpec {
+    /// The session of a generation `task`, its prompt, sampling and stop tokens taken from
+    /// the task itself (so the two cannot differ); `None` for any other task.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_task(
+        task: Task,
+        job_id: String,
+        unit_id: String,
+        stages: usize,
+        pipelines: usize,
+        placement_wait: Duration,
+        direct_ms: u32,
+        pool: Option<HashSet<PublicKey>>,
+    ) -> Option<Self> {
+        let Task::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature_milli,
+            top_p_q16,
+            seed,
+            stop,
+            ..
+        } = task.clone()
+        else {
+            return None;
+        };
+        Some(Self {
+            job_id,
+            unit_id,
+            task,
+            model: model.name,
+            stages,
+            pipelines,
+            prompt,
+            max_tokens,
+            temperature_milli,
+            top_p_q16,
+            seed,
+            stop,
+            placement_wait,
+            direct_ms,
+            pool,
+        })
+    }
+}
+
 /// How a session ended well.
 #[derive(Clone, Debug)]
 pub struct Outcome {
