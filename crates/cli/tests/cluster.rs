@@ -414,11 +414,13 @@ fn check_receipts(entry: &Value) {
         assert!(units.insert(r.unit), "two receipts for one unit");
         total += r.credit_micro;
     }
-    assert_eq!(
-        total,
-        w["verified_credit_micro"].as_u64().unwrap(),
-        "receipts must add up to the credit"
-    );
+    // The ledger lists the 100 newest receipts: only then do they add up to all the credit.
+    let credit = w["verified_credit_micro"].as_u64().unwrap();
+    if receipts.len() < 100 {
+        assert_eq!(total, credit, "receipts must add up to the credit");
+    } else {
+        assert!(total <= credit, "receipts add up to more than the credit");
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
