@@ -31,5 +31,6 @@ gzip -9 -c www/pkg-relaxed/tabula_web_bg.wasm | wc -c | awk '{printf "www/pkg-re
 rm -rf www/extension/pkg
 cp -r www/pkg www/extension/pkg
 cp www/worker.js www/extension/worker.js
+cp www/peers.js www/extension/peers.js
 rm -rf www/extension/pkg-relaxed
 cp -r www/pkg-relaxed www/extension/pkg-relaxed

@@ -1,8 +1,11 @@
 // The volunteer page: one button, the live numbers, and the settings. The work itself runs in
 // worker.js (a Web Worker), so the page stays responsive while the GPU computes.
 
+import { hostPeers } from './peers.js';
+
 const $ = (id) => document.getElementById(id);
 const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+hostPeers(worker); // pipeline stages' peer connections live here (workers cannot open them)
 const settings = JSON.parse(localStorage.getItem('tabula-settings') || '{}');
 let status = { phase: 'stopped' };
 let wanted = false; // the volunteer pressed start (pauses do not change this)
@@ -35,6 +38,7 @@ function render() {
     ? `${status.unitsPerMinute.toFixed(1)} units/min` : (status.lastUnitMs ? `${(status.lastUnitMs / 1000).toFixed(1)} s/unit` : '—');
   $('verified').textContent = credit(status.creditMicro || 0);
   if (status.publicKey) $('key').textContent = status.publicKey;
+  if (status.stageMb !== undefined) $('stage-mb').placeholder = `${status.stageMb} (default)`;
 }
 
 worker.onerror = (e) => {
@@ -54,7 +58,12 @@ worker.onmessage = (m) => {
 function apply() {
   const shouldRun = wanted && !pausedBy;
   const running = !['stopped', 'error'].includes(status.phase);
-  if (shouldRun && !running) worker.postMessage({ type: 'start', backend: settings.backend || 'auto', coordinator: location.origin });
+  if (shouldRun && !running) {
+    worker.postMessage({
+      type: 'start', backend: settings.backend || 'auto', coordinator: location.origin,
+      stageMb: settings.stageMb ?? null, stageLinks: settings.stageLinks || 'auto',
+    });
+  }
   if (!shouldRun && running) worker.postMessage({ type: 'stop' });
   render();
 }
@@ -87,6 +96,14 @@ $('pause-battery').checked = settings.pauseBattery !== false;
 $('pause-battery').onchange = () => { settings.pauseBattery = $('pause-battery').checked; save(); updatePause(); };
 $('backend').value = settings.backend || 'auto';
 $('backend').onchange = () => { settings.backend = $('backend').value; save(); };
+// Pipeline stages: the memory this page may give a slice of a large model (empty: the
+// default the worker derives from the device's memory; 0: no stages).
+$('stage-mb').value = settings.stageMb ?? '';
+$('stage-mb').onchange = () => {
+  const v = $('stage-mb').value.trim();
+  settings.stageMb = v === '' ? null : Math.max(0, Math.min(4096, Math.round(Number(v) || 0)));
+  save();
+};
 document.addEventListener('visibilitychange', updatePause);
 if (navigator.getBattery) {
   navigator.getBattery().then((b) => {

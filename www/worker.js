@@ -3,9 +3,12 @@
 // file keeps the WebSocket, the key in IndexedDB, the weight cache (Cache API), timers, the
 // throttle, and reports status to the page (or the extension's offscreen document).
 //
-// Messages in:  {type: 'start', coordinator, backend}  {type: 'stop'}
+// Messages in:  {type: 'start', coordinator, backend, stageMb, stageLinks}  {type: 'stop'}
 //               {type: 'throttle', value: 0.1..1}      {type: 'payout', address}
+//               {type: 'peer-signal-out' | 'peer-channel', ...}  (from www/peers.js)
 // Messages out: {type: 'status', ...}  (see `report`)
+//               {type: 'peer-open' | 'peer-signal' | 'peer-close', ...}  (to www/peers.js: a
+//               worker cannot open an RTCPeerConnection, so the document does)
 
 // Two builds of the same engine: `pkg-relaxed` uses wasm relaxed SIMD for exact precision's
 // int8 dot products (same bits, ~20 % faster); `pkg` runs everywhere. This probe module
@@ -43,6 +46,8 @@ const state = {
   unitsPerMinute: 0,
   throttle: 1,
   payoutAddress: '',
+  stageMb: 0, // memory offered to pipeline stages (0: none)
+  stages: 0, // pipeline sessions served
 };
 let volunteer = null;
 let socket = null;
@@ -52,6 +57,7 @@ let retryTimer = null;
 let backoffMs = 500;
 let coordinator = '';
 let backend = 'auto';
+let stageSession = ''; // the pipeline session this page serves, if any
 const recent = []; // finish times of recent units, for throughput
 
 function report(extra = {}) {
@@ -155,6 +161,53 @@ async function computeUnit(event) {
   askForWork(rest);
 }
 
+// The memory a pipeline stage may use by default: a quarter of what the device reports
+// (navigator.deviceMemory, in GB, rounded down by the browser), within what a wasm page can
+// address. Stages compute on the wasm CPU path, so the GPU adapter's limits do not bind it.
+function defaultStageMb() {
+  const gb = Number(self.navigator && self.navigator.deviceMemory) || 2;
+  return Math.max(128, Math.min(1024, Math.floor(gb * 1024 / 4)));
+}
+
+// A pipeline stage: peer connections opened by the document while the stage's pieces
+// download, then the stage runs in Rust until the coordinator ends the session.
+async function runStage(event) {
+  const what = `stage ${event.stage + 1} of ${event.stages} of a large model (layers ${event.layers[0]}–${event.layers[1] - 1})`;
+  stageSession = event.session;
+  report({ phase: 'working', message: `joining a pipeline: ${what}` });
+  if (event.direct) {
+    for (const p of event.peers) postMessage({ type: 'peer-open', id: `${event.session}/${p.peer}`, offerer: p.offerer });
+  }
+  const files = [];
+  try {
+    for (const f of event.files) files.push(await weights(f));
+  } catch (e) {
+    const frame = volunteer.abandonStage(`the stage's weights did not download: ${e.message || e}`);
+    if (frame) send(frame);
+    endStage(event.session);
+    report({ phase: 'error', message: `could not join the pipeline: ${e.message || e}` });
+    if (running) askForWork(2000);
+    return;
+  }
+  report({ phase: 'working', message: `running ${what}` });
+  try {
+    await volunteer.runStage(files, send);
+    report({ stages: state.stages + 1, message: `finished ${what}` });
+  } catch (e) {
+    const message = String(e && e.message || e);
+    if (message.includes('hashes to')) await evict(event.files);
+    report({ message: `the pipeline stage stopped: ${message}` });
+  } finally {
+    endStage(event.session);
+    if (running) askForWork();
+  }
+}
+
+function endStage(session) {
+  if (stageSession === session) stageSession = '';
+  postMessage({ type: 'peer-close', session });
+}
+
 function onFrame(bytes) {
   let event;
   try {
@@ -178,6 +231,12 @@ function onFrame(bytes) {
     case 'assign': computeUnit(event); break;
     case 'busy': send(event.reply); break;
     case 'decline': send(event.reply); break;
+    case 'stage': runStage(event); break;
+    case 'signal':
+      postMessage({ type: 'peer-signal', id: `${event.session}/${event.peer}`, signal: event.signal, text: event.text });
+      break;
+    case 'stageEnd': endStage(event.session); break;
+    case 'ignored': break;
     case 'noWork':
       report({ phase: 'waiting', message: 'no work right now; asking again soon' });
       askForWork(Math.min(Math.max(event.retryMs, 50), 60000));
@@ -207,6 +266,8 @@ function connect() {
   socket.onclose = () => {
     clearInterval(heartbeat);
     socket = null;
+    // A stage cannot outlive its session's socket: the coordinator rebuilds without it.
+    if (volunteer) volunteer.endStage();
     if (!running) return;
     report({ phase: 'connecting', message: `connection lost; retrying in ${(backoffMs / 1000).toFixed(1)} s` });
     setTimeout(connect, backoffMs);
@@ -218,6 +279,7 @@ async function start(options) {
   if (running) return;
   coordinator = options.coordinator || self.location.origin;
   backend = options.backend || 'auto';
+  const stageMb = Number.isFinite(options.stageMb) && options.stageMb >= 0 ? Math.floor(options.stageMb) : defaultStageMb();
   running = true;
   report({ phase: 'starting', message: 'loading the compute engine' });
   try {
@@ -229,6 +291,8 @@ async function start(options) {
       const device = volunteer.device();
       report({ device: device.startsWith('cpu') && relaxed ? `${device}, relaxed SIMD` : device, publicKey: volunteer.publicKey() });
     }
+    volunteer.setStages(stageMb, options.stageLinks !== 'relay');
+    report({ stageMb });
   } catch (e) {
     running = false;
     report({ phase: 'error', message: `could not start: ${e.message || e}` });
@@ -245,6 +309,7 @@ function stop(release = true) {
     const frame = volunteer.releaseFrame();
     if (frame) send(frame);
   }
+  if (volunteer) volunteer.endStage();
   if (socket) socket.close(1000, 'stopped by the volunteer');
   socket = null;
   report({ phase: release ? 'stopped' : 'error', message: release ? 'stopped' : state.message });
@@ -263,5 +328,15 @@ onmessage = (m) => {
       }
       break;
     case 'status': report(); break;
+    case 'peer-signal-out': {
+      const [session, peer] = String(msg.id).split('/');
+      try { send(volunteer.signalFrame(session, peer, msg.signal, msg.text)); } catch (e) { console.warn(`signal to ${peer}: ${e.message || e}`); }
+      break;
+    }
+    case 'peer-channel': {
+      const [session, peer] = String(msg.id).split('/');
+      try { volunteer.attachChannel(session, peer, msg.channel); } catch { msg.channel.close(); }
+      break;
+    }
   }
 };

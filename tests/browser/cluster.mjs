@@ -45,10 +45,10 @@ export class Cluster {
     return c;
   }
 
-  addWorker(name) {
+  addWorker(name, extra = []) {
     const log = fs.openSync(path.join(this.dir, `${name}.log`), 'a');
     const w = spawn(bin, ['worker', '--coordinator', this.url, '--state-dir', path.join(this.dir, name),
-      '--backend', 'cpu', '--precision', 'exact'], { stdio: ['ignore', log, log] });
+      '--backend', 'cpu', '--precision', 'exact', ...extra], { stdio: ['ignore', log, log] });
     this.workers.push(w);
     return w;
   }
@@ -100,6 +100,28 @@ export class Cluster {
     await new Promise((r) => setTimeout(r, 300));
     for (const p of [...this.workers, this.serve]) if (p.exitCode === null) p.kill('SIGKILL');
   }
+}
+
+// The volunteer page at `url` in a fresh browser context (its own key), with `settings` as
+// the page keeps them in localStorage, started; resolves once its key is known.
+export async function openVolunteer(browser, url, settings = null) {
+  const context = await browser.newContext();
+  if (settings) await context.addInitScript((s) => localStorage.setItem('tabula-settings', s), JSON.stringify(settings));
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(url);
+  await page.click('#toggle');
+  // The key appears once the engine is loaded and the key is read from IndexedDB.
+  await page.waitForFunction(() => /^[0-9a-f]{64}$/.test(document.getElementById('key').textContent), null, { timeout: 120_000 });
+  return { context, page, key: await page.textContent('#key'), errors };
+}
+
+// The local reference for a completion: `tabula generate --precision exact`, greedy.
+export function localGeneration(prompt, maxTokens) {
+  const out = execFileSync(bin, ['generate', '--model', 'SmolLM2-135M-Instruct', '--precision', 'exact', '--json',
+    '--prompt', prompt, '--max-tokens', String(maxTokens), '--temperature', '0', '--seed', '0'], { encoding: 'utf8' });
+  return JSON.parse(out.trim()).text;
 }
 
 // The local reference: `tabula embed --precision exact` on the same texts, one vector per text.

@@ -10,26 +10,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { launch, readJsonl, root } from './harness.mjs';
-import { Cluster, localExactEmbeddings } from './cluster.mjs';
+import { Cluster, localExactEmbeddings, openVolunteer } from './cluster.mjs';
 
 const artifacts = path.join(root, 'tests/artifacts');
 fs.mkdirSync(artifacts, { recursive: true });
 // 8 fixture texts: two units of four sequences.
 const texts = readJsonl(path.join(root, 'tests/fixtures/minilm.jsonl')).slice(0, 8).map((f) => f.text);
 const reference = localExactEmbeddings(texts);
-
-async function openVolunteer(browser, url) {
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  const errors = [];
-  page.on('pageerror', (e) => errors.push(e.message));
-  await page.goto(url);
-  await page.click('#toggle');
-  // The key appears once the engine is loaded and the key is read from IndexedDB.
-  await page.waitForFunction(() => /^[0-9a-f]{64}$/.test(document.getElementById('key').textContent), null, { timeout: 120_000 });
-  const key = await page.textContent('#key');
-  return { context, page, key, errors };
-}
 
 async function embedAndCheck(cluster) {
   const r = await cluster.api('/v1/embeddings', { model: 'all-MiniLM-L6-v2', input: texts, precision: 'exact' });

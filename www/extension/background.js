@@ -9,8 +9,8 @@ async function ensureOffscreen() {
   if (existing.length) return;
   await chrome.offscreen.createDocument({
     url: OFFSCREEN,
-    reasons: ['WORKERS'],
-    justification: 'Runs the volunteer compute worker (WebSocket to the coordinator, WebGPU or wasm).',
+    reasons: ['WORKERS', 'WEB_RTC'],
+    justification: 'Runs the volunteer compute worker (WebSocket to the coordinator, WebGPU or wasm) and the peer connections of pipeline stages.',
   });
 }
 

@@ -1,9 +1,13 @@
 // The offscreen document: hosts the same Web Worker as the volunteer page (worker.js and the
 // wasm package, copied here by `npm run build`) and relays messages between it and the
-// extension.
+// extension, and hosts the peer connections of pipeline stages (www/peers.js).
+import { hostPeers } from './peers.js';
+
 const worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+hostPeers(worker); // pipeline stages' peer connections (workers cannot open them)
 
 worker.onmessage = (m) => {
+  if (m.data.type !== 'status') return;
   chrome.runtime.sendMessage({ target: 'background', type: 'status', status: m.data });
 };
 worker.onerror = (e) => {

@@ -13,7 +13,7 @@
 //! the coordinator.
 
 pub mod frame;
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(all(feature = "native", not(target_arch = "wasm32")))]
 pub mod native;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -3,16 +3,21 @@
 //! The browser build of Tabula, through wasm-bindgen. Two things live here:
 //! - The model bindings (`Embedder`, `ExactEmbedder`, `ExactDecoder`). They load a model from
 //!   bytes the page fetched and run it on WebGPU (through `wgpu`) or on the wasm CPU path.
-//! - [`Volunteer`], the browser worker, driven by `www/worker.js`: protocol frames, signatures
-//!   and unit execution, with the page doing only I/O.
+//! - [`Volunteer`], the browser worker, driven by `www/worker.js`: protocol frames, signatures,
+//!   unit execution and pipeline stages (`member`), with the page doing only I/O.
+//! - [`PeerConnection`], the document's half of a stage's WebRTC link (`rtc`): browsers give
+//!   `RTCPeerConnection` to documents only, and the data channel moves to the Web Worker.
 //!
 //! The model code is `tabula-models` and the unit executor is `tabula-worker`'s, unchanged, so
 //! a browser computes the same bits as a native worker. This crate owns the JavaScript boundary
 //! (argument conversion with `serde-wasm-bindgen`, errors as JS exceptions) and the browser
 //! session's state. It must not grow model or verification logic that the native build lacks.
 
+mod member;
+mod rtc;
 mod volunteer;
 
+pub use rtc::PeerConnection;
 pub use volunteer::Volunteer;
 
 use serde::Serialize;

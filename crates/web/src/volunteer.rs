@@ -8,7 +8,11 @@
 //! State is kept in `RefCell`s and no borrow is held across an `await`: frames keep arriving
 //! (heartbeat replies, receipts, an extra assignment) while a unit computes on the GPU.
 
-use std::{cell::RefCell, collections::HashMap, rc::Rc};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    rc::Rc,
+};
 
 use serde::Serialize;
 use tabula_engine::{
@@ -17,13 +21,17 @@ use tabula_engine::{
     gpu::{AdapterChoice, GpuBackend},
 };
 use tabula_protocol::{
-    Address, Assignment, FileRef, Hash, Identity, MAX_COORDINATOR_FRAME, Precision, Task,
-    ToCoordinator, ToWorker, UnitOutput, decode, encode,
+    Address, Assignment, FileRef, Hash, Identity, MAX_COORDINATOR_FRAME, Precision, PublicKey,
+    Signal, Task, ToCoordinator, ToWorker, UnitOutput, decode, encode,
 };
-use tabula_worker::{Executor, FileSource, WorkerError};
+use tabula_worker::{Executor, FileSource, WorkerError, stage::MAX_ACTIVATION_FRAME};
 use wasm_bindgen::prelude::*;
 
-use crate::js_err;
+use crate::{
+    js_err,
+    member::{self, Slot, StageMsg, StageSlot},
+    rtc::DataChannelLink,
+};
 
 enum AnyExecutor {
     Cpu(Executor<CpuBackend>),
@@ -113,8 +121,36 @@ enum FrameEvent {
     Decline {
         reply: Vec<u8>,
     },
-    /// A pipeline message for a session this page is not in: nothing to do.
+    /// A pipeline message handled inside (or for a session this page is not in): nothing
+    /// to do.
     Ignored,
+    /// Join a pipeline session: open a peer connection to each of `peers` when `direct`
+    /// (the document does; `offerer` says which side offers), fetch `files` (the stage's
+    /// pieces), then call `runStage`.
+    #[serde(rename_all = "camelCase")]
+    Stage {
+        session: String,
+        stage: u16,
+        stages: u16,
+        layers: (u32, u32),
+        files: Vec<FileOut>,
+        peers: Vec<PeerOut>,
+        direct: bool,
+    },
+    /// Signalling from the neighbour `peer`: hand it to that peer connection.
+    #[serde(rename_all = "camelCase")]
+    Signal {
+        session: String,
+        peer: String,
+        /// `offer`, `answer` or `candidate`.
+        signal: &'static str,
+        text: String,
+    },
+    /// The session is over for this page: close its peer connections.
+    #[serde(rename_all = "camelCase")]
+    StageEnd {
+        session: String,
+    },
     PayoutLinked {
         address: String,
     },
@@ -124,6 +160,13 @@ enum FrameEvent {
         message: String,
         retry: bool,
     },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PeerOut {
+    peer: String,
+    offerer: bool,
 }
 
 #[derive(Serialize)]
@@ -141,13 +184,19 @@ struct Session {
 /// One browser volunteer: its key, its compute device and its session state.
 #[wasm_bindgen]
 pub struct Volunteer {
-    identity: Identity,
+    identity: Rc<Identity>,
     device: String,
     precisions: Vec<Precision>,
     agent: String,
     session: Rc<RefCell<Session>>,
     /// Taken out while a unit computes, so a frame handled meanwhile never waits on it.
     executor: Rc<RefCell<Option<AnyExecutor>>>,
+    /// The memory this page gives a pipeline stage, MB; 0: it takes no stages.
+    stage_budget_mb: Cell<u32>,
+    /// Whether stages try direct data channels (else they relay through the coordinator).
+    stage_direct: Cell<bool>,
+    /// The pipeline session this page serves, if any (one at a time).
+    stage: Slot,
 }
 
 #[wasm_bindgen]
@@ -176,13 +225,125 @@ impl Volunteer {
             }
         };
         Ok(Volunteer {
-            identity: Identity::from_seed(seed),
+            identity: Rc::new(Identity::from_seed(seed)),
             agent: format!("{agent} {device}"),
             device,
             precisions: vec![Precision::Exact, Precision::Fast],
             session: Rc::new(RefCell::new(Session { current: None })),
             executor: Rc::new(RefCell::new(Some(executor))),
+            stage_budget_mb: Cell::new(0),
+            stage_direct: Cell::new(true),
+            stage: Rc::new(RefCell::new(None)),
         })
+    }
+
+    /// Offers this page for pipeline stages of at most `budget_mb` MB of weights (0: no
+    /// stages); `direct` false relays every activation through the coordinator. Takes effect
+    /// at the next login.
+    #[wasm_bindgen(js_name = setStages)]
+    pub fn set_stages(&self, budget_mb: u32, direct: bool) {
+        self.stage_budget_mb.set(budget_mb);
+        self.stage_direct.set(direct);
+    }
+
+    /// Runs the stage the last `stage` event ordered, on the pieces it listed (`files`, in
+    /// that order), until the session ends for this page. Frames go out through
+    /// `send(Uint8Array)`. A failure is reported to the coordinator (it rebuilds the
+    /// pipeline without this page) and rethrown.
+    #[wasm_bindgen(js_name = runStage)]
+    pub async fn run_stage(
+        &self,
+        files: Vec<js_sys::Uint8Array>,
+        send: js_sys::Function,
+    ) -> Result<(), JsError> {
+        let (order, ordered_ms, receiver) = {
+            let mut slot = self.stage.borrow_mut();
+            let slot = slot
+                .as_mut()
+                .ok_or_else(|| JsError::new("no pipeline stage is ordered"))?;
+            let receiver = slot
+                .receiver
+                .take()
+                .ok_or_else(|| JsError::new("the ordered stage is already running"))?;
+            (slot.order.clone(), slot.ordered_ms, receiver)
+        };
+        let session = order.session;
+        let result = member::run_reporting(
+            order,
+            ordered_ms,
+            self.identity.clone(),
+            files.iter().map(|f| f.to_vec()).collect(),
+            receiver,
+            send,
+        )
+        .await;
+        let mut slot = self.stage.borrow_mut();
+        if slot.as_ref().is_some_and(|s| s.order.session == session) {
+            *slot = None;
+        }
+        result.map_err(js_err)
+    }
+
+    /// Gives up the ordered stage before it runs (its pieces did not download); returns the
+    /// frame that tells the coordinator, or `undefined` when no stage is waiting.
+    #[wasm_bindgen(js_name = abandonStage)]
+    pub fn abandon_stage(&self, reason: &str) -> Option<Vec<u8>> {
+        let slot = self.stage.borrow_mut().take()?;
+        Some(encode(&ToCoordinator::StageFailed {
+            session: slot.order.session,
+            reason: reason.chars().take(1000).collect(),
+        }))
+    }
+
+    /// Ends this page's part in its pipeline session, if any (stop pressed, socket closed):
+    /// `runStage` returns. The coordinator learns it from the closed socket and rebuilds.
+    #[wasm_bindgen(js_name = endStage)]
+    pub fn end_stage(&self) {
+        if let Some(slot) = self.stage.borrow_mut().take() {
+            let _ = slot.inbox.unbounded_send(StageMsg::End);
+        }
+    }
+
+    /// The data channel the document opened to `peer` (hex) of the current session, handed
+    /// over before it opens. Call it in the task it arrived in.
+    #[wasm_bindgen(js_name = attachChannel)]
+    pub fn attach_channel(
+        &self,
+        session: &str,
+        peer: &str,
+        channel: web_sys::RtcDataChannel,
+    ) -> Result<(), JsError> {
+        let (session, peer) = parse_link(session, peer)?;
+        let link = DataChannelLink::attach(channel, MAX_ACTIVATION_FRAME);
+        if !member::deliver(&self.stage, &session, StageMsg::Channel { peer, link }) {
+            return Err(JsError::new("no such pipeline session on this page"));
+        }
+        Ok(())
+    }
+
+    /// The frame carrying this page's signal (`kind` offer, answer or candidate) to `peer`.
+    #[wasm_bindgen(js_name = signalFrame)]
+    pub fn signal_frame(
+        &self,
+        session: &str,
+        peer: &str,
+        kind: &str,
+        text: &str,
+    ) -> Result<Vec<u8>, JsError> {
+        let (session, peer) = parse_link(session, peer)?;
+        let text = text.to_string();
+        let signal = match kind {
+            "offer" => Signal::Offer { sdp: text },
+            "answer" => Signal::Answer { sdp: text },
+            "candidate" => Signal::Candidate { json: text },
+            other => return Err(JsError::new(&format!("unknown signal kind `{other}`"))),
+        };
+        signal.validate().map_err(js_err)?;
+        Ok(encode(&ToCoordinator::Signal {
+            session,
+            peer,
+            signal,
+        }))
     }
 
     /// The WebGPU adapter's description, or `"cpu (wasm)"`.
@@ -295,8 +456,8 @@ impl Volunteer {
                     signature: self.identity.sign_login(&nonce, &coordinator),
                     agent: self.agent.clone(),
                     precisions: self.precisions.clone(),
-                    stages: false,
-                    max_model_mb: 0,
+                    stages: self.stage_budget_mb.get() > 0,
+                    max_model_mb: self.stage_budget_mb.get(),
                 }),
             },
             ToWorker::Welcome {
@@ -348,18 +509,129 @@ impl Volunteer {
                 address: format!("0x{}", address.to_hex()),
             },
             ToWorker::Error { message, retry } => FrameEvent::Error { message, retry },
-            ToWorker::Stage(order) => FrameEvent::Decline {
-                reply: encode(&ToCoordinator::StageFailed {
-                    session: order.session,
-                    reason: "this worker takes no pipeline stages".into(),
-                }),
-            },
-            ToWorker::StageInput { .. }
-            | ToWorker::Signal { .. }
-            | ToWorker::Relay { .. }
-            | ToWorker::StageHistory { .. }
-            | ToWorker::StageEnd { .. } => FrameEvent::Ignored,
+            ToWorker::Stage(order) => self.stage_order(order),
+            ToWorker::StageInput {
+                session,
+                step,
+                tokens,
+            } => {
+                member::deliver(&self.stage, &session, StageMsg::Input { step, tokens });
+                FrameEvent::Ignored
+            }
+            ToWorker::StageHistory { session, step } => {
+                member::deliver(&self.stage, &session, StageMsg::History { step });
+                FrameEvent::Ignored
+            }
+            ToWorker::Relay {
+                session,
+                peer,
+                chunk,
+            } => {
+                member::deliver(&self.stage, &session, StageMsg::Relay { peer, chunk });
+                FrameEvent::Ignored
+            }
+            ToWorker::Signal {
+                session,
+                peer,
+                signal,
+            } => {
+                let ours = self.stage.borrow().as_ref().is_some_and(|s| {
+                    s.order.session == session
+                        && (s.order.upstream == Some(peer) || s.order.downstream == Some(peer))
+                });
+                if !ours || signal.validate().is_err() {
+                    FrameEvent::Ignored
+                } else {
+                    let (kind, text) = match signal {
+                        Signal::Offer { sdp } => ("offer", sdp),
+                        Signal::Answer { sdp } => ("answer", sdp),
+                        Signal::Candidate { json } => ("candidate", json),
+                    };
+                    FrameEvent::Signal {
+                        session: session.to_hex(),
+                        peer: peer.to_hex(),
+                        signal: kind,
+                        text,
+                    }
+                }
+            }
+            ToWorker::StageEnd { session } => {
+                let mut slot = self.stage.borrow_mut();
+                if slot.as_ref().is_some_and(|s| s.order.session == session) {
+                    if let Some(s) = slot.take() {
+                        let _ = s.inbox.unbounded_send(StageMsg::End);
+                    }
+                    FrameEvent::StageEnd {
+                        session: session.to_hex(),
+                    }
+                } else {
+                    FrameEvent::Ignored
+                }
+            }
         })
+    }
+
+    /// A stage order: taken when this page offers stages, serves no other session and the
+    /// order checks out; else declined (the coordinator places someone else).
+    fn stage_order(&self, order: tabula_protocol::StageOrder) -> FrameEvent {
+        let session = order.session;
+        let decline = |reason: String| FrameEvent::Decline {
+            reply: encode(&ToCoordinator::StageFailed { session, reason }),
+        };
+        if self.stage_budget_mb.get() == 0 {
+            return decline("this worker takes no pipeline stages".into());
+        }
+        if let Err(e) = order.validate() {
+            return decline(format!("a stage order that does not check: {e}"));
+        }
+        let mut slot = self.stage.borrow_mut();
+        if let Some(current) = slot.as_ref() {
+            return decline(format!(
+                "this page already serves session {}",
+                current.order.session
+            ));
+        }
+        let mut peers = Vec::new();
+        if let Some(up) = order.upstream {
+            // The upstream stage offers the channel; this page answers it.
+            peers.push(PeerOut {
+                peer: up.to_hex(),
+                offerer: false,
+            });
+        }
+        if let Some(down) = order.downstream {
+            peers.push(PeerOut {
+                peer: down.to_hex(),
+                offerer: true,
+            });
+        }
+        let (inbox, receiver) = futures_channel::mpsc::unbounded();
+        let event = FrameEvent::Stage {
+            session: session.to_hex(),
+            stage: order.stage,
+            stages: order.stages,
+            layers: order.layers,
+            files: order
+                .model
+                .files
+                .iter()
+                .map(|f| FileOut {
+                    role: f.role.clone(),
+                    sha256: f.sha256.to_hex(),
+                    size: f.size,
+                })
+                .collect(),
+            peers,
+            direct: self.stage_direct.get() && order.direct_ms > 0,
+        };
+        tracing::info!(%session, stage = order.stage, stages = order.stages, "joining a pipeline");
+        *slot = Some(StageSlot {
+            order,
+            inbox,
+            receiver: Some(receiver),
+            ordered_ms: js_sys::Date::now(),
+        });
+        event
     }
 
     /// The files of `task`'s model that the executor has not loaded yet.
@@ -383,4 +655,15 @@ async fn gpu_executor() -> Result<(AnyExecutor, String), tabula_engine::EngineEr
     let backend = GpuBackend::new(AdapterChoice::Any).await?;
     let device = format!("WebGPU: {}", backend.describe());
     Ok((AnyExecutor::Gpu(Box::new(Executor::new(backend))), device))
+}
+
+/// A session and a peer as the page names them (hex).
+fn parse_link(
+    session: &str,
+    peer: &str,
+) -> Result<(tabula_protocol::SessionId, PublicKey), JsError> {
+    let session = tabula_protocol::SessionId::from_hex(session)
+        .map_err(|e| JsError::new(&format!("session: {e}")))?;
+    let peer = PublicKey::from_hex(peer).map_err(|e| JsError::new(&format!("peer: {e}")))?;
+    Ok((session, peer))
 }

@@ -6,8 +6,9 @@
 //! volunteer loop of a native process ([`native`]): the WebSocket session with login,
 //! heartbeats and leases, content-addressed weight downloads and the key file. This crate
 //! must not depend on the coordinator or on the browser build; the browser worker reuses
-//! [`exec`] and the protocol, with its own transport. [`member`] runs a native worker's
-//! pipeline stage: its links to the neighbouring stages and its steps.
+//! [`exec`], [`stage`] (with its I/O-free `MemberCore` and `Neighbour`) and the protocol,
+//! with its own transport. [`member`] runs a native worker's pipeline stage: its links to the
+//! neighbouring stages and its steps.
 
 pub mod exec;
 pub mod keyfile;

@@ -13,18 +13,19 @@ use std::{sync::Arc, time::Duration};
 use tabula_engine::cpu::CpuBackend;
 use tabula_models::exact::ExactFile;
 use tabula_protocol::{
-    Activation, Identity, LinkPath, MAX_ACTIVATION, PublicKey, SessionId, Signal, StageOrder,
-    StageReport, ToCoordinator, decode, encode,
+    Activation, Identity, PublicKey, SessionId, Signal, StageOrder, ToCoordinator, encode,
 };
 use tabula_transport::{
-    ChannelLink, Link, MAX_MESSAGE, Path, TransportError,
+    ChannelLink, MAX_MESSAGE, Path,
     native::{Role, RtcLink, RtcOptions, connect},
 };
 use tokio::sync::mpsc;
 
 use crate::{
     FileSource, WorkerError,
-    stage::{StageOut, StagePlan, StageRunner},
+    stage::{
+        MAX_ACTIVATION_FRAME, MemberCore, StageOut, StagePlan, StageRunner, decode_activation,
+    },
 };
 
 /// What the socket loop hands a member.
@@ -153,8 +154,6 @@ impl Drop for Member {
     }
 }
 
-/// The largest encoded activation a neighbour may send: the data and its commitment.
-const MAX_ACTIVATION_FRAME: usize = MAX_ACTIVATION + 4096;
 const _: () = assert!(MAX_ACTIVATION_FRAME <= MAX_MESSAGE);
 const _: () = assert!(tabula_protocol::MAX_RELAY_CHUNK == tabula_transport::MAX_CHUNK);
 
@@ -180,44 +179,7 @@ pub fn spawn(
     Member { inbox, task }
 }
 
-/// One neighbour: a direct channel when one came up, and the relay, which is always there
-/// (the peer may have fallen back to it while this side's channel came up).
-struct Neighbour {
-    direct: Option<RtcLink>,
-    relay: ChannelLink,
-}
-
-impl Neighbour {
-    fn path(&self) -> LinkPath {
-        match self.direct {
-            Some(_) => LinkPath::Direct,
-            None => LinkPath::Relayed,
-        }
-    }
-
-    async fn send(&mut self, message: &[u8]) -> Result<(), TransportError> {
-        if let Some(direct) = &self.direct {
-            match direct.send(message).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!("data channel failed ({e}); relaying through the coordinator");
-                    self.direct = None;
-                }
-            }
-        }
-        self.relay.send(message).await
-    }
-
-    async fn recv(&self) -> Result<Vec<u8>, TransportError> {
-        match &self.direct {
-            Some(direct) => tokio::select! {
-                m = direct.recv() => m,
-                m = self.relay.recv() => m,
-            },
-            None => self.relay.recv().await,
-        }
-    }
-}
+type Neighbour = crate::stage::Neighbour<RtcLink>;
 
 async fn run(
     order: StageOrder,
@@ -229,17 +191,7 @@ async fn run(
 ) -> Result<(), WorkerError> {
     order.validate()?;
     let session = order.session;
-    let plan = StagePlan {
-        session,
-        stage: order.stage,
-        layers: order.layers.0 as usize..order.layers.1 as usize,
-        capacity: order.capacity as usize,
-        upstream: order.upstream,
-        first_step: order.first_step,
-        temperature_milli: order.temperature_milli,
-        top_p_q16: order.top_p_q16,
-        seed: order.seed,
-    };
+    let plan = StagePlan::from_order(&order);
     // Loading (a download, then parsing) and linking go on together; signals and relayed
     // chunks that arrive meanwhile are routed by the loop below.
     let load = {
@@ -373,16 +325,12 @@ async fn run(
     let mut runner = Some(runner);
     // This member's commitment of the step before (for the replay attack of tests).
     let mut last_commit: Option<tabula_protocol::StageCommit> = None;
-    // Outputs sent downstream, by step, for the coordinator's re-execution of the next stage.
-    let mut sent: Vec<Activation> = Vec::new();
+    let mut core = MemberCore::new(runner.as_ref().expect("loaded").plan());
     let last = order.downstream.is_none();
     loop {
         for step in history_asks.drain(..) {
-            for a in sent.iter().filter(|a| a.commit.step <= step) {
-                let _ = out.send(ToCoordinator::StageOutput {
-                    session,
-                    activation: a.clone(),
-                });
+            for frame in core.history(step) {
+                let _ = out.send(frame);
             }
         }
         // The next input: tokens for the first stage, an activation otherwise.
@@ -391,12 +339,7 @@ async fn run(
             Hidden(Activation),
         }
         let input = if let Some((step, tokens)) = inputs.pop_front() {
-            let expected = runner.as_ref().map_or(0, StageRunner::step);
-            if order.upstream.is_some() || step != expected {
-                return Err(WorkerError::Task(format!(
-                    "input for step {step}; this stage expects step {expected} from upstream"
-                )));
-            }
+            core.check_tokens(step, runner.as_ref().map_or(0, StageRunner::step))?;
             Input::Tokens(tokens)
         } else {
             tokio::select! {
@@ -440,14 +383,7 @@ async fn run(
         if let Some(t) = options.tamper {
             sent_data = tamper(t, &identity, &mut result);
         }
-        let mut report = StageReport {
-            commit: result.commit().clone(),
-            received: received.clone(),
-            token: match &result {
-                StageOut::Token { token, .. } => Some(*token),
-                StageOut::Activation(_) => None,
-            },
-        };
+        let mut report = core.report(&result, received.clone());
         if options.tamper == Some(Tamper::Replay)
             && let Some(replayed) = received.or_else(|| last_commit.clone())
         {
@@ -466,15 +402,10 @@ async fn run(
             link.send(&encode(&wire))
                 .await
                 .map_err(|e| WorkerError::Connection(format!("downstream link: {e}")))?;
-            sent.push(a);
+            core.sent(a);
         }
         let _ = out.send(ToCoordinator::StageStep { session, report });
     }
-}
-
-fn decode_activation(bytes: &[u8]) -> Result<Activation, WorkerError> {
-    // An activation travels as a bare postcard frame with the protocol version in front.
-    Ok(decode(bytes, MAX_ACTIVATION_FRAME)?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -510,6 +441,7 @@ async fn link_with(
     }
     if !options.direct || wait.is_zero() {
         return Neighbour {
+            peer,
             direct: None,
             relay,
         };
@@ -556,5 +488,9 @@ async fn link_with(
             None
         }
     };
-    Neighbour { direct, relay }
+    Neighbour {
+        peer,
+        direct,
+        relay,
+    }
 }

@@ -15,9 +15,10 @@ use tabula_models::{
     sampling::ExactSampler,
 };
 use tabula_protocol::{
-    Activation, Hash, Identity, MAX_ACTIVATION, PublicKey, SessionId, StageCommit, sha256,
-    sign::SignerKey,
+    Activation, Hash, Identity, LinkPath, MAX_ACTIVATION, PublicKey, SessionId, StageCommit,
+    StageOrder, StageReport, ToCoordinator, sha256, sign::SignerKey,
 };
+use tabula_transport::{ChannelLink, Link, TransportError};
 
 use crate::WorkerError;
 
@@ -39,6 +40,23 @@ pub struct StagePlan {
     pub temperature_milli: u32,
     pub top_p_q16: u32,
     pub seed: u64,
+}
+
+impl StagePlan {
+    /// The plan of a (validated) order.
+    pub fn from_order(order: &StageOrder) -> Self {
+        Self {
+            session: order.session,
+            stage: order.stage,
+            layers: order.layers.0 as usize..order.layers.1 as usize,
+            capacity: order.capacity as usize,
+            upstream: order.upstream,
+            first_step: order.first_step,
+            temperature_milli: order.temperature_milli,
+            top_p_q16: order.top_p_q16,
+            seed: order.seed,
+        }
+    }
 }
 
 /// What a step produced.
@@ -231,5 +249,204 @@ impl<B: ExactBackend> StageRunner<B> {
         self.step += 1;
         assert!(self.pos <= self.plan.capacity, "the cache bounds positions");
         Ok(result)
+    }
+}
+
+/// The largest encoded activation a neighbour may send: the data and its commitment.
+pub const MAX_ACTIVATION_FRAME: usize = MAX_ACTIVATION + 4096;
+
+/// An activation as it travels between stages (a bare postcard frame with the protocol
+/// version in front), checked against [`MAX_ACTIVATION_FRAME`] before anything is decoded.
+pub fn decode_activation(bytes: &[u8]) -> Result<Activation, WorkerError> {
+    Ok(tabula_protocol::decode(bytes, MAX_ACTIVATION_FRAME)?)
+}
+
+/// The part of a member that is the same natively and in the browser, with no I/O: which
+/// input a step takes, the signed report of a step, and the outputs it sent downstream, kept
+/// for the coordinator's re-execution of the next stage. The native member (`member.rs`)
+/// and the browser's (`tabula-web`) drive it from their own links and sockets.
+#[derive(Debug)]
+pub struct MemberCore {
+    session: SessionId,
+    /// This stage has an upstream stage (it takes activations, never tokens).
+    has_upstream: bool,
+    /// Outputs sent downstream. Invariant: their steps strictly increase.
+    sent: Vec<Activation>,
+}
+
+impl MemberCore {
+    pub fn new(plan: &StagePlan) -> Self {
+        Self {
+            session: plan.session,
+            has_upstream: plan.upstream.is_some(),
+            sent: Vec::new(),
+        }
+    }
+
+    /// Checks the coordinator's token input for `step` against the step the runner expects:
+    /// only a first stage takes tokens, in order.
+    pub fn check_tokens(&self, step: u32, expected: u32) -> Result<(), WorkerError> {
+        if self.has_upstream || step != expected {
+            return Err(WorkerError::Task(format!(
+                "input for step {step}; this stage expects step {expected} from upstream"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The report of a step: what this stage signed, and the commitment it received (`None`
+    /// for the first stage, whose input is the coordinator's tokens).
+    pub fn report(&self, result: &StageOut, received: Option<StageCommit>) -> StageReport {
+        StageReport {
+            commit: result.commit().clone(),
+            received,
+            token: match result {
+                StageOut::Token { token, .. } => Some(*token),
+                StageOut::Activation(_) => None,
+            },
+        }
+    }
+
+    /// Keeps an output that went downstream.
+    pub fn sent(&mut self, activation: Activation) {
+        assert!(
+            self.sent
+                .last()
+                .is_none_or(|last| last.commit.step < activation.commit.step),
+            "outputs are kept in step order"
+        );
+        self.sent.push(activation);
+    }
+
+    /// The coordinator's [`tabula_protocol::ToWorker::StageHistory`]: every output sent up to
+    /// `step`, one frame each.
+    pub fn history(&self, step: u32) -> impl Iterator<Item = ToCoordinator> + '_ {
+        self.sent
+            .iter()
+            .take_while(move |a| a.commit.step <= step)
+            .map(|a| ToCoordinator::StageOutput {
+                session: self.session,
+                activation: a.clone(),
+            })
+    }
+}
+
+/// A member's link to one neighbouring stage: a direct data channel when one came up (`D`: the
+/// `webrtc` crate's natively, the browser's in `tabula-web`), and the coordinator's relay,
+/// which is always there (the peer may have fallen back to it while this side's channel came
+/// up). Sends go direct while that works, then through the relay for good.
+pub struct Neighbour<D: Link> {
+    pub peer: PublicKey,
+    pub direct: Option<D>,
+    pub relay: ChannelLink,
+}
+
+impl<D: Link> Neighbour<D> {
+    pub fn path(&self) -> LinkPath {
+        match self.direct {
+            Some(_) => LinkPath::Direct,
+            None => LinkPath::Relayed,
+        }
+    }
+
+    pub async fn send(&mut self, message: &[u8]) -> Result<(), TransportError> {
+        if let Some(direct) = &self.direct {
+            match direct.send(message).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(peer = %self.peer, "data channel failed ({e}); relaying through the coordinator");
+                    self.direct = None;
+                }
+            }
+        }
+        self.relay.send(message).await
+    }
+
+    /// The next message from either path. Cancel-safe: neither link loses a chunk when the
+    /// other wins.
+    pub async fn recv(&self) -> Result<Vec<u8>, TransportError> {
+        use futures_util::FutureExt;
+        match &self.direct {
+            Some(direct) => {
+                let a = direct.recv().fuse();
+                let b = self.relay.recv().fuse();
+                futures_util::pin_mut!(a, b);
+                futures_util::select! {
+                    m = a => m,
+                    m = b => m,
+                }
+            }
+            None => self.relay.recv().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(upstream: Option<PublicKey>) -> StagePlan {
+        StagePlan {
+            session: SessionId::from_hex("00112233445566778899aabbccddeeff").unwrap(),
+            stage: u16::from(upstream.is_some()),
+            layers: 0..1,
+            capacity: 8,
+            upstream,
+            first_step: 0,
+            temperature_milli: 0,
+            top_p_q16: 65536,
+            seed: 0,
+        }
+    }
+
+    fn activation(id: &Identity, plan: &StagePlan, step: u32) -> Activation {
+        let data = vec![step as u8; 8];
+        Activation {
+            commit: id.stage_commit(plan.session, step, 0, sha256(b"in"), sha256(&data)),
+            rows: 1,
+            data,
+        }
+    }
+
+    #[test]
+    fn a_member_answers_history_up_to_the_step_asked_and_takes_tokens_only_in_order() {
+        let id = Identity::from_seed([7; 32]);
+        let first = plan(None);
+        let mut core = MemberCore::new(&first);
+        for step in 0..4 {
+            core.sent(activation(&id, &first, step));
+        }
+        let steps = |upto| -> Vec<u32> {
+            core.history(upto)
+                .map(|f| match f {
+                    ToCoordinator::StageOutput {
+                        activation,
+                        session,
+                    } => {
+                        assert_eq!(session, first.session);
+                        activation.commit.step
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(steps(2), [0, 1, 2]);
+        assert_eq!(steps(9), [0, 1, 2, 3]);
+        assert!(core.check_tokens(4, 4).is_ok());
+        assert!(core.check_tokens(5, 4).is_err(), "a skipped step");
+        assert!(core.check_tokens(3, 4).is_err(), "a replayed step");
+        // A later stage takes activations from upstream, never tokens from the coordinator.
+        let later = MemberCore::new(&plan(Some(id.public())));
+        assert!(later.check_tokens(0, 0).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "step order")]
+    fn outputs_are_kept_in_step_order() {
+        let id = Identity::from_seed([7; 32]);
+        let p = plan(None);
+        let mut core = MemberCore::new(&p);
+        core.sent(activation(&id, &p, 1));
+        core.sent(activation(&id, &p, 1));
     }
 }
