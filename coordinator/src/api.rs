@@ -331,6 +331,26 @@ async fn metrics(Extract(state): Extract<AppState>) -> impl IntoResponse {
             &state.pipelines.metrics.rebuilds,
         ),
         (
+            "tabula_pipeline_audits_total",
+            "Pipeline sessions the coordinator re-executed whole (referee assurance, audits)",
+            &state.pipelines.metrics.audits,
+        ),
+        (
+            "tabula_pipeline_audit_catches_total",
+            "Re-executed sessions whose pipelines had agreed on a wrong result",
+            &state.pipelines.metrics.audit_catches,
+        ),
+        (
+            "tabula_pipeline_stage_failures_total",
+            "Stage members that failed, left or stalled a session",
+            &state.pipelines.metrics.stage_failures,
+        ),
+        (
+            "tabula_pipeline_cooldowns_total",
+            "Stage workers kept out of placement for a while for failing sessions again and again",
+            &state.pipelines.metrics.cooldowns,
+        ),
+        (
             "tabula_pipeline_spot_checks_total",
             "Stages of lone trusted pipelines re-executed at random",
             &state.pipelines.metrics.spot_checks,
@@ -968,7 +988,8 @@ async fn run_pipeline(
         state.config.pipeline_direct_ms,
         pool,
     )
-    .expect("a generation request has generation tasks");
+    .expect("a generation request has generation tasks")
+    .with_assurance(p.assurance);
     let (tokens_tx, mut tokens) = tokio::sync::mpsc::unbounded_channel();
     // The session runs on its own: a client that goes away does not stop it (its job
     // finishes and is credited).
@@ -1068,6 +1089,17 @@ async fn run_pipeline(
                                 all.push(t);
                             }
                             let stopped = matches!(outcome.output, UnitOutput::Generation { stopped: true, .. });
+                            // An audit at the end found that the pipelines agreed on wrong
+                            // tokens (colluders), after they were streamed: say so, with
+                            // the verified text, instead of finishing as if all were well.
+                            if let UnitOutput::Generation { tokens: verified, .. } = &outcome.output
+                                && !verified.starts_with(&all)
+                            {
+                                let text = tokenizer.decode(verified).unwrap_or_default();
+                                let _ = events_tx.send(json!({ "error": { "message": format!("the streamed text was computed wrongly by colluding stages (caught by an audit and struck); the verified text is: {text}"), "type": "server_error", "param": null, "code": "pipeline_audit_failed" } }).to_string());
+                                let _ = events_tx.send("[DONE]".into());
+                                return;
+                            }
                             let content = if stopped { &all[..all.len().saturating_sub(1)] } else { &all[..] };
                             if let Ok(text) = tokenizer.decode(content)
                                 && text.len() > shown

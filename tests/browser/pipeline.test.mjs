@@ -1,11 +1,12 @@
 // A browser tab as one stage of a pipeline session: the coordinator splits SmolLM2 into two
 // stages, runs two pipelines of the same session on three native workers and one tab, and
-// accepts each token only when both pipelines agree. The tab's stage talks to its native
-// neighbour over a real WebRTC data channel (RTCPeerConnection in the page, the data channel
-// transferred to the volunteer's Web Worker, the webrtc crate on the native side), or through
-// the coordinator's relay when the volunteer chose so; and when the tab is closed in the
-// middle of a generation, the coordinator rebuilds the pipeline on a native worker and the
-// answer is still the whole model's.
+// accepts each token only when both pipelines agree. The tab computes its stage on WebGPU
+// (SwiftShader) or on the wasm CPU path, and talks to its native neighbour over a real WebRTC
+// data channel (RTCPeerConnection in the page, the data channel transferred to the
+// volunteer's Web Worker, the webrtc crate on the native side), or through the coordinator's
+// relay when the volunteer chose so; and when the tab is closed in the middle of a
+// generation, the coordinator rebuilds the pipeline on native workers and the answer is
+// still the whole model's.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { launch } from './harness.mjs';
@@ -23,19 +24,27 @@ async function waitForWorkers(cluster, n) {
   throw new Error(`fewer than ${n} workers connected\n${cluster.diagnostics()}`);
 }
 
+async function metric(cluster, name) {
+  const text = await (await fetch(`${cluster.url}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  assert.ok(line, `no metric ${name}`);
+  return Number(line.split(' ')[1]);
+}
+
 async function lastJob(cluster) {
   const jobs = (await cluster.api('/v1/jobs')).data;
   assert.ok(jobs.length >= 1);
   return jobs[0];
 }
 
-for (const links of ['direct', 'relayed']) {
-  test(`a browser tab runs a pipeline stage next to native workers (${links} links), and the tokens are the whole model's`, { timeout: 600_000 }, async () => {
+for (const [links, webgpu] of [['direct', true], ['direct', false], ['relayed', false]]) {
+  test(`a browser tab runs a pipeline stage (${webgpu ? 'WebGPU' : 'wasm CPU'}) next to native workers (${links} links), and the tokens are the whole model's`, { timeout: 600_000 }, async () => {
     const cluster = await Cluster.start({ extra: PIPELINE });
-    const browser = await launch({ webgpu: false });
+    const browser = await launch({ webgpu });
     try {
       for (const n of ['a', 'b', 'c']) cluster.addWorker(`native-${n}`);
       const v = await openVolunteer(browser, `${cluster.url}/`, links === 'relayed' ? { stageLinks: 'relay' } : {});
+      assert.match(await v.page.textContent('#device'), webgpu ? /WebGpu/i : /cpu/);
       await waitForWorkers(cluster, 4);
       const prompt = 'The three primary colours are';
       const want = localGeneration(prompt, 16);
@@ -48,8 +57,14 @@ for (const links of ['direct', 'relayed']) {
       assert.equal(job.pipeline.liars, 0, JSON.stringify(job));
       // Two pipelines of two stages: one link each. Four stage workers for four positions:
       // the tab is one of them, and its link went the way it chose.
-      if (links === 'direct') assert.equal(job.pipeline.links_direct, 2, JSON.stringify(job));
-      else assert.ok(job.pipeline.links_relayed >= 1, JSON.stringify(job));
+      if (links === 'direct') {
+        assert.equal(job.pipeline.links_direct, 2, JSON.stringify(job));
+        // Not one activation byte went through the coordinator.
+        assert.equal(await metric(cluster, 'tabula_pipeline_relayed_bytes_total'), 0);
+      } else {
+        assert.ok(job.pipeline.links_relayed >= 1, JSON.stringify(job));
+        assert.ok(await metric(cluster, 'tabula_pipeline_relayed_bytes_total') > 0);
+      }
       // The tab served a stage, was credited for it, and was never struck.
       const entry = await cluster.ledger(v.key);
       assert.ok(entry, 'the tab is not in the ledger');

@@ -32,7 +32,11 @@ use tabula_worker::stage::{StageOut, StagePlan, StageRunner, tokens_hash};
 use tokio::sync::mpsc;
 
 use self::judge::{Reported, StepVerdict};
-use crate::{db::random_bytes, models::ServedModel, scheduler::State};
+use crate::{
+    db::random_bytes,
+    models::ServedModel,
+    scheduler::{Assurance, State},
+};
 
 /// When a generation request runs as a pipeline session (`tabula serve --pipeline`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,7 +81,62 @@ pub struct PipelineMetrics {
     pub links_direct: AtomicU64,
     pub links_relayed: AtomicU64,
     pub relayed_bytes: AtomicU64,
+    /// Sessions the coordinator re-executed whole (`referee` assurance, audits).
+    pub audits: AtomicU64,
+    /// Of those, sessions whose agreed result was wrong.
+    pub audit_catches: AtomicU64,
+    /// Members that failed, left or stalled a session.
+    pub stage_failures: AtomicU64,
+    /// Keys put in a cooldown for failing sessions again and again.
+    pub cooldowns: AtomicU64,
 }
+
+/// What the registry remembers of a key's stage work, across its connections: keys are free,
+/// so a key that takes stages and fails them (a false budget, a failure on purpose, a tab that
+/// keeps closing) would otherwise cost every session it is placed in a rebuild, for nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct StageRecord {
+    /// Sessions it served to their end.
+    finished: u32,
+    /// Sessions it failed, left or stalled since it last finished one.
+    failures: u32,
+    /// Not placed before this.
+    cooldown_until: Option<std::time::Instant>,
+}
+
+/// Which keys placement takes first. Workers with a record of finished sessions and no
+/// failure since come first, newcomers next, keys that failed since they last finished one
+/// last: a fresh key is placed only when the proven are all busy, and a proven key that
+/// fails a session loses its place in the queue, which it earns back only by finishing one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Standing {
+    Proven,
+    New,
+    Failing,
+}
+
+impl StageRecord {
+    fn standing(&self) -> Standing {
+        match (self.finished, self.failures) {
+            (_, f) if f > 0 => Standing::Failing,
+            (0, _) => Standing::New,
+            _ => Standing::Proven,
+        }
+    }
+
+    fn cooling(&self, now: std::time::Instant) -> bool {
+        self.cooldown_until.is_some_and(|t| now < t)
+    }
+}
+
+/// Failures in a row before a key's first cooldown; each further one doubles it.
+const FAILURES_BEFORE_COOLDOWN: u32 = 2;
+const COOLDOWN: Duration = Duration::from_secs(10 * 60);
+const MAX_COOLDOWN: Duration = Duration::from_secs(24 * 60 * 60);
+/// Keys whose records are kept; past it, records without a cooldown are forgotten first.
+const MAX_RECORDS: usize = 1 << 16;
+const _: () =
+    assert!(COOLDOWN.as_secs() <= MAX_COOLDOWN.as_secs() && FAILURES_BEFORE_COOLDOWN >= 1);
 
 /// A worker that takes stages.
 struct Volunteer {
@@ -118,6 +177,8 @@ struct Entry {
 pub struct Pipelines {
     volunteers: Mutex<HashMap<PublicKey, Volunteer>>,
     sessions: Mutex<HashMap<SessionId, Entry>>,
+    /// Invariant: at most [`MAX_RECORDS`] entries.
+    records: Mutex<HashMap<PublicKey, StageRecord>>,
     pub metrics: PipelineMetrics,
 }
 
@@ -133,6 +194,52 @@ impl Pipelines {
         self.sessions.lock().expect("pipeline sessions lock")
     }
 
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<PublicKey, StageRecord>> {
+        self.records.lock().expect("pipeline records lock")
+    }
+
+    /// `key` failed, left or stalled a session: it drops behind newcomers, and after
+    /// [`FAILURES_BEFORE_COOLDOWN`] in a row it is not placed for a while (doubling).
+    fn record_failure(&self, key: &PublicKey) {
+        self.metrics.stage_failures.fetch_add(1, Ordering::Relaxed);
+        let mut records = self.records();
+        if records.len() >= MAX_RECORDS && !records.contains_key(key) {
+            let now = std::time::Instant::now();
+            let forget = records
+                .iter()
+                .find(|(_, r)| !r.cooling(now))
+                .map(|(k, _)| *k);
+            match forget {
+                Some(k) => records.remove(&k),
+                None => return, // every record is a cooldown: keep them
+            };
+        }
+        let r = records.entry(*key).or_default();
+        r.failures = r.failures.saturating_add(1);
+        if r.failures >= FAILURES_BEFORE_COOLDOWN {
+            let doublings = (r.failures - FAILURES_BEFORE_COOLDOWN).min(16);
+            let cooldown = COOLDOWN.saturating_mul(1 << doublings).min(MAX_COOLDOWN);
+            r.cooldown_until = Some(std::time::Instant::now() + cooldown);
+            self.metrics.cooldowns.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(worker = %key, failures = r.failures, minutes = cooldown.as_secs() / 60,
+                "a stage worker keeps failing sessions: not placed for a while");
+        }
+        debug_assert!(records.len() <= MAX_RECORDS);
+    }
+
+    /// `keys` served a session to its end.
+    fn record_finished(&self, keys: &[PublicKey]) {
+        let mut records = self.records();
+        for key in keys {
+            if records.len() >= MAX_RECORDS && !records.contains_key(key) {
+                continue; // a newcomer's first success waits for room
+            }
+            let r = records.entry(*key).or_default();
+            r.finished = r.finished.saturating_add(1);
+            r.failures = 0;
+            r.cooldown_until = None;
+        }
+    }
     /// A logged-in worker that takes stages.
     pub fn join(
         &self,
@@ -276,6 +383,9 @@ impl Pipelines {
         avoid_prefixes: &HashSet<Arc<str>>,
         pool: Option<&HashSet<PublicKey>>,
     ) -> Option<Vec<PublicKey>> {
+        let records = self.records().clone();
+        let now = std::time::Instant::now();
+        let record = |k: &PublicKey| records.get(k).copied().unwrap_or_default();
         let mut volunteers = self.volunteers();
         let mut free: Vec<(PublicKey, Arc<str>, u32)> = volunteers
             .iter()
@@ -286,14 +396,17 @@ impl Pipelines {
                     && pool.is_none_or(|p| p.contains(*k))
                     && !avoid_prefixes.contains(&v.prefix)
                     && !v.tx.is_closed()
+                    && !record(k).cooling(now)
             })
             .map(|(k, v)| (*k, v.prefix.clone(), v.budget_mb))
             .collect();
-        // Fisher–Yates with the OS's randomness.
+        // Fisher–Yates with the OS's randomness, then the proven first (a stable sort keeps
+        // the order random within each standing).
         for i in (1..free.len()).rev() {
             let j = (u64::from_le_bytes(random_bytes::<8>()) % (i as u64 + 1)) as usize;
             free.swap(i, j);
         }
+        free.sort_by_key(|(k, _, _)| record(k).standing());
         // The largest stages first: a worker with a big budget is not spent on a small stage
         // that anyone could hold.
         let mut order: Vec<usize> = (0..need_mb.len()).collect();
@@ -305,7 +418,7 @@ impl Pipelines {
             let pick = free.iter().position(|(_, prefix, budget)| {
                 !used.contains(prefix) && (*budget == 0 || *budget >= need)
             })?;
-            let (key, prefix, _) = free.swap_remove(pick);
+            let (key, prefix, _) = free.remove(pick); // keeps the order: the proven first
             used.insert(prefix);
             chosen[s] = Some(key);
         }
@@ -374,6 +487,12 @@ pub struct SessionSpec {
     pub direct_ms: u32,
     /// The only workers that may serve it (its API key's pool), if limited.
     pub pool: Option<HashSet<PublicKey>>,
+    /// How hard the result is checked: `standard` (the pipelines compared at every step; a
+    /// trusted pipeline may run alone, spot-checked; `--audit-rate` of sessions re-executed
+    /// whole by the coordinator at the end), `high` (at least three pipelines, never alone)
+    /// or `referee` (besides the pipelines, the coordinator computes the whole generation
+    /// itself and its output is the one delivered).
+    pub assurance: Assurance,
 }
 
 impl SessionSpec {
@@ -419,7 +538,18 @@ impl SessionSpec {
             placement_wait,
             direct_ms,
             pool,
+            assurance: Assurance::Standard,
         })
+    }
+
+    /// Applies a request's assurance: `high` and `referee` never run a pipeline alone, and
+    /// `high` runs at least three.
+    pub fn with_assurance(mut self, assurance: Assurance) -> Self {
+        if assurance == Assurance::High {
+            self.pipelines = self.pipelines.max(3);
+        }
+        self.assurance = assurance;
+        self
     }
 }
 
@@ -575,6 +705,7 @@ async fn drive_session(
         need_mb: Vec::new(),
         gflop: Vec::new(),
         excluded: HashSet::new(),
+        excluded_prefixes: HashSet::new(),
         liars: Vec::new(),
         tokens: Vec::new(),
         logits: Vec::new(),
@@ -587,6 +718,7 @@ async fn drive_session(
         spot_checks: 0,
         held: Vec::new(),
         restart: false,
+        audits: 0,
     };
     let result = driver.run().await;
     let members: Vec<PublicKey> = driver.pipes.iter().flat_map(|p| p.keys.clone()).collect();
@@ -632,6 +764,9 @@ struct Driver {
     gflop: Vec<f64>,
     /// Keys that may not serve this session again: liars, and members that left or stalled.
     excluded: HashSet<PublicKey>,
+    /// Networks of members that failed, left or stalled: another key from there could be the
+    /// same griefer, so none serves this session again.
+    excluded_prefixes: HashSet<Arc<str>>,
     liars: Vec<PublicKey>,
     tokens: Vec<u32>,
     /// The agreed last stage's output hash (the logits) of every step.
@@ -645,10 +780,13 @@ struct Driver {
     /// A lone trusted pipeline's pending spot check: (step, stage).
     spot: Option<(u32, usize)>,
     spot_checks: u64,
-    /// Agreed tokens of a lone pipeline, held until its spot check passes.
+    /// Agreed tokens of a lone pipeline, held until its spot check passes (or, under
+    /// `referee` assurance, until the coordinator's own run has confirmed or replaced them).
     held: Vec<u32>,
     /// Set when a spot check failed: the session starts over at step 0.
     restart: bool,
+    /// Whole-session re-executions by the coordinator (`referee` assurance and audits).
+    audits: u64,
 }
 
 /// A uniform draw in [0, 1) from the OS's randomness.
@@ -683,7 +821,8 @@ impl Driver {
         // A pipeline of long-clean workers runs alone, but for a random share of sessions
         // (`--spot-check-rate`), with one stage of one step re-executed at random; it cannot
         // tell which.
-        let trusted = self.pipes[0].keys.iter().all(|k| self.state.long_clean(k));
+        let trusted = self.spec.assurance == Assurance::Standard
+            && self.pipes[0].keys.iter().all(|k| self.state.long_clean(k));
         if self.spec.pipelines > 1 && trusted && unit_random() >= self.state.config.spot_check_rate
         {
             self.spot = Some(spot_check(self.spec.max_tokens, self.spec.stages));
@@ -862,7 +1001,7 @@ impl Driver {
             Event::Output(_) => {}
             Event::Failed(reason) => {
                 tracing::info!(session = %self.session, member = %from, "a stage failed: {reason}");
-                self.excluded.insert(from);
+                self.drop_member(from);
                 // A complaint about the upstream's data cannot be proven either way: neither
                 // serves this session again, and neither is struck.
                 if reason.starts_with("upstream") && s > 0 {
@@ -872,11 +1011,23 @@ impl Driver {
             }
             Event::Left => {
                 tracing::info!(session = %self.session, member = %from, "a stage left");
-                self.excluded.insert(from);
+                self.drop_member(from);
                 self.rebuild(p, step).await?;
             }
         }
         Ok(())
+    }
+
+    /// A member that failed, left or stalled: it and its network never serve this session
+    /// again, and its record says so. (An upstream it blamed is excluded too, but not
+    /// charged: a complaint proves nothing, and charging it would let a griefer push honest
+    /// workers into a cooldown.)
+    fn drop_member(&mut self, key: PublicKey) {
+        self.excluded.insert(key);
+        if let Some(prefix) = self.pipelines().prefix(&key) {
+            self.excluded_prefixes.insert(prefix);
+        }
+        self.pipelines().record_failure(&key);
     }
 
     /// A step that took too long: the first member of each late pipeline that has not
@@ -899,7 +1050,7 @@ impl Driver {
             };
             let key = pipe.keys[late];
             tracing::info!(session = %self.session, member = %key, "a stage stalled");
-            self.excluded.insert(key);
+            self.drop_member(key);
             self.rebuild(p, step).await?;
         }
         Ok(())
@@ -945,7 +1096,7 @@ impl Driver {
         let deadline = tokio::time::Instant::now() + self.spec.placement_wait;
         let keys = loop {
             let mut avoid = self.excluded.clone();
-            let mut avoid_prefixes = HashSet::new();
+            let mut avoid_prefixes = self.excluded_prefixes.clone();
             for (q, pipe) in self.pipes.iter().enumerate() {
                 if q != p {
                     for k in &pipe.keys {
@@ -1126,8 +1277,9 @@ impl Driver {
                 let last = reports[0].len() - 1;
                 self.logits.push(reports[0][last].report.commit.output_hash);
                 self.tokens.push(token);
-                // A lone pipeline's tokens wait for its spot check.
-                if self.spot.is_some() {
+                // A lone pipeline's tokens wait for its spot check, and a refereed session's
+                // for the coordinator's own run.
+                if self.spot.is_some() || self.spec.assurance == Assurance::Referee {
                     self.held.push(token);
                 } else {
                     let _ = self.tokens_tx.send(token);
@@ -1368,9 +1520,15 @@ impl Driver {
     async fn fetch_history(&mut self, p: usize, s: usize, step: u32) -> Option<Vec<Activation>> {
         let key = self.pipes[p].keys[s];
         let base = self.pipes[p].base;
+        // The outputs it committed to up to `step`: agreed ones, and the report of the step
+        // being judged when `step` is that one.
+        let want = (step.checked_sub(base)? + 1) as usize;
         let mut expected: Vec<Hash> = self.pipes[p].history[s].clone();
-        expected.push(self.pipes[p].reports[s].as_ref()?.commit.output_hash);
-        if expected.len() != (step - base + 1) as usize {
+        if expected.len() < want {
+            expected.push(self.pipes[p].reports[s].as_ref()?.commit.output_hash);
+        }
+        expected.truncate(want);
+        if expected.len() != want {
             return None;
         }
         let signer = tabula_protocol::SignerKey::parse(&key).ok()?;
@@ -1426,7 +1584,110 @@ impl Driver {
         Some(got)
     }
 
-    async fn finish(&mut self, stopped: bool) -> Result<Outcome, String> {
+    /// The coordinator computes the whole generation itself (its referee, on the exact file)
+    /// and compares it with what the pipelines agreed. Where they differ, the first step that
+    /// differs is re-executed stage by stage from the pipelines' agreed inputs; the first
+    /// stage whose output differs from what its members agreed convicts them, in every
+    /// pipeline that ran that step. The coordinator's tokens are the answer either way.
+    /// Returns whether the generation stopped on a stop token.
+    async fn referee_whole(&mut self, stopped: bool) -> Result<bool, String> {
+        self.audits += 1;
+        self.pipelines()
+            .metrics
+            .audits
+            .fetch_add(1, Ordering::Relaxed);
+        let output = self
+            .state
+            .execute_as_referee(self.spec.task.clone())
+            .await
+            .map_err(|e| format!("the coordinator's own run: {e}"))?;
+        let UnitOutput::Generation {
+            tokens,
+            stopped: own_stop,
+            logits_sha256,
+        } = output
+        else {
+            return Err("the coordinator's own run gave no generation".into());
+        };
+        let differs = (0..self.tokens.len().max(tokens.len())).find(|&k| {
+            self.tokens.get(k) != tokens.get(k) || self.logits.get(k) != logits_sha256.get(k)
+        });
+        let Some(k) = differs else {
+            return Ok(stopped);
+        };
+        self.pipelines()
+            .metrics
+            .audit_catches
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(session = %self.session, step = k, "the pipelines agreed on a result the coordinator's own run does not give");
+        if k < self.tokens.len() {
+            let step = k as u32;
+            // The pipelines that ran step `k`, by the step they started at.
+            let ran: Vec<usize> = (0..self.pipes.len())
+                .filter(|&p| self.pipes[p].base <= step)
+                .collect();
+            if let Some(&first) = ran.first() {
+                let base = self.pipes[first].base;
+                let group: Vec<usize> = ran
+                    .iter()
+                    .copied()
+                    .filter(|&p| self.pipes[p].base == base)
+                    .collect();
+                let agreed_token = self.tokens[k];
+                for stage in 0..self.spec.stages {
+                    let agreed = self.pipes[first].history[stage][(step - base) as usize];
+                    match self.replay(step, stage, base, &group).await {
+                        Ok((hash, want))
+                            if hash == agreed && want.is_none_or(|t| t == agreed_token) =>
+                        {
+                            continue;
+                        }
+                        Ok(_) => {
+                            for &p in &group {
+                                let liar = self.pipes[p].keys[stage];
+                                tracing::warn!(session = %self.session, %liar, stage, step, "caught by the coordinator's own run");
+                                self.convict(liar).await?;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::info!(session = %self.session, stage, "cannot re-execute: {e}");
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        self.tokens = tokens;
+        self.logits = logits_sha256;
+        // Held tokens (a refereed session's) were never sent: the right ones go instead. An
+        // audited session's went out as they were agreed; its outcome corrects them (the API
+        // tells a streaming requester).
+        if self.spec.assurance == Assurance::Referee {
+            self.held = self.tokens.clone();
+        }
+        Ok(own_stop)
+    }
+
+    async fn finish(&mut self, mut stopped: bool) -> Result<Outcome, String> {
+        let whole = match self.spec.assurance {
+            Assurance::Referee => true,
+            // An audit: two pipelines that agree can still both be wrong (colluders at the
+            // same position of both, telling the same lie), which only a re-execution finds.
+            Assurance::Standard | Assurance::High => unit_random() < self.state.config.audit_rate,
+        };
+        if whole {
+            stopped = self.referee_whole(stopped).await?;
+        }
+        for t in std::mem::take(&mut self.held) {
+            let _ = self.tokens_tx.send(t);
+        }
+        let served: Vec<PublicKey> = self
+            .pipes
+            .iter()
+            .flat_map(|p| p.keys.clone())
+            .filter(|k| !self.liars.contains(k))
+            .collect();
+        self.pipelines().record_finished(&served);
         let output = UnitOutput::Generation {
             tokens: self.tokens.clone(),
             stopped,
@@ -1616,6 +1877,62 @@ mod tests {
         assert!(
             p.place(Bytes([3; 16]), &[1, 1, 1], &none, &nets, None)
                 .is_none()
+        );
+    }
+
+    /// The griefer's attack: take stages and fail them (a false budget, a refusal, a closed
+    /// socket), with keys that cost nothing. Proven workers are placed before newcomers, a
+    /// key that failed since its last finished session after them, and a key that keeps
+    /// failing is not placed at all for a while.
+    #[test]
+    fn placement_takes_the_proven_first_and_cools_down_keys_that_keep_failing() {
+        let p = Pipelines::default();
+        let mut keep = Vec::new();
+        for seed in 1..=4 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            p.join(key(seed), tx, format!("net{seed}").into(), 0);
+            keep.push(rx);
+        }
+        let (none, nets) = (HashSet::new(), HashSet::new());
+        let all = [key(1), key(2), key(3), key(4)];
+        let place_two = |p: &Pipelines| {
+            let chosen = p.place(Bytes([9; 16]), &[1, 1], &none, &nets, None);
+            p.free(&Bytes([9; 16]), &all);
+            chosen.map(|c| c.into_iter().collect::<HashSet<_>>())
+        };
+        // Keys 1 and 2 finished a session: they are taken whenever they are free.
+        p.record_finished(&[key(1), key(2)]);
+        for _ in 0..20 {
+            assert_eq!(place_two(&p), Some([key(1), key(2)].into()));
+        }
+        // Key 1 fails one: newcomers (3, 4) now come before it, so it is placed only when
+        // one of them is busy.
+        p.record_failure(&key(1));
+        for _ in 0..20 {
+            let chosen = place_two(&p).unwrap();
+            assert!(
+                chosen.contains(&key(2)) && !chosen.contains(&key(1)),
+                "{chosen:?}"
+            );
+        }
+        // A second failure in a row: not placed at all, even when nobody else is free.
+        p.record_failure(&key(1));
+        assert_eq!(p.metrics.cooldowns.load(Ordering::Relaxed), 1);
+        let only_one: HashSet<_> = [key(1)].into_iter().collect();
+        assert!(
+            p.place(Bytes([8; 16]), &[1], &none, &nets, Some(&only_one))
+                .is_none(),
+            "a key in its cooldown is not placed"
+        );
+        // Finishing a session (after the cooldown) clears the record.
+        p.record_finished(&[key(1)]);
+        assert_eq!(
+            p.records().get(&key(1)).unwrap().standing(),
+            Standing::Proven
+        );
+        assert!(
+            p.place(Bytes([8; 16]), &[1], &none, &nets, Some(&only_one))
+                .is_some()
         );
     }
 }

@@ -1032,6 +1032,21 @@ impl State {
         });
     }
 
+    /// Computes `task` on the referee (the coordinator's own executor, one task at a time,
+    /// shared with unit refereeing): a pipeline session under `referee` assurance or audited.
+    pub async fn execute_as_referee(&self, task: Task) -> Result<UnitOutput> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.referee.submit(
+            task,
+            Box::new(move |r| {
+                let _ = reply.send(r);
+            }),
+        )?;
+        Ok(answer
+            .await
+            .map_err(|_| CoordinatorError::Config("the referee thread stopped".into()))??)
+    }
+
     /// Re-executes one unit waiting for the referee (or an audit). Returns whether there was
     /// one.
     async fn referee_one(&self) -> Result<bool> {
@@ -1039,17 +1054,7 @@ impl State {
             return Ok(false);
         };
         tracing::info!(unit = %job.unit, work = ?job.work, "refereeing");
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.referee.submit(
-            job.task.clone(),
-            Box::new(move |r| {
-                let _ = reply.send(r);
-            }),
-        )?;
-        let output = answer
-            .await
-            .map_err(|_| CoordinatorError::Config("the referee thread stopped".into()))??
-            .encode();
+        let output = self.execute_as_referee(job.task.clone()).await?.encode();
         let hash = tabula_protocol::sha256(&output).to_hex();
         let judged = self
             .decide(|book, ctx| match book.judged(ctx, &job, output, hash) {

@@ -3378,6 +3378,147 @@ fn lying_stage_worker_in(
     (key, stop_tx)
 }
 
+/// Issue 17: griefers. Keys are free, so a worker can take stages and fail them (a false
+/// budget, a refusal, a closed tab) to cost every session it is placed in a rebuild. The two
+/// griefers here are placed (the first four stage workers fill the first session), fail
+/// their stages, and honest spares rebuild the session: the answer is the whole model's.
+/// After it, the workers that finished are proven and are placed before anyone else, so the
+/// next sessions run without a rebuild and the griefers get no more stages.
+#[test]
+fn griefers_that_take_stages_and_fail_them_cost_one_rebuild_each_and_then_no_more() {
+    use tabula_worker::member::Tamper;
+    let prompt = "Water boils at";
+    let want = local_generation(prompt, 8, "0", "0");
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--pipeline", "2", "--canary-rate", "0", "--audit-rate", "0"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let mut honest: Vec<String> = (0..2).map(|n| cluster.add_worker(n)).collect();
+    let griefers: Vec<(String, _)> = (0..2)
+        .map(|i| lying_stage_worker(&cluster, i, Tamper::FailStages))
+        .collect();
+    wait_for_workers(&cluster, 4);
+    let body = json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 8, "temperature": 0 });
+    let ask = {
+        let (key, body) = (key.clone(), body.clone());
+        std::thread::spawn(move || post(port, "/v1/completions", &key, body))
+    };
+    // Spares for the rebuilds, once the four are placed.
+    std::thread::sleep(Duration::from_millis(500));
+    for n in 0..4 {
+        honest.push(cluster.add_worker(10 + n));
+    }
+    let (status, answer) = ask.join().unwrap();
+    assert_eq!(status, 200, "{answer}\n{}", cluster.log());
+    assert_eq!(answer["choices"][0]["text"].as_str().unwrap(), want);
+    // Both were placed; a griefer whose partner failed first was dropped with it before its
+    // own failure arrived.
+    let failures = metric(port, "tabula_pipeline_stage_failures_total");
+    assert!(
+        (1..=2).contains(&failures),
+        "{failures} failures\n{}",
+        cluster.log()
+    );
+    let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
+    assert!(jobs["data"][0]["pipeline"]["rebuilds"].as_i64().unwrap() >= 1);
+    for _ in 0..2 {
+        let (status, again) = post(port, "/v1/completions", &key, body.clone());
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["choices"][0]["text"].as_str().unwrap(), want);
+        let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
+        assert_eq!(
+            jobs["data"][0]["pipeline"]["rebuilds"],
+            0,
+            "the proven are placed first\n{}",
+            cluster.log()
+        );
+    }
+    assert_eq!(
+        metric(port, "tabula_pipeline_stage_failures_total"),
+        failures,
+        "no griefer was placed again"
+    );
+    for (griefer, _) in &griefers {
+        // Failing is not lying: no strike, and no credit either.
+        assert_eq!(strikes(port, griefer), (0, false));
+        assert_eq!(
+            ledger(port, griefer)["verified_credit_micro"]
+                .as_i64()
+                .unwrap_or(0),
+            0
+        );
+    }
+    cluster.stop_workers();
+}
+
+/// Issue 17: what agreeing pipelines miss. Pipelines compared step by step cannot see a lie
+/// every one of them tells (colluders at the same position of both), nor anything in a
+/// pipeline that runs alone. With `"assurance": "referee"` the coordinator computes the whole
+/// generation itself and delivers its own tokens; with `--audit-rate` it does that for a share
+/// of sessions. Here a single pipeline (`--pipeline-replicas 1`) holds a stage that lies: the
+/// coordinator's own run finds the lying stage, strikes it and answers right; streamed, the
+/// requester is told that the text it got was wrong, with the verified text.
+#[test]
+fn the_coordinators_own_run_catches_a_lie_that_no_comparison_sees() {
+    use tabula_worker::member::Tamper;
+    let prompt = "Water boils at";
+    let want = local_generation(prompt, 8, "0", "0");
+    for (audit_rate, assurance, stream) in [("0", "referee", false), ("1", "standard", true)] {
+        let mut cluster = Cluster::start(
+            Flavor::Sqlite,
+            &[
+                "--pipeline",
+                "2",
+                "--pipeline-replicas",
+                "1",
+                "--canary-rate",
+                "0",
+                "--audit-rate",
+                audit_rate,
+            ],
+        )
+        .unwrap();
+        let port = cluster.port;
+        let key = cluster.api_key();
+        let _honest = cluster.add_worker(0);
+        let (liar, _stop) = lying_stage_worker(&cluster, 0, Tamper::FlipOutput);
+        wait_for_workers(&cluster, 2);
+        let body = json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 8,
+                           "temperature": 0, "assurance": assurance, "stream": stream });
+        if stream {
+            let events = stream_events(port, &key, "/v1/completions", body);
+            let error = events
+                .iter()
+                .find_map(|(_, e)| e.get("error").cloned())
+                .unwrap_or_else(|| panic!("no error event: {events:?}\n{}", cluster.log()));
+            assert_eq!(error["code"], "pipeline_audit_failed", "{error}");
+            assert!(
+                error["message"].as_str().unwrap().contains(&want),
+                "{error}"
+            );
+        } else {
+            let (status, answer) = post(port, "/v1/completions", &key, body);
+            assert_eq!(status, 200, "{answer}\n{}", cluster.log());
+            assert_eq!(answer["choices"][0]["text"].as_str().unwrap(), want);
+        }
+        assert_eq!(metric(port, "tabula_pipeline_audits_total"), 1);
+        assert_eq!(metric(port, "tabula_pipeline_audit_catches_total"), 1);
+        let (struck, banned) = strikes(port, &liar);
+        assert!(
+            struck > 0 && banned,
+            "{assurance}: the lying stage is found and struck\n{}",
+            cluster.log()
+        );
+        // The job's verified output is the coordinator's.
+        let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
+        assert_eq!(jobs["data"][0]["status"], "done", "{jobs}");
+        cluster.stop_workers();
+    }
+}
+
 /// The number of `/v1/ledger/{key}`'s strikes and whether it is banned.
 fn strikes(port: u16, key: &str) -> (i64, bool) {
     let entry = ledger(port, key);

@@ -2,14 +2,19 @@
 //! (`tabula-worker`'s [`StageRunner`] and [`MemberCore`]), with the browser's I/O. Its links
 //! are [`DataChannelLink`]s that the document opened (see [`crate::rtc`]), with the
 //! coordinator's relay always beside them; its frames go out through the page's socket (a JS
-//! `send` function). Stages compute on the wasm CPU path (exact bits are the same on every
-//! backend).
+//! `send` function). A stage computes where the page's units do: on WebGPU when the page
+//! has an adapter (its own device, so a unit computing meanwhile is not in its way), else on
+//! the wasm CPU path; exact bits are the same on every backend.
 
 use std::{cell::RefCell, collections::VecDeque, rc::Rc};
 
 use futures_channel::mpsc;
 use futures_util::{FutureExt, StreamExt, pin_mut};
-use tabula_engine::cpu::CpuBackend;
+use tabula_engine::{
+    cpu::CpuBackend,
+    exact::ExactBackend,
+    gpu::{AdapterChoice, GpuBackend},
+};
 use tabula_models::exact::ExactFile;
 use tabula_protocol::{
     Activation, Identity, PublicKey, SessionId, StageOrder, ToCoordinator, encode, sha256,
@@ -75,8 +80,53 @@ fn now_ms() -> f64 {
 }
 
 /// Runs the stage of `slot`'s order on the `pieces` the page fetched (in the order's order),
-/// until the coordinator ends the session or something fails.
+/// on WebGPU when `gpu`, until the coordinator ends the session or something fails. A
+/// failure is reported to the coordinator, which rebuilds the pipeline without this page.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
+    gpu: bool,
+    order: StageOrder,
+    ordered_ms: f64,
+    identity: Rc<Identity>,
+    pieces: Vec<Vec<u8>>,
+    inbox: mpsc::UnboundedReceiver<StageMsg>,
+    send: js_sys::Function,
+) -> Result<(), WorkerError> {
+    let session: SessionId = order.session;
+    let reply = send.clone();
+    let result = if gpu {
+        match GpuBackend::new(AdapterChoice::Any).await {
+            Ok(backend) => run_on(&backend, order, ordered_ms, identity, pieces, inbox, send).await,
+            Err(e) => Err(WorkerError::Model(format!("WebGPU for the stage: {e}"))),
+        }
+    } else {
+        run_on(
+            &CpuBackend,
+            order,
+            ordered_ms,
+            identity,
+            pieces,
+            inbox,
+            send,
+        )
+        .await
+    };
+    if let Err(e) = &result {
+        tracing::warn!(%session, "pipeline stage: {e}");
+        send_frame(
+            &reply,
+            &ToCoordinator::StageFailed {
+                session,
+                reason: e.to_string().chars().take(1000).collect(),
+            },
+        );
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_on<B: ExactBackend>(
+    backend: &B,
     order: StageOrder,
     ordered_ms: f64,
     identity: Rc<Identity>,
@@ -108,7 +158,7 @@ pub(crate) async fn run(
     let plan = StagePlan::from_order(&order);
     let mut runner = {
         let file = ExactFile::open_pieces(&pieces_ref)?;
-        StageRunner::load(&CpuBackend, &file, plan)?
+        StageRunner::load(backend, &file, plan)?
     };
     drop(pieces_ref);
     drop(named);
@@ -290,10 +340,10 @@ pub(crate) async fn run(
             }
         };
         let (result, received) = match input {
-            Input::Tokens(t) => (runner.run_tokens(&CpuBackend, &identity, &t).await?, None),
+            Input::Tokens(t) => (runner.run_tokens(backend, &identity, &t).await?, None),
             Input::Hidden(a) => (
                 runner
-                    .run_activation(&CpuBackend, &identity, &a)
+                    .run_activation(backend, &identity, &a)
                     .await
                     .map_err(|e| WorkerError::Task(format!("upstream activation: {e}")))?,
                 Some(a.commit),
@@ -312,30 +362,6 @@ pub(crate) async fn run(
         }
         send_frame(&send, &ToCoordinator::StageStep { session, report });
     }
-}
-
-/// Runs `run` and reports a failure to the coordinator, which rebuilds without this page.
-pub(crate) async fn run_reporting(
-    order: StageOrder,
-    ordered_ms: f64,
-    identity: Rc<Identity>,
-    pieces: Vec<Vec<u8>>,
-    inbox: mpsc::UnboundedReceiver<StageMsg>,
-    send: js_sys::Function,
-) -> Result<(), WorkerError> {
-    let session: SessionId = order.session;
-    let result = run(order, ordered_ms, identity, pieces, inbox, send.clone()).await;
-    if let Err(e) = &result {
-        tracing::warn!(%session, "pipeline stage: {e}");
-        send_frame(
-            &send,
-            &ToCoordinator::StageFailed {
-                session,
-                reason: e.to_string().chars().take(1000).collect(),
-            },
-        );
-    }
-    result
 }
 
 /// Keeps the slot's state reachable from the volunteer.

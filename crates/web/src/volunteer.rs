@@ -21,10 +21,14 @@ use tabula_engine::{
     gpu::{AdapterChoice, GpuBackend},
 };
 use tabula_protocol::{
-    Address, Assignment, FileRef, Hash, Identity, MAX_COORDINATOR_FRAME, Precision, PublicKey,
-    Signal, Task, ToCoordinator, ToWorker, UnitOutput, decode, encode,
+    Address, FileRef, Hash, Identity, MAX_COORDINATOR_FRAME, Precision, PublicKey, Signal, Task,
+    ToCoordinator, ToWorker, UnitOutput, decode, encode,
 };
-use tabula_worker::{Executor, FileSource, WorkerError, stage::MAX_ACTIVATION_FRAME};
+use tabula_worker::{
+    Executor, FileSource, WorkerError,
+    core::{CoreOptions, Meaning, MemberInput, WorkerCore},
+    stage::MAX_ACTIVATION_FRAME,
+};
 use wasm_bindgen::prelude::*;
 
 use crate::{
@@ -176,23 +180,16 @@ struct FileOut {
     size: u64,
 }
 
-struct Session {
-    /// The unit being computed, from its assignment until its result or release is sent.
-    current: Option<Assignment>,
-}
-
 /// One browser volunteer: its key, its compute device and its session state.
 #[wasm_bindgen]
 pub struct Volunteer {
     identity: Rc<Identity>,
     device: String,
-    precisions: Vec<Precision>,
-    agent: String,
-    session: Rc<RefCell<Session>>,
+    /// The protocol state shared with the native worker (`tabula-worker`'s core): the unit
+    /// held (one at a time here), the session served, the totals.
+    core: Rc<RefCell<WorkerCore>>,
     /// Taken out while a unit computes, so a frame handled meanwhile never waits on it.
     executor: Rc<RefCell<Option<AnyExecutor>>>,
-    /// The memory this page gives a pipeline stage, MB; 0: it takes no stages.
-    stage_budget_mb: Cell<u32>,
     /// Whether stages try direct data channels (else they relay through the coordinator).
     stage_direct: Cell<bool>,
     /// The pipeline session this page serves, if any (one at a time).
@@ -224,14 +221,24 @@ impl Volunteer {
                 )));
             }
         };
+        let identity = Rc::new(Identity::from_seed(seed));
+        let core = WorkerCore::new(
+            identity.public(),
+            CoreOptions {
+                agent: format!("{agent} {device}"),
+                precisions: vec![Precision::Exact, Precision::Fast],
+                stages: false,
+                max_model_mb: 0,
+                // One unit at a time: the page's throttle rests between units.
+                units_held: 1,
+                memberships: 1,
+            },
+        );
         Ok(Volunteer {
-            identity: Rc::new(Identity::from_seed(seed)),
-            agent: format!("{agent} {device}"),
+            identity,
             device,
-            precisions: vec![Precision::Exact, Precision::Fast],
-            session: Rc::new(RefCell::new(Session { current: None })),
+            core: Rc::new(RefCell::new(core)),
             executor: Rc::new(RefCell::new(Some(executor))),
-            stage_budget_mb: Cell::new(0),
             stage_direct: Cell::new(true),
             stage: Rc::new(RefCell::new(None)),
         })
@@ -242,7 +249,7 @@ impl Volunteer {
     /// at the next login.
     #[wasm_bindgen(js_name = setStages)]
     pub fn set_stages(&self, budget_mb: u32, direct: bool) {
-        self.stage_budget_mb.set(budget_mb);
+        self.core.borrow_mut().set_stages(budget_mb > 0, budget_mb);
         self.stage_direct.set(direct);
     }
 
@@ -268,7 +275,8 @@ impl Volunteer {
             (slot.order.clone(), slot.ordered_ms, receiver)
         };
         let session = order.session;
-        let result = member::run_reporting(
+        let result = member::run(
+            self.device.starts_with("WebGPU"),
             order,
             ordered_ms,
             self.identity.clone(),
@@ -281,6 +289,7 @@ impl Volunteer {
         if slot.as_ref().is_some_and(|s| s.order.session == session) {
             *slot = None;
         }
+        self.core.borrow_mut().member_stopped(&session);
         result.map_err(js_err)
     }
 
@@ -289,6 +298,7 @@ impl Volunteer {
     #[wasm_bindgen(js_name = abandonStage)]
     pub fn abandon_stage(&self, reason: &str) -> Option<Vec<u8>> {
         let slot = self.stage.borrow_mut().take()?;
+        self.core.borrow_mut().member_stopped(&slot.order.session);
         Some(encode(&ToCoordinator::StageFailed {
             session: slot.order.session,
             reason: reason.chars().take(1000).collect(),
@@ -299,6 +309,7 @@ impl Volunteer {
     /// `runStage` returns. The coordinator learns it from the closed socket and rebuilds.
     #[wasm_bindgen(js_name = endStage)]
     pub fn end_stage(&self) {
+        self.core.borrow_mut().disconnected();
         if let Some(slot) = self.stage.borrow_mut().take() {
             let _ = slot.inbox.unbounded_send(StageMsg::End);
         }
@@ -379,10 +390,9 @@ impl Volunteer {
     /// there is none.
     #[wasm_bindgen(js_name = releaseFrame)]
     pub fn release_frame(&self) -> Option<Vec<u8>> {
-        let current = self.session.borrow_mut().current.take()?;
-        Some(encode(&ToCoordinator::Release {
-            lease: current.lease,
-        }))
+        let mut core = self.core.borrow_mut();
+        let lease = core.computing()?.lease;
+        core.release(lease).map(|frame| encode(&frame))
     }
 
     /// Links an EVM payout address (`0x` + 40 hex digits) to this key, signed.
@@ -405,10 +415,10 @@ impl Volunteer {
     /// On an error the unit stays current: send `releaseFrame()`.
     pub async fn run(&self, files: Vec<js_sys::Uint8Array>) -> Result<Vec<u8>, JsError> {
         let assignment = self
-            .session
+            .core
             .borrow()
-            .current
-            .clone()
+            .computing()
+            .cloned()
             .ok_or_else(|| JsError::new("no unit is assigned"))?;
         let needed = self.needed_files(&assignment.task);
         if files.len() != needed.len() {
@@ -433,164 +443,126 @@ impl Volunteer {
         let result = executor.run(&assignment.task, &supplied).await;
         *self.executor.borrow_mut() = Some(executor);
         let output = result.map_err(js_err)?;
-        let mut session = self.session.borrow_mut();
         // A release (stop pressed) while computing wins: the lease is no longer ours to answer.
-        if session.current.as_ref().map(|a| a.lease) != Some(assignment.lease) {
-            return Err(JsError::new("the unit was released while it computed"));
-        }
-        session.current = None;
-        Ok(encode(&ToCoordinator::Submit(self.identity.submission(
-            assignment.lease,
-            assignment.unit,
-            output.encode(),
-        ))))
+        self.core
+            .borrow_mut()
+            .submit(&self.identity, assignment.lease, output.encode())
+            .map(|frame| encode(&frame))
+            .ok_or_else(|| JsError::new("the unit was released while it computed"))
     }
 }
 
 impl Volunteer {
     fn handle(&self, message: ToWorker) -> Result<FrameEvent, JsError> {
-        Ok(match message {
-            ToWorker::Challenge { nonce, coordinator } => FrameEvent::Challenge {
-                reply: encode(&ToCoordinator::Login {
-                    key: self.identity.public(),
-                    signature: self.identity.sign_login(&nonce, &coordinator),
-                    agent: self.agent.clone(),
-                    precisions: self.precisions.clone(),
-                    stages: self.stage_budget_mb.get() > 0,
-                    max_model_mb: self.stage_budget_mb.get(),
-                }),
+        let meaning = self.core.borrow_mut().on_frame(&self.identity, message);
+        Ok(match meaning {
+            Meaning::Login(login) => FrameEvent::Challenge {
+                reply: encode(&login),
             },
-            ToWorker::Welcome {
+            Meaning::Welcome {
                 heartbeat_ms,
                 credit_micro,
             } => FrameEvent::Welcome {
                 heartbeat_ms,
                 credit_micro,
             },
-            ToWorker::Assign(a) => {
-                let mut session = self.session.borrow_mut();
-                if session.current.is_some() {
-                    FrameEvent::Busy {
-                        reply: encode(&ToCoordinator::Release { lease: a.lease }),
-                    }
-                } else {
-                    let event = FrameEvent::Assign {
-                        model: a.task.model().name.clone(),
-                        precision: a.task.precision().as_str(),
-                        files: self
-                            .needed_files(&a.task)
-                            .into_iter()
-                            .map(|f| FileOut {
-                                role: f.role,
-                                sha256: f.sha256.to_hex(),
-                                size: f.size,
-                            })
-                            .collect(),
-                        deadline_ms: a.deadline_ms,
-                    };
-                    session.current = Some(a);
-                    event
+            Meaning::Unit => {
+                let mut core = self.core.borrow_mut();
+                let a = core
+                    .next_unit()
+                    .cloned()
+                    .ok_or_else(|| JsError::new("a unit was held while another computed"))?;
+                drop(core);
+                FrameEvent::Assign {
+                    model: a.task.model().name.clone(),
+                    precision: a.task.precision().as_str(),
+                    files: self
+                        .needed_files(&a.task)
+                        .into_iter()
+                        .map(|f| FileOut {
+                            role: f.role,
+                            sha256: f.sha256.to_hex(),
+                            size: f.size,
+                        })
+                        .collect(),
+                    deadline_ms: a.deadline_ms,
                 }
             }
-            ToWorker::NoWork { retry_ms } => FrameEvent::NoWork { retry_ms },
-            ToWorker::Accepted { .. } => FrameEvent::Accepted,
-            ToWorker::Rejected { reason, .. } => FrameEvent::Rejected { reason },
-            ToWorker::Credited(receipt) => {
-                if receipt.verify().is_ok() && receipt.worker == self.identity.public() {
-                    FrameEvent::Credited {
-                        credit_micro: receipt.credit_micro,
-                        unit: receipt.unit.to_hex(),
-                    }
-                } else {
-                    FrameEvent::BadReceipt
-                }
-            }
-            ToWorker::PayoutLinked { address } => FrameEvent::PayoutLinked {
+            Meaning::GiveBack(release) => FrameEvent::Busy {
+                reply: encode(&release),
+            },
+            Meaning::NoWork { retry_ms } => FrameEvent::NoWork { retry_ms },
+            Meaning::Verdict { accepted: true, .. } => FrameEvent::Accepted,
+            Meaning::Verdict { reason, .. } => FrameEvent::Rejected {
+                reason: reason.unwrap_or_default(),
+            },
+            Meaning::Credited { credit_micro, unit } => FrameEvent::Credited {
+                credit_micro,
+                unit: unit.to_hex(),
+            },
+            Meaning::BadReceipt => FrameEvent::BadReceipt,
+            Meaning::PayoutLinked(address) => FrameEvent::PayoutLinked {
                 address: format!("0x{}", address.to_hex()),
             },
-            ToWorker::Error { message, retry } => FrameEvent::Error { message, retry },
-            ToWorker::Stage(order) => self.stage_order(order),
-            ToWorker::StageInput {
-                session,
-                step,
-                tokens,
-            } => {
-                member::deliver(&self.stage, &session, StageMsg::Input { step, tokens });
-                FrameEvent::Ignored
-            }
-            ToWorker::StageHistory { session, step } => {
-                member::deliver(&self.stage, &session, StageMsg::History { step });
-                FrameEvent::Ignored
-            }
-            ToWorker::Relay {
-                session,
-                peer,
-                chunk,
-            } => {
-                member::deliver(&self.stage, &session, StageMsg::Relay { peer, chunk });
-                FrameEvent::Ignored
-            }
-            ToWorker::Signal {
-                session,
-                peer,
-                signal,
-            } => {
-                let ours = self.stage.borrow().as_ref().is_some_and(|s| {
-                    s.order.session == session
-                        && (s.order.upstream == Some(peer) || s.order.downstream == Some(peer))
-                });
-                if !ours || signal.validate().is_err() {
+            Meaning::Ended { message, retry } => FrameEvent::Error { message, retry },
+            Meaning::JoinStage(order) => self.stage_order(order),
+            Meaning::DeclineStage(refusal) => FrameEvent::Decline {
+                reply: encode(&refusal),
+            },
+            Meaning::ToMember(session, input) => match input {
+                MemberInput::Input { step, tokens } => {
+                    member::deliver(&self.stage, &session, StageMsg::Input { step, tokens });
                     FrameEvent::Ignored
-                } else {
-                    let (kind, text) = match signal {
-                        Signal::Offer { sdp } => ("offer", sdp),
-                        Signal::Answer { sdp } => ("answer", sdp),
-                        Signal::Candidate { json } => ("candidate", json),
-                    };
-                    FrameEvent::Signal {
-                        session: session.to_hex(),
-                        peer: peer.to_hex(),
-                        signal: kind,
-                        text,
+                }
+                MemberInput::History { step } => {
+                    member::deliver(&self.stage, &session, StageMsg::History { step });
+                    FrameEvent::Ignored
+                }
+                MemberInput::Relay { peer, chunk } => {
+                    member::deliver(&self.stage, &session, StageMsg::Relay { peer, chunk });
+                    FrameEvent::Ignored
+                }
+                MemberInput::Signal { peer, signal } => {
+                    let neighbour = self.stage.borrow().as_ref().is_some_and(|s| {
+                        s.order.session == session
+                            && (s.order.upstream == Some(peer) || s.order.downstream == Some(peer))
+                    });
+                    if !neighbour {
+                        FrameEvent::Ignored
+                    } else {
+                        let (kind, text) = match signal {
+                            Signal::Offer { sdp } => ("offer", sdp),
+                            Signal::Answer { sdp } => ("answer", sdp),
+                            Signal::Candidate { json } => ("candidate", json),
+                        };
+                        FrameEvent::Signal {
+                            session: session.to_hex(),
+                            peer: peer.to_hex(),
+                            signal: kind,
+                            text,
+                        }
                     }
                 }
-            }
-            ToWorker::StageEnd { session } => {
+            },
+            Meaning::EndStage(session) => {
                 let mut slot = self.stage.borrow_mut();
-                if slot.as_ref().is_some_and(|s| s.order.session == session) {
-                    if let Some(s) = slot.take() {
-                        let _ = s.inbox.unbounded_send(StageMsg::End);
-                    }
-                    FrameEvent::StageEnd {
-                        session: session.to_hex(),
-                    }
-                } else {
-                    FrameEvent::Ignored
+                if slot.as_ref().is_some_and(|s| s.order.session == session)
+                    && let Some(s) = slot.take()
+                {
+                    let _ = s.inbox.unbounded_send(StageMsg::End);
+                }
+                FrameEvent::StageEnd {
+                    session: session.to_hex(),
                 }
             }
+            Meaning::Ignored => FrameEvent::Ignored,
         })
     }
 
-    /// A stage order: taken when this page offers stages, serves no other session and the
-    /// order checks out; else declined (the coordinator places someone else).
+    /// A stage order the core took: the page opens its peer connections and fetches its
+    /// pieces, then calls `runStage`.
     fn stage_order(&self, order: tabula_protocol::StageOrder) -> FrameEvent {
         let session = order.session;
-        let decline = |reason: String| FrameEvent::Decline {
-            reply: encode(&ToCoordinator::StageFailed { session, reason }),
-        };
-        if self.stage_budget_mb.get() == 0 {
-            return decline("this worker takes no pipeline stages".into());
-        }
-        if let Err(e) = order.validate() {
-            return decline(format!("a stage order that does not check: {e}"));
-        }
-        let mut slot = self.stage.borrow_mut();
-        if let Some(current) = slot.as_ref() {
-            return decline(format!(
-                "this page already serves session {}",
-                current.order.session
-            ));
-        }
         let mut peers = Vec::new();
         if let Some(up) = order.upstream {
             // The upstream stage offers the channel; this page answers it.
@@ -625,7 +597,7 @@ impl Volunteer {
             direct: self.stage_direct.get() && order.direct_ms > 0,
         };
         tracing::info!(%session, stage = order.stage, stages = order.stages, "joining a pipeline");
-        *slot = Some(StageSlot {
+        *self.stage.borrow_mut() = Some(StageSlot {
             order,
             inbox,
             receiver: Some(receiver),

@@ -1,5 +1,7 @@
 //! The Tabula worker: takes a unit, computes it, signs the result, submits it.
 //!
+//! [`core`] is the worker's protocol logic with no I/O (what each coordinator frame means and
+//! what goes back), driven by the native loop and by the browser's `Volunteer` alike.
 //! [`exec`] is the pure part, a unit in and its canonical output out, shared with the
 //! coordinator (which re-executes units to referee disputes); [`stage`] is the same for one
 //! stage of a pipeline session (layers in, signed activations out). The `native` feature adds the
@@ -10,6 +12,7 @@
 //! with its own transport. [`member`] runs a native worker's pipeline stage: its links to the
 //! neighbouring stages and its steps.
 
+pub mod core;
 pub mod exec;
 pub mod keyfile;
 #[cfg(feature = "native")]

@@ -28,27 +28,9 @@ use crate::{
     },
 };
 
-/// What the socket loop hands a member.
-#[derive(Debug)]
-pub enum MemberMsg {
-    /// The first stage's input for `step`.
-    Input {
-        step: u32,
-        tokens: Vec<u32>,
-    },
-    Signal {
-        peer: PublicKey,
-        signal: Signal,
-    },
-    Relay {
-        peer: PublicKey,
-        chunk: Vec<u8>,
-    },
-    /// Send the retained outputs of steps up to `step`.
-    History {
-        step: u32,
-    },
-}
+/// What the socket loop hands a member (the worker core's routing of the coordinator's
+/// frames for its session).
+pub use crate::core::MemberInput as MemberMsg;
 
 /// How a member links to its neighbours.
 #[derive(Clone, Debug)]
@@ -89,6 +71,8 @@ pub enum Tamper {
     CorruptSend,
     /// Signals garbage: an SDP that does not parse, candidates that are not JSON.
     GarbageSignals,
+    /// Takes every stage and fails it at once (a griefer with free keys).
+    FailStages,
 }
 
 /// Applies `t` to a step's result; returns the bytes to send instead of the signed ones, if
@@ -138,7 +122,8 @@ fn tamper(t: Tamper, identity: &Identity, result: &mut StageOut) -> Option<Vec<u
             bytes[0] ^= 1;
             Some(bytes)
         }
-        (Tamper::CorruptSend, StageOut::Token { .. }) | (Tamper::GarbageSignals, _) => None,
+        (Tamper::CorruptSend, StageOut::Token { .. })
+        | (Tamper::GarbageSignals | Tamper::FailStages, _) => None,
     }
 }
 
@@ -190,6 +175,9 @@ async fn run(
     options: MemberOptions,
 ) -> Result<(), WorkerError> {
     order.validate()?;
+    if options.tamper == Some(Tamper::FailStages) {
+        return Err(WorkerError::Task("this stage fails on purpose".into()));
+    }
     let session = order.session;
     let plan = StagePlan::from_order(&order);
     // Loading (a download, then parsing) and linking go on together; signals and relayed

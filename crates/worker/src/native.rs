@@ -18,7 +18,11 @@ use tabula_protocol::{
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
 
-use crate::{Executor, FileSource, WorkerError, exec::ExecutorThread};
+use crate::{
+    Executor, FileSource, WorkerError,
+    core::{CoreOptions, Meaning, WorkerCore, session_ended},
+    exec::ExecutorThread,
+};
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -46,11 +50,8 @@ pub struct WorkerOptions {
     pub member: crate::member::MemberOptions,
 }
 
-/// The most pipeline stages a worker serves at once.
-const MAX_MEMBERSHIPS: usize = 4;
-
 /// The most units a worker holds at once ([`WorkerOptions::units_in_flight`]).
-pub const MAX_UNITS_IN_FLIGHT: usize = 16;
+pub const MAX_UNITS_IN_FLIGHT: usize = crate::core::MAX_UNITS_HELD;
 
 /// What the loop reports, for a progress display.
 #[derive(Clone, Debug)]
@@ -174,14 +175,7 @@ enum End {
     Finished,
 }
 
-/// Totals of one run.
-#[derive(Clone, Debug, Default)]
-pub struct Stats {
-    pub submitted: u64,
-    pub accepted: u64,
-    pub rejected: u64,
-    pub credit_micro: u64,
-}
+pub use crate::core::Stats;
 
 /// Runs the volunteer loop until `shutdown` turns true (or `max_units` are submitted).
 /// `make_executor` runs once, on the executor thread.
@@ -204,12 +198,22 @@ where
     let executor = ExecutorThread::spawn(make_executor, cache.clone());
     let files: Arc<dyn FileSource + Send + Sync> = cache.clone();
     let identity = Arc::new(identity);
-    let mut stats = Stats::default();
+    let mut core = WorkerCore::new(
+        identity.public(),
+        CoreOptions {
+            agent: options.agent.clone(),
+            precisions: options.precisions.clone(),
+            stages: options.stages,
+            max_model_mb: options.max_model_mb,
+            units_held: options.units_in_flight,
+            memberships: crate::core::MAX_MEMBERSHIPS,
+        },
+    );
     let mut backoff = Duration::from_millis(500);
-    let mut units = Units::default();
+    let mut running = Running::default();
     loop {
         if *shutdown.borrow() {
-            return Ok(stats);
+            return Ok(core.stats);
         }
         let session = Session {
             url: &url,
@@ -219,11 +223,13 @@ where
             files: files.clone(),
             events: &events,
         };
-        match session
-            .run(&mut stats, &mut units, &mut shutdown, &mut backoff)
-            .await
-        {
-            Ok(End::Shutdown | End::Finished) => return Ok(stats),
+        let ended = session
+            .run(&mut core, &mut running, &mut shutdown, &mut backoff)
+            .await;
+        // The coordinator rebuilds the pipelines this worker served without it.
+        core.disconnected();
+        match ended {
+            Ok(End::Shutdown | End::Finished) => return Ok(core.stats),
             Err(e @ WorkerError::Refused(_)) => return Err(e),
             Err(e) => {
                 let _ = events.send(WorkerEvent::Disconnected {
@@ -232,7 +238,7 @@ where
                 });
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return Ok(stats),
+                    _ = shutdown.changed() => return Ok(core.stats),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -251,78 +257,48 @@ struct Session<'a> {
 
 type Computation = tokio::sync::oneshot::Receiver<Result<Vec<u8>, WorkerError>>;
 
-/// The units a worker holds: the one being computed and those leased and waiting their turn.
-/// They outlive a session: when the connection drops mid-unit, the computation goes on and
-/// its result is submitted after reconnecting, and the waiting units are computed after it
-/// (a lease is bound to the worker's key, not to the connection).
+/// The computation of the unit the core says is computing: its lease, when it started and
+/// the executor's answer to come. It outlives a session: when the connection drops mid-unit,
+/// the computation goes on and its result is submitted after reconnecting, and the units
+/// waiting in the core are computed after it (a lease is bound to the worker's key, not to
+/// the connection).
 #[derive(Default)]
-struct Units {
-    computing: Option<(
-        LeaseId,
-        tabula_protocol::Hash,
-        std::time::Instant,
-        Computation,
-    )>,
-    waiting: std::collections::VecDeque<tabula_protocol::Assignment>,
-}
+struct Running(Option<(LeaseId, std::time::Instant, Computation)>);
 
-impl Units {
-    fn held(&self) -> usize {
-        usize::from(self.computing.is_some()) + self.waiting.len()
-    }
-
-    /// Starts computing `a` when nothing is, else queues it.
-    fn take(
+impl Running {
+    /// Starts the core's next unit when nothing computes.
+    fn start_next(
         &mut self,
-        a: tabula_protocol::Assignment,
+        core: &mut WorkerCore,
         executor: &ExecutorThread,
         events: &mpsc::UnboundedSender<WorkerEvent>,
     ) -> Result<(), WorkerError> {
-        if self.computing.is_some() {
-            self.waiting.push_back(a);
+        if self.0.is_some() {
             return Ok(());
         }
+        let Some(a) = core.next_unit() else {
+            return Ok(());
+        };
         let _ = events.send(WorkerEvent::Computing {
             model: a.task.model().name.clone(),
         });
         let (reply, handle) = tokio::sync::oneshot::channel();
         executor.submit(
-            a.task,
+            a.task.clone(),
             Box::new(move |r| {
                 let _ = reply.send(r.map(|o| o.encode()));
             }),
         )?;
-        self.computing = Some((a.lease, a.unit, std::time::Instant::now(), handle));
+        self.0 = Some((a.lease, std::time::Instant::now(), handle));
         Ok(())
-    }
-
-    /// Starts the next waiting unit, if any.
-    fn next(
-        &mut self,
-        executor: &ExecutorThread,
-        events: &mpsc::UnboundedSender<WorkerEvent>,
-    ) -> Result<(), WorkerError> {
-        match self.waiting.pop_front() {
-            Some(a) => self.take(a, executor, events),
-            None => Ok(()),
-        }
-    }
-
-    /// Every lease held, to give back; forgets them.
-    fn release_all(&mut self) -> Vec<LeaseId> {
-        let computing = self.computing.take().map(|(lease, ..)| lease);
-        computing
-            .into_iter()
-            .chain(self.waiting.drain(..).map(|a| a.lease))
-            .collect()
     }
 }
 
 impl Session<'_> {
     async fn run(
         self,
-        stats: &mut Stats,
-        units: &mut Units,
+        core: &mut WorkerCore,
+        running: &mut Running,
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Duration,
     ) -> Result<End, WorkerError> {
@@ -344,27 +320,23 @@ impl Session<'_> {
                     .map_err(conn)?
             };
         }
-        let ToWorker::Challenge { nonce, coordinator } = next_message(&mut rx).await? else {
+        let first = next_message(&mut rx).await?;
+        if !matches!(first, ToWorker::Challenge { .. }) {
             return Err(WorkerError::Connection("expected a login challenge".into()));
+        }
+        let Meaning::Login(login) = core.on_frame(&self.identity, first) else {
+            unreachable!("a challenge means a login");
         };
-        send!(ToCoordinator::Login {
-            key: self.identity.public(),
-            signature: self.identity.sign_login(&nonce, &coordinator),
-            agent: self.options.agent.clone(),
-            precisions: self.options.precisions.clone(),
-            stages: self.options.stages,
-            max_model_mb: self.options.max_model_mb,
-        });
-        let heartbeat_ms = match next_message(&mut rx).await? {
-            ToWorker::Welcome {
+        send!(login);
+        let heartbeat_ms = match core.on_frame(&self.identity, next_message(&mut rx).await?) {
+            Meaning::Welcome {
                 heartbeat_ms,
                 credit_micro,
             } => {
-                stats.credit_micro = credit_micro;
                 let _ = self.events.send(WorkerEvent::Connected { credit_micro });
                 heartbeat_ms
             }
-            ToWorker::Error { message, retry } => return Err(session_ended(message, retry)),
+            Meaning::Ended { message, retry } => return Err(session_ended(message, retry)),
             other => {
                 return Err(WorkerError::Connection(format!(
                     "expected a welcome, got {other:?}"
@@ -378,17 +350,20 @@ impl Session<'_> {
                 signature: self.identity.sign_payout(&address),
             });
         }
-        let limit = self.options.units_in_flight.clamp(1, MAX_UNITS_IN_FLIGHT);
         // `Ready`s sent in this session and not yet answered (each gets an `Assign` or a
         // `NoWork`, in order).
         let mut asked = 0usize;
+        let max_units = self.options.max_units;
         let done_submitting =
-            |stats: &Stats| self.options.max_units.is_some_and(|m| stats.submitted >= m);
+            |core: &WorkerCore| max_units.is_some_and(|m| core.stats.submitted >= m);
+        let decided = |core: &WorkerCore| {
+            max_units.is_some_and(|m| core.stats.accepted + core.stats.rejected >= m)
+        };
         // Asks for as many units as fit beside those held and those asked for.
         macro_rules! ask {
             () => {
-                if !done_submitting(stats) {
-                    while units.held() + asked < limit {
+                if !done_submitting(core) {
+                    while core.wants_units() > asked {
                         send!(ToCoordinator::Ready);
                         asked += 1;
                     }
@@ -409,12 +384,14 @@ impl Session<'_> {
                 Some(frame) = from_members.recv() => {
                     if let ToCoordinator::StageFailed { session, .. } = &frame {
                         members.remove(session);
+                        core.member_stopped(session);
                     }
                     send!(frame);
                 }
                 _ = shutdown.changed() => {
-                    for lease in units.release_all() {
-                        send!(ToCoordinator::Release { lease });
+                    running.0 = None;
+                    for release in core.release_all() {
+                        send!(release);
                     }
                     let _ = tx.send(Message::Close(None)).await;
                     return Ok(End::Shutdown);
@@ -424,138 +401,108 @@ impl Session<'_> {
                     ask_again = None;
                     ask!();
                 }
-                done = async { (&mut units.computing.as_mut().expect("guarded").3).await }, if units.computing.is_some() => {
-                    let (lease, unit, started, _) = units.computing.take().expect("guarded");
+                done = async { (&mut running.0.as_mut().expect("guarded").2).await }, if running.0.is_some() => {
+                    let (lease, started, _) = running.0.take().expect("guarded");
                     match done {
                         Ok(Ok(output)) => {
-                            send!(ToCoordinator::Submit(self.identity.submission(lease, unit, output)));
-                            stats.submitted += 1;
+                            if let Some(submit) = core.submit(&self.identity, lease, output) {
+                                send!(submit);
+                            }
                             let _ = self.events.send(WorkerEvent::Submitted {
                                 millis: started.elapsed().as_millis() as u64,
                             });
-                            if done_submitting(stats) {
+                            if done_submitting(core) {
                                 // Units fetched ahead go back; then wait for the verdict on
                                 // the last unit before leaving.
-                                for lease in units.release_all() {
-                                    send!(ToCoordinator::Release { lease });
+                                for release in core.release_all() {
+                                    send!(release);
                                 }
                                 continue;
                             }
                         }
                         Ok(Err(e)) => {
                             tracing::warn!("unit failed: {e}");
-                            send!(ToCoordinator::Release { lease });
+                            if let Some(release) = core.release(lease) {
+                                send!(release);
+                            }
                         }
                         Err(_) => {
                             return Err(WorkerError::Model("the executor thread stopped".into()));
                         }
                     }
-                    units.next(self.executor, self.events)?;
+                    running.start_next(core, self.executor, self.events)?;
                     // While an earlier `NoWork` waits out its delay, the coordinator has
                     // nothing to give: ask when the delay is over.
                     if ask_again.is_none() {
                         ask!();
                     }
                 }
-                message = next_message(&mut rx) => match message? {
-                    ToWorker::Assign(a) => {
+                message = next_message(&mut rx) => {
+                    let message = message?;
+                    let assignment = matches!(message, ToWorker::Assign(_));
+                    if assignment {
                         asked = asked.saturating_sub(1);
-                        if done_submitting(stats) || units.held() >= limit {
-                            // Not wanted any more (or more than asked for): give it back at once.
-                            send!(ToCoordinator::Release { lease: a.lease });
+                        if done_submitting(core) {
+                            // Not wanted any more: give it back at once.
+                            if let ToWorker::Assign(a) = message {
+                                send!(ToCoordinator::Release { lease: a.lease });
+                            }
                             continue;
                         }
-                        units.take(a, self.executor, self.events)?;
                     }
-                    ToWorker::NoWork { retry_ms } => {
-                        asked = asked.saturating_sub(1);
-                        ask_again.get_or_insert(tokio::time::Instant::now() + Duration::from_millis(u64::from(retry_ms.clamp(50, 60_000))));
-                    }
-                    ToWorker::Accepted { .. } => {
-                        stats.accepted += 1;
-                        let _ = self.events.send(WorkerEvent::Accepted);
-                        if self.options.max_units.is_some_and(|m| stats.accepted + stats.rejected >= m) {
-                            let _ = tx.send(Message::Close(None)).await;
-                            return Ok(End::Finished);
+                    match core.on_frame(&self.identity, message) {
+                        Meaning::Unit => running.start_next(core, self.executor, self.events)?,
+                        Meaning::GiveBack(release) | Meaning::DeclineStage(release) => send!(release),
+                        Meaning::NoWork { retry_ms } => {
+                            asked = asked.saturating_sub(1);
+                            ask_again.get_or_insert(tokio::time::Instant::now() + Duration::from_millis(u64::from(retry_ms)));
+                        }
+                        Meaning::Verdict { accepted, reason } => {
+                            let _ = self.events.send(match reason {
+                                Some(reason) if !accepted => {
+                                    tracing::warn!("result rejected: {reason}");
+                                    WorkerEvent::Rejected { reason }
+                                }
+                                _ => WorkerEvent::Accepted,
+                            });
+                            if decided(core) {
+                                let _ = tx.send(Message::Close(None)).await;
+                                return Ok(End::Finished);
+                            }
+                        }
+                        Meaning::Credited { .. } => {
+                            let _ = self.events.send(WorkerEvent::Credited { credit_micro: core.stats.credit_micro });
+                        }
+                        Meaning::BadReceipt => tracing::warn!("ignoring a receipt that does not verify"),
+                        Meaning::PayoutLinked(address) => {
+                            let _ = self.events.send(WorkerEvent::PayoutLinked { address });
+                        }
+                        Meaning::Ended { message, retry } => return Err(session_ended(message, retry)),
+                        Meaning::JoinStage(order) => {
+                            tracing::info!(session = %order.session, stage = order.stage, stages = order.stages, "joining a pipeline");
+                            members.insert(order.session, crate::member::spawn(
+                                order,
+                                self.identity.clone(),
+                                self.files.clone(),
+                                member_out.clone(),
+                                self.options.member.clone(),
+                            ));
+                        }
+                        Meaning::ToMember(session, input) => {
+                            if let Some(m) = members.get(&session) {
+                                let _ = m.inbox.send(input);
+                            }
+                        }
+                        Meaning::EndStage(session) => {
+                            members.remove(&session);
+                        }
+                        other @ (Meaning::Login(_) | Meaning::Welcome { .. } | Meaning::Ignored) => {
+                            tracing::debug!("ignoring {other:?}");
                         }
                     }
-                    ToWorker::Rejected { reason, .. } => {
-                        stats.rejected += 1;
-                        tracing::warn!("result rejected: {reason}");
-                        let _ = self.events.send(WorkerEvent::Rejected { reason });
-                        if self.options.max_units.is_some_and(|m| stats.accepted + stats.rejected >= m) {
-                            let _ = tx.send(Message::Close(None)).await;
-                            return Ok(End::Finished);
-                        }
-                    }
-                    ToWorker::Credited(receipt) => {
-                        if receipt.verify().is_ok() && receipt.worker == self.identity.public() {
-                            stats.credit_micro += receipt.credit_micro;
-                            let _ = self.events.send(WorkerEvent::Credited { credit_micro: stats.credit_micro });
-                        } else {
-                            tracing::warn!("ignoring a receipt that does not verify");
-                        }
-                    }
-                    ToWorker::PayoutLinked { address } => {
-                        let _ = self.events.send(WorkerEvent::PayoutLinked { address });
-                    }
-                    ToWorker::Error { message, retry } => return Err(session_ended(message, retry)),
-                    ToWorker::Stage(order) => {
-                        let session = order.session;
-                        if !self.options.stages {
-                            send!(ToCoordinator::StageFailed { session, reason: "this worker takes no pipeline stages".into() });
-                            continue;
-                        }
-                        if members.len() >= MAX_MEMBERSHIPS {
-                            send!(ToCoordinator::StageFailed { session, reason: format!("this worker already serves {MAX_MEMBERSHIPS} stages") });
-                            continue;
-                        }
-                        tracing::info!(%session, stage = order.stage, stages = order.stages, "joining a pipeline");
-                        members.insert(session, crate::member::spawn(
-                            order,
-                            self.identity.clone(),
-                            self.files.clone(),
-                            member_out.clone(),
-                            self.options.member.clone(),
-                        ));
-                    }
-                    ToWorker::StageInput { session, step, tokens } => {
-                        if let Some(m) = members.get(&session) {
-                            let _ = m.inbox.send(crate::member::MemberMsg::Input { step, tokens });
-                        }
-                    }
-                    ToWorker::Signal { session, peer, signal } => {
-                        if let Some(m) = members.get(&session) {
-                            let _ = m.inbox.send(crate::member::MemberMsg::Signal { peer, signal });
-                        }
-                    }
-                    ToWorker::Relay { session, peer, chunk } => {
-                        if let Some(m) = members.get(&session) {
-                            let _ = m.inbox.send(crate::member::MemberMsg::Relay { peer, chunk });
-                        }
-                    }
-                    ToWorker::StageHistory { session, step } => {
-                        if let Some(m) = members.get(&session) {
-                            let _ = m.inbox.send(crate::member::MemberMsg::History { step });
-                        }
-                    }
-                    ToWorker::StageEnd { session } => {
-                        members.remove(&session);
-                    }
-                    other => tracing::debug!("ignoring {other:?}"),
-                },
+                }
             }
         }
-    }
-}
-
-/// The coordinator ended the session: a refusal for good stops the worker, anything else (a
-/// silent socket, a passing failure on its side) is a lost connection to retry with backoff.
-fn session_ended(message: String, retry: bool) -> WorkerError {
-    if retry {
-        WorkerError::Connection(format!("the coordinator ended the session: {message}"))
-    } else {
-        WorkerError::Refused(message)
     }
 }
 
