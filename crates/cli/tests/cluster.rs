@@ -3484,7 +3484,10 @@ fn the_coordinators_own_run_catches_a_lie_that_no_comparison_sees() {
         let port = cluster.port;
         let key = cluster.api_key();
         let _honest = cluster.add_worker(0);
-        let (liar, _stop) = lying_stage_worker(&cluster, 0, Tamper::FlipOutput);
+        // A lie that changes the tokens wherever the liar sits (a flipped activation byte at
+        // the first stage may leave them as they are: then only the logits differ, the
+        // streamed text was right, and there is nothing to tell the requester).
+        let (liar, _stop) = lying_stage_worker(&cluster, 0, Tamper::Garble);
         wait_for_workers(&cluster, 2);
         let body = json!({ "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 8,
                            "temperature": 0, "assurance": assurance, "stream": stream });
@@ -3541,7 +3544,7 @@ fn lying_stages_are_found_struck_and_the_answer_is_still_right() {
     use tabula_worker::member::Tamper;
     let prompt = "Water boils at";
     let want = local_generation(prompt, 12, "0", "0");
-    let rounds: [(&[Tamper], bool); 5] = [
+    let rounds: [(&[Tamper], bool); 6] = [
         (&[Tamper::FlipOutput, Tamper::FlipOutput], true),
         (&[Tamper::WrongInputHash], true),
         (&[Tamper::Replay], true),
@@ -3549,6 +3552,9 @@ fn lying_stages_are_found_struck_and_the_answer_is_still_right() {
         // Garbage SDP and ICE: the neighbours' WebRTC stack refuses it with an error, the
         // link falls back to the relay, and the session goes on.
         (&[Tamper::GarbageSignals], false),
+        // An activation over the receiver's limit: refused from its first chunk's header
+        // (nothing that size is allocated), the receiver says why, the pipeline is rebuilt.
+        (&[Tamper::Oversize], false),
     ];
     for (liars, struck) in rounds {
         let mut cluster = Cluster::start(
@@ -3621,6 +3627,14 @@ fn lying_stages_are_found_struck_and_the_answer_is_still_right() {
                 );
                 if metric(port, "tabula_pipeline_rebuilds_total") >= 1 {
                     assert_eq!(earned, 0, "a sender of corrupt bytes earns nothing");
+                    if liars == [Tamper::Oversize] {
+                        // The receiver's reason, as the coordinator logged it.
+                        assert!(
+                            cluster.log().contains("exceeds this link's limit"),
+                            "{}",
+                            cluster.log()
+                        );
+                    }
                 }
             }
         }

@@ -73,6 +73,11 @@ pub enum Tamper {
     GarbageSignals,
     /// Takes every stage and fails it at once (a griefer with free keys).
     FailStages,
+    /// Sends an activation larger than any receiver takes (signed as if right).
+    Oversize,
+    /// Computes nothing: zero activations (signed as if right), and as the last stage the
+    /// next token id instead of its own; every later token goes wrong.
+    Garble,
 }
 
 /// Applies `t` to a step's result; returns the bytes to send instead of the signed ones, if
@@ -122,7 +127,21 @@ fn tamper(t: Tamper, identity: &Identity, result: &mut StageOut) -> Option<Vec<u
             bytes[0] ^= 1;
             Some(bytes)
         }
-        (Tamper::CorruptSend, StageOut::Token { .. })
+        (Tamper::Oversize, StageOut::Activation(_)) => Some(vec![0; MAX_ACTIVATION_FRAME]),
+        (Tamper::Garble, StageOut::Activation(a)) => {
+            a.data.fill(0);
+            a.commit = resign(
+                &a.commit,
+                a.commit.input_hash,
+                tabula_protocol::sha256(&a.data),
+            );
+            None
+        }
+        (Tamper::Garble, StageOut::Token { token, .. }) => {
+            *token = token.wrapping_add(1) % 49_152;
+            None
+        }
+        (Tamper::CorruptSend | Tamper::Oversize, StageOut::Token { .. })
         | (Tamper::GarbageSignals | Tamper::FailStages, _) => None,
     }
 }
