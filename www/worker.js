@@ -163,10 +163,12 @@ async function computeUnit(event) {
 
 // The memory a pipeline stage may use by default: a quarter of what the device reports
 // (navigator.deviceMemory, in GB, rounded down by the browser), within what a wasm page can
-// address. Stages compute on the wasm CPU path, so the GPU adapter's limits do not bind it.
+// address, and on WebGPU (where the stage computes) within the largest buffer the adapter
+// grants.
 function defaultStageMb() {
   const gb = Number(self.navigator && self.navigator.deviceMemory) || 2;
-  return Math.max(128, Math.min(1024, Math.floor(gb * 1024 / 4)));
+  const adapter = volunteer && volunteer.stageLimitMb();
+  return Math.max(64, Math.min(1024, Math.floor(gb * 1024 / 4), adapter ?? Infinity));
 }
 
 // A pipeline stage: peer connections opened by the document while the stage's pieces
@@ -279,7 +281,6 @@ async function start(options) {
   if (running) return;
   coordinator = options.coordinator || self.location.origin;
   backend = options.backend || 'auto';
-  const stageMb = Number.isFinite(options.stageMb) && options.stageMb >= 0 ? Math.floor(options.stageMb) : defaultStageMb();
   running = true;
   report({ phase: 'starting', message: 'loading the compute engine' });
   try {
@@ -291,6 +292,7 @@ async function start(options) {
       const device = volunteer.device();
       report({ device: device.startsWith('cpu') && relaxed ? `${device}, relaxed SIMD` : device, publicKey: volunteer.publicKey() });
     }
+    const stageMb = Number.isFinite(options.stageMb) && options.stageMb >= 0 ? Math.floor(options.stageMb) : defaultStageMb();
     volunteer.setStages(stageMb, options.stageLinks !== 'relay');
     report({ stageMb });
   } catch (e) {

@@ -45,6 +45,8 @@ for (const [links, webgpu] of [['direct', true], ['direct', false], ['relayed', 
       for (const n of ['a', 'b', 'c']) cluster.addWorker(`native-${n}`);
       const v = await openVolunteer(browser, `${cluster.url}/`, links === 'relayed' ? { stageLinks: 'relay' } : {});
       assert.match(await v.page.textContent('#device'), webgpu ? /WebGpu/i : /cpu/);
+      // The page shows the memory it offers stages (its default from the device).
+      await v.page.waitForFunction(() => /^\d+ \(default\)$/.test(document.getElementById('stage-mb').placeholder));
       await waitForWorkers(cluster, 4);
       const prompt = 'The three primary colours are';
       const want = localGeneration(prompt, 16);

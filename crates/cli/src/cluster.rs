@@ -395,6 +395,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         max_model_mb: args.max_model_mb,
         member: tabula_worker::member::MemberOptions {
             direct: matches!(args.stage_links, StageLinks::Auto),
+            // A stage computes where the worker's units do.
+            gpu: matches!(args.backend, BackendChoice::Gpu),
             ..Default::default()
         },
     };

@@ -3522,6 +3522,37 @@ fn the_coordinators_own_run_catches_a_lie_that_no_comparison_sees() {
     }
 }
 
+/// Issue 17: a stage computes where the worker's units do. Workers started with `--backend
+/// gpu` (lavapipe here) run their stages on wgpu, next to CPU stages in the same pipelines,
+/// and the tokens are still the whole model's: exact bits are the same on every backend.
+#[test]
+fn stages_on_gpu_workers_compute_on_wgpu_next_to_cpu_stages() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--pipeline", "2", "--canary-rate", "0", "--audit-rate", "0"],
+    )
+    .unwrap();
+    let key = cluster.api_key();
+    for n in 0..2 {
+        cluster.add_worker_with(n, &["--backend", "gpu"]);
+    }
+    for n in 2..4 {
+        cluster.add_worker(n);
+    }
+    wait_for_workers(&cluster, 4);
+    // Four workers for two pipelines of two stages: every one of them is placed.
+    completes_like_the_whole_model(&cluster, &key, "The three primary colours are", 8);
+    for n in 0..2 {
+        let log =
+            std::fs::read_to_string(cluster.dir.path().join(format!("worker{n}.log"))).unwrap();
+        assert!(
+            log.contains("the stage computes on the GPU"),
+            "worker {n}:\n{log}"
+        );
+    }
+    cluster.stop_workers();
+}
+
 /// The number of `/v1/ledger/{key}`'s strikes and whether it is banned.
 fn strikes(port: u16, key: &str) -> (i64, bool) {
     let entry = ledger(port, key);

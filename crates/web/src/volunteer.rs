@@ -357,6 +357,19 @@ impl Volunteer {
         }))
     }
 
+    /// What the device caps a pipeline stage at, MB: the largest buffer the WebGPU device
+    /// allocates (a stage computes on it); `undefined` on the wasm CPU path, which only the
+    /// device's memory bounds.
+    #[wasm_bindgen(js_name = stageLimitMb)]
+    pub fn stage_limit_mb(&self) -> Option<u32> {
+        match self.executor.borrow().as_ref()? {
+            AnyExecutor::Gpu(e) => {
+                Some((e.backend().max_buffer_bytes() >> 20).min(u64::from(u32::MAX)) as u32)
+            }
+            AnyExecutor::Cpu(_) => None,
+        }
+    }
+
     /// The WebGPU adapter's description, or `"cpu (wasm)"`.
     pub fn device(&self) -> String {
         self.device.clone()

@@ -10,7 +10,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tabula_engine::cpu::CpuBackend;
+use tabula_engine::{
+    Backend,
+    cpu::CpuBackend,
+    exact::ExactBackend,
+    gpu::{AdapterChoice, GpuBackend},
+};
 use tabula_models::exact::ExactFile;
 use tabula_protocol::{
     Activation, Identity, PublicKey, SessionId, Signal, StageOrder, ToCoordinator, encode,
@@ -38,6 +43,9 @@ pub struct MemberOptions {
     /// Try a direct data channel first (`false`: relay through the coordinator at once, as a
     /// worker behind a firewall that blocks UDP would end up doing).
     pub direct: bool,
+    /// Compute the stage on a wgpu device (its own) instead of the CPU; exact bits are the
+    /// same either way.
+    pub gpu: bool,
     pub rtc: RtcOptions,
     /// Lie in one of the ways an attacker would (tests of the coordinator's defences only;
     /// no command-line option sets it).
@@ -49,6 +57,7 @@ impl Default for MemberOptions {
     fn default() -> Self {
         Self {
             direct: true,
+            gpu: false,
             rtc: RtcOptions::default(),
             tamper: None,
         }
@@ -172,7 +181,41 @@ pub fn spawn(
     let (inbox, rx) = mpsc::unbounded_channel();
     let session = order.session;
     let task = tokio::spawn(async move {
-        if let Err(e) = run(order, identity, files, out.clone(), rx, options).await {
+        let result = if options.gpu {
+            let device = tokio::task::spawn_blocking(|| {
+                pollster::block_on(GpuBackend::new(AdapterChoice::Any))
+            })
+            .await;
+            match device {
+                Ok(Ok(backend)) => {
+                    tracing::info!(%session, device = %backend.describe(), "the stage computes on the GPU");
+                    run(
+                        Arc::new(backend),
+                        order,
+                        identity,
+                        files,
+                        out.clone(),
+                        rx,
+                        options,
+                    )
+                    .await
+                }
+                Ok(Err(e)) => Err(WorkerError::Model(format!("a GPU for the stage: {e}"))),
+                Err(e) => Err(WorkerError::Model(format!("a GPU for the stage: {e}"))),
+            }
+        } else {
+            run(
+                Arc::new(CpuBackend),
+                order,
+                identity,
+                files,
+                out.clone(),
+                rx,
+                options,
+            )
+            .await
+        };
+        if let Err(e) = result {
             tracing::warn!(%session, "pipeline stage: {e}");
             let _ = out.send(ToCoordinator::StageFailed {
                 session,
@@ -185,14 +228,19 @@ pub fn spawn(
 
 type Neighbour = crate::stage::Neighbour<RtcLink>;
 
-async fn run(
+async fn run<B>(
+    backend: Arc<B>,
     order: StageOrder,
     identity: Arc<Identity>,
     files: Arc<dyn FileSource + Send + Sync>,
     out: mpsc::UnboundedSender<ToCoordinator>,
     mut inbox: mpsc::UnboundedReceiver<MemberMsg>,
     options: MemberOptions,
-) -> Result<(), WorkerError> {
+) -> Result<(), WorkerError>
+where
+    B: ExactBackend + Send + Sync + 'static,
+    StageRunner<B>: Send,
+{
     order.validate()?;
     if options.tamper == Some(Tamper::FailStages) {
         return Err(WorkerError::Task("this stage fails on purpose".into()));
@@ -204,7 +252,8 @@ async fn run(
     let load = {
         let files = files.clone();
         let model = order.model.clone();
-        tokio::task::spawn_blocking(move || -> Result<StageRunner<CpuBackend>, WorkerError> {
+        let backend = backend.clone();
+        tokio::task::spawn_blocking(move || -> Result<StageRunner<B>, WorkerError> {
             let mut bytes = Vec::with_capacity(model.files.len());
             for f in &model.files {
                 bytes.push((files.read(f)?, f.sha256.to_hex()));
@@ -217,7 +266,7 @@ async fn run(
                 .map(|(b, h)| (b.as_slice(), h.as_str()))
                 .collect();
             let file = ExactFile::open_pieces(&pieces)?;
-            StageRunner::load(&CpuBackend, &file, plan)
+            StageRunner::load(&*backend, &file, plan)
         })
     };
     let wait = Duration::from_millis(u64::from(order.direct_ms));
@@ -368,15 +417,16 @@ async fn run(
             .take()
             .expect("the runner is put back after each step");
         let id = identity.clone();
+        let backend = backend.clone();
         let (r, result, received) = tokio::task::spawn_blocking(move || {
-            let backend = CpuBackend;
+            let backend = &*backend;
             match input {
                 Input::Tokens(t) => {
-                    let res = pollster::block_on(r.run_tokens(&backend, &id, &t));
+                    let res = pollster::block_on(r.run_tokens(backend, &id, &t));
                     (r, res, None)
                 }
                 Input::Hidden(a) => {
-                    let res = pollster::block_on(r.run_activation(&backend, &id, &a))
+                    let res = pollster::block_on(r.run_activation(backend, &id, &a))
                         .map_err(|e| WorkerError::Task(format!("upstream activation: {e}")));
                     (r, res, Some(a.commit))
                 }

@@ -142,6 +142,12 @@ pub(crate) fn u32_of(v: usize, what: &'static str) -> Result<u32> {
 }
 
 impl GpuBackend {
+    /// The largest buffer this device allocates (the adapter's `maxBufferSize` as granted):
+    /// a lower bound of what it holds, which the browser uses to cap a stage's memory.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.device.limits().max_buffer_size
+    }
+
     /// Opens the default adapter and compiles every kernel.
     pub async fn new(choice: AdapterChoice) -> Result<Self> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
