@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Peer baselines for Tabula's benchmarks, measured on this machine (CPU).
 
-Peers (all fp32, CPU):
+Peers (CPU; fp32 unless named int8):
   * MiniLM-L6 (all-MiniLM-L6-v2) embeddings, batch 32, mean pooling + L2 norm, tokenization excluded:
       - onnxruntime-fp32: ONNX exported from the safetensors model (cached, exported on first run)
+      - onnxruntime-int8: that ONNX quantised by onnxruntime's quantize_dynamic (int8 weights, int8
+                          activations at run time; cached)
       - torch-fp32:       transformers AutoModel
     tasks: minilm-short-b32 (6-16 random English words, dynamic padding to the longest in the batch)
            minilm-long-b32  (texts padded/truncated to exactly 128 tokens)
@@ -22,7 +24,7 @@ Run with the benchmark venv (outside the project: /root/.cache/tabula-bench/venv
         --texts-out /root/.cache/tabula-bench/texts.json
 Needs: torch, onnxruntime, onnx, transformers, tokenizers, numpy, gguf. Runs fully offline.
 Model files (default --models-dir /root/.cache/tabula/models):
-    all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json,vocab.txt,...}
+    all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json}
     SmolLM2-135M-Instruct.Q4_1.gguf
 """
 import argparse
@@ -73,10 +75,12 @@ def parse_args():
 # ---------------------------------------------------------------------------------------------- texts
 
 def word_list(minilm_dir):
-    """Plain lowercase English words from MiniLM's vocab.txt (entries 2000..12000, alphabetic only)."""
-    with open(os.path.join(minilm_dir, "vocab.txt"), encoding="utf-8") as f:
-        vocab = f.read().split("\n")
-    return [w for w in vocab[2000:12000] if w.isascii() and w.isalpha()]
+    """Plain lowercase English words from MiniLM's vocabulary (ids 2000..12000, alphabetic only), read
+    from tokenizer.json: `tabula models fetch` installs that file, not vocab.txt."""
+    with open(os.path.join(minilm_dir, "tokenizer.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["model"]["vocab"]
+    by_id = sorted(vocab, key=vocab.get)
+    return [w for w in by_id[2000:12000] if w.isascii() and w.isalpha()]
 
 
 def generate_texts(a, minilm_dir, smollm_tok):
@@ -196,23 +200,36 @@ def bench_minilm(a, texts, results, checks):
         export_onnx(mdir, onnx_path)
         log(f"  exported in {time.perf_counter() - t:.1f} s")
 
+    int8_path = os.path.join(a.cache_dir, "minilm_l6_int8_dynamic.onnx")
+    if not os.path.exists(int8_path):
+        # onnxruntime's dynamic int8 quantisation, as its docs recommend for transformers on CPU:
+        # int8 weights, activations quantised at run time (DynamicQuantizeLinear + MatMulInteger).
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        log(f"quantising ONNX to {int8_path} ...")
+        quantize_dynamic(onnx_path, int8_path + ".tmp", weight_type=QuantType.QInt8)
+        os.replace(int8_path + ".tmp", int8_path)
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    sess_int8 = ort.InferenceSession(int8_path, so, providers=["CPUExecutionProvider"])
     tm = AutoModel.from_pretrained(mdir, dtype=torch.float32).eval()
 
     def run_ort(b):
         return mean_pool(sess.run(None, b)[0], b["attention_mask"])
+
+    def run_ort_int8(b):
+        return mean_pool(sess_int8.run(None, b)[0], b["attention_mask"])
 
     def run_torch(b):
         with torch.inference_mode():
             h = tm(**{k: torch.from_numpy(v) for k, v in b.items()}).last_hidden_state.numpy()
         return mean_pool(h, b["attention_mask"])
 
-    peers = {"onnxruntime-fp32": run_ort, "torch-fp32": run_torch}
+    peers = {"onnxruntime-fp32": run_ort, "onnxruntime-int8": run_ort_int8, "torch-fp32": run_torch}
     bs = a.batch_size
     modes = {f"minilm-short-b{bs}": (texts["short"], None), f"minilm-long-b{bs}": (texts["long"], 128)}
     for task, (T, fixed) in modes.items():
@@ -237,6 +254,9 @@ def bench_minilm(a, texts, results, checks):
         log(f"{task:18s} min cosine onnxruntime vs torch: {cos:.6f}")
         if cos < 0.999:
             log("  WARNING: onnxruntime and torch embeddings disagree")
+        cos8 = float(np.min(np.sum(embs["onnxruntime-int8"] * embs["torch-fp32"], 1)))
+        checks[f"{task}: min cosine onnxruntime-int8 vs torch"] = round(cos8, 6)
+        log(f"{task:18s} min cosine onnxruntime-int8 vs torch: {cos8:.6f}")
 
 
 # -------------------------------------------------------------------------------------------- SmolLM2

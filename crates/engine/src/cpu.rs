@@ -135,7 +135,7 @@ fn gemm(
 /// the plain chunked loops of this file (see [`dot`], [`softmax_numerators`] and `ops`) become vector
 /// code. `f` must be small enough to inline, which every caller here is: one call site each.
 #[inline(always)]
-fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

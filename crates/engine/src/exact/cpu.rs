@@ -4,12 +4,15 @@
 
 use super::{
     ActTable, ExactBackend, GroupScale, NORM_FRAC, QActs, QMatrix, QNorm, RopeTable, ScoreScale,
-    bit_len, check_act_table, check_attention_int, check_norm, check_qlinear, check_qmatrix,
-    check_quantize, check_rope_int, div_round, exp2_neg_q15, isqrt, mul_shift, quantize_group,
-    requantize, score, table_lookup, value_weight,
+    WeightLayout, bit_len, check_act_table, check_attention_int, check_norm, check_qlinear,
+    check_qmatrix, check_quantize, check_rope_int, div_round, exp2_neg_q15, isqrt, kernels,
+    mul_shift,
+    pack::{self, PackedShape},
+    quantize_group, score, table_lookup, value_weight,
 };
 use crate::{
-    AttentionParams, Result, Shaped, check_pool, check_same, cpu::CpuBackend, cpu::CpuTensor,
+    AttentionParams, Result, Shaped, check_pool, check_same,
+    cpu::{CpuBackend, CpuTensor, vectorized},
     shape_err,
 };
 
@@ -86,209 +89,6 @@ fn dot_i8_generic(a: &[i8], b: &[i8]) -> i32 {
     })
 }
 
-/// Shapes and data of one [`ExactBackend::qlinear`] call.
-struct QLinearJob<'a> {
-    x: &'a [i8],
-    x_scales: &'a [i32],
-    w: &'a [i8],
-    requant: &'a [i32],
-    bias: Option<&'a [i32]>,
-    k: usize,
-    n: usize,
-    group: usize,
-    w_group: usize,
-}
-
-fn qlinear_rows(job: &QLinearJob<'_>, out: &mut [i32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above); the function only uses safe slices.
-        unsafe { qlinear_rows_avx2(job, out) };
-        return;
-    }
-    #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
-    return qlinear_rows_generic(job, out, |x, w, group, accs| {
-        for (acc, (xg, wg)) in accs
-            .iter_mut()
-            .zip(x.chunks_exact(group).zip(w.chunks_exact(group)))
-        {
-            *acc = dot_i8_relaxed(xg, wg);
-        }
-    });
-    #[allow(unreachable_code)]
-    qlinear_rows_generic(job, out, group_dots_generic);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn qlinear_rows_avx2(job: &QLinearJob<'_>, out: &mut [i32]) {
-    qlinear_rows_generic(job, out, |x, w, group, accs| {
-        if group == 32 {
-            // Safe to call: a closure inherits this function's AVX2 target feature.
-            group_dots_32_avx2(x, w, accs)
-        } else {
-            group_dots_generic(x, w, group, accs)
-        }
-    });
-}
-
-/// `accs[g]` = the dot product of group `g` of `x` and `w`.
-#[inline(always)]
-fn group_dots_generic(x: &[i8], w: &[i8], group: usize, accs: &mut [i32]) {
-    for (acc, (xg, wg)) in accs
-        .iter_mut()
-        .zip(x.chunks_exact(group).zip(w.chunks_exact(group)))
-    {
-        *acc = dot_i8_generic(xg, wg);
-    }
-}
-
-/// [`group_dots_generic`] for groups of 32 with AVX2: each group is one 32-byte load per
-/// operand widened to i16 and multiplied with `vpmaddwd` (exact for every int8 value), and eight
-/// groups are reduced together by a tree of horizontal adds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn group_dots_32_avx2(x: &[i8], w: &[i8], accs: &mut [i32]) {
-    use std::arch::x86_64::*;
-    let groups = accs.len().min(x.len() / 32).min(w.len() / 32);
-    let mut g = 0;
-    while g + 8 <= groups {
-        let mut v = [_mm256_setzero_si256(); 8];
-        for (j, vj) in v.iter_mut().enumerate() {
-            let at = (g + j) * 32;
-            let (xs, ws) = (&x[at..at + 32], &w[at..at + 32]);
-            // SAFETY: `xs` and `ws` are 32-byte slices (bounds-checked just above) and
-            // `loadu` has no alignment requirement.
-            let (xa, wa) = unsafe {
-                (
-                    _mm256_loadu_si256(xs.as_ptr().cast()),
-                    _mm256_loadu_si256(ws.as_ptr().cast()),
-                )
-            };
-            let lo = _mm256_madd_epi16(
-                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xa)),
-                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(wa)),
-            );
-            let hi = _mm256_madd_epi16(
-                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(xa)),
-                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(wa)),
-            );
-            *vj = _mm256_add_epi32(lo, hi);
-        }
-        let ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        let cd = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-        let sums = _mm256_add_epi32(
-            _mm256_permute2x128_si256::<0x20>(ab, cd),
-            _mm256_permute2x128_si256::<0x31>(ab, cd),
-        );
-        let out = &mut accs[g..g + 8];
-        // SAFETY: `out` is an 8-value (32-byte) slice; `storeu` has no alignment requirement.
-        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), sums) };
-        g += 8;
-    }
-    group_dots_generic(&x[g * 32..], &w[g * 32..], 32, &mut accs[g..]);
-}
-
-/// Every output: per activation group, an int8 dot product requantised to Fx, summed.
-///
-/// When every scale is in the range the quantiser produces (checked once per call, see
-/// [`fast_requant_applies`]), requantisation takes a branch-free form of [`requantize`] that
-/// gives the same bits and vectorises across groups; otherwise the general form runs.
-#[inline(always)]
-fn qlinear_rows_generic(
-    job: &QLinearJob<'_>,
-    out: &mut [i32],
-    group_dots: impl Fn(&[i8], &[i8], usize, &mut [i32]),
-) {
-    let (k, group) = (job.k, job.group);
-    let groups = k / group;
-    let w_groups = k / job.w_group;
-    let per_w = job.w_group / group;
-    let fast = fast_requant_applies(job);
-    // Where group g's weight scale sits in a row's (M, E) pairs.
-    let w_index: Vec<usize> = (0..groups).map(|g| 2 * (g / per_w)).collect();
-    let mut scales = Vec::with_capacity(groups);
-    let mut reduced = vec![0u32; groups];
-    let mut shifts = vec![0i32; groups];
-    let mut accs = vec![0i32; groups];
-    let mut mults = vec![0u32; groups];
-    let mut exps = vec![0i32; groups];
-    for (r, (xrow, orow)) in job
-        .x
-        .chunks_exact(k)
-        .zip(out.chunks_exact_mut(job.n))
-        .enumerate()
-    {
-        scales.clear();
-        scales.extend((0..groups).map(|g| scale_at(job.x_scales, r * groups + g)));
-        for (g, s) in scales.iter().enumerate() {
-            reduced[g] = s.reduced as u32;
-            shifts[g] = s.shift;
-        }
-        for (c, (wrow, o)) in job.w.chunks_exact(k).zip(orow.iter_mut()).enumerate() {
-            let requant = &job.requant[2 * c * w_groups..2 * (c + 1) * w_groups];
-            group_dots(xrow, wrow, group, &mut accs);
-            let mut y = job.bias.map_or(0, |b| b[c]);
-            if fast {
-                if w_groups == 1 {
-                    mults.fill(requant[0] as u32);
-                    exps.fill(requant[1]);
-                } else {
-                    for (g, &at) in w_index.iter().enumerate() {
-                        mults[g] = requant[at] as u32;
-                        exps[g] = requant[at + 1];
-                    }
-                }
-                for g in 0..groups {
-                    y = y.wrapping_add(requantize_in_range(
-                        accs[g], reduced[g], shifts[g], mults[g], exps[g],
-                    ));
-                }
-            } else {
-                for (g, (&acc, &at)) in accs.iter().zip(&w_index).enumerate() {
-                    y = y.wrapping_add(requantize(acc, scales[g], requant[at], requant[at + 1]));
-                }
-            }
-            *o = y;
-        }
-    }
-}
-
-/// Whether every scale of `job` is in the range where [`requantize_in_range`] equals
-/// [`requantize`]: activation scales `reduced < 2^15`, `0 <= shift <= 17` (what
-/// `quantize_group` produces), multipliers `0 <= M < 2^31`, and every final shift in `1..=62`.
-fn fast_requant_applies(job: &QLinearJob<'_>) -> bool {
-    let (mut min_shift, mut max_shift) = (i32::MAX, i32::MIN);
-    for s in job.x_scales.chunks_exact(2) {
-        if !(0..1 << 15).contains(&s[0]) {
-            return false;
-        }
-        min_shift = min_shift.min(s[1]);
-        max_shift = max_shift.max(s[1]);
-    }
-    if min_shift < 0 || max_shift > 17 {
-        return min_shift == i32::MAX; // no rows at all
-    }
-    job.requant.chunks_exact(2).all(|r| {
-        r[0] >= 0 && {
-            let lo = i64::from(r[1]) - 15 - i64::from(max_shift);
-            let hi = i64::from(r[1]) - 15 - i64::from(min_shift);
-            lo >= 1 && hi <= 62
-        }
-    })
-}
-
-/// [`requantize`] for in-range scales (see [`fast_requant_applies`]), without branches.
-#[inline(always)]
-fn requantize_in_range(acc: i32, reduced: u32, shift: i32, mult: u32, exp: i32) -> i32 {
-    // reduced < 2^15 and mult < 2^31: the rounded product fits 31 bits, as in `mul_shift`.
-    let combined = (u64::from(reduced) * u64::from(mult) + (1 << 14)) >> 15;
-    let s = (exp - 15 - shift) as u32;
-    let magnitude = ((u64::from(acc.unsigned_abs()) * combined + (1u64 << (s - 1))) >> s)
-        .min(i32::MAX as u64) as i32;
-    if acc < 0 { -magnitude } else { magnitude }
-}
-
 impl ExactBackend for CpuBackend {
     type Int = CpuInt;
 
@@ -316,16 +116,21 @@ impl ExactBackend for CpuBackend {
         let mut buf = vec![0i32; rows * cols / 4 + 2 * groups];
         let (data, scales) = buf.split_at_mut(rows * cols / 4);
         let data: &mut [i8] = bytemuck::cast_slice_mut(data);
-        for (g, (src, dst)) in x
-            .data()
-            .chunks_exact(group)
-            .zip(data.chunks_exact_mut(group))
-            .enumerate()
-        {
-            let s = quantize_group(src, dst);
-            scales[2 * g] = s.reduced;
-            scales[2 * g + 1] = s.shift;
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for (g, (src, dst)) in x
+                    .data()
+                    .chunks_exact(group)
+                    .zip(data.chunks_exact_mut(group))
+                    .enumerate()
+                {
+                    let s = quantize_group(src, dst);
+                    scales[2 * g] = s.reduced;
+                    scales[2 * g + 1] = s.shift;
+                }
+            },
+        );
         let len = buf.len();
         Ok(QActs {
             rows,
@@ -335,31 +140,91 @@ impl ExactBackend for CpuBackend {
         })
     }
 
+    fn prepare_qmatrix(&self, w: QMatrix<CpuInt>) -> Result<QMatrix<CpuInt>> {
+        check_qmatrix("prepare_qmatrix", &w)?;
+        if w.layout == WeightLayout::Packed {
+            return Ok(w);
+        }
+        let shape = PackedShape {
+            rows: w.rows,
+            cols: w.cols,
+            group: w.group,
+        };
+        let data = pack::pack_data(w.data.data(), shape);
+        let requant = pack::pack_requant(w.requant.data(), shape);
+        Ok(QMatrix {
+            data: CpuInt::new(vec![data.len()], data),
+            requant: CpuInt::new(vec![requant.len()], requant),
+            layout: WeightLayout::Packed,
+            ..w
+        })
+    }
+
+    fn with_requant(&self, w: &QMatrix<CpuInt>, requant: CpuInt) -> Result<QMatrix<CpuInt>> {
+        let Some(shape) = w.packed_shape() else {
+            let raw = QMatrix {
+                requant,
+                ..w.clone()
+            };
+            check_qmatrix("with_requant", &raw)?;
+            return Ok(raw);
+        };
+        if requant.numel() != shape.rows * shape.w_blocks() * 2 {
+            return Err(shape_err(
+                "with_requant",
+                format!(
+                    "{} scales for a [{}, {}] matrix",
+                    requant.numel() / 2,
+                    w.rows,
+                    w.cols
+                ),
+            ));
+        }
+        let packed = pack::pack_requant(requant.data(), shape);
+        Ok(QMatrix {
+            requant: CpuInt::new(vec![packed.len()], packed),
+            ..w.clone()
+        })
+    }
+
     fn qlinear(&self, x: &QActs<CpuInt>, w: &QMatrix<CpuInt>) -> Result<CpuInt> {
         check_qlinear(x, w)?;
-        let (m, k, n) = (x.rows, x.cols, w.rows);
+        let prepared;
+        let w = match w.layout {
+            WeightLayout::Packed => w,
+            WeightLayout::Rows => {
+                prepared = self.prepare_qmatrix(w.clone())?;
+                &prepared
+            }
+        };
         let (xdata, x_scales) = x.buf.data().split_at(x.scales_offset());
-        let job = QLinearJob {
-            x: bytes(xdata),
+        let job = kernels::Job {
+            x: xdata,
             x_scales,
-            w: bytes(w.data.data()),
+            w: bytemuck::cast_slice(w.data.data()),
             requant: w.requant.data(),
             bias: w.bias.as_ref().map(|b| b.data()),
-            k,
-            n,
+            shape: PackedShape {
+                rows: w.rows,
+                cols: w.cols,
+                group: w.group,
+            },
+            m: x.rows,
             group: x.group,
-            w_group: w.group,
         };
-        let mut out = vec![0i32; m * n];
-        qlinear_rows(&job, &mut out);
-        Ok(CpuInt::new(vec![m, n], out))
+        let mut out = vec![0i32; x.rows * w.rows];
+        kernels::qlinear(&job, &mut out);
+        Ok(CpuInt::new(vec![x.rows, w.rows], out))
     }
 
     fn qembedding(&self, table: &QMatrix<CpuInt>, ids: &[u32]) -> Result<CpuInt> {
         check_qmatrix("qembedding", table)?;
         let dim = table.cols;
-        let data = bytes(table.data.data());
+        let blocks = dim / table.group;
+        let data = table.data.data();
         let requant = table.requant.data();
+        let packed = table.packed_shape();
+        let mut row = vec![0i8; dim];
         let mut out = Vec::with_capacity(ids.len() * dim);
         for &id in ids {
             let id = id as usize;
@@ -369,16 +234,20 @@ impl ExactBackend for CpuBackend {
                     format!("token id {id} outside vocabulary of {}", table.rows),
                 ));
             }
-            let blocks = dim / table.group;
-            out.extend(
-                data[id * dim..(id + 1) * dim]
-                    .iter()
-                    .enumerate()
-                    .map(|(col, &q)| {
+            match packed {
+                Some(shape) => pack::unpack_row(data, shape, id, &mut row),
+                None => row.copy_from_slice(&bytes(data)[id * dim..(id + 1) * dim]),
+            }
+            out.extend(row.iter().enumerate().map(|(col, &q)| {
+                let (mult, exp) = match packed {
+                    Some(shape) => pack::requant_of(requant, shape, id, col / table.group),
+                    None => {
                         let at = 2 * (id * blocks + col / table.group);
-                        mul_shift(i32::from(q), requant[at], requant[at + 1])
-                    }),
-            );
+                        (requant[at], requant[at + 1])
+                    }
+                };
+                mul_shift(i32::from(q), mult, exp)
+            }));
         }
         Ok(CpuInt::new(vec![ids.len(), dim], out))
     }
@@ -467,50 +336,56 @@ impl ExactBackend for CpuBackend {
         let (qd, kd, vd) = (bytes(qd), bytes(kd), bytes(vd));
         let group_ratio = p.heads / p.kv_heads;
         let mut out = vec![0i32; q.rows * q.cols];
-        let mut scores = Vec::with_capacity(p.kv_rows);
-        let mut acc = vec![0i32; hd];
-        for (b, &kv_len) in kv_lens.iter().enumerate() {
-            for i in 0..p.q_len {
-                let qrow = b * p.q_len + i;
-                let visible = if p.causal {
-                    (p.pos_offset + i + 1).min(kv_len as usize)
-                } else {
-                    kv_len as usize
-                };
-                for h in 0..p.heads {
-                    let kvh = h / group_ratio;
-                    let qg = qrow * p.heads + h;
-                    let qvec = &qd[qg * hd..(qg + 1) * hd];
-                    let qscale = scale_at(qs, qg);
-                    scores.clear();
-                    for j in 0..visible {
-                        let kg = (b * p.kv_rows + j) * p.kv_heads + kvh;
-                        let dot = dot_i8(qvec, &kd[kg * hd..(kg + 1) * hd]);
-                        scores.push(score(dot, qscale, scale_at(ks, kg), scale));
-                    }
-                    let max = scores.iter().copied().max().unwrap_or(0);
-                    let mut sum = 0u32;
-                    for s in scores.iter_mut() {
-                        let e = exp2_neg_q15((max as u32).wrapping_sub(*s as u32));
-                        sum += e;
-                        *s = e as i32;
-                    }
-                    acc.fill(0);
-                    for (j, &e) in scores.iter().enumerate() {
-                        let prob = ((e as u32) << 16).wrapping_add(sum / 2) / sum;
-                        let vg = (b * p.kv_rows + j) * p.kv_heads + kvh;
-                        let w = value_weight(prob, scale_at(vs, vg));
-                        for (a, &vq) in acc.iter_mut().zip(&vd[vg * hd..(vg + 1) * hd]) {
-                            *a = a.wrapping_add(i32::from(vq).wrapping_mul(w));
+        vectorized(
+            #[inline(always)]
+            || {
+                let mut scores = Vec::with_capacity(p.kv_rows);
+                let mut acc = vec![0i32; hd];
+                for (b, &kv_len) in kv_lens.iter().enumerate() {
+                    for i in 0..p.q_len {
+                        let qrow = b * p.q_len + i;
+                        let visible = if p.causal {
+                            (p.pos_offset + i + 1).min(kv_len as usize)
+                        } else {
+                            kv_len as usize
+                        };
+                        for h in 0..p.heads {
+                            let kvh = h / group_ratio;
+                            let qg = qrow * p.heads + h;
+                            let qvec = &qd[qg * hd..(qg + 1) * hd];
+                            let qscale = scale_at(qs, qg);
+                            scores.clear();
+                            for j in 0..visible {
+                                let kg = (b * p.kv_rows + j) * p.kv_heads + kvh;
+                                let dot = dot_i8(qvec, &kd[kg * hd..(kg + 1) * hd]);
+                                scores.push(score(dot, qscale, scale_at(ks, kg), scale));
+                            }
+                            let max = scores.iter().copied().max().unwrap_or(0);
+                            let mut sum = 0u32;
+                            for s in scores.iter_mut() {
+                                let e = exp2_neg_q15((max as u32).wrapping_sub(*s as u32));
+                                sum += e;
+                                *s = e as i32;
+                            }
+                            acc.fill(0);
+                            for (j, &e) in scores.iter().enumerate() {
+                                let prob = ((e as u32) << 16).wrapping_add(sum / 2) / sum;
+                                let vg = (b * p.kv_rows + j) * p.kv_heads + kvh;
+                                let w = value_weight(prob, scale_at(vs, vg));
+                                for (a, &vq) in acc.iter_mut().zip(&vd[vg * hd..(vg + 1) * hd]) {
+                                    *a = a.wrapping_add(i32::from(vq).wrapping_mul(w));
+                                }
+                            }
+                            let dst =
+                                &mut out[qrow * q.cols + h * hd..qrow * q.cols + (h + 1) * hd];
+                            for (o, &a) in dst.iter_mut().zip(&acc) {
+                                *o = mul_shift(a, 1, 8);
+                            }
                         }
                     }
-                    let dst = &mut out[qrow * q.cols + h * hd..qrow * q.cols + (h + 1) * hd];
-                    for (o, &a) in dst.iter_mut().zip(&acc) {
-                        *o = mul_shift(a, 1, 8);
-                    }
                 }
-            }
-        }
+            },
+        );
         Ok(CpuInt::new(vec![q.rows, q.cols], out))
     }
 
@@ -586,39 +461,5 @@ pub(crate) fn norm_row(x: &[i32], gamma: &[i32], beta: Option<&[i32]>, frac: u32
         let nrm = mul_shift(xc, inv, 18 - t + s);
         let y = mul_shift(nrm, gamma[i], 2 * NORM_FRAC as i32 - frac as i32);
         *o = y.wrapping_add(beta.map_or(0, |b| b[i]));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn in_range_requantisation_equals_the_general_one() {
-        let mut state = 0x1234_5678_9abc_def0u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for i in 0..200_000 {
-            let acc = (next() as i32) >> (next() % 32);
-            let reduced = (next() % (1 << 15)) as i32;
-            let shift = (next() % 18) as i32;
-            let mult = (next() % (1 << 31)) as i32;
-            let exp = 16 + 17 + (next() % 45) as i32;
-            let (acc, reduced) = match i {
-                0 => (i32::MIN, (1 << 15) - 1),
-                1 => (i32::MAX, (1 << 15) - 1),
-                _ => (acc, reduced),
-            };
-            let scale = GroupScale { reduced, shift };
-            assert_eq!(
-                requantize_in_range(acc, reduced as u32, shift, mult as u32, exp),
-                requantize(acc, scale, mult, exp),
-                "acc {acc} reduced {reduced} shift {shift} mult {mult} exp {exp}"
-            );
-        }
     }
 }

@@ -7,7 +7,10 @@ use std::cell::RefCell;
 use crate::{
     AttentionParams, Result,
     cpu::CpuBackend,
-    exact::{ActTable, ExactBackend, QActs, QMatrix, QNorm, RopeTable, ScoreScale, split_scale},
+    exact::{
+        ActTable, ExactBackend, QActs, QMatrix, QNorm, RopeTable, ScoreScale, WeightLayout,
+        split_scale,
+    },
     gpu::GpuBackend,
 };
 
@@ -107,6 +110,7 @@ impl Pair<'_> {
                 data: d.0,
                 requant: r.0,
                 bias: bias.then_some(b.0),
+                layout: WeightLayout::Rows,
             },
             QMatrix {
                 rows,
@@ -115,6 +119,7 @@ impl Pair<'_> {
                 data: d.1,
                 requant: r.1,
                 bias: bias.then_some(b.1),
+                layout: WeightLayout::Rows,
             },
         ))
     }

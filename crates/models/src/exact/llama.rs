@@ -116,14 +116,12 @@ impl<B: ExactBackend> ExactLlama<B> {
                     Some(t) => t.clone(),
                     None => file.matrix(backend, "token_embd", vocab, d, false)?,
                 };
-                QMatrix {
-                    requant: file.upload(
-                        backend,
-                        "output.requant",
-                        &[vocab, file.weight_blocks(d)?, 2],
-                    )?,
-                    ..table
-                }
+                let requant = file.upload(
+                    backend,
+                    "output.requant",
+                    &[vocab, file.weight_blocks(d)?, 2],
+                )?;
+                backend.with_requant(&table, requant)?
             };
             Some(Head {
                 norm: file.norm(backend, "output_norm", d, false)?,

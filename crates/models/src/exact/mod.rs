@@ -23,7 +23,9 @@ pub use quantize::{quantize_bert, quantize_llama};
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use tabula_engine::exact::{ActTable, ExactBackend, QMatrix, QNorm, RopeTable, ScoreScale};
+use tabula_engine::exact::{
+    ActTable, ExactBackend, QMatrix, QNorm, RopeTable, ScoreScale, WeightLayout,
+};
 
 use crate::{ModelError, Result, bert::BertConfig, catalog::sha256_hex, llama::LlamaConfig};
 
@@ -260,7 +262,7 @@ impl<'a> ExactFile<'a> {
         bias: bool,
     ) -> Result<QMatrix<B::Int>> {
         let blocks = self.weight_blocks(cols)?;
-        Ok(QMatrix {
+        let raw = QMatrix {
             rows,
             cols,
             group: cols / blocks,
@@ -271,7 +273,9 @@ impl<'a> ExactFile<'a> {
             } else {
                 None
             },
-        })
+            layout: WeightLayout::Rows,
+        };
+        Ok(backend.prepare_qmatrix(raw)?)
     }
 
     pub(crate) fn norm<B: ExactBackend>(
