@@ -21,9 +21,11 @@ pub struct BenchArgs {
     /// The peers' script.
     #[arg(long, default_value = "bench/peers.py")]
     peers_script: PathBuf,
-    /// Threads for the peers (our CPU backend is single-threaded).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Threads: the peers' intra-op threads, and on our CPU the compute threads, each
+    /// embedding its own batches with its own copy of the model (as `tabula worker --threads N`
+    /// runs units side by side). SmolLM2 runs on one thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    threads: u32,
     /// Benchmark texts (JSON written by `peers.py --texts-out`), when the peers are not run.
     #[arg(long)]
     texts: Option<PathBuf>,
@@ -137,6 +139,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 Precision::Fast => device.clone(),
                 Precision::Exact => format!("{device} exact"),
             };
+            let threads = args.threads as usize;
+            if gpu.is_none() && threads > 1 && args.only.as_deref() != Some("smollm2") {
+                ours.extend(minilm_on_threads(threads, precision, &name, &texts, &args)?);
+            }
             ours.extend(match (&gpu, precision) {
                 (None, Precision::Fast) => measure(&CpuBackend, &name, &texts, &args)?,
                 (None, Precision::Exact) => measure_exact(&CpuBackend, &name, &texts, &args)?,
@@ -202,6 +208,77 @@ fn minilm_workloads(
             }
         }
         out.push((task, ids));
+    }
+    Ok(out)
+}
+
+/// MiniLM on `threads` CPU threads side by side, each with its own model embedding every
+/// `threads`-th batch (as a worker's compute threads run units): sentences/s of them all.
+fn minilm_on_threads(
+    threads: usize,
+    precision: Precision,
+    name: &str,
+    texts: &Texts,
+    args: &BenchArgs,
+) -> Result<Vec<Measurement>> {
+    let dir = crate::models_dir(args.models_dir.clone());
+    let name = format!("{name} ×{threads} threads");
+    let mut out = Vec::new();
+    macro_rules! run {
+        ($load:expr, $tokenize:expr) => {{
+            let mut models = (0..threads)
+                .map(|_| {
+                    let mut m = $load?;
+                    m.batch_size = BATCH;
+                    Ok(m)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let first = &models[0];
+            let workloads = minilm_workloads(|list| $tokenize(first, list), texts)?;
+            for (task, ids) in workloads {
+                for m in models.iter_mut() {
+                    pollster::block_on(m.embed_ids(&CpuBackend, &ids[..BATCH.min(ids.len())]))?;
+                }
+                let secs = best_of(args.reps, || {
+                    std::thread::scope(|scope| {
+                        let running: Vec<_> = models
+                            .iter_mut()
+                            .enumerate()
+                            .map(|(t, m)| {
+                                let ids = &ids;
+                                scope.spawn(move || -> Result<()> {
+                                    for batch in ids.chunks(BATCH).skip(t).step_by(threads) {
+                                        pollster::block_on(m.embed_ids(&CpuBackend, batch))?;
+                                    }
+                                    Ok(())
+                                })
+                            })
+                            .collect();
+                        running.into_iter().try_for_each(|r| {
+                            r.join()
+                                .map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))?
+                        })
+                    })
+                })?;
+                out.push(record(&name, task, "sentences/s", ids.len() as f64 / secs));
+            }
+        }};
+    }
+    match precision {
+        Precision::Exact => run!(
+            crate::run::load_exact_embedder(&CpuBackend, &dir, "all-MiniLM-L6-v2"),
+            |m: &tabula_models::exact::ExactEmbedder<CpuBackend>, list: &[String]| {
+                list.iter()
+                    .map(|t| Ok(m.tokenizer.encode(t)?))
+                    .collect::<Result<Vec<Vec<u32>>>>()
+            }
+        ),
+        Precision::Fast => run!(
+            crate::run::load_embedder(&CpuBackend, &dir, "all-MiniLM-L6-v2"),
+            |m: &tabula_models::bert::SentenceEmbedder<CpuBackend>, list: &[String]| {
+                Ok::<_, anyhow::Error>(m.tokenize(list)?)
+            }
+        ),
     }
     Ok(out)
 }

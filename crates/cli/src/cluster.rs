@@ -330,6 +330,11 @@ pub struct WorkerArgs {
     /// keeps less work waiting if you stop (waiting units are given back on Ctrl-C).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=native::MAX_UNITS_IN_FLIGHT as i64))]
     units_in_flight: u32,
+    /// Compute threads: units computed side by side, each thread with its own copy of the
+    /// model (MiniLM: 23 MB in exact precision, SmolLM2: 135 MB). At least this many units
+    /// are held. [default: every core with `--backend cpu`, 1 with `--backend gpu`]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=tabula_worker::exec::MAX_THREADS as i64))]
+    threads: Option<u32>,
     /// The most model weights this worker holds, in MiB (0: no limit). A model larger than
     /// that is split by the coordinator into pipeline stages that fit (with `--pipeline auto`).
     #[arg(long, default_value_t = 0)]
@@ -376,11 +381,34 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         BackendChoice::Cpu => "cpu",
         BackendChoice::Gpu => "gpu",
     };
+    let threads = match (args.threads, args.backend) {
+        (Some(n), _) => n as usize,
+        (None, BackendChoice::Cpu) => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(tabula_worker::exec::MAX_THREADS),
+        (None, BackendChoice::Gpu) => 1,
+    };
+    let kernel = tabula_engine::exact::kernels::Kernel::active();
+    if precision == Precision::Exact && matches!(args.backend, BackendChoice::Cpu) {
+        // Every int8 kernel this processor has must give the reference's bits, or this
+        // worker's exact results would be struck as lies.
+        let diffs = tabula_engine::exact::selfcheck::compare_cpu_kernels()?;
+        if !diffs.is_empty() {
+            anyhow::bail!(
+                "this processor's int8 kernels disagree with the reference ({}), so its exact \
+                 results would be struck; `--precision fast` still works. Please report it with \
+                 the output of `lscpu`",
+                diffs.join("; ")
+            );
+        }
+    }
     eprintln!(
-        "worker {} → {} ({backend_name}, {} precision); key in {}",
+        "worker {} → {} ({backend_name}, {} precision, {threads} compute thread{}, int8 kernel \
+         {kernel}); key in {}",
         identity.public(),
         args.coordinator,
         precision.as_str(),
+        if threads == 1 { "" } else { "s" },
         state_dir.display()
     );
     let options = WorkerOptions {
@@ -391,6 +419,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         agent: format!("tabula-cli/{} {backend_name}", env!("CARGO_PKG_VERSION")),
         max_units: args.max_units,
         units_in_flight: args.units_in_flight as usize,
+        threads,
         stages: !args.no_stages,
         max_model_mb: args.max_model_mb,
         member: tabula_worker::member::MemberOptions {

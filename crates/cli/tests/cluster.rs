@@ -3353,6 +3353,7 @@ fn lying_stage_worker_in(
         agent: format!("liar {tamper:?}"),
         max_units: None,
         units_in_flight: 1,
+        threads: 1,
         stages: true,
         max_model_mb: 0,
         member: tabula_worker::member::MemberOptions {

@@ -231,6 +231,7 @@ impl Volunteer {
                 max_model_mb: 0,
                 // One unit at a time: the page's throttle rests between units.
                 units_held: 1,
+                parallel: 1,
                 memberships: 1,
             },
         );

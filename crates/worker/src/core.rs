@@ -26,12 +26,19 @@ pub struct CoreOptions {
     pub max_model_mb: u32,
     /// Units held at once (computing and waiting), 1 to [`MAX_UNITS_HELD`].
     pub units_held: usize,
+    /// Units computed at once (side by side, one per compute thread), 1 to
+    /// [`MAX_PARALLEL`]; at most `units_held`.
+    pub parallel: usize,
     /// Pipeline sessions served at once, 1 to [`MAX_MEMBERSHIPS`].
     pub memberships: usize,
 }
 
 /// The most units a worker holds at once.
 pub const MAX_UNITS_HELD: usize = 16;
+/// The most units a worker computes at once (the coordinator leases at most 16 units to a key
+/// by default).
+pub const MAX_PARALLEL: usize = 16;
+const _: () = assert!(MAX_PARALLEL <= MAX_UNITS_HELD);
 /// The most pipeline stages a worker serves at once.
 pub const MAX_MEMBERSHIPS: usize = 4;
 
@@ -120,9 +127,10 @@ pub enum Meaning {
 pub struct WorkerCore {
     key: PublicKey,
     options: CoreOptions,
-    /// The unit being computed. Invariant: `computing.is_some() || waiting.is_empty()` once
-    /// [`WorkerCore::next_unit`] has been called after each change.
-    computing: Option<Assignment>,
+    /// The units being computed, oldest first. Invariants: `len() <= options.parallel`, and
+    /// `len() == options.parallel || waiting.is_empty()` once [`WorkerCore::next_unit`] has
+    /// returned `None` after each change.
+    computing: Vec<Assignment>,
     /// Units leased and waiting their turn. Invariant: held units ≤ `options.units_held`.
     waiting: VecDeque<Assignment>,
     /// Sessions whose member runs. Invariant: ≤ `options.memberships`.
@@ -132,12 +140,13 @@ pub struct WorkerCore {
 
 impl WorkerCore {
     pub fn new(key: PublicKey, mut options: CoreOptions) -> Self {
-        options.units_held = options.units_held.clamp(1, MAX_UNITS_HELD);
+        options.parallel = options.parallel.clamp(1, MAX_PARALLEL);
+        options.units_held = options.units_held.clamp(options.parallel, MAX_UNITS_HELD);
         options.memberships = options.memberships.clamp(1, MAX_MEMBERSHIPS);
         Self {
             key,
             options,
-            computing: None,
+            computing: Vec::new(),
             waiting: VecDeque::new(),
             members: BTreeSet::new(),
             stats: Stats::default(),
@@ -156,7 +165,7 @@ impl WorkerCore {
 
     /// Units held now (computing and waiting).
     pub fn held(&self) -> usize {
-        usize::from(self.computing.is_some()) + self.waiting.len()
+        self.computing.len() + self.waiting.len()
     }
 
     /// Room for more units.
@@ -164,16 +173,18 @@ impl WorkerCore {
         self.options.units_held - self.held()
     }
 
-    /// The unit being computed, if any.
+    /// The oldest unit being computed, if any.
     pub fn computing(&self) -> Option<&Assignment> {
-        self.computing.as_ref()
+        self.computing.first()
     }
 
-    /// Starts the next waiting unit when none computes; returns it (to compute).
+    /// Starts the next waiting unit when fewer than `parallel` compute; returns it (to
+    /// compute). Call until it returns `None`.
     pub fn next_unit(&mut self) -> Option<&Assignment> {
-        if self.computing.is_none() {
-            self.computing = self.waiting.pop_front();
-            return self.computing.as_ref();
+        if self.computing.len() < self.options.parallel {
+            let next = self.waiting.pop_front()?;
+            self.computing.push(next);
+            return self.computing.last();
         }
         None
     }
@@ -211,18 +222,14 @@ impl WorkerCore {
     }
 
     fn take_computing(&mut self, lease: LeaseId) -> Option<Assignment> {
-        if self.computing.as_ref().map(|a| a.lease) == Some(lease) {
-            self.computing.take()
-        } else {
-            None
-        }
+        let at = self.computing.iter().position(|a| a.lease == lease)?;
+        Some(self.computing.remove(at))
     }
 
     /// Gives back every unit held (shutdown, or a run that has submitted what it should).
     pub fn release_all(&mut self) -> Vec<ToCoordinator> {
         self.computing
-            .take()
-            .into_iter()
+            .drain(..)
             .chain(self.waiting.drain(..))
             .map(|a| ToCoordinator::Release { lease: a.lease })
             .collect()
@@ -430,6 +437,7 @@ mod tests {
                 stages,
                 max_model_mb: 0,
                 units_held: units,
+                parallel: 1,
                 memberships: 1,
             },
         );
@@ -476,6 +484,45 @@ mod tests {
         assert_eq!(core.next_unit().map(|a| a.lease), Some(Bytes([2; 16])));
         assert_eq!(core.release_all().len(), 1);
         assert_eq!(core.held(), 0);
+    }
+
+    #[test]
+    fn units_compute_side_by_side_up_to_the_threads_and_the_rest_wait() {
+        let id = Identity::from_seed([3; 32]);
+        let options = |units_held, parallel| CoreOptions {
+            agent: "test".into(),
+            precisions: vec![Precision::Exact],
+            stages: false,
+            max_model_mb: 0,
+            units_held,
+            parallel,
+            memberships: 1,
+        };
+        // Fewer units held than threads: each thread still gets one.
+        let core = WorkerCore::new(id.public(), options(1, 3));
+        assert_eq!((core.options().units_held, core.wants_units()), (3, 3));
+        let mut core = WorkerCore::new(id.public(), options(4, 2));
+        for lease in 1..=4 {
+            assert!(matches!(
+                core.on_frame(&id, ToWorker::Assign(assignment(lease))),
+                Meaning::Unit
+            ));
+        }
+        assert_eq!(core.next_unit().map(|a| a.lease), Some(Bytes([1; 16])));
+        assert_eq!(core.next_unit().map(|a| a.lease), Some(Bytes([2; 16])));
+        assert!(core.next_unit().is_none(), "two threads");
+        // The second finishes first: its thread takes the third unit.
+        assert!(core.submit(&id, Bytes([2; 16]), vec![2]).is_some());
+        assert_eq!(core.next_unit().map(|a| a.lease), Some(Bytes([3; 16])));
+        assert!(core.next_unit().is_none());
+        assert!(core.release(Bytes([1; 16])).is_some());
+        assert_eq!(core.next_unit().map(|a| a.lease), Some(Bytes([4; 16])));
+        assert_eq!(core.held(), 2);
+        assert_eq!(core.release_all().len(), 2);
+        // Out-of-range options are clamped.
+        let core = WorkerCore::new(id.public(), options(0, 1000));
+        assert_eq!(core.options().parallel, MAX_PARALLEL);
+        assert_eq!(core.options().units_held, MAX_UNITS_HELD);
     }
 
     #[test]

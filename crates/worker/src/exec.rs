@@ -247,39 +247,64 @@ fn load<B: Backend + ExactBackend>(
 /// A reply to a task sent to an [`ExecutorThread`].
 pub type Reply = Box<dyn FnOnce(Result<UnitOutput, WorkerError>) + Send>;
 
-/// A thread that owns a backend and its loaded models (GPU handles and models stay on one
-/// thread; only tasks and outputs cross), computing the tasks sent to it in order.
+/// Threads that each own a backend and its loaded models (GPU handles and models stay on
+/// one thread; only tasks and outputs cross), taking the tasks sent to them in order: with
+/// `threads` of them, that many tasks compute side by side.
 #[derive(Clone)]
 pub struct ExecutorThread {
     jobs: std::sync::mpsc::Sender<(Task, Reply)>,
 }
 
+/// The most compute threads a worker runs.
+pub const MAX_THREADS: usize = crate::core::MAX_PARALLEL;
+
 impl ExecutorThread {
-    /// Starts the thread; `make` runs on it once. If `make` fails, every task gets its error.
+    /// Starts one thread; `make` runs on it once. If `make` fails, every task gets its error.
     pub fn spawn<B, F>(make: F, files: std::sync::Arc<dyn FileSource + Send + Sync>) -> Self
     where
         B: Backend + ExactBackend,
-        F: FnOnce() -> Result<Executor<B>, WorkerError> + Send + 'static,
+        F: Fn() -> Result<Executor<B>, WorkerError> + Send + Sync + 'static,
+    {
+        Self::spawn_pool(make, files, 1)
+    }
+
+    /// Starts `threads` threads (1 to [`MAX_THREADS`]), each with its own executor from
+    /// `make`, sharing one queue.
+    pub fn spawn_pool<B, F>(
+        make: F,
+        files: std::sync::Arc<dyn FileSource + Send + Sync>,
+        threads: usize,
+    ) -> Self
+    where
+        B: Backend + ExactBackend,
+        F: Fn() -> Result<Executor<B>, WorkerError> + Send + Sync + 'static,
     {
         let (jobs, queue) = std::sync::mpsc::channel::<(Task, Reply)>();
-        std::thread::Builder::new()
-            .name("tabula-executor".into())
-            .spawn(move || {
-                let mut executor = match make() {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let message = e.to_string();
-                        for (_, reply) in queue {
-                            reply(Err(WorkerError::Model(message.clone())));
+        let queue = std::sync::Arc::new(std::sync::Mutex::new(queue));
+        let make = std::sync::Arc::new(make);
+        for i in 0..threads.clamp(1, MAX_THREADS) {
+            let (queue, make, files) = (queue.clone(), make.clone(), files.clone());
+            std::thread::Builder::new()
+                .name(format!("tabula-executor-{i}"))
+                .spawn(move || {
+                    // The lock is held only to take the next task, never while computing.
+                    let next = || queue.lock().ok()?.recv().ok();
+                    let mut executor = match make() {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let message = e.to_string();
+                            while let Some((_, reply)) = next() {
+                                reply(Err(WorkerError::Model(message.clone())));
+                            }
+                            return;
                         }
-                        return;
+                    };
+                    while let Some((task, reply)) = next() {
+                        reply(executor.run(&task, files.as_ref()));
                     }
-                };
-                for (task, reply) in queue {
-                    reply(executor.run(&task, files.as_ref()));
-                }
-            })
-            .expect("spawning the executor thread");
+                })
+                .expect("spawning an executor thread");
+        }
         Self { jobs }
     }
 

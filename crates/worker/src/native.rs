@@ -41,6 +41,10 @@ pub struct WorkerOptions {
     /// and waiting their turn, so that the next unit is already here when one finishes
     /// instead of a round trip to the coordinator later.
     pub units_in_flight: usize,
+    /// Compute threads: units computed side by side, each on its own thread with its own
+    /// copy of the models (1 to [`crate::exec::MAX_THREADS`]). At least `units_in_flight`
+    /// units are held, so that each thread has one.
+    pub threads: usize,
     /// Take pipeline stages ([`crate::member`]).
     pub stages: bool,
     /// The most model weights this worker holds, in MiB (0: no limit declared); the
@@ -178,7 +182,7 @@ enum End {
 pub use crate::core::Stats;
 
 /// Runs the volunteer loop until `shutdown` turns true (or `max_units` are submitted).
-/// `make_executor` runs once, on the executor thread.
+/// `make_executor` runs once on each compute thread.
 pub async fn run<B, F>(
     make_executor: F,
     identity: Identity,
@@ -188,14 +192,14 @@ pub async fn run<B, F>(
 ) -> Result<Stats, WorkerError>
 where
     B: Backend + ExactBackend,
-    F: FnOnce() -> Result<Executor<B>, WorkerError> + Send + 'static,
+    F: Fn() -> Result<Executor<B>, WorkerError> + Send + Sync + 'static,
 {
     let url = socket_url(&options.coordinator)?;
     let cache = Arc::new(WeightCache::new(
         &options.state_dir,
         &http_url(&options.coordinator),
     ));
-    let executor = ExecutorThread::spawn(make_executor, cache.clone());
+    let executor = ExecutorThread::spawn_pool(make_executor, cache.clone(), options.threads);
     let files: Arc<dyn FileSource + Send + Sync> = cache.clone();
     let identity = Arc::new(identity);
     let mut core = WorkerCore::new(
@@ -206,6 +210,7 @@ where
             stages: options.stages,
             max_model_mb: options.max_model_mb,
             units_held: options.units_in_flight,
+            parallel: options.threads,
             memberships: crate::core::MAX_MEMBERSHIPS,
         },
     );
@@ -257,40 +262,53 @@ struct Session<'a> {
 
 type Computation = tokio::sync::oneshot::Receiver<Result<Vec<u8>, WorkerError>>;
 
-/// The computation of the unit the core says is computing: its lease, when it started and
-/// the executor's answer to come. It outlives a session: when the connection drops mid-unit,
-/// the computation goes on and its result is submitted after reconnecting, and the units
-/// waiting in the core are computed after it (a lease is bound to the worker's key, not to
-/// the connection).
+/// The computations of the units the core says are computing: each one's lease, when it
+/// started and the executor's answer to come. They outlive a session: when the connection
+/// drops mid-unit, the computations go on and their results are submitted after
+/// reconnecting, and the units waiting in the core are computed after them (a lease is bound
+/// to the worker's key, not to the connection).
 #[derive(Default)]
-struct Running(Option<(LeaseId, std::time::Instant, Computation)>);
+struct Running(Vec<(LeaseId, std::time::Instant, Computation)>);
 
 impl Running {
-    /// Starts the core's next unit when nothing computes.
+    /// Starts the core's next units while it has compute threads free.
     fn start_next(
         &mut self,
         core: &mut WorkerCore,
         executor: &ExecutorThread,
         events: &mpsc::UnboundedSender<WorkerEvent>,
     ) -> Result<(), WorkerError> {
-        if self.0.is_some() {
-            return Ok(());
+        while let Some(a) = core.next_unit() {
+            let _ = events.send(WorkerEvent::Computing {
+                model: a.task.model().name.clone(),
+            });
+            let (reply, handle) = tokio::sync::oneshot::channel();
+            executor.submit(
+                a.task.clone(),
+                Box::new(move |r| {
+                    let _ = reply.send(r.map(|o| o.encode()));
+                }),
+            )?;
+            self.0.push((a.lease, std::time::Instant::now(), handle));
         }
-        let Some(a) = core.next_unit() else {
-            return Ok(());
-        };
-        let _ = events.send(WorkerEvent::Computing {
-            model: a.task.model().name.clone(),
-        });
-        let (reply, handle) = tokio::sync::oneshot::channel();
-        executor.submit(
-            a.task.clone(),
-            Box::new(move |r| {
-                let _ = reply.send(r.map(|o| o.encode()));
-            }),
-        )?;
-        self.0 = Some((a.lease, std::time::Instant::now(), handle));
         Ok(())
+    }
+
+    /// The next computation to finish: its lease, start and answer. Pending while none runs.
+    async fn next_done(
+        &mut self,
+    ) -> (
+        LeaseId,
+        std::time::Instant,
+        Result<Result<Vec<u8>, WorkerError>, tokio::sync::oneshot::error::RecvError>,
+    ) {
+        if self.0.is_empty() {
+            return std::future::pending().await;
+        }
+        let (done, at, _) =
+            futures_util::future::select_all(self.0.iter_mut().map(|(_, _, h)| h)).await;
+        let (lease, started, _) = self.0.remove(at);
+        (lease, started, done)
     }
 }
 
@@ -389,7 +407,7 @@ impl Session<'_> {
                     send!(frame);
                 }
                 _ = shutdown.changed() => {
-                    running.0 = None;
+                    running.0.clear();
                     for release in core.release_all() {
                         send!(release);
                     }
@@ -401,8 +419,7 @@ impl Session<'_> {
                     ask_again = None;
                     ask!();
                 }
-                done = async { (&mut running.0.as_mut().expect("guarded").2).await }, if running.0.is_some() => {
-                    let (lease, started, _) = running.0.take().expect("guarded");
+                (lease, started, done) = running.next_done() => {
                     match done {
                         Ok(Ok(output)) => {
                             if let Some(submit) = core.submit(&self.identity, lease, output) {

@@ -29,13 +29,10 @@ fn scale_at(words: &[i32], index: usize) -> GroupScale {
     }
 }
 
-/// `Σ a[i] · b[i]` over int8 slices.
+/// `Σ a[i] · b[i]` over int8 slices. Callers run inside [`vectorized`], where the generic
+/// loop becomes vector code; the relaxed-SIMD wasm build has its own.
+#[inline(always)]
 fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above); safe slice code only.
-        return unsafe { dot_i8_avx2(a, b) };
-    }
     #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
     return dot_i8_relaxed(a, b);
     #[allow(unreachable_code)]
@@ -72,10 +69,29 @@ fn dot_i8_relaxed(a: &[i8], b: &[i8]) -> i32 {
         .wrapping_add(dot_i8_generic(&a[split..len], &b[split..len]))
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dot_i8_avx2(a: &[i8], b: &[i8]) -> i32 {
-    dot_i8_generic(a, b)
+/// `floor(n / d)` for every `u32` `n` and one `d > 0`, by a multiply (Granlund and
+/// Montgomery, 1994): with `2^(l-1) < d <= 2^l`, `s = 32 + l` and `magic = ceil(2^s / d)`,
+/// `magic · d - 2^s < d <= 2^(s - 32)`, so `(n · magic) >> s` is exact for every `n < 2^32`.
+#[derive(Clone, Copy, Debug)]
+struct DivideBy {
+    magic: u64,
+    shift: u32,
+}
+
+impl DivideBy {
+    fn new(d: u32) -> DivideBy {
+        assert!(d > 0, "division by zero");
+        let shift = 32 + bit_len(d - 1);
+        DivideBy {
+            magic: (1u128 << shift).div_ceil(u128::from(d)) as u64,
+            shift,
+        }
+    }
+
+    #[inline(always)]
+    fn floor(self, n: u32) -> u32 {
+        ((u128::from(n) * u128::from(self.magic)) >> self.shift) as u32
+    }
 }
 
 /// A plain widening dot product: the compiler turns it into `pmaddwd` (x86) or
@@ -368,8 +384,9 @@ impl ExactBackend for CpuBackend {
                                 *s = e as i32;
                             }
                             acc.fill(0);
+                            let divide = DivideBy::new(sum);
                             for (j, &e) in scores.iter().enumerate() {
-                                let prob = ((e as u32) << 16).wrapping_add(sum / 2) / sum;
+                                let prob = divide.floor(((e as u32) << 16).wrapping_add(sum / 2));
                                 let vg = (b * p.kv_rows + j) * p.kv_heads + kvh;
                                 let w = value_weight(prob, scale_at(vs, vg));
                                 for (a, &vq) in acc.iter_mut().zip(&vd[vg * hd..(vg + 1) * hd]) {
@@ -461,5 +478,43 @@ pub(crate) fn norm_row(x: &[i32], gamma: &[i32], beta: Option<&[i32]>, frac: u32
         let nrm = mul_shift(xc, inv, 18 - t + s);
         let y = mul_shift(nrm, gamma[i], 2 * NORM_FRAC as i32 - frac as i32);
         *o = y.wrapping_add(beta.map_or(0, |b| b[i]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn division_by_multiply_is_exact() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u32
+        };
+        let mut divisors = vec![
+            1,
+            2,
+            3,
+            7,
+            32768,
+            32769,
+            65535,
+            u32::MAX,
+            u32::MAX - 1,
+            1 << 31,
+        ];
+        divisors.extend((0..200).map(|_| next() >> (next() % 32)).filter(|&d| d > 0));
+        for d in divisors {
+            let div = DivideBy::new(d);
+            let mut ns = vec![0, 1, d - 1, d, u32::MAX, u32::MAX - 1];
+            ns.extend(d.checked_mul(3).map(|x| x - 1));
+            ns.extend((0..2000).map(|_| next()));
+            for n in ns {
+                assert_eq!(div.floor(n), n / d, "{n} / {d}");
+            }
+        }
     }
 }

@@ -133,6 +133,7 @@ pub struct GroupScale {
 
 /// Quantises one group of Fx values to int8: `q = round(|x >> shift| · 127 / reduced)` with
 /// the sign of `x`, where `reduced = amax >> shift < 2^15`.
+#[inline(always)]
 pub fn quantize_group(x: &[i32], out: &mut [i8]) -> GroupScale {
     let amax = x.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0);
     let shift = bit_len(amax).saturating_sub(15);
@@ -146,9 +147,7 @@ pub fn quantize_group(x: &[i32], out: &mut [i8]) -> GroupScale {
         // magic·d - 2^s < d <= 2^(s - 23), so (n · magic) >> s is exact for every n < 2^23.
         // A 32 × 32-bit product per value, which vectorises. Checked against the division in
         // the tests.
-        let d = 2 * reduced;
-        let s = 23 + bit_len(d - 1);
-        let magic = (1u64 << s).div_ceil(u64::from(d)) as u32;
+        let (magic, s) = quantize_magic(reduced);
         for (q, &v) in out.iter_mut().zip(x) {
             let n = (v.unsigned_abs() >> shift) * 2 * Q_MAX as u32 + reduced;
             let r = ((u64::from(n) * u64::from(magic)) >> s) as i32;
@@ -160,6 +159,21 @@ pub fn quantize_group(x: &[i32], out: &mut [i8]) -> GroupScale {
         reduced: reduced as i32,
         shift: shift as i32,
     }
+}
+
+/// `(magic, s)` of [`quantize_group`] for `reduced` in `1..2^15`, from a table computed once
+/// (a 64-bit division per group would cost more than the group's multiplies).
+fn quantize_magic(reduced: u32) -> (u32, u32) {
+    static TABLE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..1u32 << 15)
+            .map(|r| {
+                let d = 2 * r.max(1);
+                (1u64 << (23 + bit_len(d - 1))).div_ceil(u64::from(d)) as u32
+            })
+            .collect()
+    });
+    (table[reduced as usize], 23 + bit_len(2 * reduced - 1))
 }
 
 /// Requantises an int8·int8 sum to Fx: `acc · scale_x · scale_w` where the activation group

@@ -5,10 +5,11 @@
 use std::cell::RefCell;
 
 use crate::{
-    AttentionParams, Result,
+    AttentionParams, Result, Shaped,
     cpu::CpuBackend,
     exact::{
         ActTable, ExactBackend, QActs, QMatrix, QNorm, RopeTable, ScoreScale, WeightLayout,
+        kernels::{Kernel, with_kernel},
         split_scale,
     },
     gpu::GpuBackend,
@@ -125,6 +126,57 @@ impl Pair<'_> {
     }
 }
 
+/// Every int8 matrix kernel this processor has ([`Kernel::supported_all`]) against the
+/// reference kernel on pseudo-random products (every tail of tile and block, one scale per
+/// row and per block, with and without bias): the kernels whose bits differ, empty when all
+/// agree. Cheap (milliseconds): a worker runs it before computing in exact precision.
+pub fn compare_cpu_kernels() -> Result<Vec<String>> {
+    let cpu = CpuBackend;
+    let mut diffs = Vec::new();
+    for (m, k, n, bits, group, w_group, bias) in [
+        (1, 384, 40, 20, 32, 384, false),
+        (7, 128, 33, 24, 32, 32, true),
+        (5, 64, 17, 31, 16, 64, true),
+        (4, 96, 16, 3, 32, 96, false),
+    ] {
+        let x = cpu.upload_int(&ints(m * k, 30 + m as u64, bits), &[m, k])?;
+        let q = cpu.quantize(&x, group)?;
+        let data: Vec<i32> = words(n * k / 4, 40 + n as u64)
+            .into_iter()
+            .map(|w| w as i32)
+            .collect();
+        let mut requant = Vec::new();
+        for (i, w) in words(n * k / w_group, 41 + n as u64)
+            .into_iter()
+            .enumerate()
+        {
+            let (mult, exp) = split_scale(1e-5 * (1.0 + (w % 1000) as f64 / 100.0))?;
+            requant.extend([mult, exp + (i % 3) as i32]);
+        }
+        let w = cpu.prepare_qmatrix(QMatrix {
+            rows: n,
+            cols: k,
+            group: w_group,
+            data: cpu.upload_int(&data, &[n, k / 4])?,
+            requant: cpu.upload_int(&requant, &[n, k / w_group, 2])?,
+            bias: bias
+                .then(|| cpu.upload_int(&ints(n, 42, 20), &[n]))
+                .transpose()?,
+            layout: WeightLayout::Rows,
+        })?;
+        let want = with_kernel(Kernel::Scalar, || cpu.qlinear(&q, &w)).expect("always")?;
+        for kernel in Kernel::supported_all() {
+            let got = with_kernel(kernel, || cpu.qlinear(&q, &w)).expect("supported")?;
+            if got.data() != want.data() || got.shape() != want.shape() {
+                diffs.push(format!(
+                    "qlinear {m}x{k}x{n} groups {group}/{w_group}: {kernel} differs from scalar"
+                ));
+            }
+        }
+    }
+    Ok(diffs)
+}
+
 /// Runs every exact op on `gpu` and on the CPU with pseudo-random inputs (every magnitude,
 /// odd shapes, extreme operands) and returns the ops whose bits differ; empty when all agree.
 pub async fn compare_with_cpu(gpu: &GpuBackend) -> Result<Vec<String>> {
@@ -163,24 +215,33 @@ pub async fn compare_with_cpu(gpu: &GpuBackend) -> Result<Vec<String>> {
         let q = p.quantize(&x, group).await?;
         for (bias, w_group) in [(false, k), (true, k), (true, group)] {
             let w = p.matrix(n, k, w_group, 20 + n as u64, bias)?;
-            let c = CpuBackend.qlinear(&q.0, &w.0)?;
             let g = p.gpu.qlinear(&q.1, &w.1)?;
-            p.same(
-                &format!("qlinear {m}x{k}x{n} groups {group}/{w_group}"),
-                &c,
-                &g,
-            )
-            .await?;
+            // Every CPU kernel this processor has, on the packed weights.
+            let packed = CpuBackend.prepare_qmatrix(w.0.clone())?;
+            for kernel in Kernel::supported_all() {
+                let c = with_kernel(kernel, || CpuBackend.qlinear(&q.0, &packed))
+                    .expect("a supported kernel")?;
+                p.same(
+                    &format!("qlinear {m}x{k}x{n} groups {group}/{w_group} ({kernel})"),
+                    &c,
+                    &g,
+                )
+                .await?;
+            }
         }
     }
 
     // Embedding lookups.
     let table = p.matrix(50, 64, 32, 7, false)?;
     let ids = [0u32, 49, 3, 3, 17];
+    let g = p.gpu.qembedding(&table.1, &ids)?;
+    p.same("qembedding", &CpuBackend.qembedding(&table.0, &ids)?, &g)
+        .await?;
+    let packed = CpuBackend.prepare_qmatrix(table.0.clone())?;
     p.same(
-        "qembedding",
-        &CpuBackend.qembedding(&table.0, &ids)?,
-        &p.gpu.qembedding(&table.1, &ids)?,
+        "qembedding (packed)",
+        &CpuBackend.qembedding(&packed, &ids)?,
+        &g,
     )
     .await?;
     let plain = p.up(&ints(50 * 8, 8, 30), &[50, 8])?;

@@ -250,3 +250,9 @@ fn in_range_requantisation_equals_the_general_one() {
         );
     }
 }
+
+#[test]
+fn the_self_check_of_the_cpu_kernels_passes_and_covers_every_supported_kernel() {
+    let diffs = crate::exact::selfcheck::compare_cpu_kernels().expect("runs");
+    assert!(diffs.is_empty(), "{diffs:?}");
+}

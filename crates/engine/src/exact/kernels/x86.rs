@@ -50,24 +50,40 @@ pub(super) fn qlinear(kernel: Kernel, job: &Job<'_>, out: &mut [i32]) {
     while r < job.m {
         let rows = (job.m - r).min(MR);
         macro_rules! tile {
-            ($f:ident) => {
-                // SAFETY: `kernel.supported()` (asserted above) checked the features `$f`
-                // is compiled with.
+            ($f4:ident, $f3:ident, $f2:ident, $f1:ident) => {
+                // SAFETY: `kernel.supported()` (asserted above) checked the features these
+                // functions are compiled with.
                 unsafe {
                     match rows {
-                        4 => $f::<4>(job, &sums, r, out),
-                        3 => $f::<3>(job, &sums, r, out),
-                        2 => $f::<2>(job, &sums, r, out),
-                        _ => $f::<1>(job, &sums, r, out),
+                        4 => $f4(job, &sums, r, out),
+                        3 => $f3(job, &sums, r, out),
+                        2 => $f2(job, &sums, r, out),
+                        _ => $f1(job, &sums, r, out),
                     }
                 }
             };
         }
         match (kernel, vnni256) {
-            (Kernel::Avx512Vnni, _) => tile!(tile_avx512),
-            (Kernel::AvxVnni, Some(Vnni256::Vex)) => tile!(tile_avx_vnni),
-            (Kernel::AvxVnni, _) => tile!(tile_avx512_vl),
-            _ => tile!(tile_avx2),
+            (Kernel::Avx512Vnni, _) => {
+                tile!(tile_avx512_4, tile_avx512_3, tile_avx512_2, tile_avx512_1)
+            }
+            (Kernel::AvxVnni, Some(Vnni256::Vex)) => {
+                tile!(
+                    tile_avx_vnni_4,
+                    tile_avx_vnni_3,
+                    tile_avx_vnni_2,
+                    tile_avx_vnni_1
+                )
+            }
+            (Kernel::AvxVnni, _) => {
+                tile!(
+                    tile_avx512_vl_4,
+                    tile_avx512_vl_3,
+                    tile_avx512_vl_2,
+                    tile_avx512_vl_1
+                )
+            }
+            _ => tile!(tile_avx2_4, tile_avx2_3, tile_avx2_2, tile_avx2_1),
         }
         r += rows;
     }
@@ -81,7 +97,6 @@ fn bias_lanes(bias: Option<&[i32]>, first: usize, valid: usize) -> [i32; LANES] 
     }
     lanes
 }
-
 
 /// Sixteen sums of one group requantised and added to `y`: [`super::requantize_in_range`]
 /// for each lane. `me`/`mo`: the multipliers of the even/odd channels in 64-bit lanes,
@@ -129,54 +144,70 @@ fn scales16(p: &[i32]) -> (__m512i, __m512i, __m512i, __m512i) {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn tile_avx512<const R: usize>(job: &Job<'_>, sums: &[i32], r0: usize, out: &mut [i32]) {
-    let s = job.shape;
-    let (k, n, groups) = (s.cols, s.rows, job.groups());
-    let quads = job.group / 4;
-    let per_scale = s.group / job.group;
-    let block_bytes = s.quads() * 4 * LANES;
-    let block_scales = s.w_blocks() * 2 * LANES;
-    let kq = k / 4;
-    let x = &job.x[r0 * kq..(r0 + R) * kq];
-    let xs = &job.x_scales[2 * r0 * groups..2 * (r0 + R) * groups];
-    let sums = &sums[r0 * groups..(r0 + R) * groups];
-    for b in 0..s.blocks() {
-        let valid = (n - b * LANES).min(LANES);
-        let wblock = &job.w[b * block_bytes..(b + 1) * block_bytes];
-        let scales = &job.requant[b * block_scales..(b + 1) * block_scales];
-        let init = bias_lanes(job.bias, b * LANES, valid);
-        // SAFETY: `init` is 16 words; `loadu` has no alignment requirement.
-        let mut y = [unsafe { _mm512_loadu_si512(init.as_ptr().cast()) }; R];
-        for g in 0..groups {
-            let mut acc = [_mm512_setzero_si512(); R];
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_set1_epi32(sums[i * groups + g].wrapping_mul(-128));
-            }
-            let wg = &wblock[g * quads * 64..(g + 1) * quads * 64];
-            for q in 0..quads {
-                // SAFETY: `wg` has `quads · 64` bytes; `loadu` has no alignment requirement.
-                let wv = unsafe { _mm512_loadu_si512(wg[q * 64..].as_ptr().cast()) };
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xq = _mm512_set1_epi32(x[i * kq + g * quads + q]);
-                    *a = _mm512_dpbusd_epi32(*a, wv, xq);
+/// A tile of `$r` rows (`$i`: `0..$r`, spelled out so that every sum and output stays in a
+/// register) against each block of sixteen channels, with AVX-512 VNNI.
+macro_rules! tile512 {
+    ($name:ident, $r:literal, [$($i:literal),*]) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        fn $name(job: &Job<'_>, sums: &[i32], r0: usize, out: &mut [i32]) {
+            const R: usize = $r;
+            let s = job.shape;
+            let (k, n, groups) = (s.cols, s.rows, job.groups());
+            let quads = job.group / 4;
+            let per_scale = s.group / job.group;
+            let block_bytes = s.quads() * 4 * LANES;
+            let block_scales = s.w_blocks() * 2 * LANES;
+            let kq = k / 4;
+            let x = &job.x[r0 * kq..(r0 + R) * kq];
+            let xs = &job.x_scales[2 * r0 * groups..2 * (r0 + R) * groups];
+            let sums = &sums[r0 * groups..(r0 + R) * groups];
+            for b in 0..s.blocks() {
+                let valid = (n - b * LANES).min(LANES);
+                let wblock = &job.w[b * block_bytes..(b + 1) * block_bytes];
+                let scales = &job.requant[b * block_scales..(b + 1) * block_scales];
+                let init = bias_lanes(job.bias, b * LANES, valid);
+                // SAFETY: `init` is 16 words; `loadu` has no alignment requirement.
+                let mut y = [unsafe { _mm512_loadu_si512(init.as_ptr().cast()) }; R];
+                for g in 0..groups {
+                    let mut acc = [_mm512_setzero_si512(); R];
+                    $(acc[$i] = _mm512_set1_epi32(sums[$i * groups + g].wrapping_mul(-128));)*
+                    let wg = &wblock[g * quads * 64..(g + 1) * quads * 64];
+                    let xg = g * quads;
+                    for q in 0..quads {
+                        // SAFETY: `wg` has `quads · 64` bytes; `loadu` has no alignment
+                        // requirement.
+                        let wv = unsafe { _mm512_loadu_si512(wg[q * 64..].as_ptr().cast()) };
+                        $(acc[$i] = _mm512_dpbusd_epi32(
+                            acc[$i],
+                            wv,
+                            _mm512_set1_epi32(x[$i * kq + xg + q]),
+                        );)*
+                    }
+                    let p = scales16(&scales[(g / per_scale) * 2 * LANES..]);
+                    $(y[$i] = requant16(
+                        acc[$i],
+                        y[$i],
+                        p,
+                        xs[2 * ($i * groups + g)],
+                        xs[2 * ($i * groups + g) + 1],
+                    );)*
+                }
+                for (i, yi) in y.iter().enumerate() {
+                    let mut lanes = [0i32; LANES];
+                    // SAFETY: `lanes` is 16 words; `storeu` has no alignment requirement.
+                    unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), *yi) };
+                    let at = (r0 + i) * n + b * LANES;
+                    out[at..at + valid].copy_from_slice(&lanes[..valid]);
                 }
             }
-            let p = scales16(&scales[(g / per_scale) * 2 * LANES..]);
-            for (i, (yi, a)) in y.iter_mut().zip(acc).enumerate() {
-                let at = 2 * (i * groups + g);
-                *yi = requant16(a, *yi, p, xs[at], xs[at + 1]);
-            }
         }
-        for (i, yi) in y.iter().enumerate() {
-            let mut lanes = [0i32; LANES];
-            // SAFETY: `lanes` is 16 words; `storeu` has no alignment requirement.
-            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), *yi) };
-            let at = (r0 + i) * n + b * LANES;
-            out[at..at + valid].copy_from_slice(&lanes[..valid]);
-        }
-    }
+    };
 }
+
+tile512!(tile_avx512_4, 4, [0, 1, 2, 3]);
+tile512!(tile_avx512_3, 3, [0, 1, 2]);
+tile512!(tile_avx512_2, 2, [0, 1]);
+tile512!(tile_avx512_1, 1, [0]);
 
 /// [`requant16`] for eight channels with AVX2 (no unsigned 64-bit minimum: a compare).
 #[target_feature(enable = "avx2")]
@@ -222,9 +253,10 @@ fn scales8(p: &[i32], h: usize) -> (__m256i, __m256i, __m256i, __m256i) {
 /// The 256-bit kernels differ only in the group's int8 sum; `$dot(acc, w, x)` adds four
 /// products per lane, `$comp` says whether `w` is taken as `w + 128` (start at `-128 · Σx`).
 macro_rules! tile256 {
-    ($name:ident, $features:literal, $comp:literal, $dot:expr) => {
+    ($name:ident, $features:literal, $comp:literal, $dot:expr, $r:literal, [$($i:literal),*]) => {
         #[target_feature(enable = $features)]
-        fn $name<const R: usize>(job: &Job<'_>, sums: &[i32], r0: usize, out: &mut [i32]) {
+        fn $name(job: &Job<'_>, sums: &[i32], r0: usize, out: &mut [i32]) {
+            const R: usize = $r;
             let s = job.shape;
             let (k, n, groups) = (s.cols, s.rows, job.groups());
             let quads = job.group / 4;
@@ -251,9 +283,8 @@ macro_rules! tile256 {
                     for g in 0..groups {
                         let mut acc = [_mm256_setzero_si256(); R];
                         if $comp {
-                            for (i, a) in acc.iter_mut().enumerate() {
-                                *a = _mm256_set1_epi32(sums[i * groups + g].wrapping_mul(-128));
-                            }
+                            $(acc[$i] =
+                                _mm256_set1_epi32(sums[$i * groups + g].wrapping_mul(-128));)*
                         }
                         let wg = &wblock[g * quads * 64..(g + 1) * quads * 64];
                         for q in 0..quads {
@@ -262,16 +293,20 @@ macro_rules! tile256 {
                             let wv = unsafe {
                                 _mm256_loadu_si256(wg[q * 64 + 32 * h..].as_ptr().cast())
                             };
-                            for (i, a) in acc.iter_mut().enumerate() {
-                                let xq = _mm256_set1_epi32(x[i * kq + g * quads + q]);
-                                *a = dot(*a, wv, xq);
-                            }
+                            $(acc[$i] = dot(
+                                acc[$i],
+                                wv,
+                                _mm256_set1_epi32(x[$i * kq + g * quads + q]),
+                            );)*
                         }
                         let p = scales8(&scales[(g / per_scale) * 2 * LANES..], h);
-                        for (i, (yi, a)) in y.iter_mut().zip(acc).enumerate() {
-                            let at = 2 * (i * groups + g);
-                            *yi = requant8(a, *yi, p, xs[at], xs[at + 1]);
-                        }
+                        $(y[$i] = requant8(
+                            acc[$i],
+                            y[$i],
+                            p,
+                            xs[2 * ($i * groups + g)],
+                            xs[2 * ($i * groups + g) + 1],
+                        );)*
                     }
                     for (i, yi) in y.iter().enumerate() {
                         let mut lanes = [0i32; 8];
@@ -286,22 +321,92 @@ macro_rules! tile256 {
     };
 }
 
+/// The 256-bit kernels' int8 sums.
+macro_rules! dot_avx2 {
+    () => {
+        |acc: __m256i, wv: __m256i, xq: __m256i| {
+            let w = _mm256_xor_si256(wv, _mm256_set1_epi8(-128));
+            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    };
+}
+macro_rules! dot_avx_vnni {
+    () => {
+        |acc, wv, xq| _mm256_dpbusd_avx_epi32(acc, wv, xq)
+    };
+}
+macro_rules! dot_avx512_vl {
+    () => {
+        |acc, wv, xq| _mm256_dpbusd_epi32(acc, wv, xq)
+    };
+}
+
+tile256!(tile_avx2_4, "avx2", false, dot_avx2!(), 4, [0, 1, 2, 3]);
+tile256!(tile_avx2_3, "avx2", false, dot_avx2!(), 3, [0, 1, 2]);
+tile256!(tile_avx2_2, "avx2", false, dot_avx2!(), 2, [0, 1]);
+tile256!(tile_avx2_1, "avx2", false, dot_avx2!(), 1, [0]);
 tile256!(
-    tile_avx2,
-    "avx2",
-    false,
-    |acc: __m256i, wv: __m256i, xq: __m256i| {
-        let w = _mm256_xor_si256(wv, _mm256_set1_epi8(-128));
-        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
-        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
+    tile_avx_vnni_4,
+    "avx2,avxvnni",
+    true,
+    dot_avx_vnni!(),
+    4,
+    [0, 1, 2, 3]
 );
-tile256!(tile_avx_vnni, "avx2,avxvnni", true, |acc, wv, xq| {
-    _mm256_dpbusd_avx_epi32(acc, wv, xq)
-});
 tile256!(
-    tile_avx512_vl,
+    tile_avx_vnni_3,
+    "avx2,avxvnni",
+    true,
+    dot_avx_vnni!(),
+    3,
+    [0, 1, 2]
+);
+tile256!(
+    tile_avx_vnni_2,
+    "avx2,avxvnni",
+    true,
+    dot_avx_vnni!(),
+    2,
+    [0, 1]
+);
+tile256!(
+    tile_avx_vnni_1,
+    "avx2,avxvnni",
+    true,
+    dot_avx_vnni!(),
+    1,
+    [0]
+);
+tile256!(
+    tile_avx512_vl_4,
     "avx2,avx512f,avx512vl,avx512vnni",
     true,
-    |acc, wv, xq| _mm256_dpbusd_epi32(acc, wv, xq)
+    dot_avx512_vl!(),
+    4,
+    [0, 1, 2, 3]
+);
+tile256!(
+    tile_avx512_vl_3,
+    "avx2,avx512f,avx512vl,avx512vnni",
+    true,
+    dot_avx512_vl!(),
+    3,
+    [0, 1, 2]
+);
+tile256!(
+    tile_avx512_vl_2,
+    "avx2,avx512f,avx512vl,avx512vnni",
+    true,
+    dot_avx512_vl!(),
+    2,
+    [0, 1]
+);
+tile256!(
+    tile_avx512_vl_1,
+    "avx2,avx512f,avx512vl,avx512vnni",
+    true,
+    dot_avx512_vl!(),
+    1,
+    [0]
 );
