@@ -9,8 +9,11 @@ Peers (CPU; fp32 unless named int8):
       - torch-fp32:       transformers AutoModel
     tasks: minilm-short-b32 (6-16 random English words, dynamic padding to the longest in the batch)
            minilm-long-b32  (texts padded/truncated to exactly 128 tokens)
-  * SmolLM2-135M-Instruct (the Q4_1 GGUF, de-quantized to fp32 by transformers), greedy:
-      - torch-fp32: prefill of a 128-token prompt, then 64 single-token decode steps (KV cache)
+  * SmolLM2-135M-Instruct (the Q4_1 GGUF), greedy:
+      - torch-fp32: de-quantized to fp32 by transformers; prefill of a 128-token prompt, then 64
+                    single-token decode steps (KV cache)
+      - llama.cpp:  the GGUF as is, through llama-cpp-python (optional: skipped with a message when
+                    it is not installed), the same prompt ids and steps
     tasks: smollm2-prefill-128 and smollm2-decode-64 (tokens/s)
 
 Every figure is the best of --reps repetitions (other load on the machine only slows a run down).
@@ -319,6 +322,53 @@ def bench_smollm(a, texts, model, results, checks):
     checks["smollm2 greedy ids after the prompt"] = gen
 
 
+def bench_llama_cpp(a, texts, results, checks):
+    """llama.cpp (through llama-cpp-python) on the same GGUF file and prompt ids: prefill of the
+    prompt in one batch, then greedy decoding one token per step. Not installed: said, and skipped
+    (pip install llama-cpp-python builds llama.cpp from source, see BENCHMARKS.md)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        log("llama-cpp-python is not installed: the llama.cpp peer is skipped "
+            "(CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
+        return
+    ids = texts["prompt_ids"]
+    P, D = len(ids), a.decode_tokens
+    llm = llama_cpp.Llama(os.path.join(a.models_dir, SMOLLM_GGUF), n_ctx=P + D + 8, n_batch=P,
+                          n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids)
+
+    def decode():
+        gen = []
+        for _ in range(D):
+            tok = llm.sample(top_k=1, temp=0.0)
+            gen.append(int(tok))
+            llm.eval([tok])
+        return gen
+
+    prefill()                                                      # warm-up
+    dt_p, _ = best_of(a.reps, prefill)
+    dt_d, gen = float("inf"), None
+    for _ in range(max(1, a.reps - 1)):
+        prefill()
+        t = time.perf_counter()
+        gen = decode()
+        dt_d = min(dt_d, time.perf_counter() - t)
+    vp, vd = P / dt_p, D / dt_d
+    log(f"smollm2-prefill-{P:<4d} llama.cpp         {vp:8.1f} tokens/s  ({dt_p * 1000:.1f} ms)")
+    log(f"smollm2-decode-{D:<5d} llama.cpp         {vd:8.1f} tokens/s  ({dt_d / D * 1000:.1f} ms/token)")
+    common = {"model": SMOLLM_GGUF + " as is (Q4_1/Q8_0)", "reps": a.reps,
+              "llama_cpp_python": llama_cpp.__version__}
+    results.append({"peer": "llama.cpp", "task": f"smollm2-prefill-{P}", "unit": "tokens/s", "value": round(vp, 2),
+                    "detail": {**common, "prompt_tokens": P, "best_s": round(dt_p, 4)}})
+    results.append({"peer": "llama.cpp", "task": f"smollm2-decode-{D}", "unit": "tokens/s", "value": round(vd, 2),
+                    "detail": {**common, "prompt_tokens": P, "decode_steps": D, "best_s": round(dt_d, 4)}})
+    checks["smollm2 llama.cpp greedy ids"] = gen
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def machine_info(a):
@@ -408,6 +458,7 @@ def main():
             log("no prompt_ids in the texts: SmolLM2 skipped")
         else:
             bench_smollm(a, texts, smollm, results, checks)
+            bench_llama_cpp(a, texts, results, checks)
     machine["loadavg_after"] = loadavg()
     log(f"loadavg after: {machine['loadavg_after']} (above {os.cpu_count()} means other processes competed)")
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds crates/web for the browser into www/pkg (wasm-bindgen --target web).
-# wasm-bindgen must match the wasm-bindgen crate in Cargo.lock; .ci/run installs it into
-# $TABULA_TOOLS (default ~/.cache/tabula-ci) and this script looks there first.
+# wasm-bindgen must match the wasm-bindgen crate in Cargo.lock; scripts/setup.sh installs it
+# (and the wasm target) into $TABULA_TOOLS (default ~/.cache/tabula-ci) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh wasm
 tools=${TABULA_TOOLS:-$HOME/.cache/tabula-ci}
 version=$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
 bindgen="$tools/wasm-bindgen-$version/bin/wasm-bindgen"

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Every test of the project. Needs what .ci/run installs (lavapipe, Chromium, the wasm target,
-# wasm-bindgen-cli, npm packages); fetches the real models first (idempotent, sha256-checked).
+# Every test of the project. Installs what it needs first (scripts/setup.sh: lavapipe, Chromium,
+# PostgreSQL, the wasm target, wasm-bindgen-cli, npm packages; quick when they are there) and
+# fetches the real models (idempotent, sha256-checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TABULA_TOOLS=${TABULA_TOOLS:-$HOME/.cache/tabula-ci}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$TABULA_TOOLS/target}
 step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+
+step "setup (scripts/setup.sh)"
+bash scripts/setup.sh
 
 step "formatting and lints"
 cargo fmt --all --check

@@ -285,12 +285,12 @@ async function start(options) {
   report({ phase: 'starting', message: 'loading the compute engine' });
   try {
     if (!volunteer) {
-      const { Volunteer, relaxed } = await loadEngine();
+      const { Volunteer } = await loadEngine();
       const seed = await loadSeed();
       const ua = (self.navigator && self.navigator.userAgent || '').includes('Chrome') ? 'chromium' : 'browser';
       volunteer = await Volunteer.create(seed, backend, `tabula-web/0.1.0 ${ua}`);
-      const device = volunteer.device();
-      report({ device: device.startsWith('cpu') && relaxed ? `${device}, relaxed SIMD` : device, publicKey: volunteer.publicKey() });
+      // Which device computes and why (the engine calibrated both, or the settings chose).
+      report({ device: volunteer.device(), publicKey: volunteer.publicKey() });
     }
     const stageMb = Number.isFinite(options.stageMb) && options.stageMb >= 0 ? Math.floor(options.stageMb) : defaultStageMb();
     volunteer.setStages(stageMb, options.stageLinks !== 'relay');

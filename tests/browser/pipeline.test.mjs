@@ -43,8 +43,9 @@ for (const [links, webgpu] of [['direct', true], ['direct', false], ['relayed', 
     const browser = await launch({ webgpu });
     try {
       for (const n of ['a', 'b', 'c']) cluster.addWorker(`native-${n}`);
-      const v = await openVolunteer(browser, `${cluster.url}/`, links === 'relayed' ? { stageLinks: 'relay' } : {});
-      assert.match(await v.page.textContent('#device'), webgpu ? /WebGpu/i : /cpu/);
+      const v = await openVolunteer(browser, `${cluster.url}/`,
+        { backend: webgpu ? 'gpu' : 'auto', ...(links === 'relayed' ? { stageLinks: 'relay' } : {}) });
+      assert.match(await v.page.textContent('#device'), webgpu ? /^GPU \(WebGPU/ : /^CPU \(wasm/);
       // The page shows the memory it offers stages (its default from the device).
       await v.page.waitForFunction(() => /^\d+ \(default\)$/.test(document.getElementById('stage-mb').placeholder));
       await waitForWorkers(cluster, 4);

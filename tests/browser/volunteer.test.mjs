@@ -36,8 +36,10 @@ test('a fresh browser contributes on WebGPU next to a native worker, bit for bit
   const browser = await launch({ webgpu: true });
   try {
     cluster.addWorker('native');
-    const v = await openVolunteer(browser, `${cluster.url}/`);
-    assert.match(await v.page.textContent('#device'), /WebGpu/i, 'the page should name the WebGPU adapter');
+    // SwiftShader is slower than the CPU, so `auto` would pick the CPU: ask for the GPU.
+    const v = await openVolunteer(browser, `${cluster.url}/`, { backend: 'gpu' });
+    assert.match(await v.page.textContent('#device'), /^GPU \(WebGPU: .*\), as chosen in the settings$/,
+      'the page should name the WebGPU adapter and why it computes there');
     await embedAndCheck(cluster);
     // Both units went to both workers (two distinct workers per unit, two workers in all).
     const w = await creditOf(cluster, v.key);
@@ -94,12 +96,29 @@ test('without WebGPU the page computes on the wasm CPU path and still agrees', {
   try {
     cluster.addWorker('native');
     const v = await openVolunteer(browser, `${cluster.url}/`);
-    assert.match(await v.page.textContent('#device'), /cpu/);
+    assert.match(await v.page.textContent('#device'), /^CPU \(wasm.*\): this browser has no WebGPU adapter$/);
     await embedAndCheck(cluster);
     const w = await creditOf(cluster, v.key);
     assert.equal(w.strikes, 0);
     assert.ok(w.units_verified >= 2);
     await v.page.screenshot({ path: path.join(artifacts, 'volunteer-cpu.png'), fullPage: true });
+    assert.deepEqual(v.errors, []);
+  } finally {
+    await browser.close();
+    await cluster.stop();
+  }
+});
+
+test('on a software WebGPU adapter (SwiftShader) the page calibrates both devices and computes on the faster CPU, saying why', { timeout: 300_000 }, async () => {
+  const cluster = await Cluster.start();
+  const browser = await launch({ webgpu: true });
+  try {
+    const v = await openVolunteer(browser, `${cluster.url}/`);
+    const device = await v.page.textContent('#device');
+    // e.g. "CPU (wasm, relaxed SIMD): 7.5× the speed of this browser's GPU (WebGPU: …) in a test (21 ms against 158 ms)"
+    assert.match(device, /^CPU \(wasm.*\): [\d.]+× the speed of this browser's GPU \(WebGPU: .*\) in a test \(\d+ ms against \d+ ms\)$/, device);
+    console.log(`calibration: ${device}`);
+    assert.match(await v.page.textContent('#credit-note'), /One credit is one GFLOP/);
     assert.deepEqual(v.errors, []);
   } finally {
     await browser.close();

@@ -16,8 +16,8 @@ use std::{
 
 use serde::Serialize;
 use tabula_engine::{
-    Backend,
     cpu::CpuBackend,
+    exact::{ExactBackend, selfcheck::Calibration},
     gpu::{AdapterChoice, GpuBackend},
 };
 use tabula_protocol::{
@@ -206,15 +206,16 @@ impl Volunteer {
             .try_into()
             .map_err(|_| JsError::new("the worker key must be 32 bytes"))?;
         let (executor, device) = match backend {
-            "cpu" => cpu_executor(),
-            "gpu" => gpu_executor().await.map_err(js_err)?,
-            "auto" => match gpu_executor().await {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::info!("no WebGPU adapter ({e}); using the CPU");
-                    cpu_executor()
-                }
-            },
+            "cpu" => (
+                cpu_executor(),
+                format!("{}, as chosen in the settings", cpu_label()),
+            ),
+            "gpu" => {
+                let gpu = GpuBackend::new(AdapterChoice::Any).await.map_err(js_err)?;
+                let label = format!("GPU ({}), as chosen in the settings", gpu.adapter_label());
+                (gpu_executor(gpu), label)
+            }
+            "auto" => calibrated().await.map_err(js_err)?,
             other => {
                 return Err(JsError::new(&format!(
                     "unknown backend `{other}`: use gpu, cpu or auto"
@@ -630,17 +631,69 @@ impl Volunteer {
     }
 }
 
-fn cpu_executor() -> (AnyExecutor, String) {
-    (
-        AnyExecutor::Cpu(Executor::new(CpuBackend)),
-        "cpu (wasm)".to_string(),
-    )
+fn cpu_executor() -> AnyExecutor {
+    AnyExecutor::Cpu(Executor::new(CpuBackend))
 }
 
-async fn gpu_executor() -> Result<(AnyExecutor, String), tabula_engine::EngineError> {
-    let backend = GpuBackend::new(AdapterChoice::Any).await?;
-    let device = format!("WebGPU: {}", backend.describe());
-    Ok((AnyExecutor::Gpu(Box::new(Executor::new(backend))), device))
+fn cpu_label() -> String {
+    if cfg!(target_feature = "relaxed-simd") {
+        "CPU (wasm, relaxed SIMD)".to_string()
+    } else {
+        "CPU (wasm)".to_string()
+    }
+}
+
+fn gpu_executor(backend: GpuBackend) -> AnyExecutor {
+    AnyExecutor::Gpu(Box::new(Executor::new(backend)))
+}
+
+/// The best of three timed [`Calibration`] runs after a warm-up (shader compilation, first
+/// allocations), in milliseconds.
+async fn calibration_ms<B: ExactBackend>(backend: &B) -> tabula_engine::Result<f64> {
+    let c = Calibration::new(backend)?;
+    c.run(backend).await?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let start = js_sys::Date::now();
+        c.run(backend).await?;
+        best = best.min(js_sys::Date::now() - start);
+    }
+    Ok(best.max(0.1))
+}
+
+/// `auto`: a short exact workload on the WebGPU adapter (when there is one) and on the wasm
+/// CPU path; the page computes on the faster one and says why. A software adapter
+/// (SwiftShader) is usually many times slower than the CPU it runs on, and loses.
+async fn calibrated() -> tabula_engine::Result<(AnyExecutor, String)> {
+    let gpu = match GpuBackend::new(AdapterChoice::Any).await {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            tracing::info!("no WebGPU adapter ({e}); using the CPU");
+            let why = format!("{}: this browser has no WebGPU adapter", cpu_label());
+            return Ok((cpu_executor(), why));
+        }
+    };
+    let cpu_ms = calibration_ms(&CpuBackend).await?;
+    let gpu_ms = calibration_ms(&gpu).await?;
+    tracing::info!(cpu_ms, gpu_ms, adapter = %gpu.adapter_label(), "calibrated");
+    Ok(if gpu_ms < cpu_ms {
+        let why = format!(
+            "GPU ({}): {:.1}× the speed of this computer's CPU in a test ({gpu_ms:.0} ms against \
+             {cpu_ms:.0} ms)",
+            gpu.adapter_label(),
+            cpu_ms / gpu_ms
+        );
+        (gpu_executor(gpu), why)
+    } else {
+        let why = format!(
+            "{}: {:.1}× the speed of this browser's GPU ({}) in a test ({cpu_ms:.0} ms against \
+             {gpu_ms:.0} ms)",
+            cpu_label(),
+            gpu_ms / cpu_ms,
+            gpu.adapter_label()
+        );
+        (cpu_executor(), why)
+    })
 }
 
 /// A session and a peer as the page names them (hex).

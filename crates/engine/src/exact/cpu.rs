@@ -3,12 +3,12 @@
 //! reorder sums freely without changing a bit.
 
 use super::{
-    ActTable, ExactBackend, GroupScale, NORM_FRAC, QActs, QMatrix, QNorm, RopeTable, ScoreScale,
-    WeightLayout, bit_len, check_act_table, check_attention_int, check_norm, check_qlinear,
-    check_qmatrix, check_quantize, check_rope_int, div_round, exp2_neg_q15, isqrt, kernels,
-    mul_shift,
+    ActTable, EXP2_NEG_Q30, ExactBackend, GroupScale, NORM_FRAC, QActs, QMatrix, QNorm, RopeTable,
+    SCORE_FRAC, ScoreScale, WeightLayout, bit_len, check_act_table, check_attention_int,
+    check_norm, check_qlinear, check_qmatrix, check_quantize, check_rope_int, div_round, isqrt,
+    kernels, mul_shift,
     pack::{self, PackedShape},
-    quantize_group, score, table_lookup, value_weight,
+    quantize_group, score, table_lookup, value_scale, value_weight,
 };
 use crate::{
     AttentionParams, Result, Shaped, check_pool, check_same,
@@ -69,6 +69,167 @@ fn dot_i8_relaxed(a: &[i8], b: &[i8]) -> i32 {
         .wrapping_add(dot_i8_generic(&a[split..len], &b[split..len]))
 }
 
+/// The scales of one sequence's key and value rows for one KV head.
+struct Keys {
+    k: Vec<GroupScale>,
+    v: Vec<GroupScale>,
+    /// `value_scale` of each value row.
+    v_scale: Vec<i32>,
+    /// Every key shift and value scale is in the range of the branch-free forms.
+    k_shift: (i32, i32),
+    fast_values: bool,
+}
+
+impl Keys {
+    #[inline(always)]
+    fn gather(
+        ks: &[i32],
+        vs: &[i32],
+        first: usize,
+        len: usize,
+        kv_heads: usize,
+        kvh: usize,
+    ) -> Keys {
+        let at = |j: usize| (first + j) * kv_heads + kvh;
+        let k: Vec<GroupScale> = (0..len).map(|j| scale_at(ks, at(j))).collect();
+        let v: Vec<GroupScale> = (0..len).map(|j| scale_at(vs, at(j))).collect();
+        let v_scale = v.iter().map(|s| value_scale(s.reduced)).collect();
+        let k_shift = k.iter().fold((i32::MAX, i32::MIN), |(lo, hi), s| {
+            (lo.min(s.shift), hi.max(s.shift))
+        });
+        let fast_values = v
+            .iter()
+            .all(|s| (0..1 << 15).contains(&s.reduced) && (0..=14).contains(&s.shift));
+        Keys {
+            fast_values: fast_values && k.iter().all(|s| (0..1 << 15).contains(&s.reduced)),
+            k,
+            v,
+            v_scale,
+            k_shift,
+        }
+    }
+}
+
+/// Per-query buffers of the attention loop.
+#[derive(Default)]
+struct HeadScratch {
+    dots: Vec<i32>,
+    /// Scores, then softmax numerators.
+    e: Vec<u32>,
+    /// Each value row's weight ([`value_weight`]).
+    w: Vec<i32>,
+}
+
+impl HeadScratch {
+    /// The value weights of the first `visible` keys from `self.dots`: scores, softmax (base
+    /// 2, integer) and [`value_weight`], in branch-free loops over the keys when every scale
+    /// is in range (checked once per head), else with the specification's functions.
+    #[inline(always)]
+    fn weights(&mut self, keys: &Keys, q: GroupScale, scale: ScoreScale, visible: usize) {
+        let dots = &self.dots[..visible];
+        // Score shifts `E - 30 - q.shift - k.shift` in 1..=62, non-negative factors.
+        let fast = keys.fast_values
+            && (0..1 << 15).contains(&q.reduced)
+            && scale.mult >= 0
+            && visible > 0
+            && i64::from(scale.exp) - 30 - i64::from(q.shift) - i64::from(keys.k_shift.1) >= 1
+            && i64::from(scale.exp) - 30 - i64::from(q.shift) - i64::from(keys.k_shift.0) <= 62;
+        self.e.resize(visible, 0);
+        if fast {
+            let base = scale.exp - 30 - q.shift;
+            for ((e, &acc), k) in self.e.iter_mut().zip(dots).zip(&keys.k) {
+                let both = (q.reduced * k.reduced) as u64; // < 2^30
+                let combined = ((both * scale.mult as u64 + (1 << 29)) >> 30).min(i32::MAX as u64);
+                let s = (base - k.shift) as u32; // 1..=62
+                let m = ((u64::from(acc.unsigned_abs()) * combined + (1u64 << (s - 1))) >> s)
+                    .min(i32::MAX as u64) as i32;
+                *e = (if acc < 0 { -m } else { m }) as u32;
+            }
+        } else {
+            for ((e, &acc), &k) in self.e.iter_mut().zip(dots).zip(&keys.k) {
+                *e = score(acc, q, k, scale) as u32;
+            }
+        }
+        let mut max = i32::MIN;
+        for &s in &self.e {
+            max = max.max(s as i32);
+        }
+        let max = if visible == 0 { 0 } else { max as u32 };
+        let mut sum = 0u32;
+        for e in self.e.iter_mut() {
+            *e = exp2_neg_q15_unbranched(max.wrapping_sub(*e));
+            sum = sum.wrapping_add(*e);
+        }
+        if sum == 0 {
+            self.w.clear();
+            return; // no visible key
+        }
+        self.w.resize(visible, 0);
+        let divide = DivideBy::new(sum);
+        let half = sum / 2;
+        if fast {
+            for ((w, &e), (v, &vscale)) in self
+                .w
+                .iter_mut()
+                .zip(&self.e)
+                .zip(keys.v.iter().zip(&keys.v_scale))
+            {
+                let prob = divide.floor((e << 16).wrapping_add(half));
+                let t = (15 - v.shift) as u32; // 1..=15
+                // prob <= 2^16 and vscale < 2^16: the product fits 33 bits.
+                *w = ((u64::from(prob) * vscale as u64 + (1u64 << (t - 1))) >> t)
+                    .min(i32::MAX as u64) as i32;
+            }
+        } else {
+            for ((w, &e), &v) in self.w.iter_mut().zip(&self.e).zip(&keys.v) {
+                *w = value_weight(divide.floor((e << 16).wrapping_add(half)), v);
+            }
+        }
+    }
+}
+
+/// `acc[d] += Σ_j row(j)[d] · w[j]`, wrapping, four rows at a time (the sums wrap, so any
+/// order gives the same bits, and `acc` is loaded and stored a quarter as often).
+#[inline(always)]
+fn accumulate_values<'a>(acc: &mut [i32], w: &[i32], row: impl Fn(usize) -> &'a [i8]) {
+    let mut j = 0;
+    while j + 4 <= w.len() {
+        let (v0, v1, v2, v3) = (row(j), row(j + 1), row(j + 2), row(j + 3));
+        let (w0, w1, w2, w3) = (w[j], w[j + 1], w[j + 2], w[j + 3]);
+        for (d, a) in acc.iter_mut().enumerate() {
+            let t = i32::from(v0[d])
+                .wrapping_mul(w0)
+                .wrapping_add(i32::from(v1[d]).wrapping_mul(w1))
+                .wrapping_add(i32::from(v2[d]).wrapping_mul(w2))
+                .wrapping_add(i32::from(v3[d]).wrapping_mul(w3));
+            *a = a.wrapping_add(t);
+        }
+        j += 4;
+    }
+    for (j, &wj) in w.iter().enumerate().skip(j) {
+        for (a, &v) in acc.iter_mut().zip(row(j)) {
+            *a = a.wrapping_add(i32::from(v).wrapping_mul(wj));
+        }
+    }
+}
+
+/// [`exp2_neg_q15`] without branches (the table read and both shifts happen for every `d`,
+/// the result is chosen at the end), so that a loop over keys vectorises. Equal for every `d`
+/// (tested).
+#[inline(always)]
+fn exp2_neg_q15_unbranched(d: u32) -> u32 {
+    let int = d >> SCORE_FRAC;
+    let frac = d & ((1 << SCORE_FRAC) - 1);
+    let idx = (frac >> 8) as usize;
+    let low = u64::from(frac & 0xFF);
+    let hi = EXP2_NEG_Q30[idx] as u64;
+    let step = hi - EXP2_NEG_Q30[idx + 1] as u64; // the table decreases; < 2^30
+    let v = hi - ((step * low + 128) >> 8);
+    let shift = 15 + int.min(15);
+    let r = ((v + (1u64 << (shift - 1))) >> shift) as u32;
+    if int >= 16 { 0 } else { r }
+}
+
 /// `floor(n / d)` for every `u32` `n` and one `d > 0`, by a multiply (Granlund and
 /// Montgomery, 1994): with `2^(l-1) < d <= 2^l`, `s = 32 + l` and `magic = ceil(2^s / d)`,
 /// `magic · d - 2^s < d <= 2^(s - 32)`, so `(n · magic) >> s` is exact for every `n < 2^32`.
@@ -88,9 +249,15 @@ impl DivideBy {
         }
     }
 
+    /// `(n · magic) >> shift` in 64-bit pieces (so that a loop of them vectorises): with
+    /// `magic = hi · 2^32 + lo`, `n · magic = n · hi · 2^32 + n · lo`, and adding the fraction
+    /// `(n · lo mod 2^32) / 2^32 < 1` to an integer before a floor division by a power of two
+    /// changes nothing.
     #[inline(always)]
     fn floor(self, n: u32) -> u32 {
-        ((u128::from(n) * u128::from(self.magic)) >> self.shift) as u32
+        let (hi, lo) = (self.magic >> 32, self.magic & 0xFFFF_FFFF); // hi <= 2
+        let top = u64::from(n) * hi + ((u64::from(n) * lo) >> 32); // < 2^35
+        (top >> (self.shift - 32)) as u32
     }
 }
 
@@ -355,48 +522,40 @@ impl ExactBackend for CpuBackend {
         vectorized(
             #[inline(always)]
             || {
-                let mut scores = Vec::with_capacity(p.kv_rows);
+                let mut scratch = HeadScratch::default();
                 let mut acc = vec![0i32; hd];
                 for (b, &kv_len) in kv_lens.iter().enumerate() {
-                    for i in 0..p.q_len {
-                        let qrow = b * p.q_len + i;
-                        let visible = if p.causal {
-                            (p.pos_offset + i + 1).min(kv_len as usize)
-                        } else {
-                            kv_len as usize
-                        };
-                        for h in 0..p.heads {
-                            let kvh = h / group_ratio;
-                            let qg = qrow * p.heads + h;
-                            let qvec = &qd[qg * hd..(qg + 1) * hd];
-                            let qscale = scale_at(qs, qg);
-                            scores.clear();
-                            for j in 0..visible {
-                                let kg = (b * p.kv_rows + j) * p.kv_heads + kvh;
-                                let dot = dot_i8(qvec, &kd[kg * hd..(kg + 1) * hd]);
-                                scores.push(score(dot, qscale, scale_at(ks, kg), scale));
-                            }
-                            let max = scores.iter().copied().max().unwrap_or(0);
-                            let mut sum = 0u32;
-                            for s in scores.iter_mut() {
-                                let e = exp2_neg_q15((max as u32).wrapping_sub(*s as u32));
-                                sum += e;
-                                *s = e as i32;
-                            }
-                            acc.fill(0);
-                            let divide = DivideBy::new(sum);
-                            for (j, &e) in scores.iter().enumerate() {
-                                let prob = divide.floor(((e as u32) << 16).wrapping_add(sum / 2));
-                                let vg = (b * p.kv_rows + j) * p.kv_heads + kvh;
-                                let w = value_weight(prob, scale_at(vs, vg));
-                                for (a, &vq) in acc.iter_mut().zip(&vd[vg * hd..(vg + 1) * hd]) {
-                                    *a = a.wrapping_add(i32::from(vq).wrapping_mul(w));
+                    for kvh in 0..p.kv_heads {
+                        // Per key and value row of this sequence and KV head, once.
+                        let keys =
+                            Keys::gather(ks, vs, b * p.kv_rows, kv_len as usize, p.kv_heads, kvh);
+                        for i in 0..p.q_len {
+                            let qrow = b * p.q_len + i;
+                            let visible = if p.causal {
+                                (p.pos_offset + i + 1).min(kv_len as usize)
+                            } else {
+                                kv_len as usize
+                            };
+                            for h in kvh * group_ratio..(kvh + 1) * group_ratio {
+                                let qg = qrow * p.heads + h;
+                                let qvec = &qd[qg * hd..(qg + 1) * hd];
+                                let key_row = |j: usize| (b * p.kv_rows + j) * p.kv_heads + kvh;
+                                scratch.dots.resize(visible, 0);
+                                for (j, d) in scratch.dots.iter_mut().enumerate() {
+                                    let kg = key_row(j);
+                                    *d = dot_i8(qvec, &kd[kg * hd..(kg + 1) * hd]);
                                 }
-                            }
-                            let dst =
-                                &mut out[qrow * q.cols + h * hd..qrow * q.cols + (h + 1) * hd];
-                            for (o, &a) in dst.iter_mut().zip(&acc) {
-                                *o = mul_shift(a, 1, 8);
+                                scratch.weights(&keys, scale_at(qs, qg), scale, visible);
+                                acc.fill(0);
+                                accumulate_values(&mut acc, &scratch.w, |j| {
+                                    let vg = key_row(j);
+                                    &vd[vg * hd..(vg + 1) * hd]
+                                });
+                                let dst =
+                                    &mut out[qrow * q.cols + h * hd..qrow * q.cols + (h + 1) * hd];
+                                for (o, &a) in dst.iter_mut().zip(&acc) {
+                                    *o = mul_shift(a, 1, 8);
+                                }
                             }
                         }
                     }
@@ -484,6 +643,14 @@ pub(crate) fn norm_row(x: &[i32], gamma: &[i32], beta: Option<&[i32]>, frac: u32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exact::exp2_neg_q15;
+
+    #[test]
+    fn the_unbranched_exp2_equals_the_specification() {
+        for d in (0..1u32 << 21).chain([u32::MAX, u32::MAX - 1, 1 << 31, (16 << 16) - 1]) {
+            assert_eq!(exp2_neg_q15_unbranched(d), exp2_neg_q15(d), "d = {d}");
+        }
+    }
 
     #[test]
     fn division_by_multiply_is_exact() {

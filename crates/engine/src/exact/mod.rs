@@ -313,10 +313,14 @@ pub fn score(acc: i32, q: GroupScale, k: GroupScale, scale: ScoreScale) -> i32 {
 /// The weight of a value row in the attention output: `p` (Q16) times the row's scale,
 /// in Fx units with 8 extra fractional bits.
 pub fn value_weight(p: u32, v: GroupScale) -> i32 {
+    mul_shift(p as i32, value_scale(v.reduced), 15 - v.shift)
+}
+
+/// `reduced · 2^7 / 127`, rounded: the first factor of [`value_weight`], one per value row.
+pub fn value_scale(reduced: i32) -> i32 {
     // round(2^37 / 127): the 1/127 of the value quantisation step, in Q37.
     const INV127_Q37: i32 = 1_082_196_484;
-    let scale = mul_shift(v.reduced, INV127_Q37, 30); // reduced · 2^7 / 127
-    mul_shift(p as i32, scale, 15 - v.shift)
+    mul_shift(reduced, INV127_Q37, 30)
 }
 
 /// Splits a positive real scale into `(M, E)` with `M ∈ [2^30, 2^31)` and `scale ≈ M · 2^-E`.

@@ -126,6 +126,51 @@ impl Pair<'_> {
     }
 }
 
+/// A short exact workload for choosing where to compute: a quantised `64 × 384` activation
+/// through a `384 → 1536` int8 layer, read back (37.7 M multiply-adds, the shape of a MiniLM
+/// feed-forward layer). The same work on every backend; the caller times [`Self::run`].
+pub struct Calibration<B: ExactBackend> {
+    x: B::Int,
+    w: QMatrix<B::Int>,
+}
+
+impl<B: ExactBackend> Calibration<B> {
+    pub const ROWS: usize = 64;
+    pub const COLS: usize = 384;
+    pub const OUT: usize = 1536;
+
+    /// Uploads the inputs (not part of the timing).
+    pub fn new(b: &B) -> Result<Self> {
+        let (m, k, n) = (Self::ROWS, Self::COLS, Self::OUT);
+        let data: Vec<i32> = words(n * k / 4, 77).into_iter().map(|w| w as i32).collect();
+        let mut requant = Vec::with_capacity(2 * n);
+        for w in words(n, 78) {
+            let (mult, exp) = split_scale(1e-5 * (1.0 + (w % 1000) as f64 / 100.0))?;
+            requant.extend([mult, exp]);
+        }
+        Ok(Calibration {
+            x: b.upload_int(&ints(m * k, 79, 24), &[m, k])?,
+            w: b.prepare_qmatrix(QMatrix {
+                rows: n,
+                cols: k,
+                group: k,
+                data: b.upload_int(&data, &[n, k / 4])?,
+                requant: b.upload_int(&requant, &[n, 1, 2])?,
+                bias: None,
+                layout: WeightLayout::Rows,
+            })?,
+        })
+    }
+
+    /// One run: quantise, multiply, read the result back.
+    pub async fn run(&self, b: &B) -> Result<()> {
+        let q = b.quantize(&self.x, 32)?;
+        let y = b.qlinear(&q, &self.w)?;
+        b.read_int(&y).await?;
+        Ok(())
+    }
+}
+
 /// Every int8 matrix kernel this processor has ([`Kernel::supported_all`]) against the
 /// reference kernel on pseudo-random products (every tail of tile and block, one scale per
 /// row and per block, with and without bias): the kernels whose bits differ, empty when all

@@ -299,6 +299,26 @@ impl GpuBackend {
     }
 
     /// Whether the adapter is a software implementation (lavapipe, SwiftShader).
+    /// The adapter as a volunteer would name it: its name (or "unnamed adapter" where the
+    /// browser hides it), the API, and whether it is a software rasteriser.
+    pub fn adapter_label(&self) -> String {
+        let api = match self.info.backend {
+            wgpu::Backend::BrowserWebGpu => "WebGPU",
+            wgpu::Backend::Vulkan => "Vulkan",
+            wgpu::Backend::Metal => "Metal",
+            wgpu::Backend::Dx12 => "DirectX 12",
+            wgpu::Backend::Gl => "OpenGL",
+            _ => "GPU",
+        };
+        let name = if self.info.name.trim().is_empty() {
+            "unnamed adapter"
+        } else {
+            self.info.name.trim()
+        };
+        let software = if self.is_software() { ", software" } else { "" };
+        format!("{api}: {name}{software}")
+    }
+
     pub fn is_software(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
