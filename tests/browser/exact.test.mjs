@@ -65,6 +65,15 @@ async function inPage(fn, args, pkg = 'pkg') {
   return result;
 }
 
+for (const pkg of ['pkg', 'pkg-relaxed']) {
+  test(`every int8 matrix kernel of the ${pkg} build gives the scalar kernel's bits`, { timeout: 300_000 }, async () => {
+    const result = await inPage('runKernelCheck', [], pkg);
+    assert.ok(result.kernels.includes('scalar'), JSON.stringify(result));
+    if (pkg === 'pkg-relaxed') assert.ok(result.kernels.includes('wasm-relaxed-simd'), JSON.stringify(result));
+    assert.deepEqual(result.diffs, [], `kernels ${result.kernels.join(', ')}`);
+  });
+}
+
 const native = {};
 
 for (const portable of [false, true]) {

@@ -312,6 +312,24 @@ pub async fn exact_selfcheck(portable_dot: bool) -> Result<JsValue, JsError> {
     .map_err(js_err)
 }
 
+/// Every int8 matrix kernel of this build (scalar, and relaxed SIMD in `pkg-relaxed`) against
+/// the scalar one: `{kernels, diffs}` (no diffs when all agree).
+#[wasm_bindgen]
+pub fn cpu_kernels_selfcheck() -> Result<JsValue, JsError> {
+    use tabula_engine::exact::kernels::Kernel;
+    let diffs = tabula_engine::exact::selfcheck::compare_cpu_kernels().map_err(js_err)?;
+    let kernels: Vec<&str> = Kernel::supported_all()
+        .into_iter()
+        .map(Kernel::name)
+        .collect();
+    #[derive(Serialize)]
+    struct KernelCheck<'a> {
+        kernels: Vec<&'a str>,
+        diffs: Vec<String>,
+    }
+    serde_wasm_bindgen::to_value(&KernelCheck { kernels, diffs }).map_err(js_err)
+}
+
 #[derive(Serialize)]
 struct SelfCheck {
     diffs: Vec<String>,

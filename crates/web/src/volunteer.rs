@@ -226,7 +226,14 @@ impl Volunteer {
         let core = WorkerCore::new(
             identity.public(),
             CoreOptions {
-                agent: format!("{agent} {device}"),
+                // The device in a word or two: the explanation is for the page only.
+                agent: format!(
+                    "{agent} {}",
+                    match &executor {
+                        AnyExecutor::Cpu(_) => "wasm-cpu",
+                        AnyExecutor::Gpu(_) => "webgpu",
+                    }
+                ),
                 precisions: vec![Precision::Exact, Precision::Fast],
                 stages: false,
                 max_model_mb: 0,

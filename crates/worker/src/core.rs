@@ -141,6 +141,14 @@ pub struct WorkerCore {
 impl WorkerCore {
     pub fn new(key: PublicKey, mut options: CoreOptions) -> Self {
         options.parallel = options.parallel.clamp(1, MAX_PARALLEL);
+        // A login with a longer agent is refused: cut it (on a character boundary) instead.
+        if options.agent.len() > tabula_protocol::MAX_NAME {
+            let mut end = tabula_protocol::MAX_NAME;
+            while !options.agent.is_char_boundary(end) {
+                end -= 1;
+            }
+            options.agent.truncate(end);
+        }
         options.units_held = options.units_held.clamp(options.parallel, MAX_UNITS_HELD);
         options.memberships = options.memberships.clamp(1, MAX_MEMBERSHIPS);
         Self {
@@ -523,6 +531,34 @@ mod tests {
         let core = WorkerCore::new(id.public(), options(0, 1000));
         assert_eq!(core.options().parallel, MAX_PARALLEL);
         assert_eq!(core.options().units_held, MAX_UNITS_HELD);
+    }
+
+    #[test]
+    fn a_long_agent_is_cut_so_that_the_login_is_accepted() {
+        let id = Identity::from_seed([3; 32]);
+        let mut core = WorkerCore::new(
+            id.public(),
+            CoreOptions {
+                agent: "tabula-web/0.1.0 é".repeat(20),
+                precisions: vec![Precision::Exact],
+                stages: false,
+                max_model_mb: 0,
+                units_held: 1,
+                parallel: 1,
+                memberships: 1,
+            },
+        );
+        assert!(core.options().agent.len() <= tabula_protocol::MAX_NAME);
+        let challenge = ToWorker::Challenge {
+            nonce: Bytes([1; 32]),
+            coordinator: Identity::from_seed([9; 32]).public(),
+        };
+        let Meaning::Login(login) = core.on_frame(&id, challenge) else {
+            panic!("a login");
+        };
+        login
+            .validate()
+            .expect("the coordinator accepts this login");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 
 use crate::{
-    AttentionParams, Result, Shaped,
+    AttentionParams, Result,
     cpu::CpuBackend,
     exact::{
         ActTable, ExactBackend, QActs, QMatrix, QNorm, RopeTable, ScoreScale, WeightLayout,
@@ -212,9 +212,12 @@ pub fn compare_cpu_kernels() -> Result<Vec<String>> {
         let want = with_kernel(Kernel::Scalar, || cpu.qlinear(&q, &w)).expect("always")?;
         for kernel in Kernel::supported_all() {
             let got = with_kernel(kernel, || cpu.qlinear(&q, &w)).expect("supported")?;
-            if got.data() != want.data() || got.shape() != want.shape() {
+            if let Some(i) = got.data().iter().zip(want.data()).position(|(a, b)| a != b) {
                 diffs.push(format!(
-                    "qlinear {m}x{k}x{n} groups {group}/{w_group}: {kernel} differs from scalar"
+                    "qlinear {m}x{k}x{n} groups {group}/{w_group}: {kernel} differs from scalar \
+                     at output {i}: {} != {}",
+                    got.data()[i],
+                    want.data()[i]
                 ));
             }
         }

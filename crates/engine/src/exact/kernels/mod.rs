@@ -147,9 +147,38 @@ pub(crate) struct Job<'a> {
     pub group: usize,
 }
 
+/// The sizes every kernel walks the packed layout with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    /// Input columns `k` and output channels `n`.
+    pub k: usize,
+    pub n: usize,
+    /// Activation groups per row, and four-byte quads per group.
+    pub groups: usize,
+    pub quads: usize,
+    /// Activation groups per weight scale.
+    pub per_scale: usize,
+    /// Bytes of one 16-channel block's weights, words of its scales.
+    pub block_bytes: usize,
+    pub block_scales: usize,
+}
+
 impl Job<'_> {
     pub fn groups(&self) -> usize {
         self.shape.cols / self.group
+    }
+
+    pub fn dims(&self) -> Dims {
+        let s = self.shape;
+        Dims {
+            k: s.cols,
+            n: s.rows,
+            groups: self.groups(),
+            quads: self.group / 4,
+            per_scale: s.group / self.group,
+            block_bytes: s.quads() * 4 * super::pack::LANES,
+            block_scales: s.w_blocks() * 2 * super::pack::LANES,
+        }
     }
 
     fn assert_valid(&self) {

@@ -9,12 +9,15 @@ use crate::exact::{
 /// `out = x · wᵀ (+ bias)`; `fast`: the scales passed [`Job::fast_requant_applies`].
 pub(super) fn qlinear(job: &Job<'_>, out: &mut [i32], fast: bool) {
     let s = job.shape;
-    let (k, n) = (s.cols, s.rows);
-    let groups = job.groups();
-    let quads_per_group = job.group / 4;
-    let groups_per_scale = s.group / job.group;
-    let block_bytes = s.quads() * 4 * LANES;
-    let block_scales = s.w_blocks() * 2 * LANES;
+    let super::Dims {
+        k,
+        n,
+        groups,
+        quads: quads_per_group,
+        per_scale: groups_per_scale,
+        block_bytes,
+        block_scales,
+    } = job.dims();
     for (r, (xrow, orow)) in job
         .bytes()
         .chunks_exact(k)

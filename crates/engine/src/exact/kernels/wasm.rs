@@ -13,16 +13,21 @@ use crate::exact::pack::{LANES, lane_slot};
 
 pub(super) fn qlinear(job: &Job<'_>, out: &mut [i32]) {
     let s = job.shape;
-    let (k, n, groups) = (s.cols, s.rows, job.groups());
-    let quads = job.group / 4;
-    let per_scale = s.group / job.group;
-    let block_bytes = s.quads() * 4 * LANES;
-    let block_scales = s.w_blocks() * 2 * LANES;
+    let super::Dims {
+        k,
+        n,
+        groups,
+        quads,
+        per_scale,
+        block_bytes,
+        block_scales,
+    } = job.dims();
     let sums = job.group_sums();
     let low7 = i8x16_splat(0x7f);
+    // Rows of `k / 4` words.
     for (r, (xrow, orow)) in job
         .x
-        .chunks_exact(k)
+        .chunks_exact(k / 4)
         .zip(out.chunks_exact_mut(n))
         .enumerate()
     {

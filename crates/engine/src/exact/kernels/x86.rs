@@ -152,11 +152,8 @@ macro_rules! tile512 {
         fn $name(job: &Job<'_>, sums: &[i32], r0: usize, out: &mut [i32]) {
             const R: usize = $r;
             let s = job.shape;
-            let (k, n, groups) = (s.cols, s.rows, job.groups());
-            let quads = job.group / 4;
-            let per_scale = s.group / job.group;
-            let block_bytes = s.quads() * 4 * LANES;
-            let block_scales = s.w_blocks() * 2 * LANES;
+            let crate::exact::kernels::Dims { k, n, groups, quads, per_scale, block_bytes, block_scales } =
+                job.dims();
             let kq = k / 4;
             let x = &job.x[r0 * kq..(r0 + R) * kq];
             let xs = &job.x_scales[2 * r0 * groups..2 * (r0 + R) * groups];
@@ -258,11 +255,8 @@ macro_rules! tile256 {
         fn $name(job: &Job<'_>, sums: &[i32], r0: usize, out: &mut [i32]) {
             const R: usize = $r;
             let s = job.shape;
-            let (k, n, groups) = (s.cols, s.rows, job.groups());
-            let quads = job.group / 4;
-            let per_scale = s.group / job.group;
-            let block_bytes = s.quads() * 4 * LANES;
-            let block_scales = s.w_blocks() * 2 * LANES;
+            let crate::exact::kernels::Dims { k, n, groups, quads, per_scale, block_bytes, block_scales } =
+                job.dims();
             let kq = k / 4;
             let x = &job.x[r0 * kq..(r0 + R) * kq];
             let xs = &job.x_scales[2 * r0 * groups..2 * (r0 + R) * groups];
