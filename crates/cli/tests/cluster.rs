@@ -2750,6 +2750,8 @@ fn a_worker_holding_several_units_gives_them_all_back_on_ctrl_c() {
             "1",
             "--probation-leases",
             "4",
+            "--request-timeout-secs",
+            "240",
         ],
     )
     .unwrap();
@@ -2790,7 +2792,13 @@ fn a_worker_holding_several_units_gives_them_all_back_on_ctrl_c() {
     let expected = local_generation("Once upon a time", 40, "0", "0");
     for request in requests {
         let (status, body) = request.join().unwrap();
-        assert_eq!(status, 200, "{body}");
+        let workers: String = (0..2)
+            .map(|n| {
+                std::fs::read_to_string(cluster.dir.path().join(format!("worker{n}.log")))
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(status, 200, "{body}\n{}\n{workers}", cluster.log());
         assert_eq!(body["choices"][0]["text"].as_str().unwrap(), expected);
     }
     assert_eq!(

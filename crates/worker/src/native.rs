@@ -84,6 +84,9 @@ pub fn load_or_create_identity(state_dir: &Path) -> Result<Identity, WorkerError
 pub struct WeightCache {
     dir: PathBuf,
     base_url: String,
+    /// Held while a file is looked up and, when missing, downloaded: compute threads asking
+    /// for the same weights at once download them once, and the others read the kept file.
+    filling: std::sync::Mutex<()>,
 }
 
 /// The largest weights file a worker downloads.
@@ -94,6 +97,7 @@ impl WeightCache {
         Self {
             dir: state_dir.join("weights"),
             base_url: base_url.trim_end_matches('/').to_string(),
+            filling: std::sync::Mutex::new(()),
         }
     }
 
@@ -124,7 +128,9 @@ impl WeightCache {
         }
         std::fs::create_dir_all(&self.dir)?;
         let path = self.path(f);
-        let tmp = path.with_extension("partial");
+        // A name of this process's own: another worker sharing the state directory may be
+        // writing the same file.
+        let tmp = path.with_extension(format!("{}.partial", std::process::id()));
         std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path)?;
         Ok(bytes)
@@ -133,6 +139,12 @@ impl WeightCache {
 
 impl FileSource for WeightCache {
     fn read(&self, f: &FileRef) -> Result<Vec<u8>, WorkerError> {
+        // A poisoned lock only means another thread's download failed: the file is checked
+        // here anyway.
+        let _filling = self
+            .filling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match std::fs::read(self.path(f)) {
             Ok(bytes) if tabula_protocol::sha256(&bytes) == f.sha256 => Ok(bytes),
             Ok(_) => {
@@ -542,5 +554,70 @@ where
             Some(Err(e)) => return Err(WorkerError::Connection(e.to_string())),
             None => return Err(WorkerError::Connection("connection closed".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Compute threads that need the same weights at once (each loads its own model) download
+    /// them once; none fails because another is writing the same file.
+    #[test]
+    fn threads_asking_for_the_same_weights_at_once_download_them_once() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let file = FileRef {
+            role: "exact".into(),
+            sha256: tabula_protocol::sha256(&body),
+            size: body.len() as u64,
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        {
+            let (body, served) = (body.clone(), served.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { return };
+                    let (body, served) = (body.clone(), served.clone());
+                    std::thread::spawn(move || {
+                        let mut head = [0u8; 1024];
+                        let _ = stream.read(&mut head);
+                        served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = write!(
+                            stream,
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        // Slowly, so that the downloads would overlap.
+                        for chunk in body.chunks(20_000) {
+                            std::thread::sleep(Duration::from_millis(20));
+                            let _ = stream.write_all(chunk);
+                        }
+                    });
+                }
+            });
+        }
+        let state = tempfile::tempdir().unwrap();
+        let cache = Arc::new(WeightCache::new(
+            state.path(),
+            &format!("http://127.0.0.1:{port}"),
+        ));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (cache, file) = (cache.clone(), file.clone());
+                std::thread::spawn(move || cache.read(&file))
+            })
+            .collect();
+        for reader in readers {
+            assert_eq!(reader.join().unwrap().unwrap(), body);
+        }
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let kept: Vec<_> = std::fs::read_dir(state.path().join("weights"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(kept, vec![file.sha256.to_hex()], "no partial file is left");
     }
 }
