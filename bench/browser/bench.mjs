@@ -26,7 +26,10 @@ const quick = process.argv.includes('--quick');
 const modelsDir = process.env.TABULA_MODELS || path.join(os.homedir(), '.cache/tabula/models');
 const textsFile = arg('--texts', path.join(os.homedir(), '.cache/tabula-bench/texts-seed0.json'));
 const onnxFile = arg('--onnx', path.join(os.homedir(), '.cache/tabula-bench/minilm_l6_fp32.onnx'));
-for (const [what, file] of [['texts', textsFile], ['ONNX model', onnxFile], ['wasm build', path.join(root, 'www/pkg/tabula_web_bg.wasm')],
+// transformers.js' q8 model is onnxruntime's dynamic int8 quantisation (bench/peers.py makes it).
+const onnxQ8File = arg('--onnx-q8', path.join(os.homedir(), '.cache/tabula-bench/minilm_l6_int8_dynamic.onnx'));
+for (const [what, file] of [['texts', textsFile], ['ONNX model', onnxFile], ['int8 ONNX model', onnxQ8File],
+  ['wasm build', path.join(root, 'www/pkg/tabula_web_bg.wasm')], ['relaxed-SIMD wasm build', path.join(root, 'www/pkg-relaxed/tabula_web_bg.wasm')],
   ['transformers.js', path.join(here, 'node_modules/@huggingface/transformers/dist/transformers.js')]]) {
   if (!fs.existsSync(file)) {
     console.error(`${what} missing: ${file}\n(npm run build; npm ci --ignore-scripts --prefix bench/browser; bench/peers.py writes the texts and the ONNX file)`);
@@ -43,10 +46,11 @@ function route(url) {
   if (url === '/' || url === '/page.html') return path.join(here, 'page.html');
   if (url === '/texts.json') return { json: { short: texts.short, long: texts.long } };
   if (url === '/exact.json') return { json: exact };
-  if (url.startsWith('/pkg/')) return path.join(root, 'www', url);
+  if (url.startsWith('/pkg/') || url.startsWith('/pkg-relaxed/')) return path.join(root, 'www', url);
   if (url.startsWith('/node_modules/')) return path.join(here, url);
   if (url.startsWith('/models/')) return path.join(modelsDir, url.slice('/models/'.length));
   if (url === '/tjs-models/all-MiniLM-L6-v2/onnx/model.onnx') return onnxFile;
+  if (url === '/tjs-models/all-MiniLM-L6-v2/onnx/model_quantized.onnx') return onnxQ8File;
   if (url.startsWith('/tjs-models/all-MiniLM-L6-v2/')) return path.join(tjsModel, url.slice('/tjs-models/all-MiniLM-L6-v2/'.length));
   return null;
 }
@@ -93,13 +97,16 @@ async function run(params) {
 
 // SwiftShader runs WebGPU on the CPU, ~40x slower than wasm for transformers.js: short texts
 // only there, one warm-up and one timed batch (still minutes).
+const reps = quick ? '1' : '3';
 const configs = [
-  { engine: 'tabula', device: 'cpu', tasks: 'short,long', reps: quick ? '1' : '3' },
-  { engine: 'tabula-exact', device: 'cpu', tasks: 'short,long', reps: quick ? '1' : '3' },
-  { engine: 'tjs', device: 'cpu', tasks: 'short,long', reps: quick ? '1' : '3' },
-  { engine: 'tabula', device: 'gpu', tasks: 'short', reps: '1' },
-  { engine: 'tabula-exact', device: 'gpu', tasks: 'short', reps: '1' },
-  { engine: 'tjs', device: 'gpu', tasks: 'short', reps: '1' },
+  { engine: 'tabula', device: 'cpu', pkg: 'pkg', tasks: 'short,long', reps },
+  { engine: 'tabula-exact', device: 'cpu', pkg: 'pkg', tasks: 'short,long', reps },
+  { engine: 'tabula-exact', device: 'cpu', pkg: 'pkg-relaxed', tasks: 'short,long', reps },
+  { engine: 'tjs', device: 'cpu', dtype: 'fp32', tasks: 'short,long', reps },
+  { engine: 'tjs', device: 'cpu', dtype: 'q8', tasks: 'short,long', reps },
+  { engine: 'tabula', device: 'gpu', pkg: 'pkg', tasks: 'short', reps: '1' },
+  { engine: 'tabula-exact', device: 'gpu', pkg: 'pkg', tasks: 'short', reps: '1' },
+  { engine: 'tjs', device: 'gpu', dtype: 'fp32', tasks: 'short', reps: '1' },
 ];
 const results = [];
 for (const c of configs) {
@@ -138,17 +145,18 @@ for (const device of ['gpu', 'cpu']) {
   }
 }
 
-const find = (engine, device) => results.find((r) => r.engine === engine && r.device === device);
+// Each of ours next to the peer it is measured against: fast (f32) against transformers.js
+// fp32, exact (int8) against transformers.js q8 where it ran (the CPU), fp32 otherwise.
 const rows = [];
-for (const device of ['cpu', 'gpu']) {
-  const peer = find('tjs', device);
-  for (const engine of ['tabula', 'tabula-exact']) {
-    const ours = find(engine, device);
-    for (const task of ['short', 'long']) {
-      if (!ours[task] || !peer[task]) continue;
-      const a = ours[task].sentencesPerSec, b = peer[task].sentencesPerSec;
-      rows.push(`| ${device === 'gpu' ? 'WebGPU (SwiftShader)' : 'CPU (wasm, 1 thread)'} | minilm-${task}-b32 | ${engine === 'tabula' ? 'tabula fast (f32)' : 'tabula exact (int8)'} | ${a} | transformers.js fp32 | ${b} | ${(a / b).toFixed(2)}× |`);
-    }
+const label = (r) => r.engine === 'tjs' ? `transformers.js ${r.dtype}`
+  : `tabula ${r.engine === 'tabula' ? 'fast (f32)' : 'exact (int8)'}${r.pkg === 'pkg-relaxed' ? ', relaxed SIMD' : ''}`;
+for (const ours of results.filter((r) => r.engine !== 'tjs')) {
+  const peers = results.filter((r) => r.engine === 'tjs' && r.device === ours.device);
+  const peer = (ours.engine === 'tabula-exact' && peers.find((r) => r.dtype === 'q8')) || peers.find((r) => r.dtype === 'fp32');
+  for (const task of ['short', 'long']) {
+    if (!ours[task] || !peer[task]) continue;
+    const a = ours[task].sentencesPerSec, b = peer[task].sentencesPerSec;
+    rows.push(`| ${ours.device === 'gpu' ? 'WebGPU (SwiftShader)' : 'CPU (wasm, 1 thread)'} | minilm-${task}-b32 | ${label(ours)} | ${a} | ${label(peer)} | ${b} | ${(a / b).toFixed(2)}× |`);
   }
 }
 const gz = (files) => files.reduce((n, f) => n + zlib.gzipSync(fs.readFileSync(f), { level: 9 }).length, 0);
@@ -163,7 +171,7 @@ await probe.close();
 console.log('| device | task | ours | sentences/s | peer | sentences/s | ours / peer |');
 console.log('|---|---|---|---:|---|---:|---:|');
 for (const r of rows) console.log(r);
-console.log(`\nModel load (fresh profile, files from 127.0.0.1): ${results.map((r) => `${r.engine}/${r.device} ${r.loadMs} ms`).join(', ')}`);
+console.log(`\nModel load (fresh profile, files from 127.0.0.1): ${results.map((r) => `${label(r)}/${r.device} ${r.loadMs} ms`).join(', ')}`);
 console.log(`Engine download, gzipped: tabula ${(ours / 1e6).toFixed(2)} MB (wasm + glue + worker) vs transformers.js ${(theirs / 1e6).toFixed(2)} MB (onnxruntime-web wasm + glue + transformers.js); ratio ${(ours / theirs).toFixed(2)}×`);
 console.log(`Volunteer page, cold profile, from opening the page to the first submitted unit: ${(firstUnit.gpu / 1000).toFixed(1)} s on WebGPU, ${(firstUnit.cpu / 1000).toFixed(1)} s without WebGPU`);
 fs.writeFileSync(arg('--json-out', path.join(os.tmpdir(), 'tabula-browser-bench.json')), JSON.stringify(results, null, 1));

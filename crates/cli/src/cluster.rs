@@ -182,8 +182,7 @@ pub fn model_sources(dir: &std::path::Path) -> Result<Vec<ModelSource>> {
             tracing::warn!("{} is not in {}; not serving it", spec.name, dir.display());
             continue;
         }
-        let (_, hash) = crate::quantize::exact_file(dir, spec)?;
-        let path = dir.join(tabula_models::exact::exact_file_name(spec.name, &hash));
+        let (path, hash) = crate::quantize::exact_file(dir, spec)?;
         sources.push(ModelSource {
             spec,
             dir: dir.to_path_buf(),

@@ -124,7 +124,8 @@ pub fn bench_pipeline(args: PipelineBenchArgs) -> Result<()> {
     })?;
     let tokenizer = LlamaTokenizer::from_gguf(&GgufFile::parse(&gguf)?)?;
     let prompt = tokenizer.encode(&tokenizer.chat_prompt(&args.prompt)?)?;
-    let (whole, hash) = crate::quantize::exact_file(&dir, &SMOLLM2)?;
+    let (path, hash) = crate::quantize::exact_file(&dir, &SMOLLM2)?;
+    let whole = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let pieces = split_pieces(&whole, &hash)?;
     let file = ExactFile::open(&whole, &hash)?;
     let ExactArch::Llama(config) = &file.header.config else {

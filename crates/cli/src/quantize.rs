@@ -82,8 +82,10 @@ pub fn quantize(dir: &Path, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// The bytes and hash of `spec`'s quantised file, quantising it first if there is none.
-pub fn exact_file(dir: &Path, spec: &ModelSpec) -> Result<(Vec<u8>, String)> {
+/// The path and hash of `spec`'s quantised file, quantising it first if there is none.
+/// [`ExactFile::open_path`](tabula_models::exact::ExactFile::open_path) loads it a tensor at
+/// a time.
+pub fn exact_file(dir: &Path, spec: &ModelSpec) -> Result<(PathBuf, String)> {
     let found = present(dir, spec)?;
     let (path, hash) = match found.len() {
         0 => {
@@ -101,6 +103,5 @@ pub fn exact_file(dir: &Path, spec: &ModelSpec) -> Result<(Vec<u8>, String)> {
             spec.name
         ),
     };
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok((bytes, hash))
+    Ok((path, hash))
 }

@@ -198,8 +198,8 @@ pub fn load_exact_embedder<B: ExactBackend>(
     name: &str,
 ) -> Result<ExactEmbedder<B>> {
     let spec = spec(name, Family::Bert)?;
-    let (bytes, hash) = crate::quantize::exact_file(dir, spec)?;
-    let file = ExactFile::open(&bytes, &hash)?;
+    let (path, hash) = crate::quantize::exact_file(dir, spec)?;
+    let file = ExactFile::open_path(&path, &hash)?;
     let files = model_files(dir, spec)?;
     let tokenizer = file_by_suffix(spec, &files, "tokenizer.json")?;
     Ok(ExactEmbedder::load(backend, &file, tokenizer)?)
@@ -365,10 +365,13 @@ pub fn load_exact_generator<B: ExactBackend>(
     name: &str,
 ) -> Result<ExactGenerator<B>> {
     let spec = spec(name, Family::Llama)?;
-    let (bytes, hash) = crate::quantize::exact_file(dir, spec)?;
-    let file = ExactFile::open(&bytes, &hash)?;
-    let gguf = model_files(dir, spec)?.remove(0);
-    let tokenizer = LlamaTokenizer::from_gguf(&GgufFile::parse(&gguf)?)?;
+    let (path, hash) = crate::quantize::exact_file(dir, spec)?;
+    let file = ExactFile::open_path(&path, &hash)?;
+    // The GGUF is read for its tokenizer only, and dropped before the model loads.
+    let tokenizer = {
+        let gguf = model_files(dir, spec)?.remove(0);
+        LlamaTokenizer::from_gguf(&GgufFile::parse(&gguf)?)?
+    };
     Ok(ExactGenerator::new(
         ExactLlama::load(backend, &file)?,
         tokenizer,

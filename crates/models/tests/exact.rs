@@ -24,9 +24,12 @@ fn minilm_exact() -> (Vec<u8>, String) {
 }
 
 fn embed_all<B: ExactBackend>(backend: &B, bytes: &[u8], hash: &str) -> Vec<ExactEmbedding> {
-    let file = ExactFile::open(bytes, hash).unwrap();
+    embed_file(backend, &ExactFile::open(bytes, hash).unwrap())
+}
+
+fn embed_file<B: ExactBackend>(backend: &B, file: &ExactFile<'_>) -> Vec<ExactEmbedding> {
     let tokenizer = model_file(MINILM.files[2].local_path);
-    let embedder = ExactEmbedder::load(backend, &file, &tokenizer).unwrap();
+    let embedder = ExactEmbedder::load(backend, file, &tokenizer).unwrap();
     let texts: Vec<String> = minilm_fixtures().into_iter().map(|f| f.text).collect();
     pollster::block_on(embedder.embed(backend, &texts)).unwrap()
 }
@@ -47,6 +50,17 @@ fn minilm_exact_is_faithful_and_bit_identical_on_cpu_and_gpu() {
     let min = cosines.iter().copied().fold(1.0, f32::min);
     eprintln!("MiniLM exact vs fp32: mean cosine {mean:.6}, min {min:.6}");
     assert!(mean >= 0.99 && min >= 0.97, "mean {mean} min {min}");
+
+    // Read from disk a tensor at a time (how the CLI and native workers load): the same bits.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("minilm.exact.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let from_disk = embed_file(&CpuBackend, &ExactFile::open_path(&path, &hash).unwrap());
+    for (c, d) in cpu.iter().zip(&from_disk) {
+        assert_eq!(c.sha256, d.sha256);
+    }
+    let err = ExactFile::open_path(&path, &"0".repeat(64)).err().unwrap();
+    assert!(err.to_string().contains("hashes to"), "{err}");
 
     let gpu = embed_all(&gpu(), &bytes, &hash);
     for ((f, c), g) in fixtures.iter().zip(&cpu).zip(&gpu) {

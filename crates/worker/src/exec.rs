@@ -20,6 +20,12 @@ use crate::WorkerError;
 /// coordinator's model dir). The executor checks every file's hash itself.
 pub trait FileSource {
     fn read(&self, file: &FileRef) -> Result<Vec<u8>, WorkerError>;
+
+    /// Where `file` lies on disk, fetched first if need be, for a loader that reads it a
+    /// piece at a time (and checks its hash); `None` where files are only in memory.
+    fn local_path(&self, _file: &FileRef) -> Result<Option<std::path::PathBuf>, WorkerError> {
+        Ok(None)
+    }
 }
 
 enum Loaded<B: Backend + ExactBackend> {
@@ -221,12 +227,20 @@ fn load<B: Backend + ExactBackend>(
     match task.precision() {
         Precision::Exact => {
             let f = role("exact")?;
+            let load = |file: &ExactFile<'_>| -> Result<Loaded<B>, WorkerError> {
+                Ok(match &file.header.config {
+                    ExactArch::Bert(_) => Loaded::ExactBert(ExactBert::load(backend, file)?),
+                    ExactArch::Llama(_) => Loaded::ExactLlama(ExactLlama::load(backend, file)?),
+                })
+            };
+            // From disk a tensor at a time where the file is there: the whole file's bytes
+            // and the model are never in memory together.
+            #[cfg(not(target_arch = "wasm32"))]
+            if let Some(path) = files.local_path(f)? {
+                return load(&ExactFile::open_path(&path, &f.sha256.to_hex())?);
+            }
             let bytes = read_checked(files, f)?;
-            let file = ExactFile::open(&bytes, &f.sha256.to_hex())?;
-            Ok(match &file.header.config {
-                ExactArch::Bert(_) => Loaded::ExactBert(ExactBert::load(backend, &file)?),
-                ExactArch::Llama(_) => Loaded::ExactLlama(ExactLlama::load(backend, &file)?),
-            })
+            load(&ExactFile::open(&bytes, &f.sha256.to_hex())?)
         }
         Precision::Fast => {
             if let Ok(f) = role("gguf") {

@@ -12,7 +12,7 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use tabula_engine::{Backend, exact::ExactBackend};
 use tabula_protocol::{
-    Address, FileRef, Identity, LeaseId, MAX_COORDINATOR_FRAME, Precision, SessionId,
+    Address, FileRef, Hash, Identity, LeaseId, MAX_COORDINATOR_FRAME, Precision, SessionId,
     ToCoordinator, ToWorker, decode, encode,
 };
 use tokio::sync::{mpsc, watch};
@@ -105,7 +105,26 @@ impl WeightCache {
         self.dir.join(f.sha256.to_hex())
     }
 
-    fn download(&self, f: &FileRef) -> Result<Vec<u8>, WorkerError> {
+    /// The path of `f` in the cache, downloaded first when it is missing or corrupt. The
+    /// download streams to disk through the hash, so it never holds the file in memory.
+    fn fill(&self, f: &FileRef) -> Result<PathBuf, WorkerError> {
+        // A poisoned lock only means another thread's download failed: the file is checked
+        // here anyway.
+        let _filling = self
+            .filling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = self.path(f);
+        match std::fs::File::open(&path) {
+            Ok(file) => {
+                if sha256_of(file)? == f.sha256 {
+                    return Ok(path);
+                }
+                tracing::warn!(file = %f.sha256, "cached weights are corrupt; downloading again");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         if f.size > MAX_WEIGHTS_BYTES {
             return Err(WorkerError::File(format!("{} bytes is too large", f.size)));
         }
@@ -114,46 +133,93 @@ impl WeightCache {
         let mut response = ureq::get(&url)
             .call()
             .map_err(|e| WorkerError::File(format!("GET {url}: {e}")))?;
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(f.size + 1)
-            .read_to_vec()
-            .map_err(|e| WorkerError::File(format!("GET {url}: {e}")))?;
-        let actual = tabula_protocol::sha256(&bytes);
+        std::fs::create_dir_all(&self.dir)?;
+        // A name of this process's own: another worker sharing the state directory may be
+        // writing the same file.
+        let tmp = path.with_extension(format!("{}.partial", std::process::id()));
+        let written = (|| -> Result<Hash, WorkerError> {
+            let mut out = HashingWriter {
+                file: std::io::BufWriter::new(std::fs::File::create(&tmp)?),
+                hasher: sha2::Sha256::default(),
+                written: 0,
+            };
+            let mut body = response.body_mut().with_config().limit(f.size + 1).reader();
+            std::io::copy(&mut body, &mut out)
+                .map_err(|e| WorkerError::File(format!("GET {url}: {e}")))?;
+            use std::io::Write;
+            out.file.flush()?;
+            if out.written != f.size {
+                return Err(WorkerError::File(format!(
+                    "{url} sent {} bytes, expected {}; not kept",
+                    out.written, f.size
+                )));
+            }
+            use sha2::Digest;
+            Ok(tabula_protocol::Bytes(out.hasher.finalize().into()))
+        })();
+        let actual = match written {
+            Ok(actual) => actual,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         if actual != f.sha256 {
+            let _ = std::fs::remove_file(&tmp);
             return Err(WorkerError::File(format!(
                 "{url} sent a file hashing to {actual}; not kept"
             )));
         }
-        std::fs::create_dir_all(&self.dir)?;
-        let path = self.path(f);
-        // A name of this process's own: another worker sharing the state directory may be
-        // writing the same file.
-        let tmp = path.with_extension(format!("{}.partial", std::process::id()));
-        std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path)?;
-        Ok(bytes)
+        Ok(path)
     }
+}
+
+/// Writes to a file and hashes what it wrote.
+struct HashingWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: sha2::Sha256,
+    written: u64,
+}
+
+impl std::io::Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// The SHA-256 of a file's bytes, read a megabyte at a time.
+fn sha256_of(mut file: std::fs::File) -> Result<Hash, WorkerError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut hasher = sha2::Sha256::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(tabula_protocol::Bytes(hasher.finalize().into()))
 }
 
 impl FileSource for WeightCache {
     fn read(&self, f: &FileRef) -> Result<Vec<u8>, WorkerError> {
-        // A poisoned lock only means another thread's download failed: the file is checked
-        // here anyway.
-        let _filling = self
-            .filling
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match std::fs::read(self.path(f)) {
-            Ok(bytes) if tabula_protocol::sha256(&bytes) == f.sha256 => Ok(bytes),
-            Ok(_) => {
-                tracing::warn!(file = %f.sha256, "cached weights are corrupt; downloading again");
-                self.download(f)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.download(f),
-            Err(e) => Err(e.into()),
-        }
+        Ok(std::fs::read(self.fill(f)?)?)
+    }
+
+    fn local_path(&self, f: &FileRef) -> Result<Option<PathBuf>, WorkerError> {
+        self.fill(f).map(Some)
     }
 }
 

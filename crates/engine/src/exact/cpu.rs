@@ -276,13 +276,17 @@ impl ExactBackend for CpuBackend {
     type Int = CpuInt;
 
     fn upload_int(&self, data: &[i32], shape: &[usize]) -> Result<CpuInt> {
+        self.upload_int_vec(data.to_vec(), shape)
+    }
+
+    fn upload_int_vec(&self, data: Vec<i32>, shape: &[usize]) -> Result<CpuInt> {
         if shape.iter().product::<usize>() != data.len() {
             return Err(shape_err(
                 "upload_int",
                 format!("{} values for shape {shape:?}", data.len()),
             ));
         }
-        Ok(CpuInt::new(shape.to_vec(), data.to_vec()))
+        Ok(CpuInt::new(shape.to_vec(), data))
     }
 
     fn zeros_int(&self, shape: &[usize]) -> Result<CpuInt> {

@@ -352,6 +352,11 @@ pub trait ExactBackend {
     type Int: Clone + Shaped + std::fmt::Debug;
 
     fn upload_int(&self, data: &[i32], shape: &[usize]) -> Result<Self::Int>;
+    /// [`upload_int`](Self::upload_int) of values the caller gives up: a backend that keeps
+    /// them in host memory keeps this vector instead of a copy (loading holds one fewer).
+    fn upload_int_vec(&self, data: Vec<i32>, shape: &[usize]) -> Result<Self::Int> {
+        self.upload_int(&data, shape)
+    }
     fn zeros_int(&self, shape: &[usize]) -> Result<Self::Int>;
     fn read_int(&self, t: &Self::Int) -> impl Future<Output = Result<Vec<i32>>>;
 

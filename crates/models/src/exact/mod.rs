@@ -9,6 +9,8 @@
 //! the same bytes, hence the same name.
 
 mod bert;
+#[cfg(not(target_arch = "wasm32"))]
+mod disk;
 mod llama;
 mod pieces;
 mod quantize;
@@ -95,20 +97,45 @@ pub fn hash_in_name<'a>(model: &str, file_name: &'a str) -> Option<&'a str> {
 pub struct ExactFile<'a> {
     /// The model's header (for pieces: the whole file's, with `piece` cleared).
     pub header: ExactHeader,
-    tensors: Vec<safetensors::SafeTensors<'a>>,
+    tensors: Vec<Tensors<'a>>,
+}
+
+/// Where a file's tensors are read from.
+enum Tensors<'a> {
+    /// Bytes in memory (the browser, pipeline pieces).
+    Memory(safetensors::SafeTensors<'a>),
+    /// A whole file on disk, read a tensor at a time ([`ExactFile::open_path`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    Disk(disk::DiskTensors),
+}
+
+/// One tensor's type, shape and little-endian bytes (borrowed from memory, or read from disk).
+pub(crate) struct Tensor<'a> {
+    pub(crate) dtype: safetensors::Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: std::borrow::Cow<'a, [u8]>,
+}
+
+fn hash_mismatch(actual: &str, expected_sha256: &str) -> ModelError {
+    ModelError::Format(format!(
+        "quantised model file hashes to {actual}, but its name says {expected_sha256}: \
+         it is corrupt or was modified; delete it and run `tabula models quantize`"
+    ))
 }
 
 /// Parses and checks the header of one file or piece whose bytes hash to `expected_sha256`.
 fn read_header(bytes: &[u8], expected_sha256: &str) -> Result<ExactHeader> {
     let actual = sha256_hex(bytes);
     if !actual.eq_ignore_ascii_case(expected_sha256) {
-        return Err(ModelError::Format(format!(
-            "quantised model file hashes to {actual}, but its name says {expected_sha256}: \
-             it is corrupt or was modified; delete it and run `tabula models quantize`"
-        )));
+        return Err(hash_mismatch(&actual, expected_sha256));
     }
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    header_of(&meta)
+}
+
+/// The [`ExactHeader`] in a file's safetensors metadata, checked.
+fn header_of(meta: &safetensors::tensor::Metadata) -> Result<ExactHeader> {
     let json = meta
         .metadata()
         .as_ref()
@@ -153,7 +180,25 @@ impl<'a> ExactFile<'a> {
         }
         Ok(Self {
             header,
-            tensors: vec![deserialize(bytes)?],
+            tensors: vec![Tensors::Memory(deserialize(bytes)?)],
+        })
+    }
+
+    /// Opens the whole file at `path`, which must hash to `expected_sha256`, reading each
+    /// tensor from disk when a model loads it: a model loaded this way never shares memory
+    /// with the whole file's bytes.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open_path(path: &std::path::Path, expected_sha256: &str) -> Result<ExactFile<'static>> {
+        let tensors = disk::DiskTensors::open(path, expected_sha256)?;
+        let header = header_of(&tensors.meta)?;
+        if header.piece.is_some() {
+            return Err(ModelError::Format(
+                "this is one piece of a quantised model, not the whole file".into(),
+            ));
+        }
+        Ok(ExactFile {
+            header,
+            tensors: vec![Tensors::Disk(tensors)],
         })
     }
 
@@ -192,43 +237,74 @@ impl<'a> ExactFile<'a> {
                     }
                 }
             }
-            tensors.push(deserialize(bytes)?);
+            tensors.push(Tensors::Memory(deserialize(bytes)?));
         }
         let (header, _) = common.expect("at least one piece");
         Ok(Self { header, tensors })
     }
 
     /// The tensor `name`, in whichever file or piece holds it.
-    fn tensor(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+    pub(crate) fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
         self.tensors
             .iter()
-            .find_map(|t| t.tensor(name).ok())
-            .ok_or_else(|| {
-                ModelError::Format(format!(
-                    "tensor `{name}` not found (a piece of the model is missing)"
-                ))
+            .find_map(|t| match t {
+                Tensors::Memory(st) => st.tensor(name).ok().map(|v| {
+                    Ok(Tensor {
+                        dtype: v.dtype(),
+                        shape: v.shape().to_vec(),
+                        data: std::borrow::Cow::Borrowed(v.data()),
+                    })
+                }),
+                #[cfg(not(target_arch = "wasm32"))]
+                Tensors::Disk(d) => d.read(name),
             })
+            .unwrap_or_else(|| {
+                Err(ModelError::Format(format!(
+                    "tensor `{name}` not found (a piece of the model is missing)"
+                )))
+            })
+    }
+
+    /// The names of every tensor in every file or piece.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tensors
+            .iter()
+            .flat_map(|t| match t {
+                Tensors::Memory(st) => st
+                    .names()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+                #[cfg(not(target_arch = "wasm32"))]
+                Tensors::Disk(d) => d.meta.offset_keys(),
+            })
+            .collect();
+        names.sort();
+        names
     }
 
     /// The `i32` tensor `name`, which must have `len` values.
     pub(crate) fn ints(&self, name: &str, len: usize) -> Result<Vec<i32>> {
-        let view = self.tensor(name)?;
-        if view.dtype() != safetensors::Dtype::I32 || view.data().len() != 4 * len {
+        let t = self.tensor(name)?;
+        if t.dtype != safetensors::Dtype::I32 || t.data.len() != 4 * len {
             return Err(ModelError::Format(format!(
                 "tensor `{name}` is {:?} {:?}, expected {len} i32 values",
-                view.dtype(),
-                view.shape()
+                t.dtype, t.shape
             )));
         }
-        Ok(view
-            .data()
+        Ok(t.data
             .chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
     }
 
     pub(crate) fn has(&self, name: &str) -> bool {
-        self.tensor(name).is_ok()
+        self.tensors.iter().any(|t| match t {
+            Tensors::Memory(st) => st.tensor(name).is_ok(),
+            #[cfg(not(target_arch = "wasm32"))]
+            Tensors::Disk(d) => d.meta.info(name).is_some(),
+        })
     }
 
     pub(crate) fn upload<B: ExactBackend>(
@@ -238,7 +314,7 @@ impl<'a> ExactFile<'a> {
         shape: &[usize],
     ) -> Result<B::Int> {
         let data = self.ints(name, shape.iter().product())?;
-        Ok(backend.upload_int(&data, shape)?)
+        Ok(backend.upload_int_vec(data, shape)?)
     }
 
     /// Blocks per row of a `cols`-wide weight.

@@ -72,26 +72,21 @@ pub fn split_pieces(bytes: &[u8], sha256: &str) -> Result<Vec<Piece>> {
     let mut order = vec!["tables".to_string(), "embed".into(), "head".into()];
     order.extend((0..config.layers).map(|i| format!("layer.{i}")));
     let mut writers: Vec<ExactWriter> = order.iter().map(|_| ExactWriter::default()).collect();
-    let st = &file.tensors[0];
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    for name in &names {
+    for name in &file.names() {
         let piece = piece_of(name)
             .ok_or_else(|| ModelError::Format(format!("tensor `{name}` belongs to no piece")))?;
         let slot = order
             .iter()
             .position(|p| *p == piece)
             .ok_or_else(|| ModelError::Format(format!("tensor `{name}`: no layer {piece}")))?;
-        let view = file.tensor(name)?;
-        let shape = view.shape().to_vec();
+        let shape = file.tensor(name)?.shape;
         let data = file.ints(name, shape.iter().product())?;
         writers[slot].put(name.clone(), data, &shape);
     }
     // Tied embeddings: the head carries its own copy of the table as `output.q`, which loads
     // to the same matrix as the embedding with the output's requantisation.
     if !file.has("output.q") {
-        let view = file.tensor("token_embd.q")?;
-        let shape = view.shape().to_vec();
+        let shape = file.tensor("token_embd.q")?.shape;
         let data = file.ints("token_embd.q", shape.iter().product())?;
         writers[2].put("output.q", data, &shape);
     }
