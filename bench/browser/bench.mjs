@@ -5,7 +5,7 @@
 //   - the time from opening the volunteer page (cold profile) to its first finished unit;
 //   - the gzipped size of what a browser downloads to run each engine.
 // Usage (after `npm run build` at the top and `npm ci --ignore-scripts` here):
-//   node bench/browser/bench.mjs [--texts FILE] [--onnx FILE] [--quick]
+//   node bench/browser/bench.mjs [--texts FILE] [--onnx FILE] [--onnx-q8 FILE] [--quick] [--only ENGINES]
 // --texts is the JSON `bench/peers.py --texts-out` writes (the native benchmark's texts);
 // --onnx is MiniLM exported to ONNX (peers.py caches it as ~/.cache/tabula-bench/minilm_l6_fp32.onnx).
 import http from 'node:http';
@@ -49,6 +49,12 @@ function route(url) {
   if (url.startsWith('/pkg/') || url.startsWith('/pkg-relaxed/')) return path.join(root, 'www', url);
   if (url.startsWith('/node_modules/')) return path.join(here, url);
   if (url.startsWith('/models/')) return path.join(modelsDir, url.slice('/models/'.length));
+  // `tabula models fetch` keeps tokenizer.json only; transformers.js also reads this file
+  // (sentence-transformers/all-MiniLM-L6-v2's own).
+  if (url === '/tjs-models/all-MiniLM-L6-v2/tokenizer_config.json') {
+    return { json: { tokenizer_class: 'BertTokenizer', do_lower_case: true, model_max_length: 512, clean_up_tokenization_spaces: true,
+      cls_token: '[CLS]', sep_token: '[SEP]', pad_token: '[PAD]', mask_token: '[MASK]', unk_token: '[UNK]', tokenize_chinese_chars: true, strip_accents: null } };
+  }
   if (url === '/tjs-models/all-MiniLM-L6-v2/onnx/model.onnx') return onnxFile;
   if (url === '/tjs-models/all-MiniLM-L6-v2/onnx/model_quantized.onnx') return onnxQ8File;
   if (url.startsWith('/tjs-models/all-MiniLM-L6-v2/')) return path.join(tjsModel, url.slice('/tjs-models/all-MiniLM-L6-v2/'.length));
@@ -108,8 +114,10 @@ const configs = [
   { engine: 'tabula-exact', device: 'gpu', pkg: 'pkg', tasks: 'short', reps: '1' },
   { engine: 'tjs', device: 'gpu', dtype: 'fp32', tasks: 'short', reps: '1' },
 ];
+// --only ENGINE[,ENGINE]: just those configurations (tabula, tabula-exact, tjs), no first unit.
+const only = arg('--only', '') ? arg('--only', '').split(',') : null;
 const results = [];
-for (const c of configs) {
+for (const c of configs.filter((c) => !only || only.includes(c.engine))) {
   process.stderr.write(`running ${JSON.stringify(c)} ...\n`);
   const r = await run(c);
   process.stderr.write(`  ${JSON.stringify(r)}\n`);
@@ -126,7 +134,7 @@ const targetDir = process.env.CARGO_TARGET_DIR || path.join(root, 'target');
 process.env.TABULA_BIN ||= path.join(targetDir, 'release/tabula');
 const { Cluster } = await import('../../tests/browser/cluster.mjs');
 const firstUnit = {};
-for (const device of ['gpu', 'cpu']) {
+for (const device of only ? [] : ['gpu', 'cpu']) {
   const cluster = await Cluster.start();
   const browser = await launch(device === 'gpu');
   try {
@@ -153,6 +161,7 @@ const label = (r) => r.engine === 'tjs' ? `transformers.js ${r.dtype}`
 for (const ours of results.filter((r) => r.engine !== 'tjs')) {
   const peers = results.filter((r) => r.engine === 'tjs' && r.device === ours.device);
   const peer = (ours.engine === 'tabula-exact' && peers.find((r) => r.dtype === 'q8')) || peers.find((r) => r.dtype === 'fp32');
+  if (!peer) continue;
   for (const task of ['short', 'long']) {
     if (!ours[task] || !peer[task]) continue;
     const a = ours[task].sentencesPerSec, b = peer[task].sentencesPerSec;
