@@ -316,8 +316,11 @@ pub struct WorkerArgs {
     /// EVM address that on-chain credit goes to (0x + 40 hex digits).
     #[arg(long)]
     payout: Option<String>,
+    /// Where units compute. `auto` times a short exact test on the GPU (when wgpu finds one)
+    /// and on the CPU, and computes on the faster (a software adapter such as lavapipe loses
+    /// to the CPU it runs on).
     #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendChoice,
+    backend: WorkerBackend,
     /// Which units to take: exact (compared by hash) or fast (compared with a tolerance).
     #[arg(long, value_enum, default_value = "exact")]
     precision: CliPrecision,
@@ -349,6 +352,57 @@ pub struct WorkerArgs {
     stage_links: StageLinks,
 }
 
+/// `tabula worker --backend`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+enum WorkerBackend {
+    /// The faster of the GPU and the CPU in a short exact test.
+    Auto,
+    /// The CPU (SIMD GEMM, int8 kernels).
+    Cpu,
+    /// wgpu: Vulkan/Metal/DX12 (a software Vulkan device such as lavapipe works too).
+    Gpu,
+}
+
+/// `--backend auto`: the [`Calibration`](tabula_engine::exact::selfcheck::Calibration)
+/// workload timed on the GPU wgpu finds (if any) and on one CPU thread; the faster computes.
+/// Returns the choice and why, for the start line.
+fn calibrate() -> Result<(BackendChoice, String)> {
+    use tabula_engine::exact::selfcheck::Calibration;
+    let gpu = match crate::run::gpu_backend() {
+        Ok(gpu) => gpu,
+        Err(e) => return Ok((BackendChoice::Cpu, format!("no GPU adapter ({e})"))),
+    };
+    let t0 = std::time::Instant::now();
+    let now = || t0.elapsed().as_secs_f64() * 1000.0;
+    let cpu_ms = pollster::block_on(Calibration::new(&CpuBackend)?.best_ms(&CpuBackend, now))?;
+    let gpu_ms = pollster::block_on(Calibration::new(&gpu)?.best_ms(&gpu, now))?;
+    Ok(faster(cpu_ms, gpu_ms, &gpu.adapter_label()))
+}
+
+/// The faster of the CPU and the GPU named `adapter`, given each one's time for the same
+/// test, and why in words; a tie goes to the CPU.
+fn faster(cpu_ms: f64, gpu_ms: f64, adapter: &str) -> (BackendChoice, String) {
+    if gpu_ms < cpu_ms {
+        (
+            BackendChoice::Gpu,
+            format!(
+                "the GPU ({adapter}) ran a short exact test {:.1}× as fast as one CPU thread \
+                 ({gpu_ms:.0} ms against {cpu_ms:.0} ms)",
+                cpu_ms / gpu_ms
+            ),
+        )
+    } else {
+        (
+            BackendChoice::Cpu,
+            format!(
+                "one CPU thread ran a short exact test {:.1}× as fast as the GPU ({adapter}) \
+                 ({cpu_ms:.0} ms against {gpu_ms:.0} ms)",
+                gpu_ms / cpu_ms
+            ),
+        )
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum StageLinks {
     Auto,
@@ -376,11 +430,28 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         CliPrecision::Exact => Precision::Exact,
         CliPrecision::Fast => Precision::Fast,
     };
-    let backend_name = match args.backend {
+    let backend = match args.backend {
+        WorkerBackend::Cpu => BackendChoice::Cpu,
+        WorkerBackend::Gpu => BackendChoice::Gpu,
+        WorkerBackend::Auto => {
+            eprintln!("timing a short exact test on the GPU and the CPU…");
+            let (backend, why) = calibrate()?;
+            eprintln!(
+                "computing on the {}: {why}",
+                if backend == BackendChoice::Gpu {
+                    "GPU"
+                } else {
+                    "CPU"
+                }
+            );
+            backend
+        }
+    };
+    let backend_name = match backend {
         BackendChoice::Cpu => "cpu",
         BackendChoice::Gpu => "gpu",
     };
-    let threads = match (args.threads, args.backend) {
+    let threads = match (args.threads, backend) {
         (Some(n), _) => n as usize,
         (None, BackendChoice::Cpu) => std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -388,7 +459,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         (None, BackendChoice::Gpu) => 1,
     };
     let kernel = tabula_engine::exact::kernels::Kernel::active();
-    if precision == Precision::Exact && matches!(args.backend, BackendChoice::Cpu) {
+    if precision == Precision::Exact && matches!(backend, BackendChoice::Cpu) {
         // Every int8 kernel this processor has must give the reference's bits, or this
         // worker's exact results would be struck as lies.
         let diffs = tabula_engine::exact::selfcheck::compare_cpu_kernels()?;
@@ -424,7 +495,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         member: tabula_worker::member::MemberOptions {
             direct: matches!(args.stage_links, StageLinks::Auto),
             // A stage computes where the worker's units do.
-            gpu: matches!(args.backend, BackendChoice::Gpu),
+            gpu: matches!(backend, BackendChoice::Gpu),
             ..Default::default()
         },
     };
@@ -438,7 +509,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             let _ = stop_tx.send(true);
         });
         let display = tokio::spawn(show_progress(events));
-        let result = match args.backend {
+        let result = match backend {
             BackendChoice::Cpu => {
                 native::run(
                     || Ok(Executor::new(CpuBackend)),
@@ -515,4 +586,32 @@ async fn show_progress(mut events: tokio::sync::mpsc::UnboundedReceiver<WorkerEv
         ));
     }
     bar.finish_and_clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_faster_device_computes_and_the_reason_names_both_times() {
+        for (cpu_ms, gpu_ms, choice, words) in [
+            (
+                40.0,
+                4.0,
+                BackendChoice::Gpu,
+                "10.0× as fast as one CPU thread (4 ms against 40 ms)",
+            ),
+            (
+                4.0,
+                100.0,
+                BackendChoice::Cpu,
+                "25.0× as fast as the GPU (Vulkan: llvmpipe, software) (4 ms against 100 ms)",
+            ),
+            (5.0, 5.0, BackendChoice::Cpu, "1.0× as fast"),
+        ] {
+            let (chosen, why) = faster(cpu_ms, gpu_ms, "Vulkan: llvmpipe, software");
+            assert_eq!(chosen, choice, "{why}");
+            assert!(why.contains(words), "{why:?} lacks {words:?}");
+        }
+    }
 }

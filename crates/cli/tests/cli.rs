@@ -417,3 +417,55 @@ fn quantize_is_deterministic_and_loaders_check_the_hash() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tabula worker --backend auto` times a short exact test on the GPU wgpu finds and on the
+/// CPU before it connects, says where it computes and why, and a software adapter (lavapipe in
+/// CI) loses to the CPU it runs on.
+#[test]
+fn worker_backend_auto_computes_on_the_faster_device_and_says_why() {
+    use std::io::BufRead;
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tabula"))
+        .args([
+            "worker",
+            "--backend",
+            "auto",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ])
+        .args(["--state-dir", &state.path().display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tabula");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let choice = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(180)) {
+            Ok(line) if line.starts_with("computing on the ") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no `computing on` line; stderr so far: {seen:#?}");
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        choice.contains("ms against") || choice.contains("no GPU adapter"),
+        "{choice}"
+    );
+    if choice.contains("software") {
+        assert!(choice.starts_with("computing on the CPU"), "{choice}");
+    }
+}

@@ -657,15 +657,9 @@ fn gpu_executor(backend: GpuBackend) -> AnyExecutor {
 /// The best of three timed [`Calibration`] runs after a warm-up (shader compilation, first
 /// allocations), in milliseconds.
 async fn calibration_ms<B: ExactBackend>(backend: &B) -> tabula_engine::Result<f64> {
-    let c = Calibration::new(backend)?;
-    c.run(backend).await?;
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let start = js_sys::Date::now();
-        c.run(backend).await?;
-        best = best.min(js_sys::Date::now() - start);
-    }
-    Ok(best.max(0.1))
+    Calibration::new(backend)?
+        .best_ms(backend, js_sys::Date::now)
+        .await
 }
 
 /// `auto`: a short exact workload on the WebGPU adapter (when there is one) and on the wasm

@@ -169,6 +169,19 @@ impl<B: ExactBackend> Calibration<B> {
         b.read_int(&y).await?;
         Ok(())
     }
+
+    /// The best of three timed runs after a warm-up, in milliseconds of `now` (a clock in
+    /// milliseconds: `Instant` natively, `Date.now()` in a browser); at least 0.1.
+    pub async fn best_ms(&self, b: &B, now: impl Fn() -> f64) -> Result<f64> {
+        self.run(b).await?;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let start = now();
+            self.run(b).await?;
+            best = best.min(now() - start);
+        }
+        Ok(best.max(0.1))
+    }
 }
 
 /// Every int8 matrix kernel this processor has ([`Kernel::supported_all`]) against the

@@ -298,7 +298,6 @@ impl GpuBackend {
         Ok(out)
     }
 
-    /// Whether the adapter is a software implementation (lavapipe, SwiftShader).
     /// The adapter as a volunteer would name it: its name (or "unnamed adapter" where the
     /// browser hides it), the API, and whether it is a software rasteriser.
     pub fn adapter_label(&self) -> String {
@@ -319,6 +318,7 @@ impl GpuBackend {
         format!("{api}: {name}{software}")
     }
 
+    /// Whether the adapter is a software implementation (lavapipe, SwiftShader).
     pub fn is_software(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
