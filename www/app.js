@@ -38,6 +38,7 @@ function render() {
     ? `${status.unitsPerMinute.toFixed(1)} units/min` : (status.lastUnitMs ? `${(status.lastUnitMs / 1000).toFixed(1)} s/unit` : '—');
   $('verified').textContent = credit(status.creditMicro || 0);
   if (status.publicKey) $('key').textContent = status.publicKey;
+  if (status.keyNote) $('key-note').textContent = status.keyNote;
   if (status.stageMb !== undefined) $('stage-mb').placeholder = `${status.stageMb} (default)`;
 }
 

@@ -65,8 +65,19 @@ function report(extra = {}) {
   postMessage({ type: 'status', ...state });
 }
 
-// The worker's ed25519 seed, created once per browser profile and kept in IndexedDB.
+// The worker's ed25519 seed, created once per browser profile and kept in IndexedDB. A
+// browser that will not store it (private mode, no disk space or quota left) still computes,
+// under a key that lasts as long as the page; the page says so next to the key.
 async function loadSeed() {
+  try {
+    return await storedSeed();
+  } catch (e) {
+    report({ keyNote: `This browser would not keep your key (${e && e.message || e}): credit goes to a key that lasts until this page closes. Set a payout address to keep it.` });
+    return crypto.getRandomValues(new Uint8Array(32));
+  }
+}
+
+async function storedSeed() {
   const db = await new Promise((resolve, reject) => {
     const open = indexedDB.open(KEY_DB, 1);
     open.onupgradeneeded = () => open.result.createObjectStore(KEY_STORE);
@@ -85,7 +96,8 @@ async function loadSeed() {
       const tx = db.transaction(KEY_STORE, 'readwrite');
       tx.objectStore(KEY_STORE).put(seed, KEY_NAME);
       tx.oncomplete = resolve;
-      tx.onerror = () => reject(tx.error);
+      // A write over quota aborts the transaction without an error event.
+      tx.onerror = tx.onabort = () => reject(tx.error || new Error('the key could not be stored'));
     });
   }
   db.close();
@@ -96,21 +108,28 @@ async function loadSeed() {
 // in Rust before the file is used; a file that fails it is evicted (see `computeUnit`).
 async function weights(file) {
   const url = new URL(`/v1/weights/${file.sha256}`, coordinator).href;
-  const cache = await caches.open(WEIGHTS_CACHE);
-  let response = await cache.match(url);
-  if (!response) {
-    report({ message: `downloading ${file.role} weights (${(file.size / 1e6).toFixed(1)} MB)` });
-    const fetched = await fetch(url);
-    if (!fetched.ok) throw new Error(`weights ${file.sha256}: HTTP ${fetched.status}`);
-    await cache.put(url, fetched.clone());
-    response = fetched;
+  // Keeping a copy is a saving, not a condition: a browser out of disk space or quota
+  // refuses it, and the unit still computes from the downloaded bytes.
+  const cache = await caches.open(WEIGHTS_CACHE).catch(() => null);
+  const cached = cache && await cache.match(url).catch(() => null);
+  if (cached) return new Uint8Array(await cached.arrayBuffer());
+  report({ message: `downloading ${file.role} weights (${(file.size / 1e6).toFixed(1)} MB)` });
+  const fetched = await fetch(url);
+  if (!fetched.ok) throw new Error(`weights ${file.sha256}: HTTP ${fetched.status}`);
+  const bytes = new Uint8Array(await fetched.arrayBuffer());
+  try {
+    if (!cache) throw new Error('no Cache API');
+    await cache.put(url, new Response(bytes, { headers: { 'content-type': 'application/octet-stream' } }));
+  } catch (e) {
+    report({ message: `computing without keeping the weights (the browser would not store them: ${e.message || e})` });
   }
-  return new Uint8Array(await response.arrayBuffer());
+  return bytes;
 }
 
 async function evict(files) {
-  const cache = await caches.open(WEIGHTS_CACHE);
-  for (const f of files) await cache.delete(new URL(`/v1/weights/${f.sha256}`, coordinator).href);
+  const cache = await caches.open(WEIGHTS_CACHE).catch(() => null);
+  if (!cache) return;
+  for (const f of files) await cache.delete(new URL(`/v1/weights/${f.sha256}`, coordinator).href).catch(() => {});
 }
 
 // Frames are binary; replies inside frame events arrive as plain arrays of bytes.

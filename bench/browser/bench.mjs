@@ -81,7 +81,13 @@ async function launch(webgpu) {
     '--disable-background-networking', '--disable-component-update', '--disable-quic', '--remote-debugging-pipe',
     `--user-data-dir=${profile}`, '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1'];
   if (webgpu) args.push('--enable-unsafe-webgpu');
-  return chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', ignoreDefaultArgs: true, args, timeout: 60_000 });
+  const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium', ignoreDefaultArgs: true, args, timeout: 60_000 });
+  // The cold profile goes with the browser (the weights it cached are megabytes per run).
+  const close = browser.close.bind(browser);
+  browser.close = async () => {
+    try { await close(); } finally { fs.rmSync(profile, { recursive: true, force: true, maxRetries: 5 }); }
+  };
+  return browser;
 }
 
 async function run(params) {

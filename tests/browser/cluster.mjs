@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { root } from './harness.mjs';
+import { removeDir, root } from './harness.mjs';
 
 const targetDir = process.env.CARGO_TARGET_DIR || path.join(root, 'target');
 export const bin = process.env.TABULA_BIN || path.join(targetDir, 'debug', 'tabula');
@@ -27,6 +27,7 @@ export class Cluster {
     c.port = await freePort();
     c.url = `http://127.0.0.1:${c.port}`;
     c.workers = [];
+    c.logs = []; // the workers' log files, closed by `stop`
     c.log = fs.openSync(path.join(c.dir, 'serve.log'), 'a');
     c.serve = spawn(bin, ['serve', '--listen', `127.0.0.1:${c.port}`, '--local',
       '--data-dir', path.join(c.dir, 'data'), '--www', path.join(root, 'www'),
@@ -47,6 +48,7 @@ export class Cluster {
 
   addWorker(name, extra = []) {
     const log = fs.openSync(path.join(this.dir, `${name}.log`), 'a');
+    this.logs.push(log);
     const w = spawn(bin, ['worker', '--coordinator', this.url, '--state-dir', path.join(this.dir, name),
       '--backend', 'cpu', '--precision', 'exact', ...extra], { stdio: ['ignore', log, log] });
     this.workers.push(w);
@@ -99,18 +101,30 @@ export class Cluster {
     this.serve.kill('SIGINT');
     await new Promise((r) => setTimeout(r, 300));
     for (const p of [...this.workers, this.serve]) if (p.exitCode === null) p.kill('SIGKILL');
+    await Promise.all([...this.workers, this.serve].map((p) => (p.exitCode !== null || p.signalCode !== null
+      ? null : new Promise((r) => { p.once('exit', r); setTimeout(r, 5000); }))));
+    // A failed test has quoted the logs already (`diagnostics`); the weights copies inside
+    // are hundreds of megabytes per cluster.
+    for (const fd of [this.log, ...this.logs]) fs.closeSync(fd);
+    removeDir(this.dir);
   }
 }
 
 // The volunteer page at `url` in a fresh browser context (its own key), with `settings` as
 // the page keeps them in localStorage, started; resolves once its key is known.
-export async function openVolunteer(browser, url, settings = null) {
+// `quotaBytes` overrides the origin's storage quota (DevTools' Storage.overrideQuotaForOrigin),
+// as a browser short of disk space would have it.
+export async function openVolunteer(browser, url, settings = null, { quotaBytes } = {}) {
   const context = await browser.newContext();
   if (settings) await context.addInitScript((s) => localStorage.setItem('tabula-settings', s), JSON.stringify(settings));
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(e.message));
   await page.goto(url);
+  if (quotaBytes !== undefined) {
+    const cdp = await context.newCDPSession(page);
+    await cdp.send('Storage.overrideQuotaForOrigin', { origin: new URL(url).origin, quotaSize: quotaBytes });
+  }
   await page.click('#toggle');
   // The key appears once the engine is loaded and the key is read from IndexedDB.
   await page.waitForFunction(() => /^[0-9a-f]{64}$/.test(document.getElementById('key').textContent), null, { timeout: 120_000 });

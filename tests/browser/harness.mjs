@@ -44,7 +44,23 @@ export async function launch({ webgpu = true } = {}) {
     args,
     timeout: 60_000,
   });
+  // The profile goes with the browser: a test run leaves no gigabytes behind in the temp dir
+  // (a full disk makes Chromium's Cache API fail, which once looked like a broken worker).
+  const close = browser.close.bind(browser);
+  browser.close = async (...a) => {
+    try { await close(...a); } finally { removeDir(profile); }
+  };
   return browser;
+}
+
+// A test's temp dir, removed unless TABULA_KEEP_TEST_DIRS is set (to read its logs afterwards).
+export function removeDir(dir) {
+  if (process.env.TABULA_KEEP_TEST_DIRS) return;
+  try {
+    fs.rmSync(dir, { recursive: true, force: true, maxRetries: 5 });
+  } catch (e) {
+    console.warn(`could not remove ${dir}: ${e.message}`);
+  }
 }
 
 export function readJsonl(file) {

@@ -109,6 +109,30 @@ test('without WebGPU the page computes on the wasm CPU path and still agrees', {
   }
 });
 
+test('a browser that will not store the weights (1 KiB of quota) computes from the download and is credited', { timeout: 600_000 }, async () => {
+  const cluster = await Cluster.start();
+  const browser = await launch({ webgpu: false });
+  try {
+    cluster.addWorker('native');
+    const v = await openVolunteer(browser, `${cluster.url}/`, null, { quotaBytes: 1024 });
+    await embedAndCheck(cluster);
+    const w = await creditOf(cluster, v.key);
+    assert.equal(w.strikes, 0);
+    assert.ok(w.units_verified >= 2, JSON.stringify(w));
+    // The refusal was real: nothing was kept.
+    const kept = await v.page.evaluate(async () => (await caches.keys()).length
+      ? (await Promise.all((await caches.keys()).map(async (n) => (await (await caches.open(n)).keys()).length))).reduce((a, b) => a + b, 0)
+      : 0);
+    assert.equal(kept, 0, 'the weights were stored despite a quota of 1 KiB');
+    // Nor could the key be kept, and the page says what that means.
+    assert.match(await v.page.textContent('#key-note'), /would not keep your key.*until this page closes/);
+    assert.deepEqual(v.errors, []);
+  } finally {
+    await browser.close();
+    await cluster.stop();
+  }
+});
+
 test('on a software WebGPU adapter (SwiftShader) the page calibrates both devices and computes on the faster CPU, saying why', { timeout: 300_000 }, async () => {
   const cluster = await Cluster.start();
   const browser = await launch({ webgpu: true });

@@ -15,6 +15,7 @@ function render(status = { phase: 'stopped' }) {
   $('speed').textContent = status.unitsPerMinute ? `${status.unitsPerMinute.toFixed(1)} units/min` : '—';
   $('verified').textContent = ((status.creditMicro || 0) / 1e6).toFixed(2);
   if (status.publicKey) $('key').textContent = status.publicKey;
+  if (status.keyNote) $('key-note').textContent = status.keyNote;
   $('toggle').dataset.running = String(running);
 }
 
