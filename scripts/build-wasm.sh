@@ -32,7 +32,7 @@ gzip -9 -c www/pkg-relaxed/tabula_web_bg.wasm | wc -c | awk '{printf "www/pkg-re
 # The extension runs the same worker in its offscreen document: it needs its own copies.
 rm -rf www/extension/pkg
 cp -r www/pkg www/extension/pkg
-cp www/worker.js www/extension/worker.js
+cp www/worker.js www/compute.js www/engine.js www/extension/
 cp www/peers.js www/extension/peers.js
 rm -rf www/extension/pkg-relaxed
 cp -r www/pkg-relaxed www/extension/pkg-relaxed

@@ -33,6 +33,7 @@ function render() {
   const detail = ['starting', 'connecting', 'working', 'error'].includes(status.phase) ? status.message || '' : '';
   $('phase').textContent = `${phases[status.phase] || ''} ${detail}`.trim();
   $('device').textContent = status.device || '—';
+  $('threads').textContent = status.threads ? threadsText(status.threads) : '—';
   $('units').textContent = String(status.units || 0);
   $('speed').textContent = running && status.unitsPerMinute
     ? `${status.unitsPerMinute.toFixed(1)} units/min` : (status.lastUnitMs ? `${(status.lastUnitMs / 1000).toFixed(1)} s/unit` : '—');
@@ -40,6 +41,13 @@ function render() {
   if (status.publicKey) $('key').textContent = status.publicKey;
   if (status.keyNote) $('key-note').textContent = status.keyNote;
   if (status.stageMb !== undefined) $('stage-mb').placeholder = `${status.stageMb} (default)`;
+}
+
+// Units computed side by side: one compute worker each, a share of the cores (the setting
+// below). A GPU computes one unit at a time.
+function threadsText(n) {
+  const cores = navigator.hardwareConcurrency || 1;
+  return n > 1 ? `${n} (of ${cores} CPU cores)` : '1';
 }
 
 worker.onerror = (e) => {
@@ -52,6 +60,7 @@ worker.onerror = (e) => {
 worker.onmessage = (m) => {
   if (m.data.type !== 'status') return;
   status = m.data;
+  self.tabulaStatus = status; // the worker's last report, for tests and the curious
   if (status.phase === 'error' && status.message.startsWith('the coordinator refused')) wanted = false;
   render();
 };

@@ -7,33 +7,16 @@
 //               {type: 'throttle', value: 0.1..1}      {type: 'payout', address}
 //               {type: 'peer-signal-out' | 'peer-channel', ...}  (from www/peers.js)
 // Messages out: {type: 'status', ...}  (see `report`)
+// With several threads (the throttle's share of the CPU's cores, on the CPU path) the units
+// compute in a pool of compute workers (compute.js); one key and one session either way.
 //               {type: 'peer-open' | 'peer-signal' | 'peer-close', ...}  (to www/peers.js: a
 //               worker cannot open an RTCPeerConnection, so the document does)
 
-// Two builds of the same engine: `pkg-relaxed` uses wasm relaxed SIMD for exact precision's
-// int8 dot products (same bits, ~20 % faster); `pkg` runs everywhere. This probe module
-// (i8x16.relaxed_swizzle) validates only where relaxed SIMD exists.
-const RELAXED_SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0,
-  10, 15, 1, 13, 0, 65, 1, 253, 15, 65, 2, 253, 15, 253, 128, 2, 11]);
-
-async function loadEngine() {
-  const relaxed = WebAssembly.validate(RELAXED_SIMD_PROBE);
-  try {
-    const pkg = await import(relaxed ? './pkg-relaxed/tabula_web.js' : './pkg/tabula_web.js');
-    await pkg.default();
-    return { ...pkg, relaxed };
-  } catch (e) {
-    if (!relaxed) throw e;
-    const pkg = await import('./pkg/tabula_web.js'); // a site without the relaxed build
-    await pkg.default();
-    return { ...pkg, relaxed: false };
-  }
-}
+import { evict, loadEngine, weights } from './engine.js';
 
 const KEY_DB = 'tabula';
 const KEY_STORE = 'keys';
 const KEY_NAME = 'worker-seed-v1';
-const WEIGHTS_CACHE = 'tabula-weights-v1';
 
 const state = {
   phase: 'stopped', // stopped | starting | connecting | working | waiting | error
@@ -48,6 +31,9 @@ const state = {
   payoutAddress: '',
   stageMb: 0, // memory offered to pipeline stages (0: none)
   stages: 0, // pipeline sessions served
+  threads: 1, // units computed at once (compute workers when more than one)
+  peakParallel: 0, // the most units computed at once so far
+  computing: 0, // units computing now
 };
 let volunteer = null;
 let socket = null;
@@ -59,6 +45,10 @@ let coordinator = '';
 let backend = 'auto';
 let stageSession = ''; // the pipeline session this page serves, if any
 const recent = []; // finish times of recent units, for throughput
+const MAX_THREADS = 16; // the worker core's limit (MAX_PARALLEL)
+let pool = []; // compute workers: {worker, lease (the unit it computes, or null), started}
+let asked = 0; // `Ready` frames not answered yet
+let duty = 1; // the share of time a single compute thread computes (the throttle below a core)
 
 function report(extra = {}) {
   Object.assign(state, extra);
@@ -104,34 +94,6 @@ async function storedSeed() {
   return seed;
 }
 
-// A model file by its SHA-256, from the Cache API or else the coordinator. The hash is checked
-// in Rust before the file is used; a file that fails it is evicted (see `computeUnit`).
-async function weights(file) {
-  const url = new URL(`/v1/weights/${file.sha256}`, coordinator).href;
-  // Keeping a copy is a saving, not a condition: a browser out of disk space or quota
-  // refuses it, and the unit still computes from the downloaded bytes.
-  const cache = await caches.open(WEIGHTS_CACHE).catch(() => null);
-  const cached = cache && await cache.match(url).catch(() => null);
-  if (cached) return new Uint8Array(await cached.arrayBuffer());
-  report({ message: `downloading ${file.role} weights (${(file.size / 1e6).toFixed(1)} MB)` });
-  const fetched = await fetch(url);
-  if (!fetched.ok) throw new Error(`weights ${file.sha256}: HTTP ${fetched.status}`);
-  const bytes = new Uint8Array(await fetched.arrayBuffer());
-  try {
-    if (!cache) throw new Error('no Cache API');
-    await cache.put(url, new Response(bytes, { headers: { 'content-type': 'application/octet-stream' } }));
-  } catch (e) {
-    report({ message: `computing without keeping the weights (the browser would not store them: ${e.message || e})` });
-  }
-  return bytes;
-}
-
-async function evict(files) {
-  const cache = await caches.open(WEIGHTS_CACHE).catch(() => null);
-  if (!cache) return;
-  for (const f of files) await cache.delete(new URL(`/v1/weights/${f.sha256}`, coordinator).href).catch(() => {});
-}
-
 // Frames are binary; replies inside frame events arrive as plain arrays of bytes.
 function send(frame) {
   if (socket && socket.readyState === WebSocket.OPEN) {
@@ -139,31 +101,52 @@ function send(frame) {
   }
 }
 
+// Asks for as many units as the worker has room for (one `Ready` each; every `Ready` gets an
+// `assign`, a `busy` or a `noWork`).
 function askForWork(delayMs = 0) {
   clearTimeout(retryTimer);
-  retryTimer = setTimeout(() => { if (running) send(volunteer.readyFrame()); }, delayMs);
+  retryTimer = setTimeout(() => {
+    if (!running || !volunteer || !socket || socket.readyState !== WebSocket.OPEN) return;
+    while (volunteer.wantsUnits() > asked) {
+      send(volunteer.readyFrame());
+      asked++;
+    }
+  }, delayMs);
 }
 
-async function computeUnit(event) {
-  report({ phase: 'working', message: `computing a ${event.model} unit (${event.precision})` });
-  const started = performance.now();
-  let frame;
-  try {
-    const files = [];
-    for (const f of event.files) files.push(await weights(f));
-    frame = await volunteer.run(files);
-  } catch (e) {
-    const message = String(e && e.message || e);
-    if (message.includes('hashes to')) await evict(event.files);
-    if (!running) return; // stopped meanwhile: `stop` already released the unit
-    const release = volunteer.releaseFrame();
-    if (release) send(release);
-    report({ phase: 'error', message: `unit failed: ${message}` });
-    if (running) askForWork(2000);
-    return;
-  }
-  if (!running) return; // stopped while computing: the release was already sent
-  send(frame);
+function answered() {
+  asked = Math.max(0, asked - 1);
+}
+
+// The logical cores the browser reports, within what the worker computes at once.
+function cores() {
+  return Math.max(1, Math.min(MAX_THREADS, Math.floor(Number(self.navigator && self.navigator.hardwareConcurrency) || 1)));
+}
+
+// The throttle as a share of the whole CPU: 100 % runs a compute worker per core, 50 % half
+// as many; below one core's worth, one worker computes and rests in proportion.
+function applyThrottle() {
+  const share = state.throttle * cores();
+  const threads = volunteer ? volunteer.setThreads(Math.max(1, Math.floor(share + 1e-9))) : 1;
+  duty = Math.min(1, share / threads);
+  // Compute workers beyond the number idle now are let go (their memory with them).
+  for (const slot of pool.filter((p) => !p.lease).slice(Math.max(0, threads - busyCount()))) retire(slot);
+  report({ threads });
+  if (running) askForWork();
+}
+
+function busyCount() {
+  return pool.filter((p) => p.lease).length;
+}
+
+function retire(slot) {
+  slot.worker.terminate();
+  pool = pool.filter((p) => p !== slot);
+}
+
+// After a unit: throughput for the page, then the rest the throttle asks for.
+function unitDone(started) {
+  unitOver();
   const now = performance.now();
   recent.push(now);
   while (recent.length > 20) recent.shift();
@@ -172,12 +155,115 @@ async function computeUnit(event) {
     units: state.units + 1,
     lastUnitMs: Math.round(now - started),
     unitsPerMinute: spanMin > 0 ? (recent.length - 1) / spanMin : 0,
-    phase: 'working',
+    phase: 'working', // until a `noWork` says otherwise
     message: 'submitted; asking for the next unit',
   });
-  // The throttle: at 0.5 the worker rests as long as it computed.
-  const rest = state.throttle >= 1 ? 0 : (now - started) * (1 / state.throttle - 1);
-  askForWork(rest);
+  // At a duty of 0.5 the worker rests as long as it computed.
+  askForWork(duty >= 1 ? 0 : (now - started) * (1 / duty - 1));
+}
+
+function unitFailed(lease, message) {
+  if (!running) return; // stopped meanwhile: `stop` already released the unit
+  unitOver();
+  const release = volunteer.releaseFrame(lease);
+  if (release) send(release);
+  report({ phase: 'error', message: `unit failed: ${message}` });
+  askForWork(2000);
+}
+
+function computeUnit(event) {
+  answered();
+  report({ phase: 'working', message: `computing a ${event.model} unit (${event.precision})`, computing: state.computing + 1 });
+  report({ peakParallel: Math.max(state.peakParallel, state.computing) });
+  if (state.threads > 1) dispatch(event);
+  else computeHere(event);
+}
+
+// A unit is over (submitted, failed or given back).
+function unitOver() {
+  report({ computing: Math.max(0, state.computing - 1) });
+}
+
+// One thread: the unit computes in this worker (on the GPU, or the CPU).
+async function computeHere(event) {
+  const started = performance.now();
+  let frame;
+  try {
+    const files = [];
+    for (const f of event.files) files.push(await weights(coordinator, f, report));
+    frame = await volunteer.run(event.lease, files);
+  } catch (e) {
+    const message = String(e && e.message || e);
+    if (message.includes('hashes to')) await evict(coordinator, event.files);
+    unitFailed(event.lease, message);
+    return;
+  }
+  if (!running) return; // stopped while computing: the release was already sent
+  send(frame);
+  unitDone(started);
+}
+
+// Several threads: the unit goes to an idle compute worker (compute.js), started if needed;
+// this worker keeps the key, the session and the heartbeat, and signs the output.
+function dispatch(event) {
+  let slot = pool.find((p) => !p.lease);
+  if (!slot) {
+    const worker = new Worker(new URL('./compute.js', import.meta.url), { type: 'module' });
+    slot = { worker, lease: null, started: 0 };
+    worker.onmessage = (m) => fromCompute(slot, m.data || {});
+    worker.onerror = (e) => {
+      // The compute worker died (out of memory, a trap): its unit goes back, it is replaced.
+      const lease = slot.lease;
+      retire(slot);
+      if (lease) unitFailed(lease, `the compute worker stopped (${e.message || 'no reason given'})`);
+    };
+    pool.push(slot);
+  }
+  slot.lease = event.lease;
+  slot.started = performance.now();
+  let task;
+  try {
+    task = volunteer.taskFrame(event.lease);
+  } catch (e) {
+    slot.lease = null;
+    unitFailed(event.lease, e.message || e);
+    return;
+  }
+  // The session's worker downloads each file once; the compute workers read the cache.
+  Promise.all(event.files.map(prefetch))
+    .catch(() => {}) // a compute worker downloads what the cache lacks
+    .then(() => slot.worker.postMessage({ type: 'unit', id: event.lease, coordinator, task }, [task.buffer]));
+}
+
+const prefetched = new Map(); // sha256 -> a download in flight or done
+function prefetch(file) {
+  if (!prefetched.has(file.sha256)) {
+    prefetched.set(file.sha256, weights(coordinator, file, report).then(() => undefined, (e) => {
+      prefetched.delete(file.sha256);
+      throw e;
+    }));
+  }
+  return prefetched.get(file.sha256);
+}
+
+function fromCompute(slot, msg) {
+  if (msg.type === 'status') { report({ message: msg.message }); return; }
+  if (msg.id !== slot.lease) return; // a unit given back meanwhile (stop pressed)
+  slot.lease = null;
+  if (msg.type === 'failed') { unitFailed(msg.id, msg.message); return; }
+  if (!running) return;
+  let frame;
+  try {
+    frame = volunteer.submitFrame(msg.id, msg.output);
+  } catch (e) {
+    report({ message: `not submitted: ${e.message || e}` });
+    unitOver();
+    askForWork();
+    return;
+  }
+  send(frame);
+  if (pool.length > state.threads) retire(slot);
+  unitDone(slot.started);
 }
 
 // The memory a pipeline stage may use by default: a quarter of what the device reports
@@ -201,7 +287,7 @@ async function runStage(event) {
   }
   const files = [];
   try {
-    for (const f of event.files) files.push(await weights(f));
+    for (const f of event.files) files.push(await weights(coordinator, f, report));
   } catch (e) {
     const frame = volunteer.abandonStage(`the stage's weights did not download: ${e.message || e}`);
     if (frame) send(frame);
@@ -216,7 +302,7 @@ async function runStage(event) {
     report({ stages: state.stages + 1, message: `finished ${what}` });
   } catch (e) {
     const message = String(e && e.message || e);
-    if (message.includes('hashes to')) await evict(event.files);
+    if (message.includes('hashes to')) await evict(coordinator, event.files);
     report({ message: `the pipeline stage stopped: ${message}` });
   } finally {
     endStage(event.session);
@@ -241,6 +327,7 @@ function onFrame(bytes) {
     case 'challenge': send(event.reply); break;
     case 'welcome':
       backoffMs = 500;
+      asked = 0; // a new session: nothing asked in it yet
       report({ phase: 'waiting', message: 'connected', creditMicro: event.creditMicro });
       clearInterval(heartbeat);
       heartbeat = setInterval(() => send(volunteer.heartbeatFrame()), Math.max(100, event.heartbeatMs));
@@ -250,7 +337,7 @@ function onFrame(bytes) {
       askForWork();
       break;
     case 'assign': computeUnit(event); break;
-    case 'busy': send(event.reply); break;
+    case 'busy': answered(); send(event.reply); break;
     case 'decline': send(event.reply); break;
     case 'stage': runStage(event); break;
     case 'signal':
@@ -259,6 +346,7 @@ function onFrame(bytes) {
     case 'stageEnd': endStage(event.session); break;
     case 'ignored': break;
     case 'noWork':
+      answered();
       report({ phase: 'waiting', message: 'no work right now; asking again soon' });
       askForWork(Math.min(Math.max(event.retryMs, 50), 60000));
       break;
@@ -287,6 +375,7 @@ function connect() {
   socket.onclose = () => {
     clearInterval(heartbeat);
     socket = null;
+    asked = 0;
     // A stage cannot outlive its session's socket: the coordinator rebuilds without it.
     if (volunteer) volunteer.endStage();
     if (!running) return;
@@ -311,6 +400,7 @@ async function start(options) {
       // Which device computes and why (the engine calibrated both, or the settings chose).
       report({ device: volunteer.device(), publicKey: volunteer.publicKey() });
     }
+    applyThrottle();
     const stageMb = Number.isFinite(options.stageMb) && options.stageMb >= 0 ? Math.floor(options.stageMb) : defaultStageMb();
     volunteer.setStages(stageMb, options.stageLinks !== 'relay');
     report({ stageMb });
@@ -327,9 +417,12 @@ function stop(release = true) {
   clearTimeout(retryTimer);
   clearInterval(heartbeat);
   if (volunteer && release) {
-    const frame = volunteer.releaseFrame();
-    if (frame) send(frame);
+    // Every unit held goes back (one per compute worker).
+    for (let frame = volunteer.releaseFrame(); frame; frame = volunteer.releaseFrame()) send(frame);
   }
+  for (const slot of pool) slot.worker.terminate();
+  pool = [];
+  state.computing = 0;
   if (volunteer) volunteer.endStage();
   if (socket) socket.close(1000, 'stopped by the volunteer');
   socket = null;
@@ -341,7 +434,10 @@ onmessage = (m) => {
   switch (msg.type) {
     case 'start': start(msg); break;
     case 'stop': stop(); break;
-    case 'throttle': report({ throttle: Math.min(1, Math.max(0.1, Number(msg.value) || 1)) }); break;
+    case 'throttle':
+      report({ throttle: Math.min(1, Math.max(0.1, Number(msg.value) || 1)) });
+      applyThrottle();
+      break;
     case 'payout':
       state.payoutAddress = msg.address;
       if (volunteer && running) {

@@ -5,7 +5,7 @@
 //   - the time from opening the volunteer page (cold profile) to its first finished unit;
 //   - the gzipped size of what a browser downloads to run each engine.
 // Usage (after `npm run build` at the top and `npm ci --ignore-scripts` here):
-//   node bench/browser/bench.mjs [--texts FILE] [--onnx FILE] [--onnx-q8 FILE] [--quick] [--only ENGINES]
+//   node bench/browser/bench.mjs [--texts FILE] [--onnx FILE] [--onnx-q8 FILE] [--quick] [--only ENGINES] [--cpu]
 // --texts is the JSON `bench/peers.py --texts-out` writes (the native benchmark's texts);
 // --onnx is MiniLM exported to ONNX (peers.py caches it as ~/.cache/tabula-bench/minilm_l6_fp32.onnx).
 import http from 'node:http';
@@ -44,6 +44,7 @@ const types = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/ja
 function route(url) {
   const tjsModel = path.join(modelsDir, 'all-MiniLM-L6-v2');
   if (url === '/' || url === '/page.html') return path.join(here, 'page.html');
+  if (url === '/embed-worker.js' || url === '/tabula-load.js') return path.join(here, url.slice(1));
   if (url === '/texts.json') return { json: { short: texts.short, long: texts.long } };
   if (url === '/exact.json') return { json: exact };
   if (url.startsWith('/pkg/') || url.startsWith('/pkg-relaxed/')) return path.join(root, 'www', url);
@@ -64,9 +65,11 @@ const server = http.createServer((req, res) => {
   const url = decodeURIComponent(new URL(req.url, 'http://x').pathname);
   const target = url.includes('..') ? null : route(url);
   if (target && target.json) {
-    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(target.json));
+    res.writeHead(200, { 'content-type': 'application/json', 'cross-origin-embedder-policy': 'require-corp' }).end(JSON.stringify(target.json));
   } else if (target && fs.existsSync(target) && fs.statSync(target).isFile()) {
-    res.writeHead(200, { 'content-type': types[path.extname(target)] || 'application/octet-stream' });
+    // Cross-origin isolated, so that onnxruntime-web may use threads (SharedArrayBuffer).
+    res.writeHead(200, { 'content-type': types[path.extname(target)] || 'application/octet-stream',
+      'cross-origin-opener-policy': 'same-origin', 'cross-origin-embedder-policy': 'require-corp' });
     fs.createReadStream(target).pipe(res);
   } else {
     res.writeHead(404).end();
@@ -116,14 +119,22 @@ const configs = [
   { engine: 'tabula-exact', device: 'cpu', pkg: 'pkg-relaxed', tasks: 'short,long', reps },
   { engine: 'tjs', device: 'cpu', dtype: 'fp32', tasks: 'short,long', reps },
   { engine: 'tjs', device: 'cpu', dtype: 'q8', tasks: 'short,long', reps },
+  // Two threads each: our pool of workers (as the volunteer page runs it) against
+  // onnxruntime-web's threads.
+  { engine: 'tabula', device: 'cpu', pkg: 'pkg', tasks: 'short,long', reps, threads: '2' },
+  { engine: 'tabula-exact', device: 'cpu', pkg: 'pkg-relaxed', tasks: 'short,long', reps, threads: '2' },
+  { engine: 'tjs', device: 'cpu', dtype: 'fp32', tasks: 'short,long', reps, threads: '2' },
+  { engine: 'tjs', device: 'cpu', dtype: 'q8', tasks: 'short,long', reps, threads: '2' },
   { engine: 'tabula', device: 'gpu', pkg: 'pkg', tasks: 'short', reps: '1' },
   { engine: 'tabula-exact', device: 'gpu', pkg: 'pkg', tasks: 'short', reps: '1' },
   { engine: 'tjs', device: 'gpu', dtype: 'fp32', tasks: 'short', reps: '1' },
 ];
 // --only ENGINE[,ENGINE]: just those configurations (tabula, tabula-exact, tjs), no first unit.
 const only = arg('--only', '') ? arg('--only', '').split(',') : null;
+// --cpu: the CPU configurations only (SwiftShader's take minutes).
+const cpuOnly = process.argv.includes('--cpu');
 const results = [];
-for (const c of configs.filter((c) => !only || only.includes(c.engine))) {
+for (const c of configs.filter((c) => (!only || only.includes(c.engine)) && (!cpuOnly || c.device === 'cpu'))) {
   process.stderr.write(`running ${JSON.stringify(c)} ...\n`);
   const r = await run(c);
   process.stderr.write(`  ${JSON.stringify(r)}\n`);
@@ -165,17 +176,18 @@ const rows = [];
 const label = (r) => r.engine === 'tjs' ? `transformers.js ${r.dtype}`
   : `tabula ${r.engine === 'tabula' ? 'fast (f32)' : 'exact (int8)'}${r.pkg === 'pkg-relaxed' ? ', relaxed SIMD' : ''}`;
 for (const ours of results.filter((r) => r.engine !== 'tjs')) {
-  const peers = results.filter((r) => r.engine === 'tjs' && r.device === ours.device);
+  const peers = results.filter((r) => r.engine === 'tjs' && r.device === ours.device && (r.threads || '1') === (ours.threads || '1'));
   const peer = (ours.engine === 'tabula-exact' && peers.find((r) => r.dtype === 'q8')) || peers.find((r) => r.dtype === 'fp32');
   if (!peer) continue;
   for (const task of ['short', 'long']) {
     if (!ours[task] || !peer[task]) continue;
     const a = ours[task].sentencesPerSec, b = peer[task].sentencesPerSec;
-    rows.push(`| ${ours.device === 'gpu' ? 'WebGPU (SwiftShader)' : 'CPU (wasm, 1 thread)'} | minilm-${task}-b32 | ${label(ours)} | ${a} | ${label(peer)} | ${b} | ${(a / b).toFixed(2)}× |`);
+    const t = ours.threads || '1';
+    rows.push(`| ${ours.device === 'gpu' ? 'WebGPU (SwiftShader)' : `CPU (wasm, ${t} thread${t === '1' ? '' : 's'})`} | minilm-${task}-b32 | ${label(ours)} | ${a} | ${label(peer)} | ${b} | ${(a / b).toFixed(2)}× |`);
   }
 }
 const gz = (files) => files.reduce((n, f) => n + zlib.gzipSync(fs.readFileSync(f), { level: 9 }).length, 0);
-const ours = gz([path.join(root, 'www/pkg/tabula_web_bg.wasm'), path.join(root, 'www/pkg/tabula_web.js'), path.join(root, 'www/worker.js')]);
+const ours = gz([path.join(root, 'www/pkg/tabula_web_bg.wasm'), path.join(root, 'www/pkg/tabula_web.js'), ...['worker.js', 'engine.js', 'compute.js'].map((f) => path.join(root, 'www', f))]);
 const ort = path.join(here, 'node_modules/onnxruntime-web/dist');
 const theirs = gz([path.join(ort, 'ort-wasm-simd-threaded.asyncify.wasm'), path.join(ort, 'ort-wasm-simd-threaded.asyncify.mjs'),
   path.join(here, 'node_modules/@huggingface/transformers/dist/transformers.js')]);
@@ -187,7 +199,7 @@ console.log('| device | task | ours | sentences/s | peer | sentences/s | ours / 
 console.log('|---|---|---|---:|---|---:|---:|');
 for (const r of rows) console.log(r);
 console.log(`\nModel load (fresh profile, files from 127.0.0.1): ${results.map((r) => `${label(r)}/${r.device} ${r.loadMs} ms`).join(', ')}`);
-console.log(`Engine download, gzipped: tabula ${(ours / 1e6).toFixed(2)} MB (wasm + glue + worker) vs transformers.js ${(theirs / 1e6).toFixed(2)} MB (onnxruntime-web wasm + glue + transformers.js); ratio ${(ours / theirs).toFixed(2)}×`);
+console.log(`Engine download, gzipped: tabula ${(ours / 1e6).toFixed(2)} MB (wasm + glue + workers) vs transformers.js ${(theirs / 1e6).toFixed(2)} MB (onnxruntime-web wasm + glue + transformers.js); ratio ${(ours / theirs).toFixed(2)}×`);
 console.log(`Volunteer page, cold profile, from opening the page to the first submitted unit: ${(firstUnit.gpu / 1000).toFixed(1)} s on WebGPU, ${(firstUnit.cpu / 1000).toFixed(1)} s without WebGPU`);
 fs.writeFileSync(arg('--json-out', path.join(os.tmpdir(), 'tabula-browser-bench.json')), JSON.stringify(results, null, 1));
 process.exit(0);

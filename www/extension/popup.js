@@ -11,6 +11,7 @@ function render(status = { phase: 'stopped' }) {
   const detail = ['starting', 'connecting', 'working', 'error'].includes(status.phase) ? status.message || '' : '';
   $('phase').textContent = `${phases[status.phase] || ''} ${detail}`.trim();
   $('device').textContent = status.device || '—';
+  $('threads').textContent = status.threads > 1 ? `${status.threads} (of ${navigator.hardwareConcurrency || 1} CPU cores)` : String(status.threads || '—');
   $('units').textContent = String(status.units || 0);
   $('speed').textContent = status.unitsPerMinute ? `${status.unitsPerMinute.toFixed(1)} units/min` : '—';
   $('verified').textContent = ((status.creditMicro || 0) / 1e6).toFixed(2);

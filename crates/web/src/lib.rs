@@ -5,6 +5,8 @@
 //!   bytes the page fetched and run it on WebGPU (through `wgpu`) or on the wasm CPU path.
 //! - [`Volunteer`], the browser worker, driven by `www/worker.js`: protocol frames, signatures,
 //!   unit execution and pipeline stages (`member`), with the page doing only I/O.
+//! - [`Computer`], a compute worker of the volunteer's pool (one per thread its throttle
+//!   allows): the executor alone; the `Volunteer` keeps the key and the one session.
 //! - [`PeerConnection`], the document's half of a stage's WebRTC link (`rtc`): browsers give
 //!   `RTCPeerConnection` to documents only, and the data channel moves to the Web Worker.
 //!
@@ -13,10 +15,12 @@
 //! (argument conversion with `serde-wasm-bindgen`, errors as JS exceptions) and the browser
 //! session's state. It must not grow model or verification logic that the native build lacks.
 
+mod computer;
 mod member;
 mod rtc;
 mod volunteer;
 
+pub use computer::Computer;
 pub use rtc::PeerConnection;
 pub use volunteer::Volunteer;
 

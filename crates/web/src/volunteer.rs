@@ -21,8 +21,8 @@ use tabula_engine::{
     gpu::{AdapterChoice, GpuBackend},
 };
 use tabula_protocol::{
-    Address, FileRef, Hash, Identity, MAX_COORDINATOR_FRAME, Precision, PublicKey, Signal, Task,
-    ToCoordinator, ToWorker, UnitOutput, decode, encode,
+    Address, FileRef, Hash, Identity, LeaseId, MAX_COORDINATOR_FRAME, Precision, PublicKey, Signal,
+    Task, ToCoordinator, ToWorker, UnitOutput, decode, encode,
 };
 use tabula_worker::{
     Executor, FileSource, WorkerError,
@@ -63,7 +63,7 @@ impl AnyExecutor {
 }
 
 /// Model files handed over by the page for one unit, each given out once.
-struct Supplied(RefCell<HashMap<Hash, Vec<u8>>>);
+pub(crate) struct Supplied(pub(crate) RefCell<HashMap<Hash, Vec<u8>>>);
 
 impl FileSource for Supplied {
     fn read(&self, file: &FileRef) -> Result<Vec<u8>, WorkerError> {
@@ -90,9 +90,12 @@ enum FrameEvent {
         heartbeat_ms: u32,
         credit_micro: u64,
     },
-    /// A unit to compute: fetch `files` (those not loaded yet), then call `run`.
+    /// A unit to compute: fetch `files` (those not loaded yet), then call `run`; or, with a
+    /// pool of compute workers (`setThreads`), hand `taskFrame(lease)` to one and give its
+    /// output to `submitFrame(lease, …)`.
     #[serde(rename_all = "camelCase")]
     Assign {
+        lease: String,
         model: String,
         precision: &'static str,
         files: Vec<FileOut>,
@@ -174,10 +177,20 @@ struct PeerOut {
 }
 
 #[derive(Serialize)]
-struct FileOut {
+pub(crate) struct FileOut {
     role: String,
     sha256: String,
     size: u64,
+}
+
+impl From<FileRef> for FileOut {
+    fn from(f: FileRef) -> Self {
+        FileOut {
+            role: f.role,
+            sha256: f.sha256.to_hex(),
+            size: f.size,
+        }
+    }
 }
 
 /// One browser volunteer: its key, its compute device and its session state.
@@ -408,13 +421,59 @@ impl Volunteer {
         encode(&ToCoordinator::Heartbeat)
     }
 
-    /// Gives the current unit back (stop pressed, page hidden, unit failed); `undefined` when
-    /// there is none.
+    /// Gives a unit back (stop pressed, page hidden, unit failed): the one under `lease`, or
+    /// else the oldest computing; `undefined` when there is none. Call until `undefined` to
+    /// give back every unit.
     #[wasm_bindgen(js_name = releaseFrame)]
-    pub fn release_frame(&self) -> Option<Vec<u8>> {
+    pub fn release_frame(&self, lease: Option<String>) -> Option<Vec<u8>> {
         let mut core = self.core.borrow_mut();
-        let lease = core.computing()?.lease;
+        let lease = match lease {
+            Some(hex) => LeaseId::from_hex(&hex).ok()?,
+            None => core.computing()?.lease,
+        };
         core.release(lease).map(|frame| encode(&frame))
+    }
+
+    /// Computes up to `threads` units at once on a pool of compute workers (the page's
+    /// throttle), on the CPU only: a GPU computes one unit at a time, and so does one thread
+    /// (in this worker, with `run`). Returns the number taken; takes effect at once (units
+    /// beyond a lower number finish first).
+    #[wasm_bindgen(js_name = setThreads)]
+    pub fn set_threads(&self, threads: u32) -> u32 {
+        let on_gpu = matches!(*self.executor.borrow(), Some(AnyExecutor::Gpu(_)));
+        let threads = if on_gpu { 1 } else { threads as usize };
+        self.core.borrow_mut().set_parallel(threads) as u32
+    }
+
+    /// How many more units this worker would hold now (a `Ready` frame each).
+    #[wasm_bindgen(js_name = wantsUnits)]
+    pub fn wants_units(&self) -> u32 {
+        self.core.borrow().wants_units() as u32
+    }
+
+    /// The task of the unit computing under `lease`, encoded for a compute worker's
+    /// [`Computer::run`](crate::Computer::run).
+    #[wasm_bindgen(js_name = taskFrame)]
+    pub fn task_frame(&self, lease: &str) -> Result<Vec<u8>, JsError> {
+        let lease = LeaseId::from_hex(lease).map_err(js_err)?;
+        let core = self.core.borrow();
+        let a = core
+            .computing_unit(lease)
+            .ok_or_else(|| JsError::new("no unit computes under this lease"))?;
+        Ok(encode(&a.task))
+    }
+
+    /// The signed `Submit` frame for the unit under `lease`, from the output a compute worker
+    /// returned (checked to decode as a unit output before it is signed).
+    #[wasm_bindgen(js_name = submitFrame)]
+    pub fn submit_frame(&self, lease: &str, output: &[u8]) -> Result<Vec<u8>, JsError> {
+        let lease = LeaseId::from_hex(lease).map_err(js_err)?;
+        UnitOutput::decode(output).map_err(js_err)?;
+        self.core
+            .borrow_mut()
+            .submit(&self.identity, lease, output.to_vec())
+            .map(|frame| encode(&frame))
+            .ok_or_else(|| JsError::new("the unit was released while it computed"))
     }
 
     /// Links an EVM payout address (`0x` + 40 hex digits) to this key, signed.
@@ -432,16 +491,22 @@ impl Volunteer {
         }))
     }
 
-    /// Computes the current unit and returns its signed `Submit` frame. `files` holds the bytes
-    /// of the files the `assign` event listed, in that order (the executor checks each hash).
-    /// On an error the unit stays current: send `releaseFrame()`.
-    pub async fn run(&self, files: Vec<js_sys::Uint8Array>) -> Result<Vec<u8>, JsError> {
+    /// Computes the unit under `lease` in this worker and returns its signed `Submit` frame.
+    /// `files` holds the bytes of the files the `assign` event listed, in that order (the
+    /// executor checks each hash). On an error the unit stays held: send
+    /// `releaseFrame(lease)`.
+    pub async fn run(
+        &self,
+        lease: &str,
+        files: Vec<js_sys::Uint8Array>,
+    ) -> Result<Vec<u8>, JsError> {
+        let lease = LeaseId::from_hex(lease).map_err(js_err)?;
         let assignment = self
             .core
             .borrow()
-            .computing()
+            .computing_unit(lease)
             .cloned()
-            .ok_or_else(|| JsError::new("no unit is assigned"))?;
+            .ok_or_else(|| JsError::new("no unit is assigned under this lease"))?;
         let needed = self.needed_files(&assignment.task);
         if files.len() != needed.len() {
             return Err(JsError::new(&format!(
@@ -496,16 +561,13 @@ impl Volunteer {
                     .ok_or_else(|| JsError::new("a unit was held while another computed"))?;
                 drop(core);
                 FrameEvent::Assign {
+                    lease: a.lease.to_hex(),
                     model: a.task.model().name.clone(),
                     precision: a.task.precision().as_str(),
                     files: self
                         .needed_files(&a.task)
                         .into_iter()
-                        .map(|f| FileOut {
-                            role: f.role,
-                            sha256: f.sha256.to_hex(),
-                            size: f.size,
-                        })
+                        .map(FileOut::from)
                         .collect(),
                     deadline_ms: a.deadline_ms,
                 }
@@ -609,11 +671,8 @@ impl Volunteer {
                 .model
                 .files
                 .iter()
-                .map(|f| FileOut {
-                    role: f.role.clone(),
-                    sha256: f.sha256.to_hex(),
-                    size: f.size,
-                })
+                .cloned()
+                .map(FileOut::from)
                 .collect(),
             peers,
             direct: self.stage_direct.get() && order.direct_ms > 0,

@@ -151,6 +151,7 @@ impl WorkerCore {
         }
         options.units_held = options.units_held.clamp(options.parallel, MAX_UNITS_HELD);
         options.memberships = options.memberships.clamp(1, MAX_MEMBERSHIPS);
+        debug_assert!(options.parallel <= options.units_held);
         Self {
             key,
             options,
@@ -171,6 +172,15 @@ impl WorkerCore {
         self.options.max_model_mb = max_model_mb;
     }
 
+    /// Computes up to `parallel` units at once and holds as many (the browser's pool follows
+    /// its volunteer's throttle). Units computing beyond a lower limit finish; no new one
+    /// starts until fewer compute. Returns the limit taken (1 to [`MAX_PARALLEL`]).
+    pub fn set_parallel(&mut self, parallel: usize) -> usize {
+        self.options.parallel = parallel.clamp(1, MAX_PARALLEL);
+        self.options.units_held = self.options.parallel;
+        self.options.parallel
+    }
+
     /// Units held now (computing and waiting).
     pub fn held(&self) -> usize {
         self.computing.len() + self.waiting.len()
@@ -178,12 +188,18 @@ impl WorkerCore {
 
     /// Room for more units.
     pub fn wants_units(&self) -> usize {
-        self.options.units_held - self.held()
+        // More can be held than the limit for a while after `set_parallel` lowered it.
+        self.options.units_held.saturating_sub(self.held())
     }
 
     /// The oldest unit being computed, if any.
     pub fn computing(&self) -> Option<&Assignment> {
         self.computing.first()
+    }
+
+    /// The unit computing under `lease`, if any.
+    pub fn computing_unit(&self, lease: LeaseId) -> Option<&Assignment> {
+        self.computing.iter().find(|a| a.lease == lease)
     }
 
     /// Starts the next waiting unit when fewer than `parallel` compute; returns it (to
@@ -452,6 +468,19 @@ mod tests {
         (id, core)
     }
 
+    /// Exact precision, no stages, one membership.
+    fn options(units_held: usize, parallel: usize) -> CoreOptions {
+        CoreOptions {
+            agent: "test".into(),
+            precisions: vec![Precision::Exact],
+            stages: false,
+            max_model_mb: 0,
+            units_held,
+            parallel,
+            memberships: 1,
+        }
+    }
+
     fn assignment(lease: u8) -> Assignment {
         let task = task();
         Assignment {
@@ -497,15 +526,6 @@ mod tests {
     #[test]
     fn units_compute_side_by_side_up_to_the_threads_and_the_rest_wait() {
         let id = Identity::from_seed([3; 32]);
-        let options = |units_held, parallel| CoreOptions {
-            agent: "test".into(),
-            precisions: vec![Precision::Exact],
-            stages: false,
-            max_model_mb: 0,
-            units_held,
-            parallel,
-            memberships: 1,
-        };
         // Fewer units held than threads: each thread still gets one.
         let core = WorkerCore::new(id.public(), options(1, 3));
         assert_eq!((core.options().units_held, core.wants_units()), (3, 3));
@@ -531,6 +551,37 @@ mod tests {
         let core = WorkerCore::new(id.public(), options(0, 1000));
         assert_eq!(core.options().parallel, MAX_PARALLEL);
         assert_eq!(core.options().units_held, MAX_UNITS_HELD);
+    }
+
+    #[test]
+    fn a_lower_thread_limit_lets_running_units_finish_and_starts_none_until_below_it() {
+        let id = Identity::from_seed([3; 32]);
+        let mut core = WorkerCore::new(id.public(), options(1, 1));
+        assert_eq!(core.set_parallel(3), 3);
+        assert_eq!(core.wants_units(), 3);
+        for lease in 1..=3 {
+            assert!(matches!(
+                core.on_frame(&id, ToWorker::Assign(assignment(lease))),
+                Meaning::Unit
+            ));
+            assert_eq!(core.next_unit().map(|a| a.lease), Some(Bytes([lease; 16])));
+        }
+        // The volunteer lowers the throttle to one thread: three still compute.
+        assert_eq!(core.set_parallel(1), 1);
+        assert_eq!(core.wants_units(), 0);
+        assert!(matches!(
+            core.on_frame(&id, ToWorker::Assign(assignment(4))),
+            Meaning::GiveBack(ToCoordinator::Release { .. })
+        ));
+        assert!(core.submit(&id, Bytes([1; 16]), vec![1]).is_some());
+        assert!(core.submit(&id, Bytes([2; 16]), vec![2]).is_some());
+        assert_eq!(core.wants_units(), 0, "one still computes");
+        assert!(core.submit(&id, Bytes([3; 16]), vec![3]).is_some());
+        assert_eq!(core.wants_units(), 1);
+        assert_eq!(
+            (core.set_parallel(0), core.set_parallel(1000)),
+            (1, MAX_PARALLEL)
+        );
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl WeightCache {
         let path = self.path(f);
         match std::fs::File::open(&path) {
             Ok(file) => {
-                if sha256_of(file)? == f.sha256 {
+                if tabula_models::catalog::sha256_hex_reader(file)? == f.sha256.to_hex() {
                     return Ok(path);
                 }
                 tracing::warn!(file = %f.sha256, "cached weights are corrupt; downloading again");
@@ -194,23 +194,6 @@ impl std::io::Write for HashingWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
     }
-}
-
-/// The SHA-256 of a file's bytes, read a megabyte at a time.
-fn sha256_of(mut file: std::fs::File) -> Result<Hash, WorkerError> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut hasher = sha2::Sha256::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(tabula_protocol::Bytes(hasher.finalize().into()))
 }
 
 impl FileSource for WeightCache {

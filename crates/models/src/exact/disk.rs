@@ -14,29 +14,6 @@ use crate::{ModelError, Result};
 
 /// The most header bytes read (safetensors' own limit).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
-/// Bytes hashed per read.
-const HASH_CHUNK: usize = 1 << 20;
-
-/// The SHA-256 of everything `reader` yields, as lowercase hex.
-pub(crate) fn sha256_stream(mut reader: impl Read) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; HASH_CHUNK];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// The tensors of one safetensors file on disk.
 pub(crate) struct DiskTensors {
     /// Read under the lock: a seek and a read make one tensor's read.
@@ -54,7 +31,7 @@ impl DiskTensors {
     /// Opens `path`, whose bytes must hash to `expected_sha256`, and parses its header.
     pub(crate) fn open(path: &Path, expected_sha256: &str) -> Result<Self> {
         let mut file = std::fs::File::open(path).map_err(|e| io(path, e))?;
-        let actual = sha256_stream(&mut file).map_err(|e| io(path, e))?;
+        let actual = crate::catalog::sha256_hex_reader(&mut file).map_err(|e| io(path, e))?;
         if !actual.eq_ignore_ascii_case(expected_sha256) {
             return Err(super::hash_mismatch(&actual, expected_sha256));
         }
@@ -159,7 +136,7 @@ mod tests {
         }
         assert!(disk.read("c").is_none());
         assert_eq!(
-            sha256_stream(bytes.as_slice()).unwrap(),
+            crate::catalog::sha256_hex_reader(bytes.as_slice()).unwrap(),
             crate::catalog::sha256_hex(&bytes)
         );
     }
