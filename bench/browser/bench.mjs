@@ -99,7 +99,11 @@ async function run(params) {
     const page = await browser.newPage();
     let done;
     const finished = new Promise((r) => { done = r; });
-    page.on('console', (m) => { const t = m.text(); if (/^(RESULT|ERROR)/.test(t)) done(t); });
+    page.on('console', (m) => {
+      const t = m.text();
+      if (/^(RESULT|ERROR)/.test(t)) done(t);
+      else if (m.type() === 'error') process.stderr.write(`  page: ${t}\n`);
+    });
     page.on('pageerror', (e) => done(`ERROR ${e.message}`));
     await page.goto(`${base}/page.html?${new URLSearchParams(params)}`);
     const line = await Promise.race([finished, new Promise((r) => setTimeout(() => r('ERROR timeout'), 1_800_000))]);

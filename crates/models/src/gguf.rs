@@ -153,7 +153,10 @@ pub enum GgufError {
     TensorNotFound { name: String },
 
     /// The tensor's type cannot be dequantised by this reader.
-    #[error("unsupported tensor type {dtype} for dequantisation (tensor `{name}`)")]
+    #[error(
+        "tensor `{name}` is {dtype}, which this reader cannot dequantise (it reads F32, F16, BF16, \
+         Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K)"
+    )]
     UnsupportedDequant { name: String, dtype: GgmlType },
 
     /// A size does not fit this platform's `usize`.
@@ -248,7 +251,11 @@ pub enum GgmlType {
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4_K,
+    Q5_K,
     Q6_K,
     Other(u32),
 }
@@ -302,7 +309,11 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
             14 => GgmlType::Q6_K,
             other => GgmlType::Other(other),
         }
@@ -315,7 +326,11 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
             GgmlType::Q6_K => 14,
             GgmlType::Other(id) => id,
         }
@@ -345,7 +360,11 @@ impl GgmlType {
                 | GgmlType::F16
                 | GgmlType::Q4_0
                 | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
                 | GgmlType::Q8_0
+                | GgmlType::Q4_K
+                | GgmlType::Q5_K
                 | GgmlType::Q6_K
         ) || self.id() == GGML_TYPE_BF16
     }
@@ -885,7 +904,7 @@ impl GgufFile {
     }
 
     /// Tensor `name` converted to `f32`, in ggml element order (`dims[0]`
-    /// fastest). Supports F32, F16, BF16, Q4_0, Q4_1, Q8_0 and Q6_K, with the
+    /// fastest). Supports F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K, with the
     /// same arithmetic as ggml's `dequantize_row_*`.
     pub fn tensor_f32(&self, bytes: &[u8], name: &str) -> Result<Vec<f32>, GgufError> {
         let t = self.tensor_or_err(name)?;
@@ -1023,7 +1042,15 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 const Q8_0_BYTES: usize = 34;
 const Q4_0_BYTES: usize = 18;
 const Q4_1_BYTES: usize = 20;
+const Q5_0_BYTES: usize = 22;
+const Q5_1_BYTES: usize = 24;
+const Q4_K_BYTES: usize = 144;
+const Q5_K_BYTES: usize = 176;
 const Q6_K_BYTES: usize = 210;
+// The block sizes above are ggml's (`TYPE_TABLE`).
+const _: () = assert!(Q5_0_BYTES == 2 + 4 + 16 && Q5_1_BYTES == 2 + 2 + 4 + 16);
+const _: () = assert!(Q4_K_BYTES == 2 + 2 + 12 + 128 && Q5_K_BYTES == 2 + 2 + 12 + 32 + 128);
+const _: () = assert!(Q6_K_BYTES == 128 + 64 + 16 + 2);
 
 /// Converts the data of `t` to f32. `data.len()` must equal `t.byte_len()`.
 fn dequantize(t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, GgufError> {
@@ -1078,6 +1105,26 @@ fn dequantize(t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, GgufError> {
                 out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
             }
         }
+        GgmlType::Q5_0 => {
+            for b in data.chunks_exact(Q5_0_BYTES) {
+                dequantize_q5_block(f16_at(b, 0), None, &b[2..], &mut out);
+            }
+        }
+        GgmlType::Q5_1 => {
+            for b in data.chunks_exact(Q5_1_BYTES) {
+                dequantize_q5_block(f16_at(b, 0), Some(f16_at(b, 2)), &b[4..], &mut out);
+            }
+        }
+        GgmlType::Q4_K => {
+            for b in data.chunks_exact(Q4_K_BYTES) {
+                dequantize_q4_k_block(b, &mut out);
+            }
+        }
+        GgmlType::Q5_K => {
+            for b in data.chunks_exact(Q5_K_BYTES) {
+                dequantize_q5_k_block(b, &mut out);
+            }
+        }
         GgmlType::Q6_K => {
             for b in data.chunks_exact(Q6_K_BYTES) {
                 dequantize_q6_k_block(b, &mut out);
@@ -1092,6 +1139,77 @@ fn dequantize(t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, GgufError> {
     }
     debug_assert_eq!(out.len(), n);
     Ok(out)
+}
+
+/// One Q5_0 (`min` None: `q - 16` times `d`) or Q5_1 (`q * d + min`) block of 32 values:
+/// `rest` is `qh` (u32, bit j the fifth bit of value j) then `qs[16]` (value j in the low
+/// nibble of byte j, value j + 16 in the high one); mirrors ggml's `dequantize_row_q5_0/1`.
+fn dequantize_q5_block(d: f32, min: Option<f32>, rest: &[u8], out: &mut Vec<f32>) {
+    let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    let qs = &rest[4..20];
+    let value = |q: u8| match min {
+        None => f32::from(q as i8 - 16) * d,
+        Some(m) => f32::from(q) * d + m,
+    };
+    out.extend((0..16).map(|j| value((qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4))));
+    out.extend((0..16).map(|j| value((qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4))));
+}
+
+/// Scale and min of sub-block `j` (0..8) from a K-quant's 12 packed bytes: 6 bits each,
+/// sub-blocks 4..7 split between the low nibbles of bytes 8..11 and the top bits of 0..7;
+/// ggml's `get_scale_min_k4`.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// One Q4_K super-block (256 values): `d`, `dmin` (f16), `scales[12]`, `qs[128]`; four
+/// groups of 64 values, each 32 bytes of `qs` (low nibbles: sub-block 2g, high: 2g + 1),
+/// `value = d·scale·q − dmin·min`; mirrors ggml's `dequantize_row_q4_K`.
+fn dequantize_q4_k_block(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (scales, qs) = (&b[4..16], &b[16..144]);
+    for g in 0..4 {
+        let q = &qs[32 * g..32 * g + 32];
+        let (sc1, m1) = scale_min_k4(2 * g, scales);
+        let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
+        out.extend(q.iter().map(|&x| d1 * f32::from(x & 0x0f) - m1));
+        out.extend(q.iter().map(|&x| d2 * f32::from(x >> 4) - m2));
+    }
+}
+
+/// One Q5_K super-block (256 values): `d`, `dmin` (f16), `scales[12]`, `qh[32]`, `qs[128]`;
+/// as Q4_K with a fifth bit from `qh` (the same 32 bytes for every group: bit 2g for the low
+/// nibbles, 2g + 1 for the high ones); mirrors ggml's `dequantize_row_q5_K`.
+fn dequantize_q5_k_block(b: &[u8], out: &mut Vec<f32>) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+    for g in 0..4 {
+        let q = &qs[32 * g..32 * g + 32];
+        let (sc1, m1) = scale_min_k4(2 * g, scales);
+        let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
+        let (u1, u2) = (1u8 << (2 * g), 1u8 << (2 * g + 1));
+        out.extend(
+            q.iter()
+                .zip(qh)
+                .map(|(&x, &h)| d1 * f32::from((x & 0x0f) + if h & u1 != 0 { 16 } else { 0 }) - m1),
+        );
+        out.extend(
+            q.iter()
+                .zip(qh)
+                .map(|(&x, &h)| d2 * f32::from((x >> 4) + if h & u2 != 0 { 16 } else { 0 }) - m2),
+        );
+    }
 }
 
 /// One Q6_K super-block (256 values): `ql[128]`, `qh[64]`, `scales[16]` (i8),
@@ -1125,6 +1243,58 @@ fn dequantize_q6_k_block(b: &[u8], out: &mut Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every quantised type against gguf-py (llama.cpp's Python reader) on random blocks
+    /// (`tests/fixtures/make_ggml_dequant.py`), bit for bit.
+    #[test]
+    fn every_quantised_type_dequantises_to_gguf_py_s_bits() {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/ggml-dequant.json"
+        )))
+        .unwrap();
+        let cases = fixture.as_array().unwrap();
+        let mut seen = Vec::new();
+        for case in cases {
+            let name = case["type"].as_str().unwrap();
+            let dtype = GgmlType::from_id(case["id"].as_u64().unwrap() as u32);
+            assert_eq!(dtype.name(), Some(name));
+            assert!(dtype.can_dequantise(), "{name}");
+            let hex = case["bytes"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let t = TensorInfo {
+                name: name.into(),
+                dims: vec![case["elements"].as_u64().unwrap()],
+                dtype,
+                offset: 0,
+            };
+            let got = dequantize(&t, &bytes).unwrap();
+            let want: Vec<u32> = case["f32_bits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| u32::from_str_radix(b.as_str().unwrap(), 16).unwrap())
+                .collect();
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    *w,
+                    "{name} value {i}: {g} against gguf-py's {}",
+                    f32::from_bits(*w)
+                );
+            }
+            seen.push(name.to_string());
+        }
+        for name in [
+            "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K",
+        ] {
+            assert!(seen.iter().any(|s| s == name), "{name} has no fixture");
+        }
+    }
 
     // ---------------------------------------------------------------------
     // Test-only GGUF writer.
@@ -1439,8 +1609,8 @@ mod tests {
             t("q41", &[32], 3, q4_1_data()),
             t("q40", &[32], 2, q4_0_data()),
             t("q6k", &[256], 14, q6_k_block(&q, &s, d)),
-            // Q4_K (id 12): known size (144 bytes per 256), not dequantisable.
-            t("q4k", &[256], 12, vec![0x11; 144]),
+            // Q3_K (id 11): known size (110 bytes per 256), not dequantisable.
+            t("q3k", &[256], 11, vec![0x11; 110]),
         ]
     }
 
@@ -1464,7 +1634,7 @@ mod tests {
             .collect();
         assert_eq!(g.metadata, expected);
         let names: Vec<&str> = g.tensors.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, ["f32", "f16", "q8", "q41", "q40", "q6k", "q4k"]);
+        assert_eq!(names, ["f32", "f16", "q8", "q41", "q40", "q6k", "q3k"]);
 
         let f = g.tensor("f32").unwrap();
         assert_eq!(f.dims, [3, 2]);
@@ -1479,10 +1649,10 @@ mod tests {
         assert_eq!(q8.byte_len().unwrap(), 68);
         assert_eq!(g.tensor("q41").unwrap().byte_len().unwrap(), 20);
         assert_eq!(g.tensor("q6k").unwrap().byte_len().unwrap(), 210);
-        let q4k = g.tensor("q4k").unwrap();
-        assert_eq!(q4k.dtype, GgmlType::Other(12));
-        assert_eq!(q4k.dtype.to_string(), "Q4_K");
-        assert_eq!(q4k.byte_len().unwrap(), 144);
+        let q3k = g.tensor("q3k").unwrap();
+        assert_eq!(q3k.dtype, GgmlType::Other(11));
+        assert_eq!(q3k.dtype.to_string(), "Q3_K");
+        assert_eq!(q3k.byte_len().unwrap(), 110);
         assert!(g.tensor("nope").is_none());
 
         // The last tensor ends exactly at the end of the file.
@@ -1496,7 +1666,7 @@ mod tests {
             let raw = g.tensor_bytes(&bytes, &t.name).unwrap();
             assert_eq!(raw.len() as u64, t.byte_len().unwrap());
         }
-        assert_eq!(g.tensor_bytes(&bytes, "q4k").unwrap(), &[0x11u8; 144][..]);
+        assert_eq!(g.tensor_bytes(&bytes, "q3k").unwrap(), &[0x11u8; 110][..]);
     }
 
     #[test]
@@ -1666,19 +1836,20 @@ mod tests {
     fn gguf_tensor_f32_errors() {
         let bytes = valid_file();
         let g = GgufFile::parse(&bytes).unwrap();
-        let e = g.tensor_f32(&bytes, "q4k").unwrap_err();
+        let e = g.tensor_f32(&bytes, "q3k").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unsupported tensor type Q4_K for dequantisation (tensor `q4k`)"
+            "tensor `q3k` is Q3_K, which this reader cannot dequantise (it reads F32, F16, BF16, \
+             Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K)"
         );
         let e = g.tensor_f32(&bytes, "nope").unwrap_err();
         assert!(matches!(e, GgufError::TensorNotFound { .. }), "{e}");
         // A shorter slice than the one parsed is checked again.
         let e = g
-            .tensor_bytes(&bytes[..bytes.len() - 1], "q4k")
+            .tensor_bytes(&bytes[..bytes.len() - 1], "q3k")
             .unwrap_err();
         assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
-        assert!(g.tensor_f32(&bytes[..bytes.len() - 1], "q4k").is_err());
+        assert!(g.tensor_f32(&bytes[..bytes.len() - 1], "q3k").is_err());
     }
 
     #[test]
