@@ -1117,12 +1117,12 @@ fn dequantize(t: &TensorInfo, data: &[u8]) -> Result<Vec<f32>, GgufError> {
         }
         GgmlType::Q4_K => {
             for b in data.chunks_exact(Q4_K_BYTES) {
-                dequantize_q4_k_block(b, &mut out);
+                dequantize_q45_k_block(b, false, &mut out);
             }
         }
         GgmlType::Q5_K => {
             for b in data.chunks_exact(Q5_K_BYTES) {
-                dequantize_q5_k_block(b, &mut out);
+                dequantize_q45_k_block(b, true, &mut out);
             }
         }
         GgmlType::Q6_K => {
@@ -1169,46 +1169,28 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// One Q4_K super-block (256 values): `d`, `dmin` (f16), `scales[12]`, `qs[128]`; four
-/// groups of 64 values, each 32 bytes of `qs` (low nibbles: sub-block 2g, high: 2g + 1),
-/// `value = d·scale·q − dmin·min`; mirrors ggml's `dequantize_row_q4_K`.
-fn dequantize_q4_k_block(b: &[u8], out: &mut Vec<f32>) {
+/// One Q4_K (`five_bits` false) or Q5_K super-block of 256 values: `d`, `dmin` (f16),
+/// `scales[12]`, then for Q5_K `qh[32]`, then `qs[128]`. Four groups of 64 values, each 32
+/// bytes of `qs` (low nibbles: sub-block 2g, high: 2g + 1); Q5_K's fifth bit comes from the
+/// same 32 `qh` bytes for every group (bit 2g for the low nibbles, 2g + 1 for the high ones).
+/// `value = d·scale·q − dmin·min`; mirrors ggml's `dequantize_row_q4_K` / `_q5_K`.
+fn dequantize_q45_k_block(b: &[u8], five_bits: bool, out: &mut Vec<f32>) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (scales, qs) = (&b[4..16], &b[16..144]);
+    let scales = &b[4..16];
+    let (qh, qs) = if five_bits {
+        (Some(&b[16..48]), &b[48..176])
+    } else {
+        (None, &b[16..144])
+    };
+    let high = |l: usize, bit: usize| qh.map_or(0, |qh| ((qh[l] >> bit) & 1) << 4);
     for g in 0..4 {
         let q = &qs[32 * g..32 * g + 32];
         let (sc1, m1) = scale_min_k4(2 * g, scales);
         let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
         let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
         let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
-        out.extend(q.iter().map(|&x| d1 * f32::from(x & 0x0f) - m1));
-        out.extend(q.iter().map(|&x| d2 * f32::from(x >> 4) - m2));
-    }
-}
-
-/// One Q5_K super-block (256 values): `d`, `dmin` (f16), `scales[12]`, `qh[32]`, `qs[128]`;
-/// as Q4_K with a fifth bit from `qh` (the same 32 bytes for every group: bit 2g for the low
-/// nibbles, 2g + 1 for the high ones); mirrors ggml's `dequantize_row_q5_K`.
-fn dequantize_q5_k_block(b: &[u8], out: &mut Vec<f32>) {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-    for g in 0..4 {
-        let q = &qs[32 * g..32 * g + 32];
-        let (sc1, m1) = scale_min_k4(2 * g, scales);
-        let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-        let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
-        let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
-        let (u1, u2) = (1u8 << (2 * g), 1u8 << (2 * g + 1));
-        out.extend(
-            q.iter()
-                .zip(qh)
-                .map(|(&x, &h)| d1 * f32::from((x & 0x0f) + if h & u1 != 0 { 16 } else { 0 }) - m1),
-        );
-        out.extend(
-            q.iter()
-                .zip(qh)
-                .map(|(&x, &h)| d2 * f32::from((x >> 4) + if h & u2 != 0 { 16 } else { 0 }) - m2),
-        );
+        out.extend((0..32).map(|l| d1 * f32::from((q[l] & 0x0f) | high(l, 2 * g)) - m1));
+        out.extend((0..32).map(|l| d2 * f32::from((q[l] >> 4) | high(l, 2 * g + 1)) - m2));
     }
 }
 
