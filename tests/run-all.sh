@@ -21,10 +21,10 @@ step "real model weights, and their exact-precision (int8) files"
 cargo run -q -p tabula-cli -- models fetch
 cargo run -q -p tabula-cli -- models quantize
 
-step "the official openai Python client, for the coordinator's API test"
+step "Python packages: the official openai client (the coordinator's API test), gguf and numpy (random GGUFs made at test time)"
 export TABULA_PYLIB=${TABULA_PYLIB:-$TABULA_TOOLS/pylib}
-if ! PYTHONPATH=$TABULA_PYLIB python3 -c "import openai" 2>/dev/null; then
-  python3 -m pip install -q --target "$TABULA_PYLIB" openai
+if ! PYTHONPATH=$TABULA_PYLIB python3 -c "import openai, gguf, numpy" 2>/dev/null; then
+  python3 -m pip install -q --target "$TABULA_PYLIB" openai gguf==0.19.0 numpy
 fi
 
 step "PostgreSQL for the coordinator tests (SQLite needs nothing)"

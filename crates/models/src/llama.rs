@@ -1,9 +1,17 @@
-//! Llama-family decoder (SmolLM2 and other GGUF Llama models): RMSNorm, rotary embeddings,
-//! grouped-query attention with a KV cache, SwiGLU, tied or separate output head.
+//! Llama-family decoder from GGUF (architectures `llama`, which Mistral files use too, and
+//! `qwen2`): RMSNorm, rotary embeddings, grouped-query attention with any ratio and a KV cache,
+//! optional Q/K/V biases (Qwen2), SwiGLU, tied or separate output head.
 //!
-//! Weights come from GGUF and are dequantised to f32 at load ("fast" precision). GGUF stores Q
-//! and K rows permuted for llama.cpp's adjacent-pair rotary layout, which is the layout
-//! [`tabula_engine::Backend::rope`] implements, so no un-permuting is needed.
+//! Weights come from GGUF and are dequantised to f32 at load ("fast" precision). Rotary pairs:
+//! a `llama` GGUF stores Q and K rows permuted for llama.cpp's adjacent-pair layout (values 2i
+//! and 2i + 1 of a head rotate together), which is what [`tabula_engine::Backend::rope`]
+//! implements. A `qwen2` GGUF keeps Hugging Face's layout (values i and i + head_dim/2): its Q
+//! and K rows (and biases) are interleaved at load ([`interleave_rope_rows`]) into the
+//! adjacent-pair layout. Q·K is the same under one permutation of both, so one rotary kernel
+//! serves both families.
+//!
+//! Shapes: x `[seq, dim]`; Wq `[heads·head_dim, dim]`, Wk/Wv `[kv_heads·head_dim, dim]`, Wo
+//! `[dim, heads·head_dim]`, gate/up `[ffn, dim]`, down `[dim, ffn]`.
 
 use std::ops::Range;
 
@@ -31,12 +39,22 @@ pub struct LlamaConfig {
     pub context_length: usize,
 }
 
+/// The GGUF architectures this decoder reads (`general.architecture`).
+pub const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
+/// How a GGUF architecture lays out the rotary pairs of its Q and K rows.
+fn neox_rope(arch: &str) -> bool {
+    arch == "qwen2"
+}
+
 impl LlamaConfig {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let arch = gguf.get_str("general.architecture")?;
-        if arch != "llama" {
+        if !ARCHITECTURES.contains(&arch) {
             return Err(ModelError::Format(format!(
-                "architecture `{arch}` is not supported (llama only)"
+                "architecture `{arch}` is not supported: this decoder reads {} (Mistral files \
+                 are `llama`)",
+                ARCHITECTURES.join(", ")
             )));
         }
         let key = |k: &str| format!("{arch}.{k}");
@@ -46,14 +64,62 @@ impl LlamaConfig {
             .get_u32(&key("attention.head_count_kv"))
             .map(|v| v as usize)
             .unwrap_or(heads);
-        if heads == 0
-            || kv_heads == 0
-            || !dim.is_multiple_of(heads)
-            || !heads.is_multiple_of(kv_heads)
-        {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(ModelError::Format(format!(
                 "inconsistent heads: {heads} heads, {kv_heads} KV heads, width {dim}"
             )));
+        }
+        // A head's width: stated (`key_length`), else the width over the heads.
+        let head_dim = match gguf.get_u32(&key("attention.key_length")) {
+            Ok(k) => k as usize,
+            Err(_) if dim.is_multiple_of(heads) => dim / heads,
+            Err(_) => {
+                return Err(ModelError::Format(format!(
+                    "width {dim} is not a multiple of {heads} heads and no key_length is given"
+                )));
+            }
+        };
+        if let Ok(v) = gguf.get_u32(&key("attention.value_length"))
+            && v as usize != head_dim
+        {
+            return Err(ModelError::Format(format!(
+                "value heads of {v} differ from key heads of {head_dim}: not supported"
+            )));
+        }
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(ModelError::Format(format!(
+                "a head of {head_dim} values cannot be rotated in pairs"
+            )));
+        }
+        if let Ok(n) = gguf.get_u32(&key("rope.dimension_count"))
+            && n as usize != head_dim
+        {
+            return Err(ModelError::Format(format!(
+                "rotary embeddings on {n} of {head_dim} values per head are not supported (the \
+                 whole head only)"
+            )));
+        }
+        // RoPE scaling as the file states it: none (or a factor of 1) is what the engine does.
+        let scaling = gguf
+            .get_str(&key("rope.scaling.type"))
+            .unwrap_or("none")
+            .to_string();
+        let factor = gguf
+            .get_f32(&key("rope.scaling.factor"))
+            .or_else(|_| gguf.get_f32(&key("rope.scale_linear")))
+            .unwrap_or(1.0);
+        if !(scaling == "none" || factor == 1.0 || factor == 0.0) {
+            return Err(ModelError::Format(format!(
+                "RoPE scaling `{scaling}` with factor {factor} is not supported yet (only \
+                 unscaled rotary embeddings)"
+            )));
+        }
+        if gguf.tensor("rope_freqs.weight").is_some() {
+            return Err(ModelError::Format(
+                "per-frequency RoPE factors (`rope_freqs.weight`, Llama 3.1 style) are not \
+                 supported yet"
+                    .into(),
+            ));
         }
         let vocab_size = gguf
             .tensor("token_embd.weight")
@@ -65,7 +131,7 @@ impl LlamaConfig {
             layers: gguf.get_u32(&key("block_count"))? as usize,
             heads,
             kv_heads,
-            head_dim: dim / heads,
+            head_dim,
             ffn_dim: gguf.get_u32(&key("feed_forward_length"))? as usize,
             rms_eps: gguf
                 .get_f32(&key("attention.layer_norm_rms_epsilon"))
@@ -81,6 +147,36 @@ impl LlamaConfig {
     fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
     }
+
+    /// The width of all query heads together (Wq's rows, Wo's columns).
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Reorders the rows of a Q or K projection (`rows` of `cols` values; or a bias, `cols` 1)
+/// stored with rotary pairs (i, i + head_dim/2) into the adjacent-pair layout (2i, 2i + 1) the
+/// engine rotates: within each head, row 2i takes row i and row 2i + 1 takes row
+/// i + head_dim/2. Applied to both Q and K, it leaves every Q·K product unchanged.
+pub fn interleave_rope_rows(w: &[f32], cols: usize, head_dim: usize) -> Vec<f32> {
+    assert!(
+        head_dim.is_multiple_of(2) && cols > 0,
+        "pairs need an even head"
+    );
+    assert!(
+        w.len().is_multiple_of(cols * head_dim),
+        "whole heads of whole rows"
+    );
+    let half = head_dim / 2;
+    let mut out = Vec::with_capacity(w.len());
+    for head in w.chunks_exact(cols * head_dim) {
+        for i in 0..half {
+            out.extend_from_slice(&head[i * cols..(i + 1) * cols]);
+            out.extend_from_slice(&head[(i + half) * cols..(i + half + 1) * cols]);
+        }
+    }
+    debug_assert_eq!(out.len(), w.len());
+    out
 }
 
 struct Layer<B: Backend> {
@@ -88,6 +184,8 @@ struct Layer<B: Backend> {
     wq: B::Tensor,
     wk: B::Tensor,
     wv: B::Tensor,
+    /// Q/K/V biases (Qwen2), all or none.
+    qkv_bias: Option<[B::Tensor; 3]>,
     wo: B::Tensor,
     ffn_norm: B::Tensor,
     gate: B::Tensor,
@@ -140,7 +238,9 @@ impl<B: Backend> LlamaModel<B> {
                 config.layers
             )));
         }
-        let load = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+        let neox = neox_rope(gguf.get_str("general.architecture")?);
+        let hd = config.head_dim;
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let info = gguf
                 .tensor(name)
                 .ok_or_else(|| ModelError::Format(format!("missing tensor `{name}`")))?;
@@ -150,10 +250,25 @@ impl<B: Backend> LlamaModel<B> {
                     info.shape_row_major()
                 )));
             }
-            Ok(backend.upload(&gguf.tensor_f32(bytes, name)?, shape)?)
+            Ok(gguf.tensor_f32(bytes, name)?)
         };
-        let (d, kv, ffn, vocab) = (
+        let load = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+            Ok(backend.upload(&get(name, shape)?, shape)?)
+        };
+        // A Q or K projection (or its bias: one column), in the engine's rotary layout.
+        let load_rotated = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+            let w = get(name, shape)?;
+            let cols = shape.get(1).copied().unwrap_or(1);
+            let w = if neox {
+                interleave_rope_rows(&w, cols, hd)
+            } else {
+                w
+            };
+            Ok(backend.upload(&w, shape)?)
+        };
+        let (d, q, kv, ffn, vocab) = (
             config.dim,
+            config.q_dim(),
             config.kv_dim(),
             config.ffn_dim,
             config.vocab_size,
@@ -180,12 +295,29 @@ impl<B: Backend> LlamaModel<B> {
             .map(|i| {
                 let t =
                     |name: &str, shape: &[usize]| load(&format!("blk.{i}.{name}.weight"), shape);
+                let bias = |name: &str| format!("blk.{i}.{name}.bias");
+                let has_bias =
+                    ["attn_q", "attn_k", "attn_v"].map(|n| gguf.tensor(&bias(n)).is_some());
+                let qkv_bias = match has_bias {
+                    [false, false, false] => None,
+                    [true, true, true] => Some([
+                        load_rotated(&bias("attn_q"), &[q])?,
+                        load_rotated(&bias("attn_k"), &[kv])?,
+                        load(&bias("attn_v"), &[kv])?,
+                    ]),
+                    _ => {
+                        return Err(ModelError::Format(format!(
+                            "layer {i} has biases on some of Q, K and V but not all"
+                        )));
+                    }
+                };
                 Ok(Layer {
                     attn_norm: t("attn_norm", &[d])?,
-                    wq: t("attn_q", &[d, d])?,
-                    wk: t("attn_k", &[kv, d])?,
+                    wq: load_rotated(&format!("blk.{i}.attn_q.weight"), &[q, d])?,
+                    wk: load_rotated(&format!("blk.{i}.attn_k.weight"), &[kv, d])?,
                     wv: t("attn_v", &[kv, d])?,
-                    wo: t("attn_output", &[d, d])?,
+                    qkv_bias,
+                    wo: t("attn_output", &[d, q])?,
                     ffn_norm: t("ffn_norm", &[d])?,
                     gate: t("ffn_gate", &[ffn, d])?,
                     up: t("ffn_up", &[ffn, d])?,
@@ -273,19 +405,23 @@ impl<B: Backend> LlamaModel<B> {
         let mut x = h.x;
         for (i, layer) in self.layers.iter().enumerate() {
             let a = backend.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            let [bq, bk, bv] = match &layer.qkv_bias {
+                Some([q, k, v]) => [Some(q), Some(k), Some(v)],
+                None => [None; 3],
+            };
             let q = backend.rope(
-                &backend.linear(&a, &layer.wq, None)?,
+                &backend.linear(&a, &layer.wq, bq)?,
                 c.head_dim,
                 h.pos_offset,
                 c.rope_theta,
             )?;
             let k = backend.rope(
-                &backend.linear(&a, &layer.wk, None)?,
+                &backend.linear(&a, &layer.wk, bk)?,
                 c.head_dim,
                 h.pos_offset,
                 c.rope_theta,
             )?;
-            let v = backend.linear(&a, &layer.wv, None)?;
+            let v = backend.linear(&a, &layer.wv, bv)?;
             backend.write_rows(&mut cache.k[i], h.pos_offset, &k)?;
             backend.write_rows(&mut cache.v[i], h.pos_offset, &v)?;
             let att = backend.attention(&q, &cache.k[i], &cache.v[i], &[total as u32], &params)?;
@@ -419,5 +555,41 @@ impl<B: Backend> Generator<B> {
             next_input = vec![token];
         }
         Ok((out, Finish::Length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaving_takes_each_heads_halves_in_turns() {
+        // Two heads of 4 rows, 2 columns: row r holds [r, r].
+        let w: Vec<f32> = (0..8).flat_map(|r| [r as f32; 2]).collect();
+        let rows: Vec<f32> = interleave_rope_rows(&w, 2, 4)
+            .chunks(2)
+            .map(|r| r[0])
+            .collect();
+        assert_eq!(rows, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        // A bias (one column) the same way.
+        assert_eq!(
+            interleave_rope_rows(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], 1, 6),
+            [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+        );
+    }
+
+    /// Q·K is unchanged when both are interleaved the same way.
+    #[test]
+    fn interleaving_both_projections_keeps_every_dot_product() {
+        // Small integers: every sum is exact in any order.
+        let q: Vec<f32> = (0..16).map(|i| (i % 5) as f32 - 2.0).collect();
+        let k: Vec<f32> = (0..16).map(|i| (i * 3 % 7) as f32).collect();
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let (qi, ki) = (
+            interleave_rope_rows(&q, 1, 8),
+            interleave_rope_rows(&k, 1, 8),
+        );
+        assert_ne!(qi, q);
+        assert_eq!(dot(&q, &k), dot(&qi, &ki));
     }
 }

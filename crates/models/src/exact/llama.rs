@@ -102,7 +102,13 @@ impl<B: ExactBackend> ExactLlama<B> {
                 range.start, range.end, c.layers
             )));
         }
-        let (d, kv, ffn, vocab) = (c.dim, c.kv_heads * c.head_dim, c.ffn_dim, c.vocab_size);
+        let (d, q, kv, ffn, vocab) = (
+            c.dim,
+            c.q_dim(),
+            c.kv_heads * c.head_dim,
+            c.ffn_dim,
+            c.vocab_size,
+        );
         let token_embd = if range.start == 0 {
             Some(file.matrix(backend, "token_embd", vocab, d, false)?)
         } else {
@@ -133,15 +139,18 @@ impl<B: ExactBackend> ExactLlama<B> {
         let layers = range
             .clone()
             .map(|i| {
+                // Q/K/V may carry biases (Qwen2); the file says.
                 let m = |name: &str, rows, cols| {
-                    file.matrix(backend, &format!("layer.{i}.{name}"), rows, cols, false)
+                    let name = format!("layer.{i}.{name}");
+                    let bias = file.has(&format!("{name}.bias"));
+                    file.matrix(backend, &name, rows, cols, bias)
                 };
                 Ok(Layer {
                     attn_norm: file.norm(backend, &format!("layer.{i}.attn_norm"), d, false)?,
-                    wq: m("wq", d, d)?,
+                    wq: m("wq", q, d)?,
                     wk: m("wk", kv, d)?,
                     wv: m("wv", kv, d)?,
-                    wo: m("wo", d, d)?,
+                    wo: m("wo", d, q)?,
                     ffn_norm: file.norm(backend, &format!("layer.{i}.ffn_norm"), d, false)?,
                     gate: m("gate", ffn, d)?,
                     up: m("up", ffn, d)?,

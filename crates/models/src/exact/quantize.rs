@@ -14,7 +14,11 @@ use tabula_engine::exact::{NORM_FRAC, Q_MAX, SCORE_FRAC, split_scale};
 
 use super::{ExactArch, ExactHeader, ExactWriter, FORMAT, VERSION, pack_i8};
 use crate::{
-    ModelError, Result, bert::BertConfig, catalog::sha256_hex, gguf::GgufFile, llama::LlamaConfig,
+    ModelError, Result,
+    bert::BertConfig,
+    catalog::sha256_hex,
+    gguf::GgufFile,
+    llama::{LlamaConfig, interleave_rope_rows},
     safetensors_io::SafetensorsFile,
 };
 
@@ -312,6 +316,9 @@ pub fn quantize_bert(
 pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String)> {
     let gguf = GgufFile::parse(gguf_bytes)?;
     let config = LlamaConfig::from_gguf(&gguf)?;
+    // Qwen2's Q and K rows (and biases) go into the engine's rotary layout here, once: the
+    // exact file holds them interleaved (see `llama::interleave_rope_rows`).
+    let neox = gguf.get_str("general.architecture")? == "qwen2";
     let f = LLAMA_FRAC;
     let (d, kv, ffn, vocab, hd) = (
         config.dim,
@@ -368,20 +375,40 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
     for i in 0..config.layers {
         let t = |name: &str, shape: &[usize]| get(&format!("blk.{i}.{name}.weight"), shape);
         for (short, long, rows, cols) in [
-            ("wq", "attn_q", d, d),
+            ("wq", "attn_q", config.q_dim(), d),
             ("wk", "attn_k", kv, d),
             ("wv", "attn_v", kv, d),
-            ("wo", "attn_output", d, d),
+            ("wo", "attn_output", d, config.q_dim()),
             ("gate", "ffn_gate", ffn, d),
             ("up", "ffn_up", ffn, d),
             ("down", "ffn_down", d, ffn),
         ] {
+            let rotated = matches!(short, "wq" | "wk");
+            let rotate = |w: Vec<f32>, cols: usize| {
+                if neox && rotated {
+                    interleave_rope_rows(&w, cols, hd)
+                } else {
+                    w
+                }
+            };
+            let bias_name = format!("blk.{i}.{long}.bias");
+            let bias = match gguf.tensor(&bias_name) {
+                Some(_) if matches!(short, "wq" | "wk" | "wv") => {
+                    Some(rotate(get(&bias_name, &[rows])?, 1))
+                }
+                Some(_) => {
+                    return Err(ModelError::Format(format!(
+                        "a bias on `{long}` is not supported (Q, K and V only)"
+                    )));
+                }
+                None => None,
+            };
             put_linear(
                 &mut out,
                 &format!("layer.{i}.{short}"),
-                &t(long, &[rows, cols])?,
+                &rotate(t(long, &[rows, cols])?, cols),
                 (rows, cols, wg),
-                None,
+                bias.as_deref().map(|b| (b, f)),
             )?;
         }
         put_norm(
