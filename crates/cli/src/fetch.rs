@@ -66,6 +66,15 @@ pub fn list(dir: &Path) -> Result<()> {
             println!("    exact precision: {name}: {state}");
         }
     }
+    for a in crate::added::registered(dir)? {
+        let state = match fs::read(dir.join(&a.file)) {
+            Ok(bytes) if catalog::sha256_hex(&bytes) == a.sha256 => "ok",
+            Ok(_) => "corrupt (does not hash to its name: add it again)",
+            Err(_) => "missing (add it again)",
+        };
+        println!("{:24} added  {state}", a.name);
+        println!("    {}", crate::added::describe(&a));
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! text and runs benchmarks, on the CPU or the GPU backend; runs the coordinator (`serve`) and
 //! volunteer workers (`worker`).
 
+mod added;
 mod bench;
 mod chain;
 mod cluster;
@@ -95,7 +96,19 @@ enum ModelsCommand {
         #[arg(long)]
         model: Option<String>,
     },
-    /// List the known models and whether they are present and intact.
+    /// Check a GGUF file of your own (Llama, Mistral or Qwen2 architecture) and register it in
+    /// the models directory by its SHA-256. A refused file leaves the directory unchanged.
+    Add {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The name requesters use [default: the file's name without `.gguf`].
+        #[arg(long)]
+        name: Option<String>,
+        /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// List the known models and whether they are present and intact, then the added ones.
     List {
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -142,6 +155,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Models {
             command: ModelsCommand::Fetch { dir, model },
         } => fetch::fetch(&models_dir(dir), model.as_deref()),
+        Command::Models {
+            command: ModelsCommand::Add { path, name, dir },
+        } => added::add(&models_dir(dir), &path, name.as_deref()),
         Command::Models {
             command: ModelsCommand::List { dir },
         } => fetch::list(&models_dir(dir)),

@@ -469,3 +469,150 @@ fn worker_backend_auto_computes_on_the_faster_device_and_says_why() {
         assert!(choice.starts_with("computing on the CPU"), "{choice}");
     }
 }
+
+/// Every file under `dir`, relative, sorted: what a refused `models add` must leave as it was.
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if p.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// `tabula models add` on a random Qwen2 GGUF made at test time (`gguf` from
+/// `$TABULA_PYLIB`), then on truncated, mislabelled and hostile files: each refusal is a
+/// precise message, and the models directory is unchanged after it.
+#[test]
+fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_unchanged() {
+    let work = std::env::temp_dir().join(format!("tabula-models-add-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let (made, models) = (work.join("made"), work.join("models"));
+    std::fs::create_dir_all(&models).unwrap();
+    let mut python = Command::new("python3");
+    python
+        .arg(manifest_dir().join("../../tests/fixtures/make_llama_family.py"))
+        .arg("--out")
+        .arg(&made);
+    if let Some(lib) = std::env::var_os("TABULA_PYLIB") {
+        python.env("PYTHONPATH", lib);
+    }
+    let out = python.output().expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let qwen = made.join("qwen2-gqa4.gguf");
+    let bytes = std::fs::read(&qwen).unwrap();
+    let write = |name: &str, b: &[u8]| {
+        let p = work.join(name);
+        std::fs::write(&p, b).unwrap();
+        p.display().to_string()
+    };
+    let at = bytes.windows(5).position(|w| w == b"qwen2").unwrap();
+    let mut mislabelled = bytes.clone();
+    mislabelled[at..at + 5].copy_from_slice(b"qwen9");
+    let dir = models.display().to_string();
+    let refused = [
+        (
+            write("truncated.gguf", &bytes[..bytes.len() / 2]),
+            None,
+            "is not a GGUF file this reader accepts",
+        ),
+        (
+            write("mislabelled.gguf", &mislabelled),
+            None,
+            "architecture `qwen9` is not supported: this decoder reads llama, qwen2",
+        ),
+        (
+            write("text.gguf", b"not a model at all"),
+            None,
+            "is not a GGUF file",
+        ),
+        (write("empty.gguf", b""), None, "is not a GGUF file"),
+        (made.display().to_string(), None, "is a directory"),
+        (
+            work.join("absent.gguf").display().to_string(),
+            None,
+            "cannot read",
+        ),
+        (
+            qwen.display().to_string(),
+            Some("bad name!"),
+            "is not a usable model name",
+        ),
+        (
+            qwen.display().to_string(),
+            Some("all-MiniLM-L6-v2"),
+            "is a model of the catalogue",
+        ),
+    ];
+    for (path, name, message) in &refused {
+        let mut args = vec!["models", "add", path.as_str(), "--dir", dir.as_str()];
+        if let Some(n) = name {
+            args.extend(["--name", n]);
+        }
+        let o = tabula(&args, None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{path} was accepted");
+        assert!(err.contains(message), "{path}: {err}");
+        assert!(!err.contains("panicked"), "{path}: {err}");
+        assert!(tree(&models).is_empty(), "{path} left {:?}", tree(&models));
+    }
+    let q = qwen.display().to_string();
+    let out = stdout(&tabula(&["models", "add", &q, "--dir", &dir], None));
+    assert!(out.contains("added qwen2-gqa4: qwen2 (3 layers)"), "{out}");
+    let sha = tabula_sha(&bytes);
+    assert!(out.contains(&sha), "{out}");
+    let before = tree(&models);
+    let mut expected = vec![
+        "added".to_string(),
+        format!("added/{sha}.gguf"),
+        "added/models.json".to_string(),
+    ];
+    expected.sort();
+    assert_eq!(before, expected);
+    // The same file again is a no-op; another file under the same name is refused.
+    assert!(stdout(&tabula(&["models", "add", &q, "--dir", &dir], None)).contains("already added"));
+    let llama = made.join("llama-gqa1.gguf").display().to_string();
+    let o = tabula(
+        &[
+            "models",
+            "add",
+            &llama,
+            "--name",
+            "qwen2-gqa4",
+            "--dir",
+            &dir,
+        ],
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("another file is already added as `qwen2-gqa4`")
+    );
+    assert_eq!(tree(&models), before);
+    let list = stdout(&tabula(&["models", "list", "--dir", &dir], None));
+    assert!(
+        list.contains("qwen2-gqa4               added  ok"),
+        "{list}"
+    );
+    assert!(list.contains(&format!("sha256 {sha}")), "{list}");
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+fn tabula_sha(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -20,7 +20,7 @@ use tabula_engine::{AttentionParams, Backend, Shaped};
 use crate::{
     ModelError, Result,
     activations::{Hidden, check_range},
-    gguf::GgufFile,
+    gguf::{GgufFile, TensorInfo},
     sampling::Sampler,
     tokenize::LlamaTokenizer,
 };
@@ -154,6 +154,96 @@ impl LlamaConfig {
     }
 }
 
+/// Tensor `name` of `gguf`, which must have `shape` (row-major).
+pub(crate) fn shaped<'g>(
+    gguf: &'g GgufFile,
+    name: &str,
+    shape: &[usize],
+) -> Result<&'g TensorInfo> {
+    let info = gguf
+        .tensor(name)
+        .ok_or_else(|| ModelError::Format(format!("missing tensor `{name}`")))?;
+    if info.shape_row_major() != shape {
+        return Err(ModelError::Format(format!(
+            "tensor `{name}` has shape {:?}, expected {shape:?}",
+            info.shape_row_major()
+        )));
+    }
+    Ok(info)
+}
+
+/// What a Llama-family GGUF holds, once [`inspect`] has checked it: the numbers `tabula models
+/// add` and `models list` show.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GgufSummary {
+    pub architecture: String,
+    pub parameters: u64,
+    pub layers: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    /// Resident weights in fast precision (f32).
+    pub fast_bytes: u64,
+    /// Resident weights in exact precision, about: int8 values plus a scale pair per 32.
+    pub exact_bytes: u64,
+}
+
+/// Checks that the decoder can load `gguf` without loading it: a supported architecture and
+/// configuration, a tokenizer it reads, and every tensor it needs present, with its shape and a
+/// type it dequantises. Each failure names the tensor (or key) and what is supported.
+pub fn inspect(gguf: &GgufFile) -> Result<GgufSummary> {
+    let c = LlamaConfig::from_gguf(gguf)?;
+    LlamaTokenizer::from_gguf(gguf)?;
+    let (d, q, kv, ffn, vocab) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
+    let mut parameters = 0u64;
+    let mut check = |name: &str, shape: &[usize]| -> Result<()> {
+        let info = shaped(gguf, name, shape)?;
+        if !info.dtype.can_dequantise() {
+            return Err(crate::gguf::GgufError::UnsupportedDequant {
+                name: name.into(),
+                dtype: info.dtype,
+            }
+            .into());
+        }
+        parameters += info.numel();
+        Ok(())
+    };
+    check("token_embd.weight", &[vocab, d])?;
+    check("output_norm.weight", &[d])?;
+    if gguf.tensor("output.weight").is_some() {
+        check("output.weight", &[vocab, d])?;
+    }
+    for i in 0..c.layers {
+        for (name, shape) in [
+            ("attn_norm", vec![d]),
+            ("attn_q", vec![q, d]),
+            ("attn_k", vec![kv, d]),
+            ("attn_v", vec![kv, d]),
+            ("attn_output", vec![d, q]),
+            ("ffn_norm", vec![d]),
+            ("ffn_gate", vec![ffn, d]),
+            ("ffn_up", vec![ffn, d]),
+            ("ffn_down", vec![d, ffn]),
+        ] {
+            check(&format!("blk.{i}.{name}.weight"), &shape)?;
+        }
+        for (name, n) in [("attn_q", q), ("attn_k", kv), ("attn_v", kv)] {
+            let bias = format!("blk.{i}.{name}.bias");
+            if gguf.tensor(&bias).is_some() {
+                check(&bias, &[n])?;
+            }
+        }
+    }
+    Ok(GgufSummary {
+        architecture: gguf.get_str("general.architecture")?.to_string(),
+        parameters,
+        layers: c.layers,
+        vocab_size: vocab,
+        context_length: c.context_length,
+        fast_bytes: parameters.saturating_mul(4),
+        exact_bytes: parameters.saturating_add(parameters / 4),
+    })
+}
+
 /// Reorders the rows of a Q or K projection (`rows` of `cols` values; or a bias, `cols` 1)
 /// stored with rotary pairs (i, i + head_dim/2) into the adjacent-pair layout (2i, 2i + 1) the
 /// engine rotates: within each head, row 2i takes row i and row 2i + 1 takes row
@@ -241,15 +331,7 @@ impl<B: Backend> LlamaModel<B> {
         let neox = neox_rope(gguf.get_str("general.architecture")?);
         let hd = config.head_dim;
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let info = gguf
-                .tensor(name)
-                .ok_or_else(|| ModelError::Format(format!("missing tensor `{name}`")))?;
-            if info.shape_row_major() != shape {
-                return Err(ModelError::Format(format!(
-                    "tensor `{name}` has shape {:?}, expected {shape:?}",
-                    info.shape_row_major()
-                )));
-            }
+            shaped(gguf, name, shape)?;
             Ok(gguf.tensor_f32(bytes, name)?)
         };
         let load = |name: &str, shape: &[usize]| -> Result<B::Tensor> {

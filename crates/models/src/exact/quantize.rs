@@ -18,7 +18,7 @@ use crate::{
     bert::BertConfig,
     catalog::sha256_hex,
     gguf::GgufFile,
-    llama::{LlamaConfig, interleave_rope_rows},
+    llama::{LlamaConfig, interleave_rope_rows, shaped},
     safetensors_io::SafetensorsFile,
 };
 
@@ -333,15 +333,7 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
         )));
     }
     let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let info = gguf
-            .tensor(name)
-            .ok_or_else(|| ModelError::Format(format!("missing tensor `{name}`")))?;
-        if info.shape_row_major() != shape {
-            return Err(ModelError::Format(format!(
-                "tensor `{name}` has shape {:?}, expected {shape:?}",
-                info.shape_row_major()
-            )));
-        }
+        shaped(&gguf, name, shape)?;
         Ok(gguf.tensor_f32(gguf_bytes, name)?)
     };
     let mut out = ExactWriter::default();
