@@ -16,13 +16,35 @@ use tabula_worker::{FileSource, WorkerError};
 
 use crate::CoordinatorError;
 
-/// A model's files on the coordinator's disk, as the CLI found (and if needed quantised) them.
+/// A model's files on the coordinator's disk, as the CLI found (and if needed quantised) them:
+/// a model of the catalogue, or one added with `tabula models add`.
 #[derive(Clone, Debug)]
 pub struct ModelSource {
-    pub spec: &'static ModelSpec,
+    pub name: String,
+    pub family: Family,
+    /// Its source files: path and SHA-256 (checked when the CLI found them).
+    pub files: Vec<(PathBuf, String)>,
+    /// Where its pipeline pieces are kept (`dir/pieces/<exact sha256>/`).
     pub dir: PathBuf,
     /// The exact-precision file and the SHA-256 in its name.
     pub exact: (PathBuf, String),
+}
+
+impl ModelSource {
+    /// A model of the catalogue, its files in `dir`.
+    pub fn catalogue(spec: &ModelSpec, dir: &std::path::Path, exact: (PathBuf, String)) -> Self {
+        Self {
+            name: spec.name.into(),
+            family: spec.family,
+            files: spec
+                .files
+                .iter()
+                .map(|f| (dir.join(f.local_path), f.sha256.to_string()))
+                .collect(),
+            dir: dir.to_path_buf(),
+            exact,
+        }
+    }
 }
 
 pub enum ModelKind {
@@ -190,15 +212,14 @@ impl Registry {
         let mut models = Vec::new();
         let mut paths = HashMap::new();
         for source in sources {
-            let spec = source.spec;
+            let name = source.name.as_str();
             let local = |suffix: &str| {
-                spec.files
+                source
+                    .files
                     .iter()
-                    .find(|f| f.local_path.ends_with(suffix))
-                    .map(|f| (source.dir.join(f.local_path), f.sha256))
-                    .ok_or_else(|| {
-                        CoordinatorError::Config(format!("{} has no {suffix}", spec.name))
-                    })
+                    .find(|(path, _)| path.to_string_lossy().ends_with(suffix))
+                    .map(|(path, sha)| (path.clone(), sha.as_str()))
+                    .ok_or_else(|| CoordinatorError::Config(format!("{name} has no {suffix}")))
             };
             let read = |path: &std::path::Path| {
                 std::fs::read(path).map_err(|e| {
@@ -214,11 +235,11 @@ impl Registry {
                 Ok::<_, CoordinatorError>(r)
             };
             let exact = ModelRef {
-                name: spec.name.into(),
+                name: name.into(),
                 files: vec![add("exact", (source.exact.0.clone(), &source.exact.1))?],
             };
             let mut served_pieces = Vec::new();
-            let (kind, fast, params) = match spec.family {
+            let (kind, fast, params) = match source.family {
                 Family::Bert => {
                     let config = BertConfig::from_json(&read(&local("config.json")?.0)?)?;
                     let tokenizer = BertTokenizer::from_json(
@@ -226,7 +247,7 @@ impl Registry {
                         MAX_SEQ_LEN.min(config.max_position_embeddings),
                     )?;
                     let fast = ModelRef {
-                        name: spec.name.into(),
+                        name: name.into(),
                         files: vec![
                             add("config", local("config.json")?)?,
                             add("safetensors", local("model.safetensors")?)?,
@@ -248,7 +269,7 @@ impl Registry {
                     let config = LlamaConfig::from_gguf(&gguf)?;
                     let tokenizer = LlamaTokenizer::from_gguf(&gguf)?;
                     let fast = ModelRef {
-                        name: spec.name.into(),
+                        name: name.into(),
                         files: vec![add("gguf", (path.clone(), sha))?],
                     };
                     let (d, kv) = (config.dim, config.kv_heads * config.head_dim);
@@ -272,7 +293,7 @@ impl Registry {
                 }
             };
             models.push(ServedModel {
-                name: spec.name.into(),
+                name: name.into(),
                 kind,
                 exact,
                 fast,

@@ -164,3 +164,48 @@ pub fn describe(a: &Added) -> String {
         a.sha256
     )
 }
+
+/// The exact-precision file of an added model, `added/<name>.exact.<sha256>.safetensors`,
+/// quantised now when missing (older quantised files of it are removed).
+pub fn exact_file(dir: &Path, added: &Added) -> Result<(PathBuf, String)> {
+    use tabula_models::exact::{exact_file_name, hash_in_name, quantize_llama};
+    let folder = dir.join("added");
+    let mut found = Vec::new();
+    for entry in
+        fs::read_dir(&folder).with_context(|| format!("cannot list {}", folder.display()))?
+    {
+        let entry = entry?;
+        if let Some(hash) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| hash_in_name(&added.name, n))
+        {
+            found.push((entry.path(), hash.to_string()));
+        }
+    }
+    if let [one] = found.as_slice() {
+        return Ok(one.clone());
+    }
+    eprintln!(
+        "quantising {} to int8 for exact precision (once)",
+        added.name
+    );
+    let source = dir.join(&added.file);
+    let bytes = fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
+    if catalog::sha256_hex(&bytes) != added.sha256 {
+        bail!(
+            "{} does not hash to {}: add the model again",
+            source.display(),
+            added.sha256
+        );
+    }
+    let (exact, hash) = quantize_llama(&added.name, &bytes)?;
+    let path = folder.join(exact_file_name(&added.name, &hash));
+    write_atomically(&path, &exact)?;
+    for (old, _) in found {
+        if old != path {
+            let _ = fs::remove_file(old);
+        }
+    }
+    Ok((path, hash))
+}

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models].
     #[arg(long)]
     models_dir: Option<PathBuf>,
+    /// Serve only these models (comma-separated names, from the catalogue or added with
+    /// `tabula models add`) [default: every model in the models directory].
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
     /// The volunteer page's directory, served at / [default: ./www, else the source tree's
     /// www/ (build it with `npm run build`)].
     #[arg(long, env = "TABULA_WWW")]
@@ -173,20 +177,61 @@ fn parse_pipeline(s: &str) -> Result<tabula_coordinator::pipeline::PipelineMode,
     s.parse()
 }
 
-/// The models present in `dir`, each with its exact-precision file (quantised now if
-/// missing).
-pub fn model_sources(dir: &std::path::Path) -> Result<Vec<ModelSource>> {
+/// The models present in `dir` (the catalogue's, then those `tabula models add` registered),
+/// each with its exact-precision file (quantised now if missing).
+///
+/// With `only`, just those names (an unknown one is an error listing the models there are),
+/// and only those are quantised.
+pub fn model_sources(dir: &std::path::Path, only: Option<&[String]>) -> Result<Vec<ModelSource>> {
+    let wanted =
+        |name: &str| only.is_none_or(|names| names.iter().any(|n| n.eq_ignore_ascii_case(name)));
+    let added = crate::added::registered(dir)?;
+    if let Some(names) = only {
+        for name in names {
+            let known = catalog::ALL
+                .iter()
+                .any(|s| s.name.eq_ignore_ascii_case(name))
+                || added.iter().any(|a| a.name.eq_ignore_ascii_case(name));
+            if !known {
+                let there: Vec<&str> = catalog::ALL
+                    .iter()
+                    .map(|s| s.name)
+                    .chain(added.iter().map(|a| a.name.as_str()))
+                    .collect();
+                bail!(
+                    "--models names `{name}`, which is neither in the catalogue nor added (known: \
+                     {}; `tabula models add` registers a file of your own)",
+                    there.join(", ")
+                );
+            }
+        }
+    }
     let mut sources = Vec::new();
-    for spec in catalog::ALL {
+    for spec in catalog::ALL.iter().filter(|s| wanted(s.name)) {
         if spec.files.iter().any(|f| !dir.join(f.local_path).exists()) {
             tracing::warn!("{} is not in {}; not serving it", spec.name, dir.display());
             continue;
         }
-        let (path, hash) = crate::quantize::exact_file(dir, spec)?;
+        let exact = crate::quantize::exact_file(dir, spec)?;
+        sources.push(ModelSource::catalogue(spec, dir, exact));
+    }
+    for added in added.into_iter().filter(|a| wanted(&a.name)) {
+        let path = dir.join(&added.file);
+        if !path.exists() {
+            tracing::warn!(
+                "{} ({}) is missing; not serving it",
+                added.name,
+                path.display()
+            );
+            continue;
+        }
+        let exact = crate::added::exact_file(dir, &added)?;
         sources.push(ModelSource {
-            spec,
-            dir: dir.to_path_buf(),
-            exact: (path, hash),
+            name: added.name.clone(),
+            family: catalog::Family::Llama,
+            files: vec![(path, added.sha256.clone())],
+            dir: dir.join("added"),
+            exact,
         });
     }
     if sources.is_empty() {
@@ -245,7 +290,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         ..args.chain.apply(Config::default())?
     };
     config.validate()?;
-    let sources = model_sources(&crate::models_dir(args.models_dir))?;
+    let sources = model_sources(&crate::models_dir(args.models_dir), args.models.as_deref())?;
     eprintln!(
         "tabula coordinator on http://{} (data in {}{})",
         config.listen,

@@ -279,7 +279,7 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
             serve.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
             server = Some(serve.spawn().context("starting `tabula serve`")?);
         } else {
-            let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir.clone()))?;
+            let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir.clone()), None)?;
             tokio::spawn(tabula_coordinator::serve(config, sources, std::future::pending()));
         }
         let server = KillOnDrop(server);

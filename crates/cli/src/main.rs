@@ -56,7 +56,7 @@ enum Command {
     /// Measure our throughput next to onnxruntime and PyTorch on this machine.
     Bench(bench::BenchArgs),
     /// Run the coordinator: the OpenAI-compatible API, worker sockets, verification, ledger.
-    Serve(cluster::ServeArgs),
+    Serve(Box<cluster::ServeArgs>),
     /// Requester API keys.
     Keys {
         #[command(subcommand)]
@@ -168,7 +168,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Generate(args) => run::generate(args),
         Command::Bench(args) => bench::bench(args),
         Command::BenchPipeline(args) => pipebench::bench_pipeline(args),
-        Command::Serve(args) => cluster::serve(args),
+        Command::Serve(args) => cluster::serve(*args),
         Command::Keys {
             command: KeysCommand::Create(args),
         } => cluster::create_key(args),

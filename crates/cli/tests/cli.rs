@@ -1,5 +1,7 @@
 //! The `tabula` binary end to end, on the real models (fetched by `tabula models fetch`).
 
+mod common;
+
 use std::{
     io::Write,
     process::{Command, Output, Stdio},
@@ -496,20 +498,7 @@ fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_uncha
     let _ = std::fs::remove_dir_all(&work);
     let (made, models) = (work.join("made"), work.join("models"));
     std::fs::create_dir_all(&models).unwrap();
-    let mut python = Command::new("python3");
-    python
-        .arg(manifest_dir().join("../../tests/fixtures/make_llama_family.py"))
-        .arg("--out")
-        .arg(&made);
-    if let Some(lib) = std::env::var_os("TABULA_PYLIB") {
-        python.env("PYTHONPATH", lib);
-    }
-    let out = python.output().expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::make_random_ggufs(&manifest_dir(), &made);
     let qwen = made.join("qwen2-gqa4.gguf");
     let bytes = std::fs::read(&qwen).unwrap();
     let write = |name: &str, b: &[u8]| {

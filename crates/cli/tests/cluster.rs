@@ -3,6 +3,8 @@
 //! on PostgreSQL at `TABULA_TEST_POSTGRES_URL` (CI starts one; without it the PostgreSQL
 //! tests fail, unless `TABULA_TEST_NO_POSTGRES=1` says on purpose that this machine has none).
 
+mod common;
+
 use std::{
     io::Read,
     net::TcpListener,
@@ -3977,4 +3979,90 @@ fn a_session_without_enough_workers_fails_with_a_clear_error() {
     assert_eq!(jobs["data"][0]["status"], "failed", "{jobs}");
     assert_eq!(metric(port, "tabula_pipeline_sessions_failed_total"), 1);
     assert_eq!(get(port, "/healthz").0, 200);
+}
+
+/// A model of the user's own, added with `tabula models add` (a random Qwen2 GGUF made now by
+/// `tests/fixtures/make_llama_family.py`, with `gguf` from `$TABULA_PYLIB`), is served with
+/// `--models`: `/v1/models` lists it, and a completion for it is computed by two workers in
+/// exact precision, verified and credited. An unknown `--models` name is refused.
+#[test]
+fn a_model_added_by_the_user_is_served_verified_and_credited() {
+    let work = tempfile::tempdir().unwrap();
+    let (made, models) = (work.path().join("made"), work.path().join("models"));
+    common::make_random_ggufs(&manifest_dir(), &made);
+    let dir = models.display().to_string();
+    let add = Command::new(BIN)
+        .args([
+            "models",
+            "add",
+            &made.join("qwen2-gqa4.gguf").display().to_string(),
+        ])
+        .args(["--name", "my-qwen", "--dir", &dir])
+        .output()
+        .unwrap();
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+
+    let refused = Command::new(BIN)
+        .args([
+            "serve",
+            "--local",
+            "--models-dir",
+            &dir,
+            "--models",
+            "nobody",
+        ])
+        .args([
+            "--data-dir",
+            &work.path().join("refused").display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--models names `nobody`") && err.contains("my-qwen"),
+        "{err}"
+    );
+
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--models-dir", &dir, "--models", "my-qwen"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let workers: Vec<String> = (0..2).map(|n| cluster.add_worker(n)).collect();
+    let (status, listed) = get(port, "/v1/models");
+    assert_eq!(status, 200, "{listed}");
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["my-qwen"]);
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        &key,
+        json!({ "model": "my-qwen", "prompt": "abc", "max_tokens": 4, "temperature": 0 }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    cluster.stop_workers();
+    for w in &workers {
+        let entry = ledger(port, w);
+        assert_eq!(entry["workers"][0]["strikes"], 0, "{entry}");
+        assert!(
+            entry["workers"][0]["verified_credit_micro"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0,
+            "{entry}"
+        );
+    }
 }
