@@ -203,6 +203,8 @@ pub struct Volunteer {
     core: Rc<RefCell<WorkerCore>>,
     /// Taken out while a unit computes, so a frame handled meanwhile never waits on it.
     executor: Rc<RefCell<Option<AnyExecutor>>>,
+    /// Whether `executor` is the GPU's (read here, since the executor is away mid-unit).
+    on_gpu: bool,
     /// Whether stages try direct data channels (else they relay through the coordinator).
     stage_direct: Cell<bool>,
     /// The pipeline session this page serves, if any (one at a time).
@@ -259,6 +261,7 @@ impl Volunteer {
         Ok(Volunteer {
             identity,
             device,
+            on_gpu: matches!(executor, AnyExecutor::Gpu(_)),
             core: Rc::new(RefCell::new(core)),
             executor: Rc::new(RefCell::new(Some(executor))),
             stage_direct: Cell::new(true),
@@ -440,8 +443,7 @@ impl Volunteer {
     /// beyond a lower number finish first).
     #[wasm_bindgen(js_name = setThreads)]
     pub fn set_threads(&self, threads: u32) -> u32 {
-        let on_gpu = matches!(*self.executor.borrow(), Some(AnyExecutor::Gpu(_)));
-        let threads = if on_gpu { 1 } else { threads as usize };
+        let threads = if self.on_gpu { 1 } else { threads as usize };
         self.core.borrow_mut().set_parallel(threads) as u32
     }
 
