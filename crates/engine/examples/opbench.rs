@@ -48,6 +48,7 @@ fn run<B: Backend>(b: &B) {
         head_dim: 32,
         causal: false,
         pos_offset: 0,
+        window: None,
     };
     time(b, "attention 32x24, 12 heads", || {
         b.attention(&x, &x, &x, &[24; 32], &p).unwrap()

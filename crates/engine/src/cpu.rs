@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use crate::{
-    AttentionParams, Backend, Result, Shaped, check_linear, check_pool, check_rope, check_same,
-    check_slice_rows, check_write_rows, ops, shape_err,
+    AttentionParams, Backend, Result, Shaped, check_linear, check_pool, check_reshape, check_rope,
+    check_same, check_slice_rows, check_write_rows, ops, shape_err,
 };
 
 /// A host tensor. Cloning is cheap (shared data); `write_rows` copies on write if shared.
@@ -475,6 +475,9 @@ fn attention_into(
                 } else {
                     kv_len
                 };
+                // Keys before a sliding window weigh nothing (exp(-inf) = 0).
+                let first = p.first_visible(p.pos_offset + i).min(visible - 1);
+                row[..first].fill(f32::NEG_INFINITY);
                 *inv = softmax_numerators(row, visible, scale);
             }
             if direct {
@@ -678,6 +681,30 @@ impl Backend for CpuBackend {
         ))
     }
 
+    fn gelu_tanh_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        check_same("gelu_tanh_mul", &gate.shape, &up.shape)?;
+        Ok(CpuTensor::new(
+            gate.shape.clone(),
+            gate.data
+                .iter()
+                .zip(up.data.iter())
+                .map(|(&g, &u)| ops::gelu_tanh(g) * u)
+                .collect(),
+        ))
+    }
+
+    fn scale(&self, x: &CpuTensor, s: f32) -> Result<CpuTensor> {
+        Ok(self.map(x, move |v| v * s))
+    }
+
+    fn reshape(&self, x: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        check_reshape(&x.shape, shape)?;
+        Ok(CpuTensor {
+            shape: shape.to_vec(),
+            data: Arc::clone(&x.data),
+        })
+    }
+
     fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {
         table.gather(ids)
     }
@@ -751,6 +778,51 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
 
+    /// With a window of `w`, a query sees exactly its own position and the `w - 1` before.
+    #[test]
+    fn a_sliding_window_hides_keys_before_it() {
+        let b = CpuBackend;
+        // One head of 1 value; key j is 0 (all scores equal), value j is j.
+        let n = 6;
+        let q = b.upload(&vec![1.0; n], &[n, 1]).unwrap();
+        let k = b.upload(&vec![0.0; n], &[n, 1]).unwrap();
+        let v: Vec<f32> = (0..n).map(|j| j as f32).collect();
+        let v = b.upload(&v, &[n, 1]).unwrap();
+        let params = |window| AttentionParams {
+            batch: 1,
+            q_len: n,
+            kv_rows: n,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 1,
+            causal: true,
+            pos_offset: 0,
+            window,
+        };
+        let run = |window| {
+            b.attention(&q, &k, &v, &[n as u32], &params(window))
+                .unwrap()
+        };
+        // Uniform weights: the mean of the visible values.
+        let mean = |lo: usize, hi: usize| (lo..=hi).sum::<usize>() as f32 / (hi - lo + 1) as f32;
+        let windowed = run(Some(3));
+        let full = run(None);
+        for i in 0..n {
+            assert!((windowed.data()[i] - mean(i.saturating_sub(2), i)).abs() < 1e-6);
+            assert!((full.data()[i] - mean(0, i)).abs() < 1e-6);
+        }
+        assert_eq!(
+            run(Some(1)).data(),
+            v.data(),
+            "a window of one sees itself only"
+        );
+        assert!(
+            b.attention(&q, &k, &v, &[n as u32], &params(Some(0)))
+                .is_err(),
+            "an empty window is refused"
+        );
+    }
+
     fn t(data: &[f32], shape: &[usize]) -> CpuTensor {
         CpuBackend.upload(data, shape).unwrap()
     }
@@ -776,6 +848,7 @@ mod tests {
             head_dim: 2,
             causal: true,
             pos_offset: 0,
+            window: None,
         };
         let q = t(&[1.0; 8], &[2, 4]);
         let k = t(&[1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 9.0, 9.0], &[4, 2]);
@@ -853,6 +926,7 @@ mod tests {
                 head_dim,
                 causal,
                 pos_offset,
+                window: None,
             };
             let q: Vec<f32> = (0..2 * q_len * heads * head_dim)
                 .map(|_| random() * 3.0)

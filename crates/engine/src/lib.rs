@@ -52,7 +52,9 @@ pub(crate) fn shape_err(op: &'static str, detail: impl Into<String>) -> EngineEr
 /// kv_rows` rows of `kv_heads * head_dim` values (grouped-query attention when `kv_heads <
 /// heads`): sequence `b` owns rows `[b * kv_rows, b * kv_rows + kv_lens[b])`, the rest is
 /// padding (or free KV-cache space) and is never read. Query row `i` of a sequence sits at
-/// absolute position `pos_offset + i`; with `causal` it only sees keys at positions `<=` its own.
+/// absolute position `pos_offset + i`; with `causal` it only sees keys at positions `<=` its own,
+/// and with a `window` of `w` (sliding-window attention, causal only) only the last `w` of those:
+/// positions `> p - w` for a query at `p`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionParams {
     pub batch: usize,
@@ -63,9 +65,16 @@ pub struct AttentionParams {
     pub head_dim: usize,
     pub causal: bool,
     pub pos_offset: usize,
+    /// Sliding window: `None` sees every earlier position. `Some(w)` needs `causal` and `w > 0`.
+    pub window: Option<usize>,
 }
 
 impl AttentionParams {
+    /// The first key row a query at absolute position `pos` sees (0 without a window).
+    pub fn first_visible(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+
     pub(crate) fn validate(
         &self,
         q: &[usize],
@@ -80,6 +89,14 @@ impl AttentionParams {
             || !self.heads.is_multiple_of(self.kv_heads)
         {
             return Err(shape_err(op, format!("bad head layout {self:?}")));
+        }
+        if let Some(w) = self.window
+            && (w == 0 || !self.causal)
+        {
+            return Err(shape_err(
+                op,
+                format!("a sliding window of {w} needs causal attention and at least one key"),
+            ));
         }
         if q != [self.batch * self.q_len, self.heads * self.head_dim] {
             return Err(shape_err(
@@ -129,6 +146,11 @@ pub trait Backend {
 
     /// Human-readable device description, e.g. "cpu" or "llvmpipe (Vulkan)".
     fn describe(&self) -> String;
+    /// The most values one tensor may hold here (a GPU's storage binding limit: 128 MiB on
+    /// lavapipe and by default in browsers). Larger matrices are split by their users.
+    fn max_tensor_values(&self) -> usize {
+        usize::MAX
+    }
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
     /// Copies a tensor back to the host. The only device-to-host transfer.
@@ -166,6 +188,15 @@ pub trait Backend {
     }
     /// `silu(gate) * up`, the SwiGLU gate.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `gelu_tanh(gate) * up`, the GeGLU gate (Gemma), with GELU's tanh approximation
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+    fn gelu_tanh_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x · s`, every value.
+    fn scale(&self, x: &Self::Tensor, s: f32) -> Result<Self::Tensor>;
+    /// The same values under another shape with as many of them (no copy where the backend
+    /// shares storage): e.g. `[rows, heads·head_dim]` as `[rows·heads, head_dim]` to normalise
+    /// each head.
+    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
     /// Rows of `table` picked by `ids`: `[ids.len(), dim]`.
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
     /// Rotary embedding on adjacent pairs `(x[2i], x[2i+1])` of each head (GGUF/llama.cpp
@@ -240,6 +271,16 @@ pub(crate) fn check_rope(x: &[usize], head_dim: usize) -> Result<()> {
         || !x[1].is_multiple_of(head_dim)
     {
         return Err(shape_err("rope", format!("x {x:?}, head_dim {head_dim}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_reshape(from: &[usize], to: &[usize]) -> Result<()> {
+    if from.iter().product::<usize>() != to.iter().product::<usize>() {
+        return Err(shape_err(
+            "reshape",
+            format!("{from:?} has not as many values as {to:?}"),
+        ));
     }
     Ok(())
 }

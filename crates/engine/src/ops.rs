@@ -46,6 +46,16 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - poly * exp(-a * a)).copysign(x)
 }
 
+/// GELU's tanh approximation (`gelu_pytorch_tanh`), `tanh(u) = 1 - 2 / (e^{2u} + 1)` so that
+/// it stays branch-free and the GPU kernel can mirror it.
+#[inline(always)]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+    0.5 * x * (1.0 + tanh)
+}
+
 #[inline(always)]
 pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))

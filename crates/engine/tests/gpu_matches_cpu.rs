@@ -110,6 +110,46 @@ fn every_op_matches_cpu() {
         1e-6,
     );
     p.check(
+        "gelu_tanh_mul",
+        &cpu.gelu_tanh_mul(&xc, &yc).unwrap(),
+        &p.gpu.gelu_tanh_mul(&xg, &yg).unwrap(),
+        1e-6,
+    );
+    p.check(
+        "scale",
+        &cpu.scale(&xc, 25.3).unwrap(),
+        &p.gpu.scale(&xg, 25.3).unwrap(),
+        0.0,
+    );
+    // One RMSNorm per 4-value head of the same values.
+    p.check(
+        "reshape + rms_norm per head",
+        &cpu.reshape(
+            &cpu.rms_norm(
+                &cpu.reshape(&xc, &[xc.numel() / 4, 4]).unwrap(),
+                &cpu.upload(&[1.0, 2.0, 0.5, -1.0], &[4]).unwrap(),
+                1e-6,
+            )
+            .unwrap(),
+            xc.shape(),
+        )
+        .unwrap(),
+        &p.gpu
+            .reshape(
+                &p.gpu
+                    .rms_norm(
+                        &p.gpu.reshape(&xg, &[xg.numel() / 4, 4]).unwrap(),
+                        &p.gpu.upload(&[1.0, 2.0, 0.5, -1.0], &[4]).unwrap(),
+                        1e-6,
+                    )
+                    .unwrap(),
+                xg.shape(),
+            )
+            .unwrap(),
+        1e-5,
+    );
+    assert!(cpu.reshape(&xc, &[7, 3]).is_err() && p.gpu.reshape(&xg, &[7, 3]).is_err());
+    p.check(
         "layer_norm",
         &cpu.layer_norm(&xc, &gc, &bc, 1e-12).unwrap(),
         &p.gpu.layer_norm(&xg, &gg, &bg, 1e-12).unwrap(),
@@ -162,6 +202,7 @@ fn every_op_matches_cpu() {
             head_dim: 32,
             causal: false,
             pos_offset: 0,
+            window: None,
         },
         AttentionParams {
             batch: 1,
@@ -172,6 +213,7 @@ fn every_op_matches_cpu() {
             head_dim: 64,
             causal: true,
             pos_offset: 196,
+            window: None,
         },
         AttentionParams {
             batch: 1,
@@ -182,6 +224,31 @@ fn every_op_matches_cpu() {
             head_dim: 64,
             causal: true,
             pos_offset: 0,
+            window: None,
+        },
+        // Gemma 3: heads of 256 values (the wide kernel), one KV head, a sliding window that
+        // hides most of the prompt from its last queries, and one decoding step past it.
+        AttentionParams {
+            batch: 1,
+            q_len: 40,
+            kv_rows: 48,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 256,
+            causal: true,
+            pos_offset: 0,
+            window: Some(12),
+        },
+        AttentionParams {
+            batch: 1,
+            q_len: 1,
+            kv_rows: 48,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 256,
+            causal: true,
+            pos_offset: 40,
+            window: Some(12),
         },
     ] {
         let lens: Vec<u32> = if params.causal {

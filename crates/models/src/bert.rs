@@ -242,6 +242,7 @@ impl<B: Backend> BertModel<B> {
             head_dim: c.hidden_size / heads,
             causal: false,
             pos_offset: 0,
+            window: None,
         };
         // The texts of a batch are padded to the longest, but only attention needs that
         // layout: every other op works row by row. So the rows are packed down to the real

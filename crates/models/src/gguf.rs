@@ -989,6 +989,23 @@ impl GgufFile {
             .collect()
     }
 
+    /// An array of `f32` (or `f64`, rounded) values.
+    pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>, GgufError> {
+        let items = self.get_array(key, "array of f32")?;
+        items
+            .iter()
+            .map(|v| match v {
+                MetaValue::F32(x) => Ok(*x),
+                MetaValue::F64(x) => Ok(*x as f32),
+                other => Err(GgufError::WrongKeyType {
+                    key: key.into(),
+                    expected: "array of f32",
+                    found: format!("array of {}", other.type_name()),
+                }),
+            })
+            .collect()
+    }
+
     fn get_array(&self, key: &str, expected: &'static str) -> Result<&[MetaValue], GgufError> {
         match self.get_or_err(key)? {
             MetaValue::Array(items) => Ok(items),

@@ -1,6 +1,14 @@
-//! Llama-family decoder from GGUF (architectures `llama`, which Mistral files use too, and
-//! `qwen2`): RMSNorm, rotary embeddings, grouped-query attention with any ratio and a KV cache,
-//! optional Q/K/V biases (Qwen2), SwiGLU, tied or separate output head.
+//! Llama-family decoder from GGUF (architectures `llama`, which Mistral files use too, `qwen2`
+//! and `gemma3`): RMSNorm, rotary embeddings, grouped-query attention with any ratio and a KV
+//! cache, optional Q/K/V biases (Qwen2), SwiGLU, tied or separate output head.
+//!
+//! Gemma 3 (as Hugging Face's `Gemma3ForCausalLM` and llama.cpp's `gemma3` graph) adds, per
+//! layer: RMSNorm of each query and key head before the rotation (`attn_q_norm`,
+//! `attn_k_norm`), RMSNorm of the attention and feed-forward outputs before the residual adds
+//! (`post_attention_norm`, `post_ffw_norm`), GeGLU with GELU's tanh form instead of SwiGLU,
+//! and sliding-window attention (512 positions, rotary base 10 000) on five layers of every
+//! six, the sixth global (base `rope.freq_base`); the embeddings are scaled by √dim. Its GGUF
+//! norm weights already hold Gemma's `1 + w`, so every norm here is `x̂ · w`.
 //!
 //! Weights come from GGUF and are dequantised to f32 at load ("fast" precision). Rotary pairs:
 //! a `llama` GGUF stores Q and K rows permuted for llama.cpp's adjacent-pair layout (values 2i
@@ -37,15 +45,38 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     pub rope_theta: f32,
     pub context_length: usize,
+    /// Gemma 3's additions; `None` for Llama and Qwen2.
+    #[serde(default)]
+    pub gemma: Option<GemmaConfig>,
+}
+
+/// What Gemma 3 adds to a Llama layer stack (see the module doc).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GemmaConfig {
+    /// Positions a sliding-window layer's queries see (their own and the ones before).
+    pub sliding_window: usize,
+    /// Every `pattern`-th layer (1-based) is global, the others slide.
+    pub pattern: usize,
+    /// Rotary base of the sliding-window layers (`rope_theta` is the global layers').
+    pub local_rope_theta: f32,
+    /// Factor on the token embeddings entering layer 0: √dim.
+    pub embed_scale: f32,
 }
 
 /// The GGUF architectures this decoder reads (`general.architecture`).
-pub const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "gemma3"];
 
 /// How a GGUF architecture lays out the rotary pairs of its Q and K rows.
 fn neox_rope(arch: &str) -> bool {
-    arch == "qwen2"
+    arch == "qwen2" || arch == "gemma3"
 }
+
+/// Gemma 3's sliding-window pattern: five local layers, then a global one (llama.cpp's
+/// `swa_pattern` 6, Hugging Face's `sliding_window_pattern`).
+const GEMMA_PATTERN: usize = 6;
+/// Gemma 3's rotary base on sliding-window layers (Hugging Face's `rope_local_base_freq`;
+/// llama.cpp fixes it the same way when the GGUF does not say).
+const GEMMA_LOCAL_ROPE_THETA: f32 = 10_000.0;
 
 impl LlamaConfig {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
@@ -121,6 +152,22 @@ impl LlamaConfig {
                     .into(),
             ));
         }
+        let gemma = if arch == "gemma3" {
+            let window = gguf.get_u32(&key("attention.sliding_window"))? as usize;
+            if window == 0 {
+                return Err(ModelError::Format("a sliding window of 0 positions".into()));
+            }
+            Some(GemmaConfig {
+                sliding_window: window,
+                pattern: GEMMA_PATTERN,
+                local_rope_theta: gguf
+                    .get_f32(&key("rope.freq_base_swa"))
+                    .unwrap_or(GEMMA_LOCAL_ROPE_THETA),
+                embed_scale: (dim as f32).sqrt(),
+            })
+        } else {
+            None
+        };
         let vocab_size = gguf
             .tensor("token_embd.weight")
             .map(|t| t.shape_row_major()[0])
@@ -141,7 +188,19 @@ impl LlamaConfig {
                 .get_u32(&key("context_length"))
                 .map(|v| v as usize)
                 .unwrap_or(2048),
+            gemma,
         })
+    }
+
+    /// The sliding window of layer `i` (`None`: it sees every earlier position) and its rotary
+    /// base.
+    pub fn layer_attention(&self, i: usize) -> (Option<usize>, f32) {
+        match &self.gemma {
+            Some(g) if !(i + 1).is_multiple_of(g.pattern) => {
+                (Some(g.sliding_window), g.local_rope_theta)
+            }
+            _ => (None, self.rope_theta),
+        }
     }
 
     fn kv_dim(&self) -> usize {
@@ -232,6 +291,13 @@ pub fn inspect(gguf: &GgufFile) -> Result<GgufSummary> {
                 check(&bias, &[n])?;
             }
         }
+        if c.gemma.is_some() {
+            for (name, n) in
+                GEMMA_NORMS.map(|(name, head)| (name, if head { c.head_dim } else { d }))
+            {
+                check(&format!("blk.{i}.{name}.weight"), &[n])?;
+            }
+        }
     }
     Ok(GgufSummary {
         architecture: gguf.get_str("general.architecture")?.to_string(),
@@ -269,6 +335,24 @@ pub fn interleave_rope_rows(w: &[f32], cols: usize, head_dim: usize) -> Vec<f32>
     out
 }
 
+/// Gemma 3's extra norms per layer: name, and whether it spans one head (else the width).
+const GEMMA_NORMS: [(&str, bool); 4] = [
+    ("attn_q_norm", true),
+    ("attn_k_norm", true),
+    ("post_attention_norm", false),
+    ("post_ffw_norm", false),
+];
+
+/// Gemma 3's norms of one layer.
+struct GemmaNorms<B: Backend> {
+    /// Over each query / key head, in the engine's rotary layout.
+    q: B::Tensor,
+    k: B::Tensor,
+    /// Over the attention and feed-forward outputs.
+    post_attention: B::Tensor,
+    post_ffw: B::Tensor,
+}
+
 struct Layer<B: Backend> {
     attn_norm: B::Tensor,
     wq: B::Tensor,
@@ -281,6 +365,81 @@ struct Layer<B: Backend> {
     gate: B::Tensor,
     up: B::Tensor,
     down: B::Tensor,
+    gemma: Option<GemmaNorms<B>>,
+}
+
+/// A `[rows, cols]` matrix (the token embeddings, the output head) held as blocks of rows
+/// that each fit one tensor of the backend: Gemma 3's 262 144 × 640 table is 671 MB in f32,
+/// and a GPU storage binding is often 128 MiB. One block where it fits.
+struct RowBlocks<B: Backend> {
+    /// Rows `[i · block_rows, (i + 1) · block_rows)` in block `i`; the last may be shorter.
+    blocks: Vec<B::Tensor>,
+    block_rows: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl<B: Backend> RowBlocks<B> {
+    fn upload(backend: &B, data: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        assert_eq!(data.len(), rows * cols, "a whole matrix");
+        let block_rows = (backend.max_tensor_values() / cols.max(1)).clamp(1, rows.max(1));
+        let blocks = data
+            .chunks(block_rows * cols)
+            .map(|c| backend.upload(c, &[c.len() / cols, cols]))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            blocks,
+            block_rows,
+            rows,
+            cols,
+        })
+    }
+
+    /// Rows `ids`: `[ids.len(), cols]`.
+    fn gather(&self, backend: &B, ids: &[u32]) -> Result<B::Tensor> {
+        if let [block] = self.blocks.as_slice() {
+            return Ok(backend.embedding(block, ids)?);
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.rows) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} outside the vocabulary of {}",
+                self.rows
+            )));
+        }
+        let mut out = backend.zeros(&[ids.len(), self.cols])?;
+        for (r, &id) in ids.iter().enumerate() {
+            let (b, row) = (id as usize / self.block_rows, id as usize % self.block_rows);
+            let one = backend.embedding(&self.blocks[b], &[row as u32])?;
+            backend.write_rows(&mut out, r, &one)?;
+        }
+        Ok(out)
+    }
+
+    /// `x · selfᵀ` for one row `x: [1, cols]`: `[1, rows]` (any number of rows in one block).
+    fn linear(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        if let [block] = self.blocks.as_slice() {
+            return Ok(backend.linear(x, block, None)?);
+        }
+        if x.as_matrix() != (1, self.cols) {
+            return Err(ModelError::Input(format!(
+                "a split head takes one row of {}, got {:?}",
+                self.cols,
+                x.shape()
+            )));
+        }
+        // Each block's products, as a column, into the rows of one column; then one row.
+        let mut out = backend.zeros(&[self.rows, 1])?;
+        for (b, block) in self.blocks.iter().enumerate() {
+            let part = backend.linear(x, block, None)?;
+            let n = part.numel();
+            backend.write_rows(
+                &mut out,
+                b * self.block_rows,
+                &backend.reshape(&part, &[n, 1])?,
+            )?;
+        }
+        Ok(backend.reshape(&out, &[1, self.rows])?)
+    }
 }
 
 /// Layers `range` of a Llama model on one backend, plus the token embeddings when the range
@@ -288,10 +447,10 @@ struct Layer<B: Backend> {
 pub struct LlamaModel<B: Backend> {
     pub config: LlamaConfig,
     range: Range<usize>,
-    token_embd: Option<B::Tensor>,
+    token_embd: Option<RowBlocks<B>>,
     output_norm: Option<B::Tensor>,
     /// `None` with tied embeddings (the head reuses `token_embd`).
-    output: Option<B::Tensor>,
+    output: Option<RowBlocks<B>>,
     layers: Vec<Layer<B>>,
 }
 
@@ -356,14 +515,17 @@ impl<B: Backend> LlamaModel<B> {
             config.vocab_size,
         );
         let is_last = range.end == config.layers;
+        let blocks = |name: &str| -> Result<RowBlocks<B>> {
+            RowBlocks::upload(backend, &get(name, &[vocab, d])?, vocab, d)
+        };
         let token_embd = if range.start == 0 || (is_last && gguf.tensor("output.weight").is_none())
         {
-            Some(load("token_embd.weight", &[vocab, d])?)
+            Some(blocks("token_embd.weight")?)
         } else {
             None
         };
         let output = if is_last && gguf.tensor("output.weight").is_some() {
-            Some(load("output.weight", &[vocab, d])?)
+            Some(blocks("output.weight")?)
         } else {
             None
         };
@@ -393,7 +555,17 @@ impl<B: Backend> LlamaModel<B> {
                         )));
                     }
                 };
+                let gemma = match config.gemma {
+                    Some(_) => Some(GemmaNorms {
+                        q: load_rotated(&format!("blk.{i}.attn_q_norm.weight"), &[hd])?,
+                        k: load_rotated(&format!("blk.{i}.attn_k_norm.weight"), &[hd])?,
+                        post_attention: t("post_attention_norm", &[d])?,
+                        post_ffw: t("post_ffw_norm", &[d])?,
+                    }),
+                    None => None,
+                };
                 Ok(Layer {
+                    gemma,
                     attn_norm: t("attn_norm", &[d])?,
                     wq: load_rotated(&format!("blk.{i}.attn_q.weight"), &[q, d])?,
                     wk: load_rotated(&format!("blk.{i}.attn_k.weight"), &[kv, d])?,
@@ -443,8 +615,12 @@ impl<B: Backend> LlamaModel<B> {
         if ids.is_empty() {
             return Err(ModelError::Input("no tokens".into()));
         }
+        let mut x = table.gather(backend, ids)?;
+        if let Some(g) = &self.config.gemma {
+            x = backend.scale(&x, g.embed_scale)?;
+        }
         Ok(Hidden {
-            x: backend.embedding(table, ids)?,
+            x,
             layer: 0,
             seq: ids.len(),
             lens: vec![ids.len() as u32],
@@ -483,37 +659,55 @@ impl<B: Backend> LlamaModel<B> {
             head_dim: c.head_dim,
             causal: true,
             pos_offset: h.pos_offset,
+            window: None,
+        };
+        // Each head of `t` ([n, heads·head_dim]) normalised by `gamma` ([head_dim]).
+        let head_norm = |t: &B::Tensor, gamma: &B::Tensor| -> Result<B::Tensor> {
+            let (rows, cols) = t.as_matrix();
+            let heads = backend.reshape(t, &[rows * cols / c.head_dim, c.head_dim])?;
+            let normed = backend.rms_norm(&heads, gamma, c.rms_eps)?;
+            Ok(backend.reshape(&normed, &[rows, cols])?)
         };
         let mut x = h.x;
         for (i, layer) in self.layers.iter().enumerate() {
+            let (window, theta) = c.layer_attention(self.range.start + i);
             let a = backend.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let [bq, bk, bv] = match &layer.qkv_bias {
                 Some([q, k, v]) => [Some(q), Some(k), Some(v)],
                 None => [None; 3],
             };
-            let q = backend.rope(
-                &backend.linear(&a, &layer.wq, bq)?,
-                c.head_dim,
-                h.pos_offset,
-                c.rope_theta,
-            )?;
-            let k = backend.rope(
-                &backend.linear(&a, &layer.wk, bk)?,
-                c.head_dim,
-                h.pos_offset,
-                c.rope_theta,
-            )?;
+            let mut q = backend.linear(&a, &layer.wq, bq)?;
+            let mut k = backend.linear(&a, &layer.wk, bk)?;
+            if let Some(g) = &layer.gemma {
+                q = head_norm(&q, &g.q)?;
+                k = head_norm(&k, &g.k)?;
+            }
+            let q = backend.rope(&q, c.head_dim, h.pos_offset, theta)?;
+            let k = backend.rope(&k, c.head_dim, h.pos_offset, theta)?;
             let v = backend.linear(&a, &layer.wv, bv)?;
             backend.write_rows(&mut cache.k[i], h.pos_offset, &k)?;
             backend.write_rows(&mut cache.v[i], h.pos_offset, &v)?;
+            let params = AttentionParams { window, ..params };
             let att = backend.attention(&q, &cache.k[i], &cache.v[i], &[total as u32], &params)?;
-            x = backend.add(&x, &backend.linear(&att, &layer.wo, None)?)?;
+            let mut att = backend.linear(&att, &layer.wo, None)?;
+            if let Some(g) = &layer.gemma {
+                att = backend.rms_norm(&att, &g.post_attention, c.rms_eps)?;
+            }
+            x = backend.add(&x, &att)?;
             let f = backend.rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let g = backend.silu_mul(
-                &backend.linear(&f, &layer.gate, None)?,
-                &backend.linear(&f, &layer.up, None)?,
-            )?;
-            x = backend.add(&x, &backend.linear(&g, &layer.down, None)?)?;
+            let (gate, up) = (
+                backend.linear(&f, &layer.gate, None)?,
+                backend.linear(&f, &layer.up, None)?,
+            );
+            let g = match &layer.gemma {
+                Some(_) => backend.gelu_tanh_mul(&gate, &up)?,
+                None => backend.silu_mul(&gate, &up)?,
+            };
+            let mut down = backend.linear(&g, &layer.down, None)?;
+            if let Some(g) = &layer.gemma {
+                down = backend.rms_norm(&down, &g.post_ffw, c.rms_eps)?;
+            }
+            x = backend.add(&x, &down)?;
         }
         Ok(Hidden {
             x,
@@ -540,11 +734,10 @@ impl<B: Backend> LlamaModel<B> {
             .or(self.token_embd.as_ref())
             .ok_or_else(|| ModelError::Input("no output weights".into()))?;
         let last = backend.slice_rows(&h.x, h.seq - 1, 1)?;
-        Ok(backend.linear(
+        w.linear(
+            backend,
             &backend.rms_norm(&last, norm, self.config.rms_eps)?,
-            w,
-            None,
-        )?)
+        )
     }
 }
 

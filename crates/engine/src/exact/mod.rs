@@ -561,6 +561,12 @@ pub(crate) fn check_attention_int<T>(
         &[v.rows, v.cols],
         kv_lens,
     )?;
+    if let Some(w) = p.window {
+        return Err(shape_err(
+            "attention_int",
+            format!("sliding-window attention ({w} positions) has no exact kernel yet"),
+        ));
+    }
     if q.group != p.head_dim || k.group != p.head_dim || v.group != p.head_dim {
         return Err(shape_err(
             "attention_int",

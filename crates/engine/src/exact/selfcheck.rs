@@ -433,6 +433,7 @@ pub async fn compare_with_cpu(gpu: &GpuBackend) -> Result<Vec<String>> {
             head_dim: 32,
             causal: false,
             pos_offset: 0,
+            window: None,
         },
         AttentionParams {
             batch: 1,
@@ -443,6 +444,7 @@ pub async fn compare_with_cpu(gpu: &GpuBackend) -> Result<Vec<String>> {
             head_dim: 64,
             causal: true,
             pos_offset: 12,
+            window: None,
         },
     ];
     for (case, params) in cases.iter().enumerate() {

@@ -1,5 +1,6 @@
 // Elementwise ops over n values; 256 threads per workgroup, 2-D grid for large n.
-struct Params { n: u32 }
+// `f` is a scalar operand (bits of an f32) for the ops that take one.
+struct Params { n: u32, f: f32 }
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -34,4 +35,22 @@ fn silu_mul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 fn gelu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = index(wid, nwg, lid);
     if (i < p.n) { let v = a[i]; y[i] = 0.5 * v * (1.0 + erf(v * 0.70710678)); }
+}
+
+// GELU's tanh approximation times `b` (GeGLU), as the CPU backend's `gelu_tanh`.
+@compute @workgroup_size(256)
+fn gelu_tanh_mul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        let x = a[i];
+        let u = 0.7978846 * (x + 0.044715 * x * x * x);
+        let t = 1.0 - 2.0 / (exp(min(2.0 * u, 88.0)) + 1.0);
+        y[i] = 0.5 * x * (1.0 + t) * b[i];
+    }
+}
+
+@compute @workgroup_size(256)
+fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) { y[i] = a[i] * p.f; }
 }

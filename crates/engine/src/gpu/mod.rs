@@ -8,8 +8,8 @@ use std::sync::{Mutex, OnceLock};
 use wgpu::util::DeviceExt;
 
 use crate::{
-    AttentionParams, Backend, EngineError, Result, Shaped, check_linear, check_pool, check_rope,
-    check_same, check_slice_rows, check_write_rows, shape_err,
+    AttentionParams, Backend, EngineError, Result, Shaped, check_linear, check_pool, check_reshape,
+    check_rope, check_same, check_slice_rows, check_write_rows, shape_err,
 };
 
 /// A device tensor: a storage buffer plus its shape. Cloning shares the buffer.
@@ -46,10 +46,14 @@ struct Pipelines {
     add: wgpu::ComputePipeline,
     gelu: wgpu::ComputePipeline,
     silu_mul: wgpu::ComputePipeline,
+    gelu_tanh_mul: wgpu::ComputePipeline,
+    scale: wgpu::ComputePipeline,
     embedding: wgpu::ComputePipeline,
     rope: wgpu::ComputePipeline,
     mean_pool: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    /// The same kernel with room for heads of up to 256 values (Gemma's).
+    attention_wide: wgpu::ComputePipeline,
 }
 
 /// Which adapter to ask for.
@@ -133,8 +137,13 @@ struct AttnParams {
     causal: u32,
     pos_offset: u32,
     scale: f32,
-    _pad: [u32; 3],
+    /// Sliding window in positions; 0 for none.
+    window: u32,
+    _pad: [u32; 2],
 }
+
+/// The widest attention head the kernels hold in registers.
+const MAX_HEAD_DIM: usize = 256;
 
 pub(crate) fn u32_of(v: usize, what: &'static str) -> Result<u32> {
     u32::try_from(v)
@@ -440,9 +449,20 @@ impl GpuBackend {
         a: &GpuTensor,
         b: Option<&GpuTensor>,
     ) -> Result<GpuTensor> {
+        self.elementwise_with(pipeline, a, b, 0.0)
+    }
+
+    /// [`Self::elementwise`] with a scalar operand `f` (the kernel's `p.f`).
+    fn elementwise_with(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        a: &GpuTensor,
+        b: Option<&GpuTensor>,
+        f: f32,
+    ) -> Result<GpuTensor> {
         let out = self.tensor(a.shape.clone())?;
         let n = a.numel();
-        let params = self.uniform(&[u32_of(n, "elementwise")?, 0, 0, 0]);
+        let params = self.uniform(&[u32_of(n, "elementwise")?, f.to_bits(), 0, 0]);
         let (x, y) = grid(n.div_ceil(256));
         match b {
             Some(b) => self.dispatch(
@@ -525,7 +545,7 @@ impl GpuBackend {
 
 impl Pipelines {
     fn new(device: &wgpu::Device) -> Self {
-        let module = |label: &str, src: &'static str| {
+        let module = |label: &str, src: &str| {
             device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(label),
                 source: wgpu::ShaderSource::Wgsl(src.into()),
@@ -548,6 +568,13 @@ impl Pipelines {
         let elementwise = module("elementwise", include_str!("elementwise.wgsl"));
         let misc = module("misc", include_str!("misc.wgsl"));
         let attention = module("attention", include_str!("attention.wgsl"));
+        let attention_wide = module(
+            "attention_wide",
+            &include_str!("attention.wgsl").replace(
+                "array<vec4<f32>, 32>",
+                &format!("array<vec4<f32>, {}>", MAX_HEAD_DIM / 4),
+            ),
+        );
         Self {
             linear: pipeline(&linear, "main"),
             linear4: pipeline(&linear4, "main"),
@@ -556,10 +583,13 @@ impl Pipelines {
             add: pipeline(&elementwise, "add"),
             gelu: pipeline(&elementwise, "gelu"),
             silu_mul: pipeline(&elementwise, "silu_mul"),
+            gelu_tanh_mul: pipeline(&elementwise, "gelu_tanh_mul"),
+            scale: pipeline(&elementwise, "scale"),
             embedding: pipeline(&misc, "embedding"),
             rope: pipeline(&misc, "rope"),
             mean_pool: pipeline(&misc, "mean_pool"),
             attention: pipeline(&attention, "main"),
+            attention_wide: pipeline(&attention_wide, "main"),
         }
     }
 }
@@ -569,6 +599,10 @@ impl Backend for GpuBackend {
 
     fn describe(&self) -> String {
         format!("{} ({:?})", self.info.name, self.info.backend)
+    }
+
+    fn max_tensor_values(&self) -> usize {
+        usize::try_from(self.max_binding / 4).unwrap_or(usize::MAX)
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
@@ -652,6 +686,23 @@ impl Backend for GpuBackend {
         self.elementwise(&self.pipelines.silu_mul, gate, Some(up))
     }
 
+    fn gelu_tanh_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor> {
+        check_same("gelu_tanh_mul", &gate.shape, &up.shape)?;
+        self.elementwise(&self.pipelines.gelu_tanh_mul, gate, Some(up))
+    }
+
+    fn scale(&self, x: &GpuTensor, s: f32) -> Result<GpuTensor> {
+        self.elementwise_with(&self.pipelines.scale, x, None, s)
+    }
+
+    fn reshape(&self, x: &GpuTensor, shape: &[usize]) -> Result<GpuTensor> {
+        check_reshape(&x.shape, shape)?;
+        Ok(GpuTensor {
+            shape: shape.to_vec(),
+            buffer: x.buffer.clone(),
+        })
+    }
+
     fn embedding(&self, table: &GpuTensor, ids: &[u32]) -> Result<GpuTensor> {
         let (vocab, dim) = table.as_matrix();
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -709,11 +760,11 @@ impl Backend for GpuBackend {
         p: &AttentionParams,
     ) -> Result<GpuTensor> {
         p.validate(&q.shape, &k.shape, &v.shape, kv_lens)?;
-        if p.head_dim > 128 || !p.head_dim.is_multiple_of(4) {
+        if p.head_dim > MAX_HEAD_DIM || !p.head_dim.is_multiple_of(4) {
             return Err(shape_err(
                 "attention",
                 format!(
-                    "head_dim {} must be a multiple of 4 up to 128 on the GPU backend",
+                    "head_dim {} must be a multiple of 4 up to {MAX_HEAD_DIM} on the GPU backend",
                     p.head_dim
                 ),
             ));
@@ -730,12 +781,22 @@ impl Backend for GpuBackend {
             causal: p.causal as u32,
             pos_offset: u32_of(p.pos_offset, "attention")?,
             scale: 1.0 / (p.head_dim as f32).sqrt(),
-            _pad: [0; 3],
+            window: match p.window {
+                Some(w) => u32_of(w, "attention")?,
+                None => 0,
+            },
+            _pad: [0; 2],
         });
         let lens = self.u32_buffer(kv_lens);
         let (gx, gy) = grid((rows * p.heads).div_ceil(64));
+        // Wide heads need twice the accumulator registers: only they pay for them.
+        let pipeline = if p.head_dim > 128 {
+            &self.pipelines.attention_wide
+        } else {
+            &self.pipelines.attention
+        };
         self.dispatch(
-            &self.pipelines.attention,
+            pipeline,
             &[&q.buffer, &k.buffer, &v.buffer, &lens, &out.buffer, &params],
             (gx, gy, 1),
         );

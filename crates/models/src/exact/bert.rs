@@ -122,6 +122,7 @@ impl<B: ExactBackend> ExactBert<B> {
             head_dim: hd,
             causal: false,
             pos_offset: 0,
+            window: None,
         };
         for l in &self.layers {
             let xq = backend.quantize(&x, self.group)?;

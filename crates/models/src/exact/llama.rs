@@ -288,6 +288,7 @@ impl<B: ExactBackend> ExactLlama<B> {
             head_dim: hd,
             causal: true,
             pos_offset: pos,
+            window: None,
         };
         for (i, l) in self.layers.iter().enumerate() {
             let a =

@@ -316,6 +316,13 @@ pub fn quantize_bert(
 pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String)> {
     let gguf = GgufFile::parse(gguf_bytes)?;
     let config = LlamaConfig::from_gguf(&gguf)?;
+    if config.gemma.is_some() {
+        return Err(ModelError::NoExact(
+            "Gemma 3's head norms, GeGLU and sliding-window attention have no integer kernels \
+             yet: it runs in fast precision (`--precision fast`)"
+                .into(),
+        ));
+    }
     // Qwen2's Q and K rows (and biases) go into the engine's rotary layout here, once: the
     // exact file holds them interleaved (see `llama::interleave_rope_rows`).
     let neox = gguf.get_str("general.architecture")? == "qwen2";

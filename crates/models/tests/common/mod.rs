@@ -69,3 +69,18 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
 }
+
+/// The same reference format as SmolLM2's (`tests/fixtures/make_gemma3.py`).
+pub fn gemma3_fixtures() -> Vec<SmolFixture> {
+    read_jsonl("gemma3.jsonl")
+}
+
+#[derive(Deserialize)]
+pub struct TokensFixture {
+    pub text: String,
+    pub ids: Vec<u32>,
+}
+
+pub fn gemma3_token_fixtures() -> Vec<TokensFixture> {
+    read_jsonl("gemma3-tokens.jsonl")
+}
