@@ -212,13 +212,7 @@ pub fn model_sources(dir: &std::path::Path, only: Option<&[String]>) -> Result<V
             tracing::warn!("{} is not in {}; not serving it", spec.name, dir.display());
             continue;
         }
-        let exact = match crate::quantize::exact_file(dir, spec) {
-            Err(e) if crate::quantize::lacks_exact(&e) => {
-                skip_without_exact(spec.name, only.is_some(), &e)?;
-                continue;
-            }
-            other => other?,
-        };
+        let exact = crate::quantize::exact_file(dir, spec)?;
         sources.push(ModelSource::catalogue(spec, dir, exact));
     }
     for added in added.into_iter().filter(|a| wanted(&a.name)) {
@@ -231,13 +225,7 @@ pub fn model_sources(dir: &std::path::Path, only: Option<&[String]>) -> Result<V
             );
             continue;
         }
-        let exact = match crate::added::exact_file(dir, &added) {
-            Err(e) if crate::quantize::lacks_exact(&e) => {
-                skip_without_exact(&added.name, only.is_some(), &e)?;
-                continue;
-            }
-            other => other?,
-        };
+        let exact = crate::added::exact_file(dir, &added)?;
         sources.push(ModelSource {
             name: added.name.clone(),
             family: catalog::Family::Llama,
@@ -254,19 +242,6 @@ pub fn model_sources(dir: &std::path::Path, only: Option<&[String]>) -> Result<V
         );
     }
     Ok(sources)
-}
-
-/// A cluster verifies by exact results: a model without exact precision is left out with a
-/// warning, or refused when `--models` asked for it.
-fn skip_without_exact(name: &str, asked: bool, e: &anyhow::Error) -> Result<()> {
-    if asked {
-        bail!(
-            "{name} cannot be served: a cluster verifies by exact results, and {e:#} (`tabula \
-             generate --model {name}` runs it here)"
-        );
-    }
-    tracing::warn!("not serving {name}: {e:#}");
-    Ok(())
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {

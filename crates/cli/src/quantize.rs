@@ -65,26 +65,11 @@ pub fn quantize_one(dir: &Path, spec: &ModelSpec) -> Result<(PathBuf, String)> {
     Ok((path, hash))
 }
 
-/// Whether `e` says the model has no exact precision (it runs in fast precision only).
-pub fn lacks_exact(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<tabula_models::ModelError>(),
-        Some(tabula_models::ModelError::NoExact(_))
-    )
-}
-
 /// `tabula models quantize`.
 pub fn quantize(dir: &Path, only: Option<&str>) -> Result<()> {
     for spec in crate::fetch::selected_models(only)? {
         let started = std::time::Instant::now();
-        let (path, _) = match quantize_one(dir, spec) {
-            // Quantising every model passes over one that has no exact precision, saying so.
-            Err(e) if only.is_none() && lacks_exact(&e) => {
-                println!("{}: {e:#}", spec.name);
-                continue;
-            }
-            other => other?,
-        };
+        let (path, _) = quantize_one(dir, spec)?;
         let size = std::fs::metadata(&path)?.len();
         println!(
             "{}: {} ({:.1} MB, {:.1} s)",

@@ -19,6 +19,17 @@ pub struct CpuTensor<T = f32> {
     data: Arc<Vec<T>>,
 }
 
+impl<T> CpuTensor<T> {
+    /// The same values (shared, not copied) under another shape with as many of them.
+    pub(crate) fn reshaped(&self, shape: &[usize]) -> Result<Self> {
+        check_reshape(&self.shape, shape)?;
+        Ok(Self {
+            shape: shape.to_vec(),
+            data: Arc::clone(&self.data),
+        })
+    }
+}
+
 impl<T> std::fmt::Debug for CpuTensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CpuTensor{:?}", self.shape)
@@ -698,11 +709,7 @@ impl Backend for CpuBackend {
     }
 
     fn reshape(&self, x: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
-        check_reshape(&x.shape, shape)?;
-        Ok(CpuTensor {
-            shape: shape.to_vec(),
-            data: Arc::clone(&x.data),
-        })
+        x.reshaped(shape)
     }
 
     fn embedding(&self, table: &CpuTensor, ids: &[u32]) -> Result<CpuTensor> {

@@ -41,10 +41,6 @@ pub enum ModelError {
     Input(String),
     #[error("activations: {0}")]
     Activations(String),
-    /// The model runs in fast precision only: it cannot be quantised, nor served by a cluster
-    /// that verifies by exact results.
-    #[error("no exact precision: {0}")]
-    NoExact(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

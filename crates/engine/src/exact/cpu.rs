@@ -121,12 +121,22 @@ struct HeadScratch {
 }
 
 impl HeadScratch {
-    /// The value weights of the first `visible` keys from `self.dots`: scores, softmax (base
-    /// 2, integer) and [`value_weight`], in branch-free loops over the keys when every scale
-    /// is in range (checked once per head), else with the specification's functions.
+    /// The value weights of the `visible` keys from `first` on, from `self.dots` (one per
+    /// such key): scores, softmax (base 2, integer) and [`value_weight`], in branch-free loops
+    /// over the keys when every scale is in range (checked once per head), else with the
+    /// specification's functions.
     #[inline(always)]
-    fn weights(&mut self, keys: &Keys, q: GroupScale, scale: ScoreScale, visible: usize) {
+    fn weights(
+        &mut self,
+        keys: &Keys,
+        q: GroupScale,
+        scale: ScoreScale,
+        first: usize,
+        visible: usize,
+    ) {
         let dots = &self.dots[..visible];
+        let (k_scales, v_scales, v_values) =
+            (&keys.k[first..], &keys.v[first..], &keys.v_scale[first..]);
         // Score shifts `E - 30 - q.shift - k.shift` in 1..=62, non-negative factors.
         let fast = keys.fast_values
             && (0..1 << 15).contains(&q.reduced)
@@ -137,7 +147,7 @@ impl HeadScratch {
         self.e.resize(visible, 0);
         if fast {
             let base = scale.exp - 30 - q.shift;
-            for ((e, &acc), k) in self.e.iter_mut().zip(dots).zip(&keys.k) {
+            for ((e, &acc), k) in self.e.iter_mut().zip(dots).zip(k_scales) {
                 let both = (q.reduced * k.reduced) as u64; // < 2^30
                 let combined = ((both * scale.mult as u64 + (1 << 29)) >> 30).min(i32::MAX as u64);
                 let s = (base - k.shift) as u32; // 1..=62
@@ -146,7 +156,7 @@ impl HeadScratch {
                 *e = (if acc < 0 { -m } else { m }) as u32;
             }
         } else {
-            for ((e, &acc), &k) in self.e.iter_mut().zip(dots).zip(&keys.k) {
+            for ((e, &acc), &k) in self.e.iter_mut().zip(dots).zip(k_scales) {
                 *e = score(acc, q, k, scale) as u32;
             }
         }
@@ -172,7 +182,7 @@ impl HeadScratch {
                 .w
                 .iter_mut()
                 .zip(&self.e)
-                .zip(keys.v.iter().zip(&keys.v_scale))
+                .zip(v_scales.iter().zip(v_values))
             {
                 let prob = divide.floor((e << 16).wrapping_add(half));
                 let t = (15 - v.shift) as u32; // 1..=15
@@ -181,7 +191,7 @@ impl HeadScratch {
                     .min(i32::MAX as u64) as i32;
             }
         } else {
-            for ((w, &e), &v) in self.w.iter_mut().zip(&self.e).zip(&keys.v) {
+            for ((w, &e), &v) in self.w.iter_mut().zip(&self.e).zip(v_scales) {
                 *w = value_weight(divide.floor((e << 16).wrapping_add(half)), v);
             }
         }
@@ -535,21 +545,25 @@ impl ExactBackend for CpuBackend {
                             Keys::gather(ks, vs, b * p.kv_rows, kv_len as usize, p.kv_heads, kvh);
                         for i in 0..p.q_len {
                             let qrow = b * p.q_len + i;
-                            let visible = if p.causal {
+                            let end = if p.causal {
                                 (p.pos_offset + i + 1).min(kv_len as usize)
                             } else {
                                 kv_len as usize
                             };
+                            // A sliding window skips the keys before it.
+                            let first = p.first_visible(p.pos_offset + i).min(end);
+                            let visible = end - first;
                             for h in kvh * group_ratio..(kvh + 1) * group_ratio {
                                 let qg = qrow * p.heads + h;
                                 let qvec = &qd[qg * hd..(qg + 1) * hd];
-                                let key_row = |j: usize| (b * p.kv_rows + j) * p.kv_heads + kvh;
+                                let key_row =
+                                    |j: usize| (b * p.kv_rows + first + j) * p.kv_heads + kvh;
                                 scratch.dots.resize(visible, 0);
                                 for (j, d) in scratch.dots.iter_mut().enumerate() {
                                     let kg = key_row(j);
                                     *d = dot_i8(qvec, &kd[kg * hd..(kg + 1) * hd]);
                                 }
-                                scratch.weights(&keys, scale_at(qs, qg), scale, visible);
+                                scratch.weights(&keys, scale_at(qs, qg), scale, first, visible);
                                 acc.fill(0);
                                 accumulate_values(&mut acc, &scratch.w, |j| {
                                     let vg = key_row(j);
@@ -575,6 +589,10 @@ impl ExactBackend for CpuBackend {
 
     fn slice_rows_int(&self, x: &CpuInt, start: usize, count: usize) -> Result<CpuInt> {
         x.slice_rows(start, count)
+    }
+
+    fn reshape_int(&self, x: &CpuInt, shape: &[usize]) -> Result<CpuInt> {
+        x.reshaped(shape)
     }
 
     fn mean_pool_int(&self, x: &CpuInt, seq: usize, lens: &[u32]) -> Result<CpuInt> {

@@ -368,6 +368,8 @@ fn qk_dot(qg: u32, kg: u32, words: u32) -> i32 {
 
 // a, b, c: quantised q, k, v (scales at n8, n9, n10); d: the exp2 table (257 entries), then
 // kv_lens. n0..n7 = batch, q_len, kv_rows, heads, kv_heads, head_dim, causal, pos_offset;
+// n11 = sliding window (0: none); head_dim at most 4 · the accumulator's length (a second
+// pipeline with a longer one serves wide heads);
 // s0, s1 = score scale (M, E). One (query row, head) per invocation, three passes over keys.
 @compute @workgroup_size(64)
 fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -379,25 +381,28 @@ fn attention(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let i = row % p.n1;
     var visible = u32(d[257u + bq]);
     if (p.n6 != 0u) { visible = min(visible, p.n7 + i + 1u); }
+    // A sliding window of n11 keys (0: none): positions > pos - n11 only.
+    var first = 0u;
+    if (p.n11 != 0u && p.n7 + i + 1u > p.n11) { first = min(p.n7 + i + 1u - p.n11, visible); }
     let words = p.n5 / 4u;
     let kvh = h / (p.n3 / p.n4);
     let qg = row * p.n3 + h;
     let qr = a[p.n8 + 2u * qg];
     let qs = a[p.n8 + 2u * qg + 1u];
     var best = -2147483647 - 1;
-    for (var j = 0u; j < visible; j++) {
+    for (var j = first; j < visible; j++) {
         let kg = (bq * p.n2 + j) * p.n4 + kvh;
         let sc = score(qk_dot(qg, kg, words), qr, qs, b[p.n9 + 2u * kg], b[p.n9 + 2u * kg + 1u]);
         best = max(best, sc);
     }
     var sum = 0u;
-    for (var j = 0u; j < visible; j++) {
+    for (var j = first; j < visible; j++) {
         let kg = (bq * p.n2 + j) * p.n4 + kvh;
         let sc = score(qk_dot(qg, kg, words), qr, qs, b[p.n9 + 2u * kg], b[p.n9 + 2u * kg + 1u]);
         sum += exp2_neg_q15(bitcast<u32>(best) - bitcast<u32>(sc));
     }
     var acc: array<vec4<i32>, 32>;
-    for (var j = 0u; j < visible; j++) {
+    for (var j = first; j < visible; j++) {
         let kg = (bq * p.n2 + j) * p.n4 + kvh;
         let sc = score(qk_dot(qg, kg, words), qr, qs, b[p.n9 + 2u * kg], b[p.n9 + 2u * kg + 1u]);
         let e = exp2_neg_q15(bitcast<u32>(best) - bitcast<u32>(sc));

@@ -31,8 +31,13 @@ pub(crate) struct ExactPipelines {
     act: wgpu::ComputePipeline,
     rope: wgpu::ComputePipeline,
     attention: wgpu::ComputePipeline,
+    /// `attention` with an accumulator for heads of up to [`MAX_HEAD_DIM`] values.
+    attention_wide: wgpu::ComputePipeline,
     mean_pool: wgpu::ComputePipeline,
 }
+
+/// The widest head the exact attention kernel holds in registers.
+const MAX_HEAD_DIM: usize = 256;
 
 impl ExactPipelines {
     pub(crate) fn new(device: &wgpu::Device, packed_dot: bool) -> Self {
@@ -44,19 +49,32 @@ impl ExactPipelines {
         let source = include_str!("exact.wgsl").replace("DOT4(", dot);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("exact"),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
+            source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
         });
-        let pipeline = |entry: &str| {
+        let wide = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("exact_wide"),
+            source: wgpu::ShaderSource::Wgsl(
+                source
+                    .replace(
+                        "array<vec4<i32>, 32>",
+                        &format!("array<vec4<i32>, {}>", MAX_HEAD_DIM / 4),
+                    )
+                    .into(),
+            ),
+        });
+        let pipeline_of = |module: &wgpu::ShaderModule, entry: &str| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: None,
-                module: &module,
+                module,
                 entry_point: Some(entry),
                 compilation_options: Default::default(),
                 cache: None,
             })
         };
+        let pipeline = |entry: &str| pipeline_of(&module, entry);
         Self {
+            attention_wide: pipeline_of(&wide, "attention"),
             quantize: pipeline("quantize"),
             qlinear: pipeline("qlinear"),
             qembedding: pipeline("qembedding"),
@@ -124,6 +142,10 @@ fn check_ids(op: &'static str, ids: &[u32], rows: usize) -> Result<()> {
 }
 
 impl ExactBackend for GpuBackend {
+    fn max_int_values(&self) -> usize {
+        crate::Backend::max_tensor_values(self)
+    }
+
     type Int = GpuTensor;
 
     fn upload_int(&self, data: &[i32], shape: &[usize]) -> Result<GpuTensor> {
@@ -348,10 +370,13 @@ impl ExactBackend for GpuBackend {
         scale: ScoreScale,
     ) -> Result<GpuTensor> {
         check_attention_int(q, k, v, kv_lens, p)?;
-        if p.head_dim > 128 {
+        if p.head_dim > MAX_HEAD_DIM {
             return Err(shape_err(
                 "attention_int",
-                format!("head_dim {} exceeds 128 on the GPU backend", p.head_dim),
+                format!(
+                    "head_dim {} exceeds {MAX_HEAD_DIM} on the GPU backend",
+                    p.head_dim
+                ),
             ));
         }
         let rows = p.batch * p.q_len;
@@ -373,12 +398,22 @@ impl ExactBackend for GpuBackend {
                 u32_of(q.scales_offset(), op)?,
                 u32_of(k.scales_offset(), op)?,
                 u32_of(v.scales_offset(), op)?,
-                0,
+                match p.window {
+                    Some(w) => u32_of(w, op)?,
+                    None => 0,
+                },
             ],
             s: [scale.mult, scale.exp, 0, 0],
         };
+        let wide = p.head_dim > 128;
         self.exact_run(
-            |p| &p.attention,
+            |p| {
+                if wide {
+                    &p.attention_wide
+                } else {
+                    &p.attention
+                }
+            },
             Binds {
                 a: Some(q.buf.buffer()),
                 b: Some(k.buf.buffer()),
@@ -398,6 +433,10 @@ impl ExactBackend for GpuBackend {
 
     fn slice_rows_int(&self, x: &GpuTensor, start: usize, count: usize) -> Result<GpuTensor> {
         self.copy_rows_out(x, start, count)
+    }
+
+    fn reshape_int(&self, x: &GpuTensor, shape: &[usize]) -> Result<GpuTensor> {
+        x.reshaped(shape)
     }
 
     fn mean_pool_int(&self, x: &GpuTensor, seq: usize, lens: &[u32]) -> Result<GpuTensor> {

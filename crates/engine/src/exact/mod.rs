@@ -351,6 +351,11 @@ pub trait ExactBackend {
     /// A tensor of 32-bit words (Fx values, packed int8, tables).
     type Int: Clone + Shaped + std::fmt::Debug;
 
+    /// The most values one integer tensor may hold here (a GPU's storage binding limit);
+    /// larger matrices are split by their users.
+    fn max_int_values(&self) -> usize {
+        usize::MAX
+    }
     fn upload_int(&self, data: &[i32], shape: &[usize]) -> Result<Self::Int>;
     /// [`upload_int`](Self::upload_int) of values the caller gives up: a backend that keeps
     /// them in host memory keeps this vector instead of a copy (loading holds one fewer).
@@ -426,6 +431,9 @@ pub trait ExactBackend {
     ) -> Result<Self::Int>;
     fn write_rows_int(&self, dst: &mut Self::Int, row: usize, src: &Self::Int) -> Result<()>;
     fn slice_rows_int(&self, x: &Self::Int, start: usize, count: usize) -> Result<Self::Int>;
+    /// The same values under another shape with as many of them (shared where the backend
+    /// can): e.g. `[rows, heads·head_dim]` as `[rows·heads, head_dim]` to normalise each head.
+    fn reshape_int(&self, x: &Self::Int, shape: &[usize]) -> Result<Self::Int>;
     /// Rounded mean over the first `lens[b]` rows of each block of `seq` rows.
     fn mean_pool_int(&self, x: &Self::Int, seq: usize, lens: &[u32]) -> Result<Self::Int>;
 }
@@ -561,12 +569,6 @@ pub(crate) fn check_attention_int<T>(
         &[v.rows, v.cols],
         kv_lens,
     )?;
-    if let Some(w) = p.window {
-        return Err(shape_err(
-            "attention_int",
-            format!("sliding-window attention ({w} positions) has no exact kernel yet"),
-        ));
-    }
     if q.group != p.head_dim || k.group != p.head_dim || v.group != p.head_dim {
         return Err(shape_err(
             "attention_int",

@@ -418,7 +418,8 @@ pub async fn compare_with_cpu(gpu: &GpuBackend) -> Result<Vec<String>> {
         p.gpu.rope_int(&x.1, &ropes.1, 36),
     );
 
-    // Attention: bidirectional with padding, and causal grouped-query with an offset.
+    // Attention: bidirectional with padding, causal grouped-query with an offset, and a
+    // sliding window over wide heads.
     let (m, e) = split_scale(
         std::f64::consts::LOG2_E / (32f64.sqrt() * 127.0 * 127.0 * 2f64.powi(32)) * 65536.0,
     )?;
@@ -445,6 +446,18 @@ pub async fn compare_with_cpu(gpu: &GpuBackend) -> Result<Vec<String>> {
             causal: true,
             pos_offset: 12,
             window: None,
+        },
+        // Gemma 3: heads of 256 values (the wide kernel), one KV head, a sliding window.
+        AttentionParams {
+            batch: 1,
+            q_len: 3,
+            kv_rows: 20,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 256,
+            causal: true,
+            pos_offset: 12,
+            window: Some(6),
         },
     ];
     for (case, params) in cases.iter().enumerate() {

@@ -32,6 +32,17 @@ impl GpuTensor {
     }
 }
 
+impl GpuTensor {
+    /// The same buffer (shared, not copied) under another shape with as many values.
+    pub(crate) fn reshaped(&self, shape: &[usize]) -> Result<Self> {
+        check_reshape(&self.shape, shape)?;
+        Ok(Self {
+            shape: shape.to_vec(),
+            buffer: self.buffer.clone(),
+        })
+    }
+}
+
 impl Shaped for GpuTensor {
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -696,11 +707,7 @@ impl Backend for GpuBackend {
     }
 
     fn reshape(&self, x: &GpuTensor, shape: &[usize]) -> Result<GpuTensor> {
-        check_reshape(&x.shape, shape)?;
-        Ok(GpuTensor {
-            shape: shape.to_vec(),
-            buffer: x.buffer.clone(),
-        })
+        x.reshaped(shape)
     }
 
     fn embedding(&self, table: &GpuTensor, ids: &[u32]) -> Result<GpuTensor> {

@@ -5,8 +5,8 @@
 use std::ops::Range;
 
 use tabula_engine::{
-    AttentionParams,
-    exact::{ActTable, ExactBackend, QMatrix, QNorm, RopeTable, ScoreScale},
+    AttentionParams, Shaped,
+    exact::{ActTable, ExactBackend, QActs, QMatrix, QNorm, RopeTable, ScoreScale, WeightLayout},
 };
 
 use super::{ExactArch, ExactFile, hash_ints};
@@ -27,12 +27,132 @@ struct Layer<T> {
     gate: QMatrix<T>,
     up: QMatrix<T>,
     down: QMatrix<T>,
+    gemma: Option<GemmaNorms<T>>,
+}
+
+/// Gemma 3's extra norms of one layer (see [`crate::llama`]).
+struct GemmaNorms<T> {
+    /// Over each query / key head, in the engine's rotary layout.
+    q: QNorm<T>,
+    k: QNorm<T>,
+    post_attention: QNorm<T>,
+    post_ffw: QNorm<T>,
 }
 
 /// The last stage's final norm and output matrix.
 struct Head<T> {
     norm: QNorm<T>,
-    output: QMatrix<T>,
+    output: QRows<T>,
+}
+
+/// A `[rows, cols]` int8 matrix (the token embeddings, the output head) held as blocks of
+/// rows that each fit one tensor of the backend: Gemma 3's 262 144 × 640 table is 168 MB, a
+/// GPU storage binding often 128 MiB. Every output value is computed as with one block, so
+/// the bits do not depend on the split.
+struct QRows<T> {
+    /// Rows `[i · block_rows, (i + 1) · block_rows)` in block `i`; the last may be shorter.
+    blocks: Vec<QMatrix<T>>,
+    block_rows: usize,
+    rows: usize,
+}
+
+impl<T: Clone + Shaped> QRows<T> {
+    /// Matrix `name` of `file` (`name.q`) with the requantisation `requant` (`name.requant`,
+    /// or the tied head's `output.requant` over the embedding rows).
+    fn load<B: ExactBackend<Int = T>>(
+        backend: &B,
+        file: &ExactFile<'_>,
+        name: &str,
+        requant: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let scales = file.weight_blocks(cols)?;
+        let words = cols / 4;
+        let block_rows = (backend.max_int_values() / words.max(1)).clamp(1, rows.max(1));
+        let data = file.ints(&format!("{name}.q"), rows * words)?;
+        let requant = file.ints(requant, rows * scales * 2)?;
+        let blocks = data
+            .chunks(block_rows * words)
+            .zip(requant.chunks(block_rows * scales * 2))
+            .map(|(d, r)| {
+                let n = d.len() / words;
+                Ok(backend.prepare_qmatrix(QMatrix {
+                    rows: n,
+                    cols,
+                    group: cols / scales,
+                    data: backend.upload_int(d, &[n, words])?,
+                    requant: backend.upload_int(r, &[n, scales, 2])?,
+                    bias: None,
+                    layout: WeightLayout::Rows,
+                })?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            blocks,
+            block_rows,
+            rows,
+        })
+    }
+
+    /// The same int8 rows (shared, not copied) with the requantisation `requant`: a tied
+    /// head over the embedding rows.
+    fn with_requant<B: ExactBackend<Int = T>>(
+        &self,
+        backend: &B,
+        file: &ExactFile<'_>,
+        requant: &str,
+    ) -> Result<Self> {
+        let cols = self.blocks[0].cols;
+        let scales = file.weight_blocks(cols)?;
+        let all = file.ints(requant, self.rows * scales * 2)?;
+        let blocks = self
+            .blocks
+            .iter()
+            .zip(all.chunks(self.block_rows * scales * 2))
+            .map(|(block, r)| {
+                let r = backend.upload_int(r, &[block.rows, scales, 2])?;
+                Ok(backend.with_requant(block, r)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { blocks, ..*self })
+    }
+
+    /// Rows `ids`, requantised to Fx: `[ids.len(), cols]`.
+    fn embed<B: ExactBackend<Int = T>>(&self, backend: &B, ids: &[u32]) -> Result<T> {
+        if let [block] = self.blocks.as_slice() {
+            return Ok(backend.qembedding(block, ids)?);
+        }
+        let cols = self.blocks[0].cols;
+        let mut out = backend.zeros_int(&[ids.len(), cols])?;
+        for (r, &id) in ids.iter().enumerate() {
+            let (b, row) = (id as usize / self.block_rows, id as usize % self.block_rows);
+            let one = backend.qembedding(&self.blocks[b], &[row as u32])?;
+            backend.write_rows_int(&mut out, r, &one)?;
+        }
+        Ok(out)
+    }
+
+    /// `x · selfᵀ` for one quantised row `x`: `[1, rows]` Fx (any rows with one block).
+    fn linear<B: ExactBackend<Int = T>>(&self, backend: &B, x: &QActs<T>) -> Result<T> {
+        if let [block] = self.blocks.as_slice() {
+            return Ok(backend.qlinear(x, block)?);
+        }
+        if x.rows != 1 {
+            return Err(ModelError::Input(format!(
+                "a split head takes one row, got {}",
+                x.rows
+            )));
+        }
+        let mut out = backend.zeros_int(&[self.rows, 1])?;
+        for (b, block) in self.blocks.iter().enumerate() {
+            let part = backend.qlinear(x, block)?;
+            let n = part.numel();
+            let column = backend.reshape_int(&part, &[n, 1])?;
+            backend.write_rows_int(&mut out, b * self.block_rows, &column)?;
+        }
+        Ok(backend.reshape_int(&out, &[1, self.rows])?)
+    }
 }
 
 /// A quantised Llama decoder on one backend: the whole model, or one pipeline stage of it
@@ -44,11 +164,14 @@ pub struct ExactLlama<B: ExactBackend> {
     /// The layers this instance runs; `0..config.layers` for the whole model.
     range: Range<usize>,
     /// Present exactly when `range.start == 0`.
-    token_embd: Option<QMatrix<B::Int>>,
+    token_embd: Option<QRows<B::Int>>,
     /// Present exactly when `range.end == config.layers`.
     head: Option<Head<B::Int>>,
-    silu: ActTable<B::Int>,
+    /// The gate's activation: SiLU, or GELU's tanh form for Gemma.
+    act: ActTable<B::Int>,
     rope: RopeTable<B::Int>,
+    /// Gemma's sliding-window layers' rotary table (their own base).
+    rope_local: Option<RopeTable<B::Int>>,
     score: ScoreScale,
     layers: Vec<Layer<B::Int>>,
 }
@@ -110,24 +233,26 @@ impl<B: ExactBackend> ExactLlama<B> {
             c.vocab_size,
         );
         let token_embd = if range.start == 0 {
-            Some(file.matrix(backend, "token_embd", vocab, d, false)?)
+            Some(QRows::load(
+                backend,
+                file,
+                "token_embd",
+                "token_embd.requant",
+                vocab,
+                d,
+            )?)
         } else {
             None
         };
         let head = if range.end == c.layers {
             let output = if file.has("output.q") {
-                file.matrix(backend, "output", vocab, d, false)?
+                QRows::load(backend, file, "output", "output.requant", vocab, d)?
             } else {
-                let table = match &token_embd {
-                    Some(t) => t.clone(),
-                    None => file.matrix(backend, "token_embd", vocab, d, false)?,
-                };
-                let requant = file.upload(
-                    backend,
-                    "output.requant",
-                    &[vocab, file.weight_blocks(d)?, 2],
-                )?;
-                backend.with_requant(&table, requant)?
+                // Tied: the embedding rows with the head's own requantisation.
+                match &token_embd {
+                    Some(table) => table.with_requant(backend, file, "output.requant")?,
+                    None => QRows::load(backend, file, "token_embd", "output.requant", vocab, d)?,
+                }
             };
             Some(Head {
                 norm: file.norm(backend, "output_norm", d, false)?,
@@ -145,7 +270,20 @@ impl<B: ExactBackend> ExactLlama<B> {
                     let bias = file.has(&format!("{name}.bias"));
                     file.matrix(backend, &name, rows, cols, bias)
                 };
+                let norm = |name: &str, cols| {
+                    file.norm(backend, &format!("layer.{i}.{name}"), cols, false)
+                };
+                let gemma = match c.gemma {
+                    Some(_) => Some(GemmaNorms {
+                        q: norm("q_norm", c.head_dim)?,
+                        k: norm("k_norm", c.head_dim)?,
+                        post_attention: norm("post_attn_norm", d)?,
+                        post_ffw: norm("post_ffw_norm", d)?,
+                    }),
+                    None => None,
+                };
                 Ok(Layer {
+                    gemma,
                     attn_norm: file.norm(backend, &format!("layer.{i}.attn_norm"), d, false)?,
                     wq: m("wq", q, d)?,
                     wk: m("wk", kv, d)?,
@@ -164,8 +302,12 @@ impl<B: ExactBackend> ExactLlama<B> {
             range,
             token_embd,
             head,
-            silu: file.act_table(backend)?,
-            rope: file.rope_table(backend, c.head_dim)?,
+            act: file.act_table(backend)?,
+            rope: file.rope_table(backend, "rope", c.head_dim)?,
+            rope_local: match c.gemma {
+                Some(_) => Some(file.rope_table(backend, "rope_local", c.head_dim)?),
+                None => None,
+            },
             score: file.score_scale(),
             layers,
             config: c,
@@ -241,7 +383,7 @@ impl<B: ExactBackend> ExactLlama<B> {
                 if ids.is_empty() {
                     return Err(ModelError::Input("a step needs at least one token".into()));
                 }
-                backend.qembedding(table, ids)?
+                table.embed(backend, ids)?
             }
             (StageInput::Hidden { rows, values }, None) => {
                 if rows == 0 || rows.checked_mul(c.dim) != Some(values.len()) {
@@ -290,26 +432,51 @@ impl<B: ExactBackend> ExactLlama<B> {
             pos_offset: pos,
             window: None,
         };
+        // Each head of `t` ([n, heads·head_dim]) normalised by `norm` ([head_dim]).
+        let head_norm = |t: &B::Int, norm: &QNorm<B::Int>| -> Result<B::Int> {
+            let (rows, cols) = t.as_matrix();
+            let heads = backend.reshape_int(t, &[rows * cols / hd, hd])?;
+            let normed = backend.norm_int(&heads, norm, self.frac)?;
+            Ok(backend.reshape_int(&normed, &[rows, cols])?)
+        };
         for (i, l) in self.layers.iter().enumerate() {
+            let (window, _) = c.layer_attention(self.range.start + i);
+            let rope = match (&self.rope_local, window) {
+                (Some(local), Some(_)) => local,
+                _ => &self.rope,
+            };
             let a =
                 backend.quantize(&backend.norm_int(&x, &l.attn_norm, self.frac)?, self.group)?;
-            let q = backend.rope_int(&backend.qlinear(&a, &l.wq)?, &self.rope, pos)?;
-            let k = backend.rope_int(&backend.qlinear(&a, &l.wk)?, &self.rope, pos)?;
+            let mut q = backend.qlinear(&a, &l.wq)?;
+            let mut k = backend.qlinear(&a, &l.wk)?;
+            if let Some(g) = &l.gemma {
+                q = head_norm(&q, &g.q)?;
+                k = head_norm(&k, &g.k)?;
+            }
+            let q = backend.rope_int(&q, rope, pos)?;
+            let k = backend.rope_int(&k, rope, pos)?;
             let v = backend.qlinear(&a, &l.wv)?;
             backend.write_rows_int(&mut cache.k[i], pos, &k)?;
             backend.write_rows_int(&mut cache.v[i], pos, &v)?;
             let keys = backend.quantize(&backend.slice_rows_int(&cache.k[i], 0, total)?, hd)?;
             let values = backend.quantize(&backend.slice_rows_int(&cache.v[i], 0, total)?, hd)?;
             let q = backend.quantize(&q, hd)?;
+            let params = AttentionParams { window, ..params };
             let att =
                 backend.attention_int(&q, &keys, &values, &[total as u32], &params, self.score)?;
-            let o = backend.qlinear(&backend.quantize(&att, self.group)?, &l.wo)?;
+            let mut o = backend.qlinear(&backend.quantize(&att, self.group)?, &l.wo)?;
+            if let Some(g) = &l.gemma {
+                o = backend.norm_int(&o, &g.post_attention, self.frac)?;
+            }
             x = backend.add_int(&x, &o)?;
             let f = backend.quantize(&backend.norm_int(&x, &l.ffn_norm, self.frac)?, self.group)?;
-            let g = backend.act_int(&backend.qlinear(&f, &l.gate)?, &self.silu)?;
+            let g = backend.act_int(&backend.qlinear(&f, &l.gate)?, &self.act)?;
             let u = backend.qlinear(&f, &l.up)?;
             let gu = backend.mul_int(&g, &u, self.frac as i32)?;
-            let down = backend.qlinear(&backend.quantize(&gu, self.group)?, &l.down)?;
+            let mut down = backend.qlinear(&backend.quantize(&gu, self.group)?, &l.down)?;
+            if let Some(g) = &l.gemma {
+                down = backend.norm_int(&down, &g.post_ffw, self.frac)?;
+            }
             x = backend.add_int(&x, &down)?;
         }
         let Some(Head {
@@ -325,7 +492,7 @@ impl<B: ExactBackend> ExactLlama<B> {
             self.group,
         )?;
         Ok(StageOutput::Logits(
-            backend.read_int(&backend.qlinear(&h, output)?).await?,
+            backend.read_int(&output.linear(backend, &h)?).await?,
         ))
     }
 

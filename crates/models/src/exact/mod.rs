@@ -381,14 +381,16 @@ impl<'a> ExactFile<'a> {
         })
     }
 
+    /// The rotary table `name` (`rope`; Gemma's sliding-window layers have `rope_local`).
     pub(crate) fn rope_table<B: ExactBackend>(
         &self,
         backend: &B,
+        name: &str,
         head_dim: usize,
     ) -> Result<RopeTable<B::Int>> {
         let positions = self.header.rope_positions;
         Ok(RopeTable {
-            table: self.upload(backend, "rope", &[positions * head_dim])?,
+            table: self.upload(backend, name, &[positions * head_dim])?,
             positions,
             head_dim,
         })

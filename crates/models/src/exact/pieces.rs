@@ -38,7 +38,7 @@ pub struct Piece {
 
 /// The piece a tensor of a Llama file belongs to.
 fn piece_of(tensor: &str) -> Option<String> {
-    if tensor == "act" || tensor == "rope" {
+    if tensor == "act" || tensor == "rope" || tensor == "rope_local" {
         return Some("tables".into());
     }
     if tensor.starts_with("token_embd.") {

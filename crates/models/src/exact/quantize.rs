@@ -40,6 +40,8 @@ const BERT_WEIGHT_GROUP: Option<usize> = None;
 const LLAMA_WEIGHT_GROUP: Option<usize> = Some(32);
 /// The rotary table covers at most this many positions.
 const MAX_ROPE_POSITIONS: usize = 8192;
+/// The widest attention head of the exact kernels (Gemma 3's 256).
+const MAX_HEAD_DIM: usize = 256;
 
 fn fx(v: f32, frac: u32) -> i32 {
     (v as f64 * f64::from(1u32 << frac))
@@ -316,16 +318,10 @@ pub fn quantize_bert(
 pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String)> {
     let gguf = GgufFile::parse(gguf_bytes)?;
     let config = LlamaConfig::from_gguf(&gguf)?;
-    if config.gemma.is_some() {
-        return Err(ModelError::NoExact(
-            "Gemma 3's head norms, GeGLU and sliding-window attention have no integer kernels \
-             yet: it runs in fast precision (`--precision fast`)"
-                .into(),
-        ));
-    }
-    // Qwen2's Q and K rows (and biases) go into the engine's rotary layout here, once: the
-    // exact file holds them interleaved (see `llama::interleave_rope_rows`).
-    let neox = gguf.get_str("general.architecture")? == "qwen2";
+    // Qwen2's and Gemma's Q and K rows (and biases, and Gemma's head norms) go into the
+    // engine's rotary layout here, once: the exact file holds them interleaved (see
+    // `llama::interleave_rope_rows`).
+    let neox = matches!(gguf.get_str("general.architecture")?, "qwen2" | "gemma3");
     let f = LLAMA_FRAC;
     let (d, kv, ffn, vocab, hd) = (
         config.dim,
@@ -334,9 +330,10 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
         config.vocab_size,
         config.head_dim,
     );
-    if !hd.is_multiple_of(4) || hd > 128 {
+    if !hd.is_multiple_of(4) || hd > MAX_HEAD_DIM {
         return Err(ModelError::Format(format!(
-            "head size {hd} is not supported in exact precision (multiples of 4 up to 128)"
+            "head size {hd} is not supported in exact precision (multiples of 4 up to \
+             {MAX_HEAD_DIM})"
         )));
     }
     let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
@@ -349,9 +346,15 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
     let (q, scales) = quantize_rows(&embd, d, wg)?;
     let blocks = scales.len() / vocab;
     out.put("token_embd.q", q, &[vocab, d / 4]);
+    // Gemma scales the embeddings entering layer 0 by √dim: folded into their
+    // requantisation (the tied head keeps its own, unscaled).
+    let embed_scale = config
+        .gemma
+        .as_ref()
+        .map_or(1.0, |g| f64::from(g.embed_scale));
     out.put(
         "token_embd.requant",
-        requant(&scales, f64::from(1u32 << f))?,
+        requant(&scales, f64::from(1u32 << f) * embed_scale)?,
         &[vocab, blocks, 2],
     );
     if gguf.tensor("output.weight").is_some() {
@@ -422,25 +425,65 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
             &t("ffn_norm", &[d])?,
             None,
         );
-    }
-    let silu = |x: f64| x / (1.0 + (-x).exp());
-    let lo = -16.0;
-    out.put(
-        "act",
-        act_table(silu, lo, SILU_STEPS_LOG2, f),
-        &[ACT_LEN + 1],
-    );
-    let positions = config.context_length.clamp(1, MAX_ROPE_POSITIONS);
-    let mut rope = Vec::with_capacity(positions * hd);
-    for pos in 0..positions {
-        for i in 0..hd / 2 {
-            let freq = f64::from(config.rope_theta).powf(-2.0 * i as f64 / hd as f64);
-            let angle = pos as f64 * freq;
-            rope.push((angle.cos() * f64::from(1u32 << 30)).round() as i32);
-            rope.push((angle.sin() * f64::from(1u32 << 30)).round() as i32);
+        if config.gemma.is_some() {
+            for (short, long, n) in [
+                ("q_norm", "attn_q_norm", hd),
+                ("k_norm", "attn_k_norm", hd),
+                ("post_attn_norm", "post_attention_norm", d),
+                ("post_ffw_norm", "post_ffw_norm", d),
+            ] {
+                let gamma = t(long, &[n])?;
+                let gamma = if n == hd {
+                    interleave_rope_rows(&gamma, 1, hd)
+                } else {
+                    gamma
+                };
+                put_norm(&mut out, &format!("layer.{i}.{short}"), &gamma, None);
+            }
         }
     }
-    out.put("rope", rope, &[positions * hd]);
+    // The gate's activation: SiLU (SwiGLU), or GELU's tanh form (Gemma's GeGLU) on BERT's grid.
+    let (lo, steps_log2) = if config.gemma.is_some() {
+        let gelu_tanh = |x: f64| {
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            0.5 * x * (1.0 + u.tanh())
+        };
+        out.put(
+            "act",
+            act_table(gelu_tanh, -8.0, GELU_STEPS_LOG2, f),
+            &[ACT_LEN + 1],
+        );
+        (-8.0, GELU_STEPS_LOG2)
+    } else {
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        out.put(
+            "act",
+            act_table(silu, -16.0, SILU_STEPS_LOG2, f),
+            &[ACT_LEN + 1],
+        );
+        (-16.0, SILU_STEPS_LOG2)
+    };
+    let positions = config.context_length.clamp(1, MAX_ROPE_POSITIONS);
+    let rope_table = |theta: f32| {
+        let mut rope = Vec::with_capacity(positions * hd);
+        for pos in 0..positions {
+            for i in 0..hd / 2 {
+                let freq = f64::from(theta).powf(-2.0 * i as f64 / hd as f64);
+                let angle = pos as f64 * freq;
+                rope.push((angle.cos() * f64::from(1u32 << 30)).round() as i32);
+                rope.push((angle.sin() * f64::from(1u32 << 30)).round() as i32);
+            }
+        }
+        rope
+    };
+    out.put("rope", rope_table(config.rope_theta), &[positions * hd]);
+    if let Some(g) = &config.gemma {
+        out.put(
+            "rope_local",
+            rope_table(g.local_rope_theta),
+            &[positions * hd],
+        );
+    }
     let (score_mult, score_exp) = score_scale(hd, f)?;
     let header = ExactHeader {
         format: FORMAT.into(),
@@ -452,7 +495,7 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
         weight_group: wg,
         config: ExactArch::Llama(config),
         act_lo: fx(lo as f32, f),
-        act_step_shift: f - SILU_STEPS_LOG2,
+        act_step_shift: f - steps_log2,
         act_len: ACT_LEN,
         score_mult,
         score_exp,
