@@ -4066,3 +4066,40 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
         );
     }
 }
+
+/// Gemma 3 270M (the second generation family) through the cluster: an OpenAI completion is
+/// computed in exact precision by two workers whose results agree, and both are credited.
+#[test]
+fn gemma_is_served_verified_and_credited() {
+    let mut cluster = Cluster::start(Flavor::Sqlite, &["--models", "gemma-3-270m"]).unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let workers: Vec<String> = (0..2).map(|n| cluster.add_worker(n)).collect();
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        &key,
+        json!({
+            "model": "gemma-3-270m",
+            "prompt": "The capital of France is",
+            "max_tokens": 4,
+            "temperature": 0
+        }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    // The f32 reference continues " the capital of the" (tests/fixtures/gemma3.jsonl); exact
+    // precision agrees on these tokens.
+    assert_eq!(body["choices"][0]["text"], " the capital of the", "{body}");
+    cluster.stop_workers();
+    for w in &workers {
+        let entry = ledger(port, w);
+        assert_eq!(entry["workers"][0]["strikes"], 0, "{entry}");
+        assert!(
+            entry["workers"][0]["verified_credit_micro"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0,
+            "{entry}"
+        );
+    }
+}
