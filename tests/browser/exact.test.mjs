@@ -1,6 +1,7 @@
 // Exact precision in headless Chromium: WebGPU (SwiftShader) and the wasm CPU path must give
 // the same bytes as the native CLI (CPU backend) for every input: MiniLM's integer embeddings
-// by SHA-256, SmolLM2's chosen tokens and the SHA-256 of every step's integer logits.
+// by SHA-256, SmolLM2's and Gemma 3's chosen tokens and the SHA-256 of every step's integer
+// logits.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -10,6 +11,7 @@ import { serve, launch, readJsonl, root, modelsDir } from './harness.mjs';
 
 const minilm = readJsonl(path.join(root, 'tests/fixtures/minilm.jsonl'));
 const smol = readJsonl(path.join(root, 'tests/fixtures/smollm2.jsonl'));
+const gemma = readJsonl(path.join(root, 'tests/fixtures/gemma3.jsonl'));
 const targetDir = process.env.CARGO_TARGET_DIR || path.join(root, 'target');
 const tabula = process.env.TABULA_BIN || path.join(targetDir, 'debug/tabula');
 // Decoding steps per prompt in the browser (SwiftShader is slow; every step is still hashed).
@@ -132,5 +134,22 @@ test('SmolLM2 exact sampling (temperature 0.8, seed 3) gives the native tokens o
     const result = await inPage('runExactDecode', [backend, file, sha256, [want.prompt_ids], 4, sampling]);
     assert.deepEqual(result.out[0].ids, want.ids, `sampled tokens on ${result.device}`);
     assert.deepEqual(result.out[0].logits_sha256, want.logits_sha256, `logits on ${result.device}`);
+  }
+});
+
+// Gemma 3: heads of 256, sliding-window layers, GeGLU, and a 168 MB int8 vocabulary table that
+// WebGPU's storage bindings (128 MiB on SwiftShader) hold in row blocks.
+test('Gemma 3 exact on the wasm CPU path and WebGPU (SwiftShader): tokens and logits hashes as natively', { timeout: 1_800_000 }, async () => {
+  const f = gemma[0];
+  const args = ['generate', '--model', 'gemma-3-270m', '--precision', 'exact', '--prompt', f.prompt,
+    '--max-tokens', String(STEPS), '--json'];
+  const want = JSON.parse(execFileSync(tabula, args).toString());
+  assert.deepEqual(want.prompt_ids, f.prompt_ids);
+  const { file, sha256 } = quantisedFile('gemma-3-270m');
+  for (const backend of ['cpu', 'gpu']) {
+    const result = await inPage('runExactDecode', [backend, file, sha256, [f.prompt_ids], STEPS]);
+    assert.deepEqual(result.out[0].ids, want.ids, `Gemma tokens on ${result.device}`);
+    assert.deepEqual(result.out[0].logits_sha256, want.logits_sha256, `Gemma logits on ${result.device}`);
+    console.log(`exact Gemma 3 ${backend}: device=${result.device} steps=${STEPS} ms=${result.ms.toFixed(0)}`);
   }
 });
