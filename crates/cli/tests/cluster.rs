@@ -4054,17 +4054,7 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
     assert_eq!(status, 200, "{body}\n{}", cluster.log());
     assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
     cluster.stop_workers();
-    for w in &workers {
-        let entry = ledger(port, w);
-        assert_eq!(entry["workers"][0]["strikes"], 0, "{entry}");
-        assert!(
-            entry["workers"][0]["verified_credit_micro"]
-                .as_u64()
-                .unwrap_or(0)
-                > 0,
-            "{entry}"
-        );
-    }
+    assert_credited_without_strikes(port, &workers);
 }
 
 /// Gemma 3 270M (the second generation family) through the cluster: an OpenAI completion is
@@ -4091,7 +4081,12 @@ fn gemma_is_served_verified_and_credited() {
     // precision agrees on these tokens.
     assert_eq!(body["choices"][0]["text"], " the capital of the", "{body}");
     cluster.stop_workers();
-    for w in &workers {
+    assert_credited_without_strikes(port, &workers);
+}
+
+/// Each of `workers` earned verified credit and no strike.
+fn assert_credited_without_strikes(port: u16, workers: &[String]) {
+    for w in workers {
         let entry = ledger(port, w);
         assert_eq!(entry["workers"][0]["strikes"], 0, "{entry}");
         assert!(

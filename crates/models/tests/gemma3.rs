@@ -6,9 +6,13 @@
 mod common;
 
 use common::*;
-use tabula_engine::{Backend, cpu::CpuBackend};
+use tabula_engine::{Backend, cpu::CpuBackend, exact::ExactBackend};
 use tabula_models::{
-    catalog::GEMMA3_270M, gguf::GgufFile, llama::Generator, sampling::Sampler,
+    catalog::GEMMA3_270M,
+    exact::{ExactFile, ExactGenerator, ExactLlama, ExactStep, quantize_llama},
+    gguf::GgufFile,
+    llama::Generator,
+    sampling::{ExactSampler, Sampler},
     tokenize::LlamaTokenizer,
 };
 
@@ -125,39 +129,17 @@ fn first_step_logits_match_the_reference() {
 /// machines). Thresholds: the first token of every prompt, the first 8 of at least four.
 #[test]
 fn exact_precision_is_bit_identical_on_cpu_and_gpu_and_close_to_the_reference() {
-    use tabula_models::exact::{ExactFile, ExactGenerator, ExactLlama, ExactStep, quantize_llama};
-    use tabula_models::sampling::ExactSampler;
     let gguf = model();
     let (bytes, hash) = quantize_llama(GEMMA3_270M.name, &gguf).expect("quantise Gemma 3");
-    let tokenizer = || LlamaTokenizer::from_gguf(&GgufFile::parse(&gguf).unwrap()).unwrap();
     let fixtures = gemma3_fixtures();
     let run = |which: &[usize], tokens: usize, on_gpu: bool| -> Vec<Vec<ExactStep>> {
         let file = ExactFile::open(&bytes, &hash).unwrap();
-        let go = |backend: &dyn Fn(&[u32]) -> Vec<ExactStep>| {
-            which
-                .iter()
-                .map(|&i| backend(&fixtures[i].prompt_ids))
-                .collect::<Vec<_>>()
-        };
+        let tokenizer = LlamaTokenizer::from_gguf(&GgufFile::parse(&gguf).unwrap()).unwrap();
+        let prompts: Vec<&[u32]> = which.iter().map(|&i| &fixtures[i].prompt_ids[..]).collect();
         if on_gpu {
-            let gpu = gpu();
-            let g =
-                ExactGenerator::new(ExactLlama::load(&gpu, &file).unwrap(), tokenizer()).unwrap();
-            go(&|ids| {
-                let mut s = ExactSampler::greedy();
-                pollster::block_on(g.generate(&gpu, ids, tokens, &mut s, |_| {}))
-                    .unwrap()
-                    .0
-            })
+            exact_greedy(&gpu(), &file, tokenizer, &prompts, tokens)
         } else {
-            let g = ExactGenerator::new(ExactLlama::load(&CpuBackend, &file).unwrap(), tokenizer())
-                .unwrap();
-            go(&|ids| {
-                let mut s = ExactSampler::greedy();
-                pollster::block_on(g.generate(&CpuBackend, ids, tokens, &mut s, |_| {}))
-                    .unwrap()
-                    .0
-            })
+            exact_greedy(&CpuBackend, &file, tokenizer, &prompts, tokens)
         }
     };
     let all: Vec<usize> = (0..fixtures.len()).collect();
@@ -193,4 +175,25 @@ fn exact_precision_is_bit_identical_on_cpu_and_gpu_and_close_to_the_reference() 
     let gpu = run(&[0, 3], 8, true);
     let cpu_prefix: Vec<Vec<ExactStep>> = [0, 3].iter().map(|&i| cpu[i][..8].to_vec()).collect();
     assert_eq!(cpu_prefix, gpu, "exact steps differ between CPU and GPU");
+}
+
+/// Greedy exact generation of `tokens` steps after each of `prompts` on `backend`.
+fn exact_greedy<B: ExactBackend>(
+    backend: &B,
+    file: &ExactFile<'_>,
+    tokenizer: LlamaTokenizer,
+    prompts: &[&[u32]],
+    tokens: usize,
+) -> Vec<Vec<ExactStep>> {
+    let generator =
+        ExactGenerator::new(ExactLlama::load(backend, file).unwrap(), tokenizer).unwrap();
+    prompts
+        .iter()
+        .map(|ids| {
+            let mut sampler = ExactSampler::greedy();
+            pollster::block_on(generator.generate(backend, ids, tokens, &mut sampler, |_| {}))
+                .unwrap()
+                .0
+        })
+        .collect()
 }
