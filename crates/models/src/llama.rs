@@ -66,8 +66,9 @@ pub struct GemmaConfig {
 /// The GGUF architectures this decoder reads (`general.architecture`).
 pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "gemma3"];
 
-/// How a GGUF architecture lays out the rotary pairs of its Q and K rows.
-fn neox_rope(arch: &str) -> bool {
+/// Whether a GGUF architecture stores rotary pairs (i, i + head_dim/2) in its Q and K rows,
+/// which [`interleave_rope_rows`] moves into the engine's adjacent-pair layout.
+pub(crate) fn neox_rope(arch: &str) -> bool {
     arch == "qwen2" || arch == "gemma3"
 }
 

@@ -18,7 +18,7 @@ use crate::{
     bert::BertConfig,
     catalog::sha256_hex,
     gguf::GgufFile,
-    llama::{LlamaConfig, interleave_rope_rows, shaped},
+    llama::{LlamaConfig, interleave_rope_rows, neox_rope, shaped},
     safetensors_io::SafetensorsFile,
 };
 
@@ -321,7 +321,7 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
     // Qwen2's and Gemma's Q and K rows (and biases, and Gemma's head norms) go into the
     // engine's rotary layout here, once: the exact file holds them interleaved (see
     // `llama::interleave_rope_rows`).
-    let neox = matches!(gguf.get_str("general.architecture")?, "qwen2" | "gemma3");
+    let neox = neox_rope(gguf.get_str("general.architecture")?);
     let f = LLAMA_FRAC;
     let (d, kv, ffn, vocab, hd) = (
         config.dim,
