@@ -5,7 +5,7 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use tabula_models::{
-    bert::{BertConfig, MAX_SEQ_LEN},
+    bert::BertConfig,
     catalog::{Family, ModelSpec},
     gguf::GgufFile,
     llama::LlamaConfig,
@@ -244,7 +244,7 @@ impl Registry {
                     let config = BertConfig::from_json(&read(&local("config.json")?.0)?)?;
                     let tokenizer = BertTokenizer::from_json(
                         &read(&local("tokenizer.json")?.0)?,
-                        MAX_SEQ_LEN.min(config.max_position_embeddings),
+                        config.max_tokens(),
                     )?;
                     let fast = ModelRef {
                         name: name.into(),

@@ -216,8 +216,8 @@ pub fn model_sources(dir: &std::path::Path, only: Option<&[String]>) -> Result<V
         sources.push(ModelSource::catalogue(spec, dir, exact));
     }
     for added in added.into_iter().filter(|a| wanted(&a.name)) {
-        let path = dir.join(&added.file);
-        if !path.exists() {
+        let files = added.files(dir);
+        if let Some((path, _)) = files.iter().find(|(path, _)| !path.exists()) {
             tracing::warn!(
                 "{} ({}) is missing; not serving it",
                 added.name,
@@ -228,8 +228,11 @@ pub fn model_sources(dir: &std::path::Path, only: Option<&[String]>) -> Result<V
         let exact = crate::added::exact_file(dir, &added)?;
         sources.push(ModelSource {
             name: added.name.clone(),
-            family: catalog::Family::Llama,
-            files: vec![(path, added.sha256.clone())],
+            family: match added.family {
+                crate::added::AddedFamily::Llama => catalog::Family::Llama,
+                crate::added::AddedFamily::Bert => catalog::Family::Bert,
+            },
+            files,
             dir: dir.join("added"),
             exact,
         });

@@ -67,11 +67,15 @@ pub fn list(dir: &Path) -> Result<()> {
         }
     }
     for a in crate::added::registered(dir)? {
-        let state = match fs::read(dir.join(&a.file)) {
-            Ok(bytes) if catalog::sha256_hex(&bytes) == a.sha256 => "ok",
-            Ok(_) => "corrupt (does not hash to its name: add it again)",
-            Err(_) => "missing (add it again)",
-        };
+        let mut state = "ok";
+        for (path, sha256) in a.files(dir) {
+            state = match fs::File::open(&path).map(catalog::sha256_hex_reader) {
+                Ok(Ok(hash)) if hash == sha256 => continue,
+                Ok(Ok(_)) => "corrupt (a file does not hash to its name: add it again)",
+                _ => "missing (add it again)",
+            };
+            break;
+        }
         println!("{:24} added  {state}", a.name);
         println!("    {}", crate::added::describe(&a));
     }

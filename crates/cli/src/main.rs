@@ -96,12 +96,16 @@ enum ModelsCommand {
         #[arg(long)]
         model: Option<String>,
     },
-    /// Check a GGUF file of your own (Llama, Mistral or Qwen2 architecture) and register it in
-    /// the models directory by its SHA-256. A refused file leaves the directory unchanged.
+    /// Check a model of your own and register it in the models directory by the SHA-256 of
+    /// its weights: a GGUF file (Llama, Mistral, Qwen2 or Gemma 3 architecture), or a Hugging
+    /// Face BERT directory (config.json, model.safetensors, tokenizer.json; the pooling and
+    /// normalisation of its sentence-transformers modules are kept). A refused model leaves the
+    /// directory unchanged.
     Add {
-        /// The GGUF file.
+        /// The GGUF file, or the BERT directory.
         path: PathBuf,
-        /// The name requesters use [default: the file's name without `.gguf`].
+        /// The name requesters use [default: the file's name without `.gguf`, or the
+        /// directory's name].
         #[arg(long)]
         name: Option<String>,
         /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models]

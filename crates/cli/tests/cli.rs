@@ -555,7 +555,13 @@ fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_uncha
             "is not a GGUF file",
         ),
         (write("empty.gguf", b""), None, "is not a GGUF file"),
-        (made.display().to_string(), None, "is a directory"),
+        (
+            made.display().to_string(),
+            None,
+            "has no config.json: `models add` takes a GGUF file, or a Hugging Face BERT \
+             directory (config.json, model.safetensors, tokenizer.json); to add the GGUF file \
+             in it, name the file",
+        ),
         (
             work.join("absent.gguf").display().to_string(),
             None,
@@ -614,7 +620,7 @@ fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_uncha
     );
     assert!(
         String::from_utf8_lossy(&o.stderr)
-            .contains("another file is already added as `qwen2-gqa4`")
+            .contains("another model is already added as `qwen2-gqa4`")
     );
     assert_eq!(tree(&models), before);
     let list = stdout(&tabula(&["models", "list", "--dir", &dir], None));
@@ -624,6 +630,188 @@ fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_uncha
     );
     assert!(list.contains(&format!("sha256 {sha}")), "{list}");
     std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// `tabula models add` on random BERT directories made at test time (`numpy` from
+/// `$TABULA_PYLIB`): one with CLS pooling is registered with its settings; broken and hostile
+/// directories (a missing or foreign config, a missing tensor, a wrong shape, pickled weights,
+/// an unsupported pooling or module, a path out of the directory, no tokenizer) are each
+/// refused by a precise message, and the models directory is unchanged after each.
+#[test]
+fn models_add_registers_a_bert_directory_and_refuses_broken_ones() {
+    let work = tempfile::tempdir().unwrap();
+    let (made, models) = (work.path().join("made"), work.path().join("models"));
+    std::fs::create_dir_all(&models).unwrap();
+    common::make_random_bert_dirs(&manifest_dir(), &made);
+    let good = made.join("bert-cls");
+    // A copy of bert-cls with `change` applied to it.
+    let broken = |name: &str, change: &dyn Fn(&std::path::Path)| {
+        let d = work.path().join(name);
+        std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "1_Pooling/config.json",
+        ] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        change(&d);
+        d.display().to_string()
+    };
+    let edit_json = |file: &'static str, f: &'static dyn Fn(&mut serde_json::Value)| {
+        move |d: &std::path::Path| {
+            let p = d.join(file);
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            f(&mut v);
+            std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+        }
+    };
+    let remove =
+        |file: &'static str| move |d: &std::path::Path| std::fs::remove_file(d.join(file)).unwrap();
+    let refused: Vec<(String, &str)> = vec![
+        (
+            broken("no-config", &remove("config.json")),
+            "has no config.json",
+        ),
+        (
+            broken(
+                "roberta",
+                &edit_json("config.json", &|v| v["model_type"] = "roberta".into()),
+            ),
+            "model_type `roberta` is not supported",
+        ),
+        (
+            broken(
+                "layers",
+                &edit_json("config.json", &|v| v["num_hidden_layers"] = 3.into()),
+            ),
+            "tensor `bert.encoder.layer.2.attention.self.query.weight` is missing",
+        ),
+        (
+            broken(
+                "width",
+                &edit_json("config.json", &|v| v["intermediate_size"] = 64.into()),
+            ),
+            "tensor `bert.encoder.layer.0.intermediate.dense.weight` has shape [128, 64], expected [64, 64]",
+        ),
+        (
+            broken(
+                "huge",
+                &edit_json("config.json", &|v| {
+                    v["num_hidden_layers"] = 1_000_000_000u64.into()
+                }),
+            ),
+            "num_hidden_layers 1000000000 is outside 1..=256",
+        ),
+        (
+            broken(
+                "relu",
+                &edit_json("config.json", &|v| v["hidden_act"] = "relu".into()),
+            ),
+            "activation `relu` is not supported",
+        ),
+        (
+            broken("pickle", &|d| {
+                std::fs::rename(d.join("model.safetensors"), d.join("pytorch_model.bin")).unwrap()
+            }),
+            "it holds pytorch_model.bin",
+        ),
+        (
+            broken("truncated", &|d| {
+                let p = d.join("model.safetensors");
+                let b = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+            }),
+            "cannot be served: model.safetensors",
+        ),
+        (
+            broken(
+                "sqrt",
+                &edit_json("1_Pooling/config.json", &|v| {
+                    v["pooling_mode_cls_token"] = false.into();
+                    v["pooling_mode_mean_sqrt_len_tokens"] = true.into();
+                }),
+            ),
+            "pooling by mean_sqrt_len_tokens is not supported",
+        ),
+        (
+            broken(
+                "escape",
+                &edit_json("modules.json", &|v| v[1]["path"] = "../../etc".into()),
+            ),
+            "is not a folder of the model directory",
+        ),
+        (
+            broken(
+                "dense",
+                &edit_json("modules.json", &|v| {
+                    v.as_array_mut().unwrap().push(serde_json::json!(
+                    {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
+                ))
+                }),
+            ),
+            "module `Dense` (sentence_transformers.models.Dense) is not supported",
+        ),
+        (
+            broken("no-tokenizer", &remove("tokenizer.json")),
+            "has no tokenizer.json",
+        ),
+        (
+            broken("bad-tokenizer", &|d| {
+                std::fs::write(d.join("tokenizer.json"), b"{\"model\": 7}").unwrap()
+            }),
+            "cannot be served: tokenizer.json",
+        ),
+    ];
+    let dir = models.display().to_string();
+    for (path, message) in &refused {
+        let o = tabula(&["models", "add", path, "--dir", &dir], None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{path} was accepted");
+        assert!(err.contains(message), "{path}: {err}");
+        assert!(!err.contains("panicked"), "{path}: {err}");
+        assert!(tree(&models).is_empty(), "{path} left {:?}", tree(&models));
+    }
+    let g = good.display().to_string();
+    let out = stdout(&tabula(
+        &["models", "add", &g, "--name", "my-bert", "--dir", &dir],
+        None,
+    ));
+    let weights = std::fs::read(good.join("model.safetensors")).unwrap();
+    assert!(out.contains("added my-bert: bert (2 layers)"), "{out}");
+    assert!(out.contains(&tabula_sha(&weights)), "{out}");
+    let before = tree(&models);
+    assert_eq!(before.len(), 6, "{before:?}"); // added, models.json, the folder and its 3 files
+    let folder = models.join(before.iter().find(|p| p.ends_with("/config.json")).unwrap());
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&folder).unwrap()).unwrap();
+    assert_eq!(config["tabula_pooling"], "cls", "{config}");
+    assert_eq!(config["tabula_normalize"], true, "{config}");
+    assert_eq!(config["tabula_max_seq_length"], 24, "{config}");
+    assert!(
+        stdout(&tabula(
+            &["models", "add", &g, "--name", "my-bert", "--dir", &dir],
+            None
+        ))
+        .contains("already added")
+    );
+    assert_eq!(tree(&models), before);
+    let list = stdout(&tabula(&["models", "list", "--dir", &dir], None));
+    assert!(
+        list.contains("my-bert                  added  ok"),
+        "{list}"
+    );
+    // A file of it damaged shows in the list.
+    std::fs::write(&folder, b"{}").unwrap();
+    let list = stdout(&tabula(&["models", "list", "--dir", &dir], None));
+    assert!(
+        list.contains("my-bert                  added  corrupt"),
+        "{list}"
+    );
 }
 
 fn tabula_sha(bytes: &[u8]) -> String {

@@ -3981,30 +3981,31 @@ fn a_session_without_enough_workers_fails_with_a_clear_error() {
     assert_eq!(get(port, "/healthz").0, 200);
 }
 
-/// A model of the user's own, added with `tabula models add` (a random Qwen2 GGUF made now by
-/// `tests/fixtures/make_llama_family.py`, with `gguf` from `$TABULA_PYLIB`), is served with
-/// `--models`: `/v1/models` lists it, and a completion for it is computed by two workers in
-/// exact precision, verified and credited. An unknown `--models` name is refused.
+/// Models of the user's own, added with `tabula models add` (a random Qwen2 GGUF made now by
+/// `tests/fixtures/make_llama_family.py`, and a random BERT directory with CLS pooling by
+/// `make_bert_dirs.py`, with `gguf` and `numpy` from `$TABULA_PYLIB`), are served with
+/// `--models`: `/v1/models` lists them, and a completion and embeddings for them are computed
+/// by two workers in exact precision, verified and credited; the embeddings are
+/// transformers' (`bert-random.json`). An unknown `--models` name is refused.
 #[test]
 fn a_model_added_by_the_user_is_served_verified_and_credited() {
     let work = tempfile::tempdir().unwrap();
     let (made, models) = (work.path().join("made"), work.path().join("models"));
     common::make_random_ggufs(&manifest_dir(), &made);
     let dir = models.display().to_string();
-    let add = Command::new(BIN)
-        .args([
-            "models",
-            "add",
-            &made.join("qwen2-gqa4.gguf").display().to_string(),
-        ])
-        .args(["--name", "my-qwen", "--dir", &dir])
-        .output()
-        .unwrap();
-    assert!(
-        add.status.success(),
-        "{}",
-        String::from_utf8_lossy(&add.stderr)
-    );
+    common::make_random_bert_dirs(&manifest_dir(), &made);
+    for (path, name) in [("qwen2-gqa4.gguf", "my-qwen"), ("bert-cls", "my-bert")] {
+        let add = Command::new(BIN)
+            .args(["models", "add", &made.join(path).display().to_string()])
+            .args(["--name", name, "--dir", &dir])
+            .output()
+            .unwrap();
+        assert!(
+            add.status.success(),
+            "{}",
+            String::from_utf8_lossy(&add.stderr)
+        );
+    }
 
     let refused = Command::new(BIN)
         .args([
@@ -4030,7 +4031,7 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
 
     let mut cluster = Cluster::start(
         Flavor::Sqlite,
-        &["--models-dir", &dir, "--models", "my-qwen"],
+        &["--models-dir", &dir, "--models", "my-qwen,my-bert"],
     )
     .unwrap();
     let port = cluster.port;
@@ -4044,7 +4045,7 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["my-qwen"]);
+    assert_eq!(ids, ["my-qwen", "my-bert"]);
     let (status, body) = post(
         port,
         "/v1/completions",
@@ -4053,6 +4054,36 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
     );
     assert_eq!(status, 200, "{body}\n{}", cluster.log());
     assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(manifest_dir().join("../../tests/fixtures/bert-random.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let reference = &reference["bert-cls"];
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "my-bert", "input": reference["texts"] }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    let got = api_embeddings(&body);
+    let want = reference["embeddings"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let w: Vec<f32> = w
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        // Both are unit vectors (the model normalises): the dot product is the cosine.
+        let c: f32 = g.iter().zip(&w).map(|(a, b)| a * b).sum();
+        assert!(
+            c >= 0.998,
+            "text {i}: cosine {c} with transformers' CLS vector"
+        );
+    }
     cluster.stop_workers();
     assert_credited_without_strikes(port, &workers);
 }

@@ -45,6 +45,23 @@ pub enum ModelError {
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
+/// What a model file holds, once checked ([`llama::inspect`], [`bert::inspect`]): the numbers
+/// `tabula models add` and `models list` show.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelSummary {
+    /// `llama`, `qwen2`, `gemma3`, `bert`, …
+    pub architecture: String,
+    pub parameters: u64,
+    pub layers: usize,
+    pub vocab_size: usize,
+    /// Positions (tokens) the model takes.
+    pub context_length: usize,
+    /// Resident weights in fast precision (f32).
+    pub fast_bytes: u64,
+    /// Resident weights in exact precision, about: int8 values plus a scale pair per 32.
+    pub exact_bytes: u64,
+}
+
 /// Decodes little-endian f32 bytes.
 pub(crate) fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
     bytes

@@ -232,25 +232,10 @@ pub(crate) fn shaped<'g>(
     Ok(info)
 }
 
-/// What a Llama-family GGUF holds, once [`inspect`] has checked it: the numbers `tabula models
-/// add` and `models list` show.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GgufSummary {
-    pub architecture: String,
-    pub parameters: u64,
-    pub layers: usize,
-    pub vocab_size: usize,
-    pub context_length: usize,
-    /// Resident weights in fast precision (f32).
-    pub fast_bytes: u64,
-    /// Resident weights in exact precision, about: int8 values plus a scale pair per 32.
-    pub exact_bytes: u64,
-}
-
 /// Checks that the decoder can load `gguf` without loading it: a supported architecture and
 /// configuration, a tokenizer it reads, and every tensor it needs present, with its shape and a
 /// type it dequantises. Each failure names the tensor (or key) and what is supported.
-pub fn inspect(gguf: &GgufFile) -> Result<GgufSummary> {
+pub fn inspect(gguf: &GgufFile) -> Result<crate::ModelSummary> {
     let c = LlamaConfig::from_gguf(gguf)?;
     LlamaTokenizer::from_gguf(gguf)?;
     let (d, q, kv, ffn, vocab) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
@@ -300,7 +285,7 @@ pub fn inspect(gguf: &GgufFile) -> Result<GgufSummary> {
             }
         }
     }
-    Ok(GgufSummary {
+    Ok(crate::ModelSummary {
         architecture: gguf.get_str("general.architecture")?.to_string(),
         parameters,
         layers: c.layers,

@@ -39,6 +39,16 @@ impl BertTokenizer {
         self.max_len
     }
 
+    /// One more than the largest id the tokenizer can produce (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self
             .inner

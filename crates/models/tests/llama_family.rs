@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::{path::Path, process::Command};
-
 use common::*;
 use tabula_engine::{Backend, cpu::CpuBackend, exact::ExactBackend};
 use tabula_models::{
@@ -17,24 +15,6 @@ use tabula_models::{
     gguf::GgufFile,
     llama::LlamaModel,
 };
-
-/// The variants' GGUFs, written into `dir`.
-fn make_ggufs(dir: &Path) {
-    let script = fixtures_dir().join("make_llama_family.py");
-    let mut python = Command::new("python3");
-    python.arg(&script).arg("--out").arg(dir);
-    if let Some(lib) = std::env::var_os("TABULA_PYLIB") {
-        python.env("PYTHONPATH", lib);
-    }
-    let out = python.output().expect("python3");
-    assert!(
-        out.status.success(),
-        "{} failed (it needs the `gguf` and `numpy` packages: tests/run-all.sh installs them \
-         into $TABULA_PYLIB):\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// One variant: its GGUF (made at test time) and transformers' logits at positions 11 (end of
 /// a 12-token prefill) and 12 (one step through the cache).
@@ -49,7 +29,7 @@ struct Variant {
 /// reference was computed from.
 fn variants() -> Vec<Variant> {
     let dir = tempfile::tempdir().unwrap();
-    make_ggufs(dir.path());
+    generate("make_llama_family.py", dir.path());
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures_dir().join("llama-family.json")).unwrap(),
     )
@@ -159,12 +139,6 @@ fn exact_logits<B: ExactBackend>(
     (model.frac, out)
 }
 
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    dot / (norm(a) * norm(b))
-}
-
 /// Exact precision on the same random files: the CPU and wgpu give the same integers, and
 /// they stay near transformers' f32 logits. Measured (2026-12-07): cosine 0.99978–0.99996 and
 /// the same top token at every checked position; the thresholds: cosine ≥ 0.999, same top token.
@@ -187,7 +161,7 @@ fn random_llama_family_ggufs_in_exact_precision_are_bit_identical_and_faithful()
                 .map(|&x| f64::from(x) / f64::from(1u32 << frac))
                 .collect();
             let argmax = |x: &[f64]| (0..x.len()).max_by(|&a, &b| x[a].total_cmp(&x[b])).unwrap();
-            let c = cosine(&got, want);
+            let c = cosine64(&got, want);
             eprintln!(
                 "{name} at {position}: cosine {c:.5}, top {} vs {}",
                 argmax(&got),

@@ -25,6 +25,9 @@ pub enum UnitOutput {
 
 /// Cosine similarity two fast embeddings of one sequence must reach to agree.
 pub const FAST_EMBEDDING_MIN_COSINE: f64 = 0.9999;
+/// How far apart the lengths of two fast embeddings of one sequence may be, relatively, to
+/// agree (a model that does not normalise: a scaled vector has the cosine of the true one).
+pub const FAST_EMBEDDING_MAX_NORM_RATIO: f64 = 1e-3;
 
 impl UnitOutput {
     pub fn encode(&self) -> Vec<u8> {
@@ -116,7 +119,8 @@ impl UnitOutput {
 
     /// Whether two outputs of one task agree. Exact outputs must be equal (they are compared by
     /// hash before this is needed); fast embeddings agree when every sequence's vectors have a
-    /// cosine of at least [`FAST_EMBEDDING_MIN_COSINE`]; fast generations when the tokens are
+    /// cosine of at least [`FAST_EMBEDDING_MIN_COSINE`] and lengths within
+    /// [`FAST_EMBEDDING_MAX_NORM_RATIO`]; fast generations when the tokens are
     /// the same (f32 logits that differ in the last bits can flip a near-tie; a flip is
     /// refereed like any disagreement).
     pub fn agrees(&self, other: &UnitOutput) -> bool {
@@ -135,9 +139,11 @@ impl UnitOutput {
                 a_dim == b_dim
                     && a.len() == b.len()
                     && dim > 0
-                    && a.chunks_exact(dim)
-                        .zip(b.chunks_exact(dim))
-                        .all(|(x, y)| cosine(x, y) >= FAST_EMBEDDING_MIN_COSINE)
+                    && a.chunks_exact(dim).zip(b.chunks_exact(dim)).all(|(x, y)| {
+                        cosine(x, y) >= FAST_EMBEDDING_MIN_COSINE
+                            && (norm(x) - norm(y)).abs()
+                                <= FAST_EMBEDDING_MAX_NORM_RATIO * norm(x).max(norm(y))
+                    })
             }
             (
                 UnitOutput::Generation {
@@ -154,6 +160,10 @@ impl UnitOutput {
             (a, b) => a == b,
         }
     }
+}
+
+fn norm(a: &[f32]) -> f64 {
+    a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -227,8 +237,14 @@ mod tests {
             dim: 2,
             values: vec![0.6, 0.8, 0.0, 1.0],
         };
+        // The same direction, 2 % longer: a model that does not normalise would differ.
+        let scaled = UnitOutput::FastEmbeddings {
+            dim: 2,
+            values: vec![0.612, 0.816, 1.02, 0.0],
+        };
         assert!(a.agrees(&close));
         assert!(!a.agrees(&far));
+        assert!(!a.agrees(&scaled));
         assert_eq!(UnitOutput::decode(&a.encode()).unwrap(), a);
         assert!(UnitOutput::decode(&[9, 9, 9]).is_err());
     }

@@ -10,7 +10,7 @@ use tabula_engine::{
 use super::{ExactArch, ExactFile, hash_ints, l2_normalize_q15};
 use crate::{
     ModelError, Result,
-    bert::{BertConfig, MAX_SEQ_LEN, batches_by_length},
+    bert::{BertConfig, Pooling, batches_by_length, max_pool},
     tokenize::BertTokenizer,
 };
 
@@ -32,7 +32,8 @@ pub struct ExactBert<B: ExactBackend> {
     group: usize,
     word: QMatrix<B::Int>,
     position: B::Int,
-    token_type: B::Int,
+    /// `None` when the model has no token types.
+    token_type: Option<B::Int>,
     ln: QNorm<B::Int>,
     gelu: ActTable<B::Int>,
     score: ScoreScale,
@@ -73,7 +74,10 @@ impl<B: ExactBackend> ExactBert<B> {
                 "embeddings.position",
                 &[c.max_position_embeddings, h],
             )?,
-            token_type: file.upload(backend, "embeddings.token_type", &[c.type_vocab_size, h])?,
+            token_type: match c.type_vocab_size {
+                0 => None,
+                types => Some(file.upload(backend, "embeddings.token_type", &[types, h])?),
+            },
             ln: file.norm(backend, "embeddings.ln", h, true)?,
             gelu: file.act_table(backend)?,
             score: file.score_scale(),
@@ -82,7 +86,9 @@ impl<B: ExactBackend> ExactBert<B> {
         })
     }
 
-    /// Pooled (not yet normalised) Fx embeddings of a batch of token sequences.
+    /// Pooled (not yet normalised) Fx embeddings of a batch of token sequences, pooled as the
+    /// model asks (integer mean, the `[CLS]` row, or the integer maximum: each the same bits
+    /// on every backend).
     pub async fn pooled(&self, backend: &B, batch: &[Vec<u32>]) -> Result<Vec<Vec<i32>>> {
         let c = &self.config;
         let seq = batch.iter().map(Vec::len).max().unwrap_or(0);
@@ -103,13 +109,15 @@ impl<B: ExactBackend> ExactBert<B> {
             ids.resize(ids.len() + seq - s.len(), 0);
         }
         let positions: Vec<u32> = (0..batch.len()).flat_map(|_| 0..seq as u32).collect();
-        let types = vec![0u32; ids.len()];
         let lens: Vec<u32> = batch.iter().map(|s| s.len() as u32).collect();
-        let x = backend.add_int(
+        let mut x = backend.add_int(
             &backend.qembedding(&self.word, &ids)?,
             &backend.gather_int(&self.position, &positions)?,
         )?;
-        let x = backend.add_int(&x, &backend.gather_int(&self.token_type, &types)?)?;
+        if let Some(token_type) = &self.token_type {
+            let types = vec![0u32; ids.len()];
+            x = backend.add_int(&x, &backend.gather_int(token_type, &types)?)?;
+        }
         let mut x = backend.norm_int(&x, &self.ln, self.frac)?;
         let heads = c.num_attention_heads;
         let hd = c.hidden_size / heads;
@@ -137,12 +145,20 @@ impl<B: ExactBackend> ExactBert<B> {
             let f = backend.qlinear(&backend.quantize(&f, self.group)?, &l.ffn_out)?;
             x = backend.norm_int(&backend.add_int(&f, &x)?, &l.ln2, self.frac)?;
         }
-        let pooled = backend.mean_pool_int(&x, seq, &lens)?;
-        let values = backend.read_int(&pooled).await?;
-        Ok(values
-            .chunks_exact(c.hidden_size)
-            .map(<[i32]>::to_vec)
-            .collect())
+        let dim = c.hidden_size;
+        let rows = |values: Vec<i32>| values.chunks_exact(dim).map(<[i32]>::to_vec).collect();
+        Ok(match c.pooling {
+            Pooling::Mean => rows(
+                backend
+                    .read_int(&backend.mean_pool_int(&x, seq, &lens)?)
+                    .await?,
+            ),
+            Pooling::Cls => {
+                let first: Vec<u32> = (0..batch.len()).map(|b| (b * seq) as u32).collect();
+                rows(backend.read_int(&backend.gather_int(&x, &first)?).await?)
+            }
+            Pooling::Max => max_pool(&backend.read_int(&x).await?, dim, seq, &lens, i32::max),
+        })
     }
 }
 
@@ -160,7 +176,11 @@ impl<B: ExactBackend> ExactBert<B> {
         for chunk in &batches_by_length(ids, batch_size) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
             for (&i, pooled) in chunk.iter().zip(self.pooled(backend, &batch).await?) {
-                let q15 = l2_normalize_q15(&pooled);
+                let q15 = if self.config.normalize {
+                    l2_normalize_q15(&pooled)
+                } else {
+                    fx_to_q15(&pooled, self.frac)
+                };
                 out[i] = Some(ExactEmbedding {
                     input_ids: ids[i].clone(),
                     sha256: hash_ints(&q15),
@@ -172,11 +192,27 @@ impl<B: ExactBackend> ExactBert<B> {
     }
 }
 
+/// Fx values with `frac` fractional bits in Q15, rounded half away from zero (host code).
+fn fx_to_q15(v: &[i32], frac: u32) -> Vec<i32> {
+    v.iter()
+        .map(|&x| {
+            let x = i64::from(x);
+            let q = match frac.checked_sub(15) {
+                Some(0) => x,
+                Some(shift) => x.signum() * ((x.abs() + (1i64 << (shift - 1))) >> shift),
+                None => x << (15 - frac),
+            };
+            q.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
+        })
+        .collect()
+}
+
 /// One text embedded in exact precision.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExactEmbedding {
     pub input_ids: Vec<u32>,
-    /// The unit vector in Q15: component `i` is `q15[i] / 32768`.
+    /// The sentence vector in Q15: component `i` is `q15[i] / 32768` (a unit vector when the
+    /// model normalises).
     pub q15: Vec<i32>,
     /// SHA-256 of `q15` as little-endian `i32`s: what redundant executions compare.
     pub sha256: String,
@@ -204,7 +240,7 @@ pub struct ExactEmbedder<B: ExactBackend> {
 impl<B: ExactBackend> ExactEmbedder<B> {
     pub fn load(backend: &B, file: &ExactFile<'_>, tokenizer_json: &[u8]) -> Result<Self> {
         let model = ExactBert::load(backend, file)?;
-        let max_len = MAX_SEQ_LEN.min(model.config.max_position_embeddings);
+        let max_len = model.config.max_tokens();
         Ok(Self {
             model,
             tokenizer: BertTokenizer::from_json(tokenizer_json, max_len)?,
@@ -227,5 +263,19 @@ impl<B: ExactBackend> ExactEmbedder<B> {
             .map(|t| self.tokenizer.encode(t.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         self.embed_ids(backend, &ids).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fx_values_round_half_away_from_zero_into_q15() {
+        assert_eq!(
+            super::fx_to_q15(&[3, -3, 2, -2, 1, 0], 16),
+            [2, -2, 1, -1, 1, 0]
+        );
+        assert_eq!(super::fx_to_q15(&[7, -7], 15), [7, -7]);
+        assert_eq!(super::fx_to_q15(&[7, -7], 14), [14, -14]);
+        assert_eq!(super::fx_to_q15(&[i32::MAX], 10), [i32::MAX]);
     }
 }

@@ -212,11 +212,7 @@ pub fn quantize_bert(
             "{h} hidden units in {heads} heads cannot be quantised per head"
         )));
     }
-    let prefix = if file.has("bert.embeddings.word_embeddings.weight") {
-        "bert."
-    } else {
-        ""
-    };
+    let prefix = crate::bert::tensor_prefix(&file);
     let get = |name: &str, shape: &[usize]| file.f32(&format!("{prefix}{name}"), shape);
     let mut out = ExactWriter::default();
 
@@ -238,15 +234,17 @@ pub fn quantize_bert(
         fx_all(&pos, f),
         &[config.max_position_embeddings, h],
     );
-    let types = get(
-        "embeddings.token_type_embeddings.weight",
-        &[config.type_vocab_size, h],
-    )?;
-    out.put(
-        "embeddings.token_type",
-        fx_all(&types, f),
-        &[config.type_vocab_size, h],
-    );
+    if config.type_vocab_size > 0 {
+        let types = get(
+            "embeddings.token_type_embeddings.weight",
+            &[config.type_vocab_size, h],
+        )?;
+        out.put(
+            "embeddings.token_type",
+            fx_all(&types, f),
+            &[config.type_vocab_size, h],
+        );
+    }
     put_norm(
         &mut out,
         "embeddings.ln",

@@ -63,6 +63,33 @@ pub fn gpu() -> GpuBackend {
         .expect("a GPU adapter is required: install mesa-vulkan-drivers (lavapipe) for a software Vulkan device")
 }
 
+/// Runs the generator `tests/fixtures/{script} --out {out}` (seeded: the same files on every
+/// machine). Needs `python3` with `gguf` and `numpy`, or `$TABULA_PYLIB` holding them (where
+/// `tests/run-all.sh` installs them).
+pub fn generate(script: &str, out: &std::path::Path) {
+    let script = fixtures_dir().join(script);
+    let mut python = std::process::Command::new("python3");
+    python.arg(&script).arg("--out").arg(out);
+    if let Some(lib) = std::env::var_os("TABULA_PYLIB") {
+        python.env("PYTHONPATH", lib);
+    }
+    let done = python.output().expect("python3");
+    assert!(
+        done.status.success(),
+        "{} failed (it needs the `gguf` and `numpy` packages: tests/run-all.sh installs them \
+         into $TABULA_PYLIB):\n{}",
+        script.display(),
+        String::from_utf8_lossy(&done.stderr)
+    );
+}
+
+/// Cosine similarity in f64.
+pub fn cosine64(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
