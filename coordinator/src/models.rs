@@ -266,7 +266,7 @@ impl Registry {
                     let (path, sha) = local(".gguf")?;
                     let bytes = read(&path)?;
                     let gguf = GgufFile::parse(&bytes).map_err(tabula_models::ModelError::from)?;
-                    let config = LlamaConfig::from_gguf(&gguf)?;
+                    let config = LlamaConfig::from_gguf(&gguf, &bytes)?;
                     let tokenizer = LlamaTokenizer::from_gguf(&gguf)?;
                     let fast = ModelRef {
                         name: name.into(),

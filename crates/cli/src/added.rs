@@ -134,8 +134,8 @@ pub fn add(dir: &Path, path: &Path, name: Option<&str>) -> Result<()> {
         .with_context(|| format!("cannot read {}", path.display()))?;
     let gguf = GgufFile::parse(&bytes)
         .with_context(|| format!("{} is not a GGUF file this reader accepts", path.display()))?;
-    let summary =
-        llama::inspect(&gguf).with_context(|| format!("{} cannot be served", path.display()))?;
+    let summary = llama::inspect(&gguf, &bytes)
+        .with_context(|| format!("{} cannot be served", path.display()))?;
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())

@@ -721,16 +721,15 @@ impl Backend for CpuBackend {
         x: &CpuTensor,
         head_dim: usize,
         pos_offset: usize,
-        theta: f32,
+        freqs: &[f32],
     ) -> Result<CpuTensor> {
-        check_rope(&x.shape, head_dim)?;
+        check_rope(&x.shape, head_dim, freqs)?;
         let (_, cols) = x.as_matrix();
         let mut out = x.data.to_vec();
         for (r, row) in out.chunks_exact_mut(cols).enumerate() {
             let pos = (pos_offset + r) as f32;
             for head in row.chunks_exact_mut(head_dim) {
-                for i in 0..head_dim / 2 {
-                    let freq = theta.powf(-2.0 * i as f32 / head_dim as f32);
+                for (i, &freq) in freqs.iter().enumerate() {
                     let (sin, cos) = (pos * freq).sin_cos();
                     let (a, b) = (head[2 * i], head[2 * i + 1]);
                     head[2 * i] = a * cos - b * sin;

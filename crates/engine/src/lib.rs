@@ -200,13 +200,15 @@ pub trait Backend {
     /// Rows of `table` picked by `ids`: `[ids.len(), dim]`.
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
     /// Rotary embedding on adjacent pairs `(x[2i], x[2i+1])` of each head (GGUF/llama.cpp
-    /// layout); row `r` is at position `pos_offset + r`.
+    /// layout); row `r` is at position `pos_offset + r`, and pair `i` of a head turns by the
+    /// angle `(pos_offset + r) · freqs[i]` (`freqs`: `head_dim / 2` frequencies, see
+    /// [`rope_freqs`]).
     fn rope(
         &self,
         x: &Self::Tensor,
         head_dim: usize,
         pos_offset: usize,
-        theta: f32,
+        freqs: &[f32],
     ) -> Result<Self::Tensor>;
     fn attention(
         &self,
@@ -264,15 +266,35 @@ pub(crate) fn check_pool(x: &[usize], seq: usize, lens: &[u32]) -> Result<(usize
     Ok((lens.len(), x[1]))
 }
 
-pub(crate) fn check_rope(x: &[usize], head_dim: usize) -> Result<()> {
+pub(crate) fn check_rope(x: &[usize], head_dim: usize, freqs: &[f32]) -> Result<()> {
     if x.len() != 2
         || head_dim == 0
         || !head_dim.is_multiple_of(2)
         || !x[1].is_multiple_of(head_dim)
+        || freqs.len() != head_dim / 2
     {
-        return Err(shape_err("rope", format!("x {x:?}, head_dim {head_dim}")));
+        return Err(shape_err(
+            "rope",
+            format!("x {x:?}, head_dim {head_dim}, {} frequencies", freqs.len()),
+        ));
     }
     Ok(())
+}
+
+/// The rotary frequencies of a head of `head_dim` values: pair `i` turns by
+/// `theta^(-2i / head_dim) / factors[i]` per position (`factors`: RoPE scaling's divisors,
+/// one per pair, e.g. a linear factor for every pair; `None` for none). In f64, so the f32
+/// paths and the exact tables start from the same numbers.
+pub fn rope_freqs(theta: f64, head_dim: usize, factors: Option<&[f32]>) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let base = theta.powf(-2.0 * i as f64 / head_dim as f64);
+            match factors {
+                Some(f) => base / f64::from(f[i]),
+                None => base,
+            }
+        })
+        .collect()
 }
 
 pub(crate) fn check_reshape(from: &[usize], to: &[usize]) -> Result<()> {

@@ -161,10 +161,16 @@ fn every_op_matches_cpu() {
         &p.gpu.rms_norm(&xg, &gg, 1e-5).unwrap(),
         1e-5,
     );
+    // Scaled as Llama 3.1 does: a divisor per pair.
+    let factors: Vec<f32> = (0..32).map(|i| 1.0 + i as f32 / 4.0).collect();
+    let freqs: Vec<f32> = tabula_engine::rope_freqs(100_000.0, 64, Some(&factors))
+        .into_iter()
+        .map(|f| f as f32)
+        .collect();
     p.check(
         "rope",
-        &cpu.rope(&xc, 64, 7, 100_000.0).unwrap(),
-        &p.gpu.rope(&xg, 64, 7, 100_000.0).unwrap(),
+        &cpu.rope(&xc, 64, 7, &freqs).unwrap(),
+        &p.gpu.rope(&xg, 64, 7, &freqs).unwrap(),
         1e-5,
     );
     p.check(

@@ -23,7 +23,7 @@
 
 use std::ops::Range;
 
-use tabula_engine::{AttentionParams, Backend, Shaped};
+use tabula_engine::{AttentionParams, Backend, Shaped, rope_freqs};
 
 use crate::{
     ModelError, Result,
@@ -45,6 +45,11 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     pub rope_theta: f32,
     pub context_length: usize,
+    /// RoPE scaling as the GGUF states it: a divisor of each rotary pair's frequency
+    /// (`head_dim / 2` of them), from a linear `rope.scaling.factor` (the same for every pair)
+    /// or Llama 3.1's `rope_freqs.weight`; `None` when unscaled. Global layers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_factors: Option<Vec<f32>>,
     /// Gemma 3's additions; `None` for Llama and Qwen2.
     #[serde(default)]
     pub gemma: Option<GemmaConfig>,
@@ -61,6 +66,64 @@ pub struct GemmaConfig {
     pub local_rope_theta: f32,
     /// Factor on the token embeddings entering layer 0: √dim.
     pub embed_scale: f32,
+}
+
+/// The most a RoPE scaling factor may be (Llama 3.1 uses 8; YaRN files 4–40).
+const MAX_ROPE_FACTOR: f32 = 1024.0;
+
+/// RoPE scaling as a GGUF states it, as a divisor per rotary pair: `rope.scaling.type`
+/// `linear` (or the older `rope.scale_linear`) divides every frequency by its factor;
+/// a `rope_freqs.weight` tensor (Llama 3.1's converter writes it) divides each by its own.
+/// None, or a factor of 1, is `None`. Other types (YaRN, LongRoPE) are refused by name.
+fn rope_factors(
+    gguf: &GgufFile,
+    bytes: &[u8],
+    key: &dyn Fn(&str) -> String,
+    head_dim: usize,
+) -> Result<Option<Vec<f32>>> {
+    let check = |what: &str, f: f32| {
+        if f.is_finite() && (1.0 / MAX_ROPE_FACTOR..=MAX_ROPE_FACTOR).contains(&f) {
+            Ok(f)
+        } else {
+            Err(ModelError::Format(format!(
+                "{what} {f} is not a RoPE scaling factor (1/{MAX_ROPE_FACTOR} to {MAX_ROPE_FACTOR})"
+            )))
+        }
+    };
+    let scaling = gguf.get_str(&key("rope.scaling.type")).unwrap_or("none");
+    let factor = gguf
+        .get_f32(&key("rope.scaling.factor"))
+        .or_else(|_| gguf.get_f32(&key("rope.scale_linear")))
+        .ok()
+        .filter(|&f| f != 0.0 && f != 1.0);
+    let linear = match (scaling, factor) {
+        (_, None) | ("none", _) => None,
+        ("linear", Some(f)) => Some(check("rope.scaling.factor", f)?),
+        (other, Some(f)) => {
+            return Err(ModelError::Format(format!(
+                "RoPE scaling `{}` (factor {f}) is not supported: linear scaling and Llama 3.1's \
+                 per-frequency factors (`rope_freqs.weight`) are",
+                other.escape_debug()
+            )));
+        }
+    };
+    let tensor = match gguf.tensor("rope_freqs.weight") {
+        None => None,
+        Some(_) => {
+            shaped(gguf, "rope_freqs.weight", &[head_dim / 2])?;
+            let f = gguf.tensor_f32(bytes, "rope_freqs.weight")?;
+            Some(
+                f.into_iter()
+                    .map(|f| check("rope_freqs.weight holds", f))
+                    .collect::<Result<Vec<f32>>>()?,
+            )
+        }
+    };
+    Ok(match (linear, tensor) {
+        (None, factors) => factors,
+        (Some(l), None) => Some(vec![l; head_dim / 2]),
+        (Some(l), Some(f)) => Some(f.into_iter().map(|f| f * l).collect()),
+    })
 }
 
 /// The GGUF architectures this decoder reads (`general.architecture`).
@@ -80,7 +143,9 @@ const GEMMA_PATTERN: usize = 6;
 const GEMMA_LOCAL_ROPE_THETA: f32 = 10_000.0;
 
 impl LlamaConfig {
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+    /// The configuration a GGUF states (`bytes`: the file `gguf` was parsed from, for RoPE
+    /// factors stored as a tensor).
+    pub fn from_gguf(gguf: &GgufFile, bytes: &[u8]) -> Result<Self> {
         let arch = gguf.get_str("general.architecture")?;
         if !ARCHITECTURES.contains(&arch) {
             return Err(ModelError::Format(format!(
@@ -131,28 +196,7 @@ impl LlamaConfig {
                  whole head only)"
             )));
         }
-        // RoPE scaling as the file states it: none (or a factor of 1) is what the engine does.
-        let scaling = gguf
-            .get_str(&key("rope.scaling.type"))
-            .unwrap_or("none")
-            .to_string();
-        let factor = gguf
-            .get_f32(&key("rope.scaling.factor"))
-            .or_else(|_| gguf.get_f32(&key("rope.scale_linear")))
-            .unwrap_or(1.0);
-        if !(scaling == "none" || factor == 1.0 || factor == 0.0) {
-            return Err(ModelError::Format(format!(
-                "RoPE scaling `{scaling}` with factor {factor} is not supported yet (only \
-                 unscaled rotary embeddings)"
-            )));
-        }
-        if gguf.tensor("rope_freqs.weight").is_some() {
-            return Err(ModelError::Format(
-                "per-frequency RoPE factors (`rope_freqs.weight`, Llama 3.1 style) are not \
-                 supported yet"
-                    .into(),
-            ));
-        }
+        let rope_factors = rope_factors(gguf, bytes, &key, head_dim)?;
         let gemma = if arch == "gemma3" {
             let window = gguf.get_u32(&key("attention.sliding_window"))? as usize;
             if window == 0 {
@@ -189,19 +233,31 @@ impl LlamaConfig {
                 .get_u32(&key("context_length"))
                 .map(|v| v as usize)
                 .unwrap_or(2048),
+            rope_factors,
             gemma,
         })
     }
 
     /// The sliding window of layer `i` (`None`: it sees every earlier position) and its rotary
-    /// base.
-    pub fn layer_attention(&self, i: usize) -> (Option<usize>, f32) {
+    /// frequencies (a global layer's scaled as the file states, a sliding one's never, as
+    /// llama.cpp and transformers do).
+    pub fn layer_attention(&self, i: usize) -> (Option<usize>, Vec<f64>) {
         match &self.gemma {
-            Some(g) if !(i + 1).is_multiple_of(g.pattern) => {
-                (Some(g.sliding_window), g.local_rope_theta)
-            }
-            _ => (None, self.rope_theta),
+            Some(g) if !(i + 1).is_multiple_of(g.pattern) => (
+                Some(g.sliding_window),
+                rope_freqs(f64::from(g.local_rope_theta), self.head_dim, None),
+            ),
+            _ => (None, self.global_rope_freqs()),
         }
+    }
+
+    /// The rotary frequencies of the global layers (scaled as the file states).
+    pub fn global_rope_freqs(&self) -> Vec<f64> {
+        rope_freqs(
+            f64::from(self.rope_theta),
+            self.head_dim,
+            self.rope_factors.as_deref(),
+        )
     }
 
     fn kv_dim(&self) -> usize {
@@ -235,8 +291,8 @@ pub(crate) fn shaped<'g>(
 /// Checks that the decoder can load `gguf` without loading it: a supported architecture and
 /// configuration, a tokenizer it reads, and every tensor it needs present, with its shape and a
 /// type it dequantises. Each failure names the tensor (or key) and what is supported.
-pub fn inspect(gguf: &GgufFile) -> Result<crate::ModelSummary> {
-    let c = LlamaConfig::from_gguf(gguf)?;
+pub fn inspect(gguf: &GgufFile, bytes: &[u8]) -> Result<crate::ModelSummary> {
+    let c = LlamaConfig::from_gguf(gguf, bytes)?;
     LlamaTokenizer::from_gguf(gguf)?;
     let (d, q, kv, ffn, vocab) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.vocab_size);
     let mut parameters = 0u64;
@@ -455,7 +511,7 @@ impl<B: Backend> KvCache<B> {
 
 impl<B: Backend> LlamaModel<B> {
     pub fn load(backend: &B, gguf: &GgufFile, bytes: &[u8]) -> Result<Self> {
-        let config = LlamaConfig::from_gguf(gguf)?;
+        let config = LlamaConfig::from_gguf(gguf, bytes)?;
         let n = config.layers;
         Self::load_layers(backend, gguf, bytes, 0..n)
     }
@@ -466,7 +522,7 @@ impl<B: Backend> LlamaModel<B> {
         bytes: &[u8],
         range: Range<usize>,
     ) -> Result<Self> {
-        let config = LlamaConfig::from_gguf(gguf)?;
+        let config = LlamaConfig::from_gguf(gguf, bytes)?;
         if range.start > range.end || range.end > config.layers {
             return Err(ModelError::Input(format!(
                 "layer range {range:?} outside 0..{}",
@@ -656,7 +712,8 @@ impl<B: Backend> LlamaModel<B> {
         };
         let mut x = h.x;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (window, theta) = c.layer_attention(self.range.start + i);
+            let (window, freqs) = c.layer_attention(self.range.start + i);
+            let freqs: Vec<f32> = freqs.iter().map(|&f| f as f32).collect();
             let a = backend.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let [bq, bk, bv] = match &layer.qkv_bias {
                 Some([q, k, v]) => [Some(q), Some(k), Some(v)],
@@ -668,8 +725,8 @@ impl<B: Backend> LlamaModel<B> {
                 q = head_norm(&q, &g.q)?;
                 k = head_norm(&k, &g.k)?;
             }
-            let q = backend.rope(&q, c.head_dim, h.pos_offset, theta)?;
-            let k = backend.rope(&k, c.head_dim, h.pos_offset, theta)?;
+            let q = backend.rope(&q, c.head_dim, h.pos_offset, &freqs)?;
+            let k = backend.rope(&k, c.head_dim, h.pos_offset, &freqs)?;
             let v = backend.linear(&a, &layer.wv, bv)?;
             backend.write_rows(&mut cache.k[i], h.pos_offset, &k)?;
             backend.write_rows(&mut cache.v[i], h.pos_offset, &v)?;

@@ -20,8 +20,8 @@ fn embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     dst[i] = src[idx[r] * p.cols + c];
 }
 
-// Rotary embedding on adjacent pairs; a = head_dim, b = position of row 0, f = theta.
-// One thread per pair.
+// Rotary embedding on adjacent pairs; a = head_dim, b = position of row 0, idx = the f32 bits
+// of each pair's frequency. One thread per pair.
 @compute @workgroup_size(256)
 fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let pair = index(wid, nwg, lid);
@@ -31,7 +31,7 @@ fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let c = (pair % half_cols) * 2u;
     let i = (c % p.a) / 2u;
     let pos = f32(p.b + r);
-    let freq = pow(p.f, -2.0 * f32(i) / f32(p.a));
+    let freq = bitcast<f32>(idx[i]);
     let angle = pos * freq;
     let s = sin(angle);
     let co = cos(angle);

@@ -742,9 +742,9 @@ impl Backend for GpuBackend {
         x: &GpuTensor,
         head_dim: usize,
         pos_offset: usize,
-        theta: f32,
+        freqs: &[f32],
     ) -> Result<GpuTensor> {
-        check_rope(&x.shape, head_dim)?;
+        check_rope(&x.shape, head_dim, freqs)?;
         let (rows, cols) = x.as_matrix();
         let out = self.tensor(x.shape.clone())?;
         let params = MiscParams {
@@ -752,10 +752,19 @@ impl Backend for GpuBackend {
             cols: cols as u32,
             a: head_dim as u32,
             b: u32_of(pos_offset, "rope")?,
-            f: theta,
+            f: 0.0,
             _pad: [0; 3],
         };
-        self.misc(&self.pipelines.rope, x, None, out, params, rows * cols / 2)
+        // The frequencies travel as the index binding's words (f32 bits).
+        let bits: Vec<u32> = freqs.iter().map(|f| f.to_bits()).collect();
+        self.misc(
+            &self.pipelines.rope,
+            x,
+            Some(&bits),
+            out,
+            params,
+            rows * cols / 2,
+        )
     }
 
     fn attention(

@@ -315,7 +315,7 @@ pub fn quantize_bert(
 /// Quantises a Llama model from its GGUF file (blocks dequantised, then int8 per channel).
 pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String)> {
     let gguf = GgufFile::parse(gguf_bytes)?;
-    let config = LlamaConfig::from_gguf(&gguf)?;
+    let config = LlamaConfig::from_gguf(&gguf, gguf_bytes)?;
     // Qwen2's and Gemma's Q and K rows (and biases, and Gemma's head norms) go into the
     // engine's rotary layout here, once: the exact file holds them interleaved (see
     // `llama::interleave_rope_rows`).
@@ -462,11 +462,10 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
         (-16.0, SILU_STEPS_LOG2)
     };
     let positions = config.context_length.clamp(1, MAX_ROPE_POSITIONS);
-    let rope_table = |theta: f32| {
+    let rope_table = |freqs: &[f64]| {
         let mut rope = Vec::with_capacity(positions * hd);
         for pos in 0..positions {
-            for i in 0..hd / 2 {
-                let freq = f64::from(theta).powf(-2.0 * i as f64 / hd as f64);
+            for &freq in freqs {
                 let angle = pos as f64 * freq;
                 rope.push((angle.cos() * f64::from(1u32 << 30)).round() as i32);
                 rope.push((angle.sin() * f64::from(1u32 << 30)).round() as i32);
@@ -474,11 +473,19 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
         }
         rope
     };
-    out.put("rope", rope_table(config.rope_theta), &[positions * hd]);
+    out.put(
+        "rope",
+        rope_table(&config.global_rope_freqs()),
+        &[positions * hd],
+    );
     if let Some(g) = &config.gemma {
         out.put(
             "rope_local",
-            rope_table(g.local_rope_theta),
+            rope_table(&tabula_engine::rope_freqs(
+                f64::from(g.local_rope_theta),
+                hd,
+                None,
+            )),
             &[positions * hd],
         );
     }
