@@ -11,8 +11,8 @@ use futures_util::{
     stream::{FuturesOrdered, SplitSink},
 };
 use tabula_protocol::{
-    Bytes, MAX_WORKER_FRAME, Precision, PublicKey, SignerKey, Submission, ToCoordinator, ToWorker,
-    decode, encode, sign::login_message,
+    Bytes, MAX_WORKER_FRAME, Precision, PublicKey, SignerKey, Submission, Takes, ToCoordinator,
+    ToWorker, decode, encode, sign::login_message,
 };
 use tokio::sync::mpsc;
 
@@ -119,8 +119,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
     {
         return;
     }
-    let (signer, precisions, stages) = match next_frame(&mut socket, Duration::from_secs(15)).await
-    {
+    let (signer, takes, stages) = match next_frame(&mut socket, Duration::from_secs(15)).await {
         Ok(ToCoordinator::Login {
             key,
             signature,
@@ -176,7 +175,10 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             // Shared with every request's handler without a copy per frame.
             (
                 signer,
-                Arc::<[Precision]>::from(precisions),
+                Arc::new(Takes {
+                    precisions,
+                    max_model_mb,
+                }),
                 stages.then_some(max_model_mb),
             )
         }
@@ -270,7 +272,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             state.clone(),
             signer,
             prefix.clone(),
-            precisions.clone(),
+            takes.clone(),
             request,
         ));
         // Run the request up to its first real wait now, in arrival order: that is where it
@@ -409,17 +411,17 @@ async fn handle(
     state: Arc<State>,
     signer: SignerKey,
     prefix: Arc<str>,
-    precisions: Arc<[Precision]>,
+    takes: Arc<Takes>,
     request: Request,
 ) -> ReplyResult {
     let key = signer.public();
     let message = match request {
-        Request::Ready(units) => return ready(&state, key, &prefix, &precisions, units).await,
+        Request::Ready(units) => return ready(&state, key, &prefix, &takes, units).await,
         Request::Submit(results) => return submit(&state, &signer, results).await,
         Request::Other(message) => *message,
     };
     Ok(match message {
-        ToCoordinator::Ready => return ready(&state, key, &prefix, &precisions, 1).await,
+        ToCoordinator::Ready => return ready(&state, key, &prefix, &takes, 1).await,
         ToCoordinator::Submit(s) => return submit(&state, &signer, vec![s]).await,
         ToCoordinator::Heartbeat => Vec::new(),
         ToCoordinator::Release { lease } => {
@@ -508,7 +510,7 @@ async fn ready(
     state: &State,
     key: &PublicKey,
     prefix: &str,
-    precisions: &[Precision],
+    takes: &Takes,
     units: usize,
 ) -> ReplyResult {
     // A pipeline stage keeps its worker busy for the whole session.
@@ -517,7 +519,7 @@ async fn ready(
             .map(|_| ToWorker::NoWork { retry_ms: 1000 })
             .collect());
     }
-    let granted = state.grant(key, prefix, precisions, units).await?;
+    let granted = state.grant(key, prefix, takes, units).await?;
     let no_work = units.saturating_sub(granted.len());
     Ok(granted
         .into_iter()

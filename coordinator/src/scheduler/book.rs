@@ -23,7 +23,7 @@ use std::{
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use sqlx::Row;
 use tabula_protocol::{
-    Assignment, Hash, Identity, LeaseId, Precision, PublicKey, Receipt, Submission, Task,
+    Assignment, Hash, Identity, LeaseId, Precision, PublicKey, Receipt, Submission, Takes, Task,
     UnitOutput,
 };
 
@@ -742,7 +742,7 @@ impl Book {
         ctx: &Ctx,
         worker: &str,
         prefix: &str,
-        precisions: &[Precision],
+        takes: &Takes,
     ) -> Option<(Assignment, Effects)> {
         if let Some(limit) = self.limited(ctx, worker, prefix) {
             if limit != Limit::Banned {
@@ -751,7 +751,7 @@ impl Book {
             return None;
         }
         let streak = self.workers.get(worker)?.clean_streak;
-        let allowed = |u: &Unit| precisions.contains(&u.task.precision()) && u.admits(worker);
+        let allowed = |u: &Unit| takes.admits(&u.task) && u.admits(worker);
         // A known-answer canary: a unit the referee computed or confirmed, drawn at random
         // from the pool, which this worker never saw.
         let canary = if !self.canaries.is_empty() && self.entropy.unit() < ctx.config.canary_rate {
@@ -2135,12 +2135,14 @@ mod tests {
         }
 
         fn grant(&mut self, key: &str, prefix: &str) -> Option<Assignment> {
-            self.run(
-                |b, ctx| match b.grant(ctx, key, prefix, &[Precision::Exact]) {
-                    Some((a, e)) => (Some(a), e),
-                    None => (None, Effects::default()),
-                },
-            )
+            self.grant_taking(key, prefix, &Takes::exact())
+        }
+
+        fn grant_taking(&mut self, key: &str, prefix: &str, takes: &Takes) -> Option<Assignment> {
+            self.run(|b, ctx| match b.grant(ctx, key, prefix, takes) {
+                Some((a, e)) => (Some(a), e),
+                None => (None, Effects::default()),
+            })
         }
 
         fn submit(&mut self, who: &Identity, a: &Assignment, out: Vec<u8>) -> Verdict {
@@ -2158,6 +2160,34 @@ mod tests {
         fn record(&self, key: &str) -> WorkerRecord {
             self.book.workers[key].clone()
         }
+    }
+
+    /// A worker with a model budget is leased no unit of a model whose weights exceed it (it
+    /// would refuse it, and the unit would come back to it again and again); one without a
+    /// budget, or with room, takes it.
+    #[test]
+    fn a_unit_goes_only_to_workers_whose_budget_holds_its_model() {
+        let mut t = Bench::new(config());
+        let mut big = task(1);
+        let Task::Embed { model, .. } = &mut big else {
+            unreachable!("task() is an embedding")
+        };
+        model.files.push(tabula_protocol::FileRef {
+            role: "exact".into(),
+            sha256: tabula_protocol::Bytes([7; 32]),
+            size: 300 << 20,
+        });
+        t.add_job("job", &[big]);
+        let (_, small) = t.worker(1);
+        let (_, roomy) = t.worker(2);
+        let (_, unlimited) = t.worker(3);
+        let budget = |mb| Takes {
+            precisions: vec![Precision::Exact],
+            max_model_mb: mb,
+        };
+        assert!(t.grant_taking(&small, "net-1", &budget(299)).is_none());
+        assert!(t.grant_taking(&roomy, "net-2", &budget(300)).is_some());
+        assert!(t.grant_taking(&unlimited, "net-3", &budget(0)).is_some());
     }
 
     #[test]

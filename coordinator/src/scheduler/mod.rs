@@ -32,7 +32,7 @@ use sqlx::Row;
 use tabula_engine::cpu::CpuBackend;
 use tabula_protocol::{
     Address, Assignment, Identity, LeaseId, Precision, PublicKey, Receipt, SignerKey, Submission,
-    Task, ToWorker, UnitOutput,
+    Takes, Task, ToWorker, UnitOutput,
 };
 use tabula_worker::{Executor, exec::ExecutorThread};
 use tokio::sync::{Notify, mpsc};
@@ -889,7 +889,7 @@ impl State {
         &self,
         worker: &PublicKey,
         prefix: &str,
-        precisions: &[Precision],
+        takes: &Takes,
         units: usize,
     ) -> Result<Vec<Assignment>> {
         let key = worker.to_hex();
@@ -898,7 +898,7 @@ impl State {
             let mut granted = Vec::new();
             let mut effects = Effects::default();
             while granted.len() < units {
-                let Some((assignment, more)) = book.grant(ctx, &key, prefix, precisions) else {
+                let Some((assignment, more)) = book.grant(ctx, &key, prefix, takes) else {
                     break;
                 };
                 granted.push(assignment);

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tabula_protocol::{Assignment, Hash, Identity, ModelRef, Precision, Submission, Task};
+use tabula_protocol::{Assignment, Hash, Identity, ModelRef, Precision, Submission, Takes, Task};
 
 use super::{
     Assurance, Metrics,
@@ -487,7 +487,7 @@ impl Sim {
         let (key, prefix) = (self.workers[w].key.clone(), self.workers[w].prefix.clone());
         let granted =
             self.decide(
-                |book, ctx| match book.grant(ctx, &key, &prefix, &[Precision::Exact]) {
+                |book, ctx| match book.grant(ctx, &key, &prefix, &Takes::exact()) {
                     Some((a, e)) => (Some(a), e),
                     None => (None, Effects::default()),
                 },

@@ -385,8 +385,9 @@ pub struct WorkerArgs {
     /// are held. [default: every core with `--backend cpu`, 1 with `--backend gpu`]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=tabula_worker::exec::MAX_THREADS as i64))]
     threads: Option<u32>,
-    /// The most model weights this worker holds, in MiB (0: no limit). A model larger than
-    /// that is split by the coordinator into pipeline stages that fit (with `--pipeline auto`).
+    /// The most model weights this worker holds, in MiB (0: no limit). The coordinator leases
+    /// it no unit of a larger model (the worker refuses one if it comes), and splits such a
+    /// model into pipeline stages that fit (with `--pipeline auto`).
     #[arg(long, default_value_t = 0)]
     max_model_mb: u32,
     /// Do not take pipeline stages (a share of a model too large for one worker, linked to

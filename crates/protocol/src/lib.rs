@@ -107,6 +107,47 @@ pub struct ModelRef {
     pub files: Vec<FileRef>,
 }
 
+impl ModelRef {
+    /// The model's weights as a worker holds them: the bytes of its files (what `--max-model-mb`
+    /// and a pipeline stage's budget are measured against).
+    pub fn bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .map(|f| f.size)
+            .fold(0, u64::saturating_add)
+    }
+}
+
+/// What a worker takes: units of these precisions, of models whose weights
+/// ([`ModelRef::bytes`]) fit its budget. Sent at login, applied by the coordinator when it
+/// leases and by the worker when a unit arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Takes {
+    pub precisions: Vec<Precision>,
+    /// MiB of model weights at most; 0: no limit.
+    pub max_model_mb: u32,
+}
+
+impl Takes {
+    /// Exact units of any size (what a worker that says nothing takes).
+    pub fn exact() -> Self {
+        Self {
+            precisions: vec![Precision::Exact],
+            max_model_mb: 0,
+        }
+    }
+
+    /// Whether `task` is of a precision taken and of a model that fits.
+    pub fn admits(&self, task: &Task) -> bool {
+        self.precisions.contains(&task.precision()) && self.fits(task.model())
+    }
+
+    /// Whether `model`'s weights fit the budget.
+    pub fn fits(&self, model: &ModelRef) -> bool {
+        self.max_model_mb == 0 || model.bytes() <= u64::from(self.max_model_mb) << 20
+    }
+}
+
 /// Limits on a task, enforced by both sides.
 pub const MAX_SEQUENCES: usize = 64;
 pub const MAX_SEQUENCE_TOKENS: usize = 512;

@@ -574,7 +574,8 @@ impl Volunteer {
                     deadline_ms: a.deadline_ms,
                 }
             }
-            Meaning::GiveBack(release) => FrameEvent::Busy {
+            // The page sets no model budget, so a unit is never too large for it.
+            Meaning::GiveBack(release) | Meaning::TooLarge { release, .. } => FrameEvent::Busy {
                 reply: encode(&release),
             },
             Meaning::NoWork { retry_ms } => FrameEvent::NoWork { retry_ms },

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use tabula_protocol::{
     Address, Assignment, Identity, LeaseId, Precision, PublicKey, SessionId, Signal, StageOrder,
-    ToCoordinator, ToWorker,
+    Takes, ToCoordinator, ToWorker,
 };
 
 use crate::WorkerError;
@@ -86,6 +86,12 @@ pub enum Meaning {
     Unit,
     /// A unit this worker did not want (it holds as many as it takes): send the release.
     GiveBack(ToCoordinator),
+    /// A unit of a model larger than this worker's `max_model_mb` (a coordinator that ignored
+    /// the budget sent at login): send the release, and tell the volunteer `why`.
+    TooLarge {
+        release: ToCoordinator,
+        why: String,
+    },
     /// Nothing to do: ask again after `retry_ms` (bounded to 50 ms – 60 s).
     NoWork {
         retry_ms: u32,
@@ -281,7 +287,23 @@ impl WorkerCore {
                 }
             }
             ToWorker::Assign(a) => {
-                if self.held() >= self.options.units_held {
+                let budget = Takes {
+                    precisions: self.options.precisions.clone(),
+                    max_model_mb: self.options.max_model_mb,
+                };
+                if !budget.fits(a.task.model()) {
+                    let model = a.task.model();
+                    Meaning::TooLarge {
+                        why: format!(
+                            "refused a unit of {}: its weights are {} MiB, more than this \
+                             worker's --max-model-mb {}",
+                            model.name,
+                            model.bytes().div_ceil(1 << 20),
+                            self.options.max_model_mb
+                        ),
+                        release: ToCoordinator::Release { lease: a.lease },
+                    }
+                } else if self.held() >= self.options.units_held {
                     Meaning::GiveBack(ToCoordinator::Release { lease: a.lease })
                 } else {
                     self.waiting.push_back(a);
@@ -489,6 +511,44 @@ mod tests {
             deadline_ms: 0,
             task,
         }
+    }
+
+    /// A unit of a model over the worker's budget goes back with the reason, whatever the
+    /// coordinator meant by sending it; one that fits is taken.
+    #[test]
+    fn a_unit_of_a_model_over_the_budget_goes_back_with_the_reason() {
+        let (id, mut core) = core(2, false);
+        core.options.max_model_mb = 1;
+        let sized = |lease: u8, bytes: u64| {
+            let mut a = assignment(lease);
+            let Task::Embed { model, .. } = &mut a.task else {
+                unreachable!("task() is an embedding")
+            };
+            model.files.push(tabula_protocol::FileRef {
+                role: "exact".into(),
+                sha256: Bytes([9; 32]),
+                size: bytes,
+            });
+            a
+        };
+        match core.on_frame(&id, ToWorker::Assign(sized(1, (1 << 20) + 1))) {
+            Meaning::TooLarge {
+                release: ToCoordinator::Release { lease },
+                why,
+            } => {
+                assert_eq!(lease, Bytes([1; 16]));
+                assert!(
+                    why.contains("its weights are 2 MiB, more than this worker's --max-model-mb 1"),
+                    "{why}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(core.next_unit().is_none(), "the refused unit is not held");
+        assert!(matches!(
+            core.on_frame(&id, ToWorker::Assign(sized(2, 1 << 20))),
+            Meaning::Unit
+        ));
     }
 
     #[test]

@@ -531,6 +531,10 @@ impl Session<'_> {
                     match core.on_frame(&self.identity, message) {
                         Meaning::Unit => running.start_next(core, self.executor, self.events)?,
                         Meaning::GiveBack(release) | Meaning::DeclineStage(release) => send!(release),
+                        Meaning::TooLarge { release, why } => {
+                            tracing::warn!("{why}");
+                            send!(release)
+                        }
                         Meaning::NoWork { retry_ms } => {
                             asked = asked.saturating_sub(1);
                             ask_again.get_or_insert(tokio::time::Instant::now() + Duration::from_millis(u64::from(retry_ms)));
