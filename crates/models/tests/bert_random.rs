@@ -33,7 +33,7 @@ struct Variant {
 
 fn variants() -> Vec<Variant> {
     let dir = tempfile::tempdir().unwrap();
-    generate("make_bert_dirs.py", dir.path());
+    generate("make_bert_dirs.py", dir.path(), &[]);
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures_dir().join("bert-random.json")).unwrap(),
     )

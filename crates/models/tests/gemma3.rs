@@ -46,6 +46,74 @@ fn the_tokenizer_matches_transformers_and_decodes_back() {
     assert_eq!(tokenizer.decode(&turn).unwrap(), "user\nhi");
 }
 
+/// A long adversarial text (a run of one repeated pair the merges fold level by level,
+/// spaces, control tokens back to back, text that looks like byte tokens, a character the
+/// vocabulary holds only as bytes) tokenizes in one pass (the merge queue is a heap, never a
+/// rescan per merge) and decodes back to itself.
+#[test]
+fn a_long_adversarial_text_tokenizes_and_decodes_back() {
+    let bytes = model();
+    let tokenizer = LlamaTokenizer::from_gguf(&GgufFile::parse(&bytes).unwrap()).unwrap();
+    let text = format!(
+        "{}{}{}{}{}",
+        "ab".repeat(100_000),
+        " ".repeat(20_000),
+        "<start_of_turn>".repeat(2_000),
+        "<0x41>".repeat(2_000),
+        "\u{10FFFD}".repeat(5_000)
+    );
+    let ids = tokenizer.encode(&text).unwrap();
+    assert!(
+        ids.len() > 2_000 && ids.len() < text.len(),
+        "{} ids",
+        ids.len()
+    );
+    // Control tokens are not text: what decodes is the text without them.
+    assert_eq!(
+        tokenizer.decode(&ids).unwrap(),
+        text.replace("<start_of_turn>", "")
+    );
+}
+
+/// Gemma's GGUF with its vocabulary (token texts, scores and types: its first megabytes)
+/// corrupted at random: each file is refused with an error or gives a tokenizer that works,
+/// never a panic.
+#[test]
+fn a_corrupted_gemma_vocabulary_is_refused_or_tokenizes() {
+    let mut bytes = model();
+    let mut next = rng(11);
+    let (mut loaded, mut refused) = (0, 0);
+    for _ in 0..40 {
+        let changed: Vec<(usize, u8)> = (0..1 + next() % 4)
+            .map(|_| {
+                let at = 24 + next() as usize % (6 << 20);
+                let old = bytes[at];
+                bytes[at] = next() as u8;
+                (at, old)
+            })
+            .collect();
+        let tokenizer = GgufFile::parse(&bytes)
+            .map_err(tabula_models::ModelError::from)
+            .and_then(|g| LlamaTokenizer::from_gguf(&g));
+        match tokenizer {
+            Ok(t) => {
+                loaded += 1;
+                if let Ok(ids) = t.encode("Hello, world! <start_of_turn>user\n東京 😀") {
+                    let _ = t.decode(&ids);
+                }
+            }
+            Err(e) => {
+                refused += 1;
+                assert!(!e.to_string().is_empty());
+            }
+        }
+        for (at, old) in changed.into_iter().rev() {
+            bytes[at] = old;
+        }
+    }
+    assert_eq!(loaded + refused, 40);
+}
+
 /// Greedy continuations of the fixture prompts `which` on `backend`.
 fn check_greedy<B: Backend>(backend: &B, which: &[usize]) {
     let bytes = model();

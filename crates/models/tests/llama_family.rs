@@ -30,7 +30,7 @@ struct Variant {
 /// reference was computed from.
 fn variants() -> Vec<Variant> {
     let dir = tempfile::tempdir().unwrap();
-    generate("make_llama_family.py", dir.path());
+    generate("make_llama_family.py", dir.path(), &[]);
     let reference: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures_dir().join("llama-family.json")).unwrap(),
     )

@@ -4,24 +4,13 @@
 
 mod common;
 
-use common::model_file;
+use common::{model_file, rng};
 use tabula_engine::cpu::CpuBackend;
 use tabula_models::{
     bert::{BertConfig, BertModel},
     catalog::{MINILM, SMOLLM2},
     llama::Generator,
 };
-
-/// xorshift64*: deterministic mutations without extra crates.
-fn rng(seed: u64) -> impl FnMut() -> u64 {
-    let mut s = seed | 1;
-    move || {
-        s ^= s >> 12;
-        s ^= s << 25;
-        s ^= s >> 27;
-        s.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 #[test]
 fn truncated_or_corrupted_safetensors_are_errors() {

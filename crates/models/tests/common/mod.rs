@@ -63,13 +63,13 @@ pub fn gpu() -> GpuBackend {
         .expect("a GPU adapter is required: install mesa-vulkan-drivers (lavapipe) for a software Vulkan device")
 }
 
-/// Runs the generator `tests/fixtures/{script} --out {out}` (seeded: the same files on every
-/// machine). Needs `python3` with `gguf` and `numpy`, or `$TABULA_PYLIB` holding them (where
-/// `tests/run-all.sh` installs them).
-pub fn generate(script: &str, out: &std::path::Path) {
+/// Runs the generator `tests/fixtures/{script} --out {out} {args}` (seeded: the same files on
+/// every machine). Needs `python3` with `gguf` and `numpy`, or `$TABULA_PYLIB` holding them
+/// (where `tests/run-all.sh` installs them).
+pub fn generate(script: &str, out: &std::path::Path, args: &[&std::ffi::OsStr]) {
     let script = fixtures_dir().join(script);
     let mut python = std::process::Command::new("python3");
-    python.arg(&script).arg("--out").arg(out);
+    python.arg(&script).arg("--out").arg(out).args(args);
     if let Some(lib) = std::env::var_os("TABULA_PYLIB") {
         python.env("PYTHONPATH", lib);
     }
@@ -110,4 +110,15 @@ pub struct TokensFixture {
 
 pub fn gemma3_token_fixtures() -> Vec<TokensFixture> {
     read_jsonl("gemma3-tokens.jsonl")
+}
+
+/// xorshift64*: deterministic mutations without extra crates.
+pub fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed | 1;
+    move || {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        s.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
 }
