@@ -893,11 +893,61 @@ async fn respond(
     if let Some(stages) = pipeline_stages(state, &p) {
         return run_pipeline(state, headers, &api_key, endpoint, &body, p, stages).await;
     }
+    refuse_unplaceable(state, &p)?;
     let (job, outputs) = run_job(state, headers, &api_key, endpoint, &body, &p).await?;
     if p.stream {
         return Ok(sse(stream_events(&p, &job, outputs)?));
     }
     Ok(Json(render(&p, &job, outputs)?).into_response())
+}
+
+/// A request that no connected worker would be leased (every one of them declared a budget
+/// too small for the model, or none takes its precision) is refused now, rather than left
+/// to wait for its timeout. With no worker connected at all it waits: volunteers come and go.
+fn refuse_unplaceable(state: &State, p: &Prepared<'_>) -> ApiResult<()> {
+    let Some((task, _)) = p.tasks.first() else {
+        return Ok(());
+    };
+    let Some(Err(why)) = state.some_worker_takes(task) else {
+        return Ok(());
+    };
+    let name = &p.model.name;
+    let precision = why.precision.as_str();
+    let message = match why.largest_budget_mb {
+        None => format!(
+            "no connected worker computes {precision} precision, which this request asks for; \
+             ask for the other precision, or start a worker with \
+             `tabula worker --precision {precision}`"
+        ),
+        Some(largest) => {
+            let split = if matches!(p.model.kind, ModelKind::Generation { .. })
+                && !p.model.pieces.is_empty()
+                && why.precision == Precision::Exact
+            {
+                if state.config.pipeline == crate::pipeline::PipelineMode::Off {
+                    ", or serve with `--pipeline auto` to split it into stages that fit"
+                } else {
+                    ", or start workers that take pipeline stages (it is split into stages \
+                     that fit when enough of them are connected)"
+                }
+            } else {
+                ""
+            };
+            format!(
+                "no connected worker can hold {name} in {precision} precision: its weights \
+                 are {} MiB and the largest budget a worker declared is {largest} MiB \
+                 (`tabula worker --max-model-mb`); start a worker with a larger budget{split}",
+                why.model_mb
+            )
+        }
+    };
+    Err(ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        kind: "server_error",
+        message,
+        param: Some("model"),
+        code: Some("no_worker_fits"),
+    })
 }
 
 /// The stages a request runs as, when it becomes a pipeline session: an exact generation of

@@ -203,7 +203,7 @@ pub async fn session(mut socket: WebSocket, addr: SocketAddr, state: Arc<State>)
             .pipelines
             .join(key, tx.clone(), prefix.clone(), budget_mb);
     }
-    state.attach(key, tx);
+    state.attach(key, tx, takes.clone());
     let timeout = Duration::from_millis(u64::from(state.config.heartbeat_ms) * 3 + 1000);
     let (mut sink, mut stream) = socket.split();
     // Requests whose decisions are made and whose replies wait for their commit, oldest

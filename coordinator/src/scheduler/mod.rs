@@ -15,6 +15,7 @@
 //! database ([`crate::db::Db::claim`]).
 
 mod book;
+
 #[cfg(test)]
 mod sim;
 
@@ -89,8 +90,8 @@ pub struct State {
     referee: ExecutorThread,
     /// The credit contract and the settled ledger.
     pub settlement: Arc<crate::settlement::Settlement>,
-    /// Connected sessions by worker key, for pushing receipts.
-    sessions: Mutex<HashMap<PublicKey, Vec<mpsc::UnboundedSender<ToWorker>>>>,
+    /// Connected sessions by worker key, for pushing receipts, with what each takes.
+    sessions: Mutex<HashMap<PublicKey, Vec<Attached>>>,
     /// Logins of new keys per network in the current minute: (minute, count).
     new_key_logins: Mutex<HashMap<String, (i64, u32)>>,
     /// Units in play, leases, workers, running jobs: where decisions are made.
@@ -406,13 +407,18 @@ impl State {
 
     // ----- sessions -----
 
-    pub fn attach(&self, worker: PublicKey, tx: mpsc::UnboundedSender<ToWorker>) {
+    pub fn attach(
+        &self,
+        worker: PublicKey,
+        tx: mpsc::UnboundedSender<ToWorker>,
+        takes: Arc<Takes>,
+    ) {
         self.sessions
             .lock()
             .expect("sessions lock")
             .entry(worker)
             .or_default()
-            .push(tx);
+            .push((tx, takes));
         self.metrics
             .workers_connected
             .fetch_add(1, Ordering::Relaxed);
@@ -421,7 +427,7 @@ impl State {
     pub fn detach(&self, worker: &PublicKey) {
         let mut sessions = self.sessions.lock().expect("sessions lock");
         if let Some(list) = sessions.get_mut(worker) {
-            list.retain(|tx| !tx.is_closed());
+            list.retain(|(tx, _)| !tx.is_closed());
             if list.is_empty() {
                 sessions.remove(worker);
             }
@@ -442,11 +448,40 @@ impl State {
             .sum()
     }
 
+    /// Whether a session open now would be leased `task` (its precision taken, its model
+    /// within the worker's budget): `None` when no worker is connected at all.
+    pub fn some_worker_takes(&self, task: &Task) -> Option<Result<(), Unplaceable>> {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        let mut takes = sessions
+            .values()
+            .flatten()
+            .map(|(_, takes)| takes)
+            .peekable();
+        takes.peek()?;
+        let mut largest_budget_mb = Some(0u32);
+        let mut precision_taken = false;
+        for t in takes {
+            if t.admits(task) {
+                return Some(Ok(()));
+            }
+            if t.precisions.contains(&task.precision()) {
+                precision_taken = true;
+                // Not unlimited (0), or it would have admitted the task.
+                largest_budget_mb = largest_budget_mb.map(|m| m.max(t.max_model_mb));
+            }
+        }
+        Some(Err(Unplaceable {
+            precision: task.precision(),
+            model_mb: task.model().bytes().div_ceil(1 << 20),
+            largest_budget_mb: largest_budget_mb.filter(|_| precision_taken),
+        }))
+    }
+
     fn push(&self, receipts: Vec<Receipt>) {
         let sessions = self.sessions.lock().expect("sessions lock");
         for r in receipts {
             if let Some(list) = sessions.get(&r.worker) {
-                for tx in list {
+                for (tx, _) in list {
                     let _ = tx.send(ToWorker::Credited(r.clone()));
                 }
             }
@@ -1181,4 +1216,18 @@ impl State {
             .collect::<Result<Vec<_>>>()?;
         Ok(serde_json::json!({ "object": "list", "data": data }))
     }
+}
+
+/// A session open now: where its pushes go, and what its worker takes.
+type Attached = (mpsc::UnboundedSender<ToWorker>, Arc<Takes>);
+
+/// Why no connected worker would be leased a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unplaceable {
+    pub precision: Precision,
+    /// The size of the task's model files.
+    pub model_mb: u64,
+    /// The largest `--max-model-mb` among the workers that take this precision (`None`:
+    /// no connected worker takes it).
+    pub largest_budget_mb: Option<u32>,
 }

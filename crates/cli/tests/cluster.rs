@@ -3981,6 +3981,72 @@ fn a_session_without_enough_workers_fails_with_a_clear_error() {
     assert_eq!(get(port, "/healthz").0, 200);
 }
 
+/// Memory honesty, with pipelines off: a request for a model that every connected worker
+/// declared too large for its budget, or in a precision none of them computes, is refused at
+/// once with what to do, instead of waiting for its timeout; a model that fits still runs,
+/// and no job is left behind by the refused ones.
+#[test]
+fn a_request_no_connected_worker_can_take_is_refused_with_what_to_do() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &["--pipeline", "off", "--request-timeout-secs", "120"],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    for n in 0..2 {
+        cluster.add_worker_with(n, &["--max-model-mb", "50"]);
+    }
+    wait_for_workers(&cluster, 2);
+    let started = Instant::now();
+    let (status, body) = post(
+        port,
+        "/v1/completions",
+        &key,
+        json!({ "model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 4 }),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "no_worker_fits", "{body}");
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("SmolLM2-135M-Instruct in exact precision")
+            && message.contains("largest budget a worker declared is 50 MiB")
+            && message.contains("--pipeline auto"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refused at once, not at the timeout"
+    );
+    let texts = fixture_texts()[..2].to_vec();
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts, "precision": "fast" }),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no connected worker computes fast precision"),
+        "{body}"
+    );
+    // MiniLM's exact file (23 MiB) fits the budget.
+    let (status, body) = post(
+        port,
+        "/v1/embeddings",
+        &key,
+        json!({ "model": "all-MiniLM-L6-v2", "input": texts }),
+    );
+    assert_eq!(status, 200, "{body}\n{}", cluster.log());
+    let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 1, "{jobs}");
+    cluster.stop_workers();
+}
+
 /// Models of the user's own, added with `tabula models add` (a random Qwen2 GGUF made now by
 /// `tests/fixtures/make_llama_family.py`, and a random BERT directory with CLS pooling by
 /// `make_bert_dirs.py`, with `gguf` and `numpy` from `$TABULA_PYLIB`), are served with
@@ -4096,10 +4162,51 @@ fn gemma_is_served_verified_and_credited() {
     let port = cluster.port;
     let key = cluster.api_key();
     let workers: Vec<String> = (0..2).map(|n| cluster.add_worker(n)).collect();
+    gemma_completes_like_the_reference(&cluster, &key);
+    cluster.stop_workers();
+    assert_credited_without_strikes(port, &workers);
+}
+
+/// Gemma 3 as pipeline stages: its exact file (376 MiB) fits no worker's 300 MiB budget,
+/// so `--pipeline auto` cuts it in two stages (the first holds the embedding table and the
+/// rotary tables of both kinds of layer, sliding and global; the last the head), run by two
+/// disjoint pipelines linked over WebRTC; the tokens are the whole model's, every stage
+/// worker is credited and none is struck.
+#[test]
+fn gemma_larger_than_every_budget_runs_as_stages() {
+    let mut cluster = Cluster::start(
+        Flavor::Sqlite,
+        &[
+            "--models",
+            "gemma-3-270m",
+            "--canary-rate",
+            "0",
+            "--audit-rate",
+            "0",
+        ],
+    )
+    .unwrap();
+    let port = cluster.port;
+    let key = cluster.api_key();
+    let workers: Vec<String> = (0..4)
+        .map(|n| cluster.add_worker_with(n, &["--max-model-mb", "300"]))
+        .collect();
+    wait_for_workers(&cluster, 4);
+    gemma_completes_like_the_reference(&cluster, &key);
+    let (_, jobs) = request(port, "GET", "/v1/jobs", Some(&key), None, &[]);
+    assert_eq!(jobs["data"][0]["pipeline"]["stages"], 2, "{jobs}");
+    assert_eq!(jobs["data"][0]["pipeline"]["liars"], 0, "{jobs}");
+    cluster.stop_workers();
+    assert_credited_without_strikes(port, &workers);
+}
+
+/// A greedy completion of Gemma 3 270M through `cluster`: the f32 reference continues " the
+/// capital of the" (tests/fixtures/gemma3.jsonl), and exact precision agrees on these tokens.
+fn gemma_completes_like_the_reference(cluster: &Cluster, key: &str) {
     let (status, body) = post(
-        port,
+        cluster.port,
         "/v1/completions",
-        &key,
+        key,
         json!({
             "model": "gemma-3-270m",
             "prompt": "The capital of France is",
@@ -4108,11 +4215,7 @@ fn gemma_is_served_verified_and_credited() {
         }),
     );
     assert_eq!(status, 200, "{body}\n{}", cluster.log());
-    // The f32 reference continues " the capital of the" (tests/fixtures/gemma3.jsonl); exact
-    // precision agrees on these tokens.
     assert_eq!(body["choices"][0]["text"], " the capital of the", "{body}");
-    cluster.stop_workers();
-    assert_credited_without_strikes(port, &workers);
 }
 
 /// Each of `workers` earned verified credit and no strike.
