@@ -411,7 +411,7 @@ tabula_referee_audits_waiting {audits}
 
 async fn list_models(Extract(state): Extract<AppState>) -> Json<Value> {
     let data: Vec<Value> = state
-        .registry
+        .registry()
         .models
         .iter()
         .map(|m| {
@@ -433,10 +433,11 @@ async fn model_pieces(
     Extract(state): Extract<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let model = state.registry.find(&name).ok_or_else(|| {
+    let registry = state.registry();
+    let model = registry.find(&name).ok_or_else(|| {
         ApiError::not_found(format!(
             "no model named {name:?}; served: {}",
-            state.registry.names().join(", ")
+            registry.names().join(", ")
         ))
     })?;
     let ModelKind::Generation { layers, .. } = &model.kind else {
@@ -541,20 +542,21 @@ fn idempotency(headers: &HeaderMap, api_key: &str) -> ApiResult<Option<String>> 
     }
 }
 
-fn find_model<'a>(state: &'a State, body: &Value, want: &str) -> ApiResult<&'a ServedModel> {
+fn find_model(state: &State, body: &Value, want: &str) -> ApiResult<Arc<ServedModel>> {
     let name = body.get("model").and_then(Value::as_str).ok_or_else(|| {
         ApiError::invalid(
             "`model` is required (a string); see GET /v1/models",
             Some("model"),
         )
     })?;
-    let model = state.registry.find(name).ok_or_else(|| ApiError {
+    let registry = state.registry();
+    let model = registry.find(name).cloned().ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
         kind: "invalid_request_error",
         message: format!(
             "the model `{}` does not exist; available: {}",
             name.chars().take(100).collect::<String>(),
-            state.registry.names().join(", ")
+            registry.names().join(", ")
         ),
         param: Some("model"),
         code: Some("model_not_found"),
@@ -674,7 +676,7 @@ impl Requester {
         })
     }
 
-    fn new_job<'a>(&'a self, p: &'a Prepared<'_>) -> crate::scheduler::NewJob<'a> {
+    fn new_job<'a>(&'a self, p: &'a Prepared) -> crate::scheduler::NewJob<'a> {
         crate::scheduler::NewJob {
             kind: p.kind,
             model: &p.model.name,
@@ -695,7 +697,7 @@ async fn run_job(
     api_key: &str,
     endpoint: &str,
     body: &Value,
-    p: &Prepared<'_>,
+    p: &Prepared,
 ) -> ApiResult<(String, Vec<UnitOutput>)> {
     let who = Requester::of(headers, api_key, endpoint, body)?;
     let new = who.new_job(p);
@@ -718,9 +720,9 @@ fn micro(gflop: f64) -> i64 {
 }
 
 /// A validated request: the units it becomes, and what its response needs.
-pub struct Prepared<'a> {
+pub struct Prepared {
     pub kind: &'static str,
-    pub model: &'a ServedModel,
+    pub model: Arc<ServedModel>,
     pub precision: Precision,
     pub assurance: Assurance,
     pub tasks: Vec<(Task, i64)>,
@@ -747,7 +749,7 @@ enum Render {
 pub const ENDPOINTS: [&str; 3] = ["/v1/embeddings", "/v1/completions", "/v1/chat/completions"];
 
 /// Validates a request body for `endpoint` and cuts it into units.
-pub fn prepare<'a>(state: &'a State, endpoint: &str, body: &Value) -> ApiResult<Prepared<'a>> {
+pub fn prepare(state: &State, endpoint: &str, body: &Value) -> ApiResult<Prepared> {
     match endpoint {
         "/v1/embeddings" => prepare_embeddings(state, body),
         "/v1/completions" => prepare_completion(state, body),
@@ -807,16 +809,16 @@ fn f32_as_f64<S: serde::Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> 
 }
 
 /// The response body of a finished request.
-pub fn render(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Rendered> {
+pub fn render(p: &Prepared, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Rendered> {
     match &p.render {
         Render::Embeddings { base64, tokens } => Ok(Rendered::Embeddings(render_embeddings(
-            p.model, outputs, *base64, *tokens,
+            &p.model, outputs, *base64, *tokens,
         )?)),
         Render::Completion {
             stop,
             prompt_tokens,
         } => {
-            let choices = choices(p.model, outputs, stop)?;
+            let choices = choices(&p.model, outputs, stop)?;
             let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
             Ok(Rendered::Json(json!({
                 "id": format!("cmpl-{job}"),
@@ -833,7 +835,7 @@ pub fn render(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResul
             stop,
             prompt_tokens,
         } => {
-            let choice = choices(p.model, outputs, stop)?.remove(0);
+            let choice = choices(&p.model, outputs, stop)?.remove(0);
             Ok(Rendered::Json(json!({
                 "id": format!("chatcmpl-{job}"),
                 "object": "chat.completion",
@@ -847,13 +849,13 @@ pub fn render(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResul
 }
 
 /// The server-sent events of a finished streaming request.
-fn stream_events(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Vec<Value>> {
+fn stream_events(p: &Prepared, job: &str, outputs: Vec<UnitOutput>) -> ApiResult<Vec<Value>> {
     let name = &p.model.name;
     match &p.render {
         Render::Completion { stop, .. } => {
             let id = format!("cmpl-{job}");
             let mut events = Vec::new();
-            for (i, c) in choices(p.model, outputs, stop)?.iter().enumerate() {
+            for (i, c) in choices(&p.model, outputs, stop)?.iter().enumerate() {
                 events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": name,
                     "choices": [{ "index": i, "text": c.text, "finish_reason": null, "logprobs": null }] }));
                 events.push(json!({ "id": id, "object": "text_completion", "created": now_s(), "model": name,
@@ -863,7 +865,7 @@ fn stream_events(p: &Prepared<'_>, job: &str, outputs: Vec<UnitOutput>) -> ApiRe
         }
         Render::Chat { stop, .. } => {
             let id = format!("chatcmpl-{job}");
-            let choice = choices(p.model, outputs, stop)?.remove(0);
+            let choice = choices(&p.model, outputs, stop)?.remove(0);
             let chunk = |delta: Value, finish: Value| {
                 json!({ "id": id, "object": "chat.completion.chunk", "created": now_s(), "model": name,
                 "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
@@ -904,7 +906,7 @@ async fn respond(
 /// A request that no connected worker would be leased (every one of them declared a budget
 /// too small for the model, or none takes its precision) is refused now, rather than left
 /// to wait for its timeout. With no worker connected at all it waits: volunteers come and go.
-fn refuse_unplaceable(state: &State, p: &Prepared<'_>) -> ApiResult<()> {
+fn refuse_unplaceable(state: &State, p: &Prepared) -> ApiResult<()> {
     let Some((task, _)) = p.tasks.first() else {
         return Ok(());
     };
@@ -952,7 +954,7 @@ fn refuse_unplaceable(state: &State, p: &Prepared<'_>) -> ApiResult<()> {
 
 /// The stages a request runs as, when it becomes a pipeline session: an exact generation of
 /// one prompt, under `--pipeline` (see [`crate::pipeline::stages_for`]).
-fn pipeline_stages(state: &State, p: &Prepared<'_>) -> Option<usize> {
+fn pipeline_stages(state: &State, p: &Prepared) -> Option<usize> {
     let ModelKind::Generation { layers, .. } = &p.model.kind else {
         return None;
     };
@@ -974,7 +976,7 @@ fn pipeline_stages(state: &State, p: &Prepared<'_>) -> Option<usize> {
     let whole_fits = unit_only || budgets.iter().any(|&b| b == 0 || u64::from(b) >= whole_mb);
     crate::pipeline::stages_for(
         state.config.pipeline,
-        p.model,
+        &p.model,
         *layers,
         &budgets,
         whole_fits,
@@ -990,7 +992,7 @@ async fn run_pipeline(
     api_key: &str,
     endpoint: &str,
     body: &Value,
-    p: Prepared<'_>,
+    p: Prepared,
     stages: usize,
 ) -> ApiResult<Response> {
     let (task, credit) = p.tasks[0].clone();
@@ -1058,7 +1060,7 @@ async fn run_pipeline(
             .map_err(failed)?;
         return Ok(Json(render(&p, &job, vec![outcome.output])?).into_response());
     }
-    let registry = state.registry.clone();
+    let registry = state.registry();
     let (chat, stop_texts) = match &p.render {
         Render::Chat { stop, .. } => (true, stop.clone()),
         Render::Completion { stop, .. } => (false, stop.clone()),
@@ -1205,7 +1207,7 @@ async fn chat_completions(
     respond(&state, &headers, "/v1/chat/completions", body).await
 }
 
-fn prepare_embeddings<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
+fn prepare_embeddings(state: &State, body: &Value) -> ApiResult<Prepared> {
     let model = find_model(state, body, "embedding")?;
     let ModelKind::Embedding {
         tokenizer,
@@ -1602,7 +1604,7 @@ fn now_s() -> i64 {
     crate::db::now_ms() / 1000
 }
 
-fn prepare_completion<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
+fn prepare_completion(state: &State, body: &Value) -> ApiResult<Prepared> {
     let model = find_model(state, body, "generation")?;
     let ModelKind::Generation {
         tokenizer, vocab, ..
@@ -1654,7 +1656,7 @@ fn prepare_completion<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<
         }
     };
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    let tasks = generation_tasks(model, precision, &prompts, &s)?;
+    let tasks = generation_tasks(&model, precision, &prompts, &s)?;
     Ok(Prepared {
         kind: "cmpl",
         model,
@@ -1680,7 +1682,7 @@ fn sse(events: Vec<Value>) -> Response {
     Sse::new(futures_util::stream::iter(items)).into_response()
 }
 
-fn prepare_chat<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
+fn prepare_chat(state: &State, body: &Value) -> ApiResult<Prepared> {
     let model = find_model(state, body, "generation")?;
     let ModelKind::Generation { tokenizer, .. } = &model.kind else {
         unreachable!()
@@ -1737,7 +1739,7 @@ fn prepare_chat<'a>(state: &'a State, body: &Value) -> ApiResult<Prepared<'a>> {
         .and_then(|p| tokenizer.encode(&p))
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let prompt_tokens = prompt.len();
-    let tasks = generation_tasks(model, precision, &[prompt], &s)?;
+    let tasks = generation_tasks(&model, precision, &[prompt], &s)?;
     Ok(Prepared {
         kind: "chat",
         model,
@@ -1938,8 +1940,8 @@ async fn weights(
     let hash = Hash::from_hex(&sha).map_err(|_| {
         ApiError::invalid("weights are named by their SHA-256 (64 hex digits)", None)
     })?;
-    let path = state
-        .registry
+    let registry = state.registry();
+    let path = registry
         .path(&hash)
         .ok_or_else(|| ApiError::not_found("no weights file with that hash"))?;
     let file = tokio::fs::File::open(path)

@@ -26,7 +26,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tabula_protocol::Identity;
 
-pub use models::ModelSource;
+pub use models::{ModelSource, ModelWatch};
 
 /// Everything that can go wrong inside the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -266,21 +266,26 @@ pub fn coordinator_identity(data_dir: &std::path::Path) -> Result<Identity, Coor
     )?)
 }
 
-/// Runs the coordinator until `shutdown` resolves.
+/// Runs the coordinator until `shutdown` resolves, serving `sources` and, with `watch`, the
+/// models added while it runs.
 pub async fn serve(
     config: Config,
     sources: Vec<ModelSource>,
+    watch: Option<ModelWatch>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     config.validate()?;
     let db = db::Db::open(&config.data_dir, config.database_url.as_deref()).await?;
     let identity = coordinator_identity(&config.data_dir)?;
-    let registry = Arc::new(models::Registry::load(&sources)?);
+    let models = Arc::new(models::Models::new(models::Registry::load(&sources)?));
     let settlement = Arc::new(settlement::Settlement::open(&config).await?);
     settlement.check_chain(&db).await?;
     db.claim(&config.data_dir).await?;
-    let state = scheduler::State::new(config.clone(), db, identity, registry, settlement).await?;
+    let state = scheduler::State::new(config.clone(), db, identity, models, settlement).await?;
     state.start_background_tasks();
+    if let Some(watch) = watch {
+        tokio::spawn(models::watch(state.models.clone(), watch));
+    }
     let open_files = server::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -290,7 +295,7 @@ pub async fn serve(
     tracing::info!(
         address = %config.listen,
         database = ?state.db.flavor,
-        models = ?state.registry.names(),
+        models = ?state.registry().names(),
         "coordinator listening"
     );
     let limits = server::Limits {

@@ -189,10 +189,46 @@ impl ServedModel {
     }
 }
 
-/// Every served model, and the path behind each content hash.
+/// Every served model, and the path behind each content hash. Never changed once built: a
+/// model added while the coordinator runs makes a new one ([`Registry::extended`]) that
+/// replaces it in [`Models`].
+#[derive(Default)]
 pub struct Registry {
-    pub models: Vec<ServedModel>,
+    pub models: Vec<Arc<ServedModel>>,
     paths: HashMap<Hash, PathBuf>,
+}
+
+/// The registry served now. Requests take the one current when they start and keep it to
+/// their end, so a model added meanwhile changes nothing under them.
+pub struct Models(std::sync::RwLock<Arc<Registry>>);
+
+impl Models {
+    pub fn new(registry: Registry) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(registry)))
+    }
+
+    pub fn current(&self) -> Arc<Registry> {
+        self.0.read().expect("models lock").clone()
+    }
+
+    /// Serves `sources` besides the models served now (those of a name already served are
+    /// left as they are: a name keeps its files while the coordinator runs). Returns the
+    /// names added.
+    pub fn add(&self, sources: &[ModelSource]) -> Result<Vec<String>, CoordinatorError> {
+        let current = self.current();
+        let new: Vec<ModelSource> = sources
+            .iter()
+            .filter(|s| current.find(&s.name).is_none())
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Loaded outside the lock (it reads the files); one writer at a time is the caller's.
+        let next = current.extended(&new)?;
+        *self.0.write().expect("models lock") = Arc::new(next);
+        Ok(new.into_iter().map(|s| s.name).collect())
+    }
 }
 
 fn file_ref(role: &str, path: &std::path::Path, sha256: &str) -> Result<FileRef, CoordinatorError> {
@@ -209,8 +245,13 @@ fn file_ref(role: &str, path: &std::path::Path, sha256: &str) -> Result<FileRef,
 
 impl Registry {
     pub fn load(sources: &[ModelSource]) -> Result<Self, CoordinatorError> {
-        let mut models = Vec::new();
-        let mut paths = HashMap::new();
+        Self::default().extended(sources)
+    }
+
+    /// This registry with `sources` served too (after the models it has).
+    pub fn extended(&self, sources: &[ModelSource]) -> Result<Self, CoordinatorError> {
+        let mut models = self.models.clone();
+        let mut paths = self.paths.clone();
         for source in sources {
             let name = source.name.as_str();
             let local = |suffix: &str| {
@@ -292,19 +333,19 @@ impl Registry {
                     (kind, fast, params)
                 }
             };
-            models.push(ServedModel {
+            models.push(Arc::new(ServedModel {
                 name: name.into(),
                 kind,
                 exact,
                 fast,
                 pieces: served_pieces,
                 gflop_per_token: 2.0 * params as f64 / 1e9,
-            });
+            }));
         }
         Ok(Self { models, paths })
     }
 
-    pub fn find(&self, name: &str) -> Option<&ServedModel> {
+    pub fn find(&self, name: &str) -> Option<&Arc<ServedModel>> {
         self.models
             .iter()
             .find(|m| m.name.eq_ignore_ascii_case(name))
@@ -320,13 +361,60 @@ impl Registry {
     }
 }
 
+/// How often [`watch`] looks at its file.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where the coordinator finds models added while it runs (`tabula models add`).
+pub struct ModelWatch {
+    /// A file that changes whenever a model is added (looked at every [`WATCH_INTERVAL`]).
+    pub file: PathBuf,
+    /// The models there are now. It may quantise a new model, so it runs on a blocking
+    /// thread; models already served are not loaded again.
+    pub load: Box<dyn Fn() -> Result<Vec<ModelSource>, String> + Send + Sync>,
+}
+
+/// Serves each model `watch` finds that is not served yet, from the moment it is found.
+/// A model that fails to load is logged and left out; the next change tries again.
+pub async fn watch(models: Arc<Models>, watch: ModelWatch) {
+    let stamp = |file: &std::path::Path| {
+        std::fs::metadata(file)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&watch.file);
+    let watch = Arc::new(watch);
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let now = stamp(&watch.file);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let (w, m) = (watch.clone(), models.clone());
+        let added = tokio::task::spawn_blocking(move || {
+            let sources = (w.load)()?;
+            m.add(&sources).map_err(|e| e.to_string())
+        })
+        .await;
+        match added {
+            Ok(Ok(names)) => {
+                for model in names {
+                    tracing::info!(model, "serving a model added while running");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("a model added while running is not served: {e}"),
+            Err(e) => tracing::error!("loading added models: {e}"),
+        }
+    }
+}
+
 /// Reads served files for the referee.
-pub struct RegistryFiles(pub Arc<Registry>);
+pub struct RegistryFiles(pub Arc<Models>);
 
 impl FileSource for RegistryFiles {
     fn read(&self, file: &FileRef) -> Result<Vec<u8>, WorkerError> {
-        let path = self
-            .0
+        let registry = self.0.current();
+        let path = registry
             .path(&file.sha256)
             .ok_or_else(|| WorkerError::File(format!("no served file {}", file.sha256)))?;
         Ok(std::fs::read(path)?)

@@ -668,8 +668,9 @@ async fn drive_session(
     }
     let (events_tx, events) = mpsc::unbounded_channel();
     let model = state
-        .registry
+        .registry()
         .find(&spec.model)
+        .cloned()
         .ok_or_else(|| format!("model {} is not served", spec.model))?;
     let crate::models::ModelKind::Generation { layers, dim, .. } = model.kind else {
         return Err("not a generation model".into());
@@ -812,11 +813,12 @@ impl Driver {
     async fn run(&mut self) -> Result<Outcome, String> {
         let model = self
             .state
-            .registry
+            .registry()
             .find(&self.spec.model)
+            .cloned()
             .ok_or("the model went away")?;
         self.ranges = stage_ranges(self.layers, self.spec.stages).map_err(|e| e.to_string())?;
-        (self.need_mb, self.gflop) = stage_costs(model, self.layers, &self.ranges);
+        (self.need_mb, self.gflop) = stage_costs(&model, self.layers, &self.ranges);
         self.add_pipe(0).await?;
         // A pipeline of long-clean workers runs alone, but for a random share of sessions
         // (`--spot-check-rate`), with one stage of one step re-executed at random; it cannot
@@ -1135,8 +1137,9 @@ impl Driver {
         };
         let model = self
             .state
-            .registry
+            .registry()
             .find(&self.spec.model)
+            .cloned()
             .ok_or("the model went away")?;
         {
             let mut sessions = self.pipelines().sessions();
@@ -1452,14 +1455,15 @@ impl Driver {
         };
         let model = self
             .state
-            .registry
+            .registry()
             .find(&self.spec.model)
+            .cloned()
             .ok_or("the model went away")?;
         let exact = model.model_ref(tabula_protocol::Precision::Exact);
         let file = exact.files.first().ok_or("no exact file")?;
         let path = self
             .state
-            .registry
+            .registry()
             .path(&file.sha256)
             .ok_or("the exact file is missing")?
             .clone();

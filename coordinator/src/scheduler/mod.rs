@@ -43,7 +43,7 @@ use crate::{
     Config, CoordinatorError,
     db::{Db, now_ms, ordered_id, random_id},
     journal::{Journal, Pending, Write},
-    models::{Registry, RegistryFiles},
+    models::{Models, Registry, RegistryFiles},
 };
 
 type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
@@ -82,7 +82,8 @@ pub struct State {
     pub config: Config,
     pub db: Arc<Db>,
     pub identity: Identity,
-    pub registry: Arc<Registry>,
+    /// The models served: [`State::registry`] is the one current now.
+    pub models: Arc<Models>,
     pub metrics: Metrics,
     /// Woken whenever a job finishes (requests waiting for their jobs look again).
     pub job_done: Notify,
@@ -261,7 +262,7 @@ impl State {
         config: Config,
         db: Db,
         identity: Identity,
-        registry: Arc<Registry>,
+        models: Arc<Models>,
         settlement: Arc<crate::settlement::Settlement>,
     ) -> Result<Arc<Self>> {
         let db = Arc::new(db);
@@ -275,7 +276,7 @@ impl State {
         .await?;
         let book = Book::load(&db).await?;
         let files: Arc<dyn tabula_worker::FileSource + Send + Sync> =
-            Arc::new(RegistryFiles(registry.clone()));
+            Arc::new(RegistryFiles(models.clone()));
         let referee = ExecutorThread::spawn(|| Ok(Executor::new(CpuBackend)), files);
         Ok(Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -283,7 +284,7 @@ impl State {
             journal: Journal::spawn(db.clone()),
             db,
             identity,
-            registry,
+            models,
             metrics: Metrics::default(),
             job_done: Notify::new(),
             referee_wake: Notify::new(),
@@ -403,6 +404,11 @@ impl State {
             }
         }
         Err(e.into())
+    }
+
+    /// The models served now (a request keeps the one it started with).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.models.current()
     }
 
     // ----- sessions -----
@@ -1035,7 +1041,7 @@ impl State {
     }
 
     fn output_dim(&self, task: &Task) -> usize {
-        match self.registry.find(&task.model().name).map(|m| &m.kind) {
+        match self.registry().find(&task.model().name).map(|m| &m.kind) {
             Some(crate::models::ModelKind::Embedding { dim, .. }) => *dim,
             _ => 0,
         }

@@ -64,7 +64,7 @@ impl Added {
 const BERT_WEIGHTS: &str = "model.safetensors";
 const MAX_SIDE_FILE: u64 = 64 << 20;
 
-fn registry_path(dir: &Path) -> PathBuf {
+pub fn registry_path(dir: &Path) -> PathBuf {
     dir.join("added").join("models.json")
 }
 

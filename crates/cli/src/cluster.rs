@@ -63,7 +63,8 @@ pub struct ServeArgs {
     #[arg(long)]
     models_dir: Option<PathBuf>,
     /// Serve only these models (comma-separated names, from the catalogue or added with
-    /// `tabula models add`) [default: every model in the models directory].
+    /// `tabula models add`) [default: every model in the models directory, and each model
+    /// added there while serving, from the moment `models add` finishes].
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
     /// The volunteer page's directory, served at / [default: ./www, else the source tree's
@@ -293,7 +294,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         ..args.chain.apply(Config::default())?
     };
     config.validate()?;
-    let sources = model_sources(&crate::models_dir(args.models_dir), args.models.as_deref())?;
+    let models_dir = crate::models_dir(args.models_dir);
+    let sources = model_sources(&models_dir, args.models.as_deref())?;
+    // Without --models, every model is served: those added later too.
+    let watch = args
+        .models
+        .is_none()
+        .then(|| tabula_coordinator::ModelWatch {
+            file: crate::added::registry_path(&models_dir),
+            load: Box::new(move || model_sources(&models_dir, None).map_err(|e| format!("{e:#}"))),
+        });
     eprintln!(
         "tabula coordinator on http://{} (data in {}{})",
         config.listen,
@@ -309,7 +319,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             eprintln!("stopping");
         };
-        tabula_coordinator::serve(config, sources, shutdown).await
+        tabula_coordinator::serve(config, sources, watch, shutdown).await
     })?;
     Ok(())
 }

@@ -280,7 +280,7 @@ pub fn bench_coordinator(args: LoadArgs) -> Result<()> {
             server = Some(serve.spawn().context("starting `tabula serve`")?);
         } else {
             let sources = crate::cluster::model_sources(&crate::models_dir(args.models_dir.clone()), None)?;
-            tokio::spawn(tabula_coordinator::serve(config, sources, std::future::pending()));
+            tokio::spawn(tabula_coordinator::serve(config, sources, None, std::future::pending()));
         }
         let server = KillOnDrop(server);
         let started = Instant::now();

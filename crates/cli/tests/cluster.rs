@@ -4049,10 +4049,12 @@ fn a_request_no_connected_worker_can_take_is_refused_with_what_to_do() {
 
 /// Models of the user's own, added with `tabula models add` (a random Qwen2 GGUF made now by
 /// `tests/fixtures/make_llama_family.py`, and a random BERT directory with CLS pooling by
-/// `make_bert_dirs.py`, with `gguf` and `numpy` from `$TABULA_PYLIB`), are served with
-/// `--models`: `/v1/models` lists them, and a completion and embeddings for them are computed
-/// by two workers in exact precision, verified and credited; the embeddings are
-/// transformers' (`bert-random.json`). An unknown `--models` name is refused.
+/// `make_bert_dirs.py`, with `gguf` and `numpy` from `$TABULA_PYLIB`): the BERT is added
+/// before `serve` starts, the Qwen2 while it runs, and `serve` (no `--models`: every model
+/// there) serves it from then on without a restart. `/v1/models` lists both, and a completion
+/// and embeddings for them are computed by two workers in exact precision, verified and
+/// credited; the embeddings are transformers' (`bert-random.json`). An unknown `--models`
+/// name is refused.
 #[test]
 fn a_model_added_by_the_user_is_served_verified_and_credited() {
     let work = tempfile::tempdir().unwrap();
@@ -4060,7 +4062,7 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
     common::make_random_ggufs(&manifest_dir(), &made);
     let dir = models.display().to_string();
     common::make_random_bert_dirs(&manifest_dir(), &made);
-    for (path, name) in [("qwen2-gqa4.gguf", "my-qwen"), ("bert-cls", "my-bert")] {
+    let add = |path: &str, name: &str| {
         let add = Command::new(BIN)
             .args(["models", "add", &made.join(path).display().to_string()])
             .args(["--name", name, "--dir", &dir])
@@ -4071,7 +4073,8 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
             "{}",
             String::from_utf8_lossy(&add.stderr)
         );
-    }
+    };
+    add("bert-cls", "my-bert");
 
     let refused = Command::new(BIN)
         .args([
@@ -4091,33 +4094,41 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        err.contains("--models names `nobody`") && err.contains("my-qwen"),
+        err.contains("--models names `nobody`") && err.contains("my-bert"),
         "{err}"
     );
 
-    let mut cluster = Cluster::start(
-        Flavor::Sqlite,
-        &["--models-dir", &dir, "--models", "my-qwen,my-bert"],
-    )
-    .unwrap();
+    let mut cluster = Cluster::start(Flavor::Sqlite, &["--models-dir", &dir]).unwrap();
     let port = cluster.port;
     let key = cluster.api_key();
     let workers: Vec<String> = (0..2).map(|n| cluster.add_worker(n)).collect();
-    let (status, listed) = get(port, "/v1/models");
-    assert_eq!(status, 200, "{listed}");
-    let ids: Vec<&str> = listed["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["my-qwen", "my-bert"]);
-    let (status, body) = post(
-        port,
-        "/v1/completions",
-        &key,
-        json!({ "model": "my-qwen", "prompt": "abc", "max_tokens": 4, "temperature": 0 }),
-    );
+    let served = || {
+        let (status, listed) = get(port, "/v1/models");
+        assert_eq!(status, 200, "{listed}");
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(served(), ["my-bert"]);
+    let completion =
+        json!({ "model": "my-qwen", "prompt": "abc", "max_tokens": 4, "temperature": 0 });
+    let (status, body) = post(port, "/v1/completions", &key, completion.clone());
+    assert_eq!(status, 404, "not added yet: {body}");
+    add("qwen2-gqa4.gguf", "my-qwen");
+    let started = Instant::now();
+    while served().len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the model added while serving is not served: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(served(), ["my-bert", "my-qwen"]);
+    let (status, body) = post(port, "/v1/completions", &key, completion);
     assert_eq!(status, 200, "{body}\n{}", cluster.log());
     assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
     let reference: Value = serde_json::from_str(
