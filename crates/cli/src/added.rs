@@ -63,6 +63,8 @@ impl Added {
 /// The files of a BERT directory `models add` reads, and the most bytes of each.
 const BERT_WEIGHTS: &str = "model.safetensors";
 const MAX_SIDE_FILE: u64 = 64 << 20;
+/// The index of a checkpoint saved in shards (`save_pretrained` with `max_shard_size`).
+const SHARD_INDEX: &str = "model.safetensors.index.json";
 
 pub fn registry_path(dir: &Path) -> PathBuf {
     dir.join("added").join("models.json")
@@ -197,7 +199,8 @@ fn register(dir: &Path, list: Vec<Added>) -> Result<()> {
 }
 
 /// Checks a Hugging Face BERT directory and registers it: `config.json` of `model_type`
-/// `bert`, one `model.safetensors` holding every tensor with its shape, a `tokenizer.json`
+/// `bert`, one `model.safetensors` holding every tensor with its shape (or shards and their
+/// index, merged into one), a `tokenizer.json`
 /// whose ids fit the vocabulary, and the sentence-transformers modules (pooling, normalise).
 /// The registered `config.json` is the model's with the modules' settings written in (keys
 /// `tabula_*`), so a worker needs no other file.
@@ -221,17 +224,37 @@ fn add_bert(dir: &Path, path: &Path, name: Option<&str>) -> Result<()> {
             }
         );
     };
-    let Some(weights) = read_bounded(&at(BERT_WEIGHTS), MAX_ADD_BYTES)? else {
-        let hint = if at("model.safetensors.index.json").exists() {
-            "its weights are sharded (model.safetensors.index.json): save them as one file \
-             (`model.save_pretrained(dir, max_shard_size=\"16GB\")`)"
-        } else if at("pytorch_model.bin").exists() {
-            "it holds pytorch_model.bin: save the model with safetensors \
-             (`model.save_pretrained(dir, safe_serialization=True)`)"
-        } else {
-            "the weights must be in model.safetensors"
-        };
-        bail!("{} has no {BERT_WEIGHTS}: {hint}", path.display());
+    let weights = match read_bounded(&at(BERT_WEIGHTS), MAX_ADD_BYTES)? {
+        Some(weights) => weights,
+        // Saved in shards: merged into one file, every tensor where the index says.
+        None if at(SHARD_INDEX).exists() => {
+            let index = side(SHARD_INDEX)?.unwrap_or_default();
+            let mut left = MAX_ADD_BYTES;
+            let mut read = |shard: &str| {
+                let bytes = read_bounded(&at(shard), left)
+                    .map_err(|e| tabula_models::ModelError::Format(format!("{e:#}")))?
+                    .ok_or_else(|| {
+                        tabula_models::ModelError::Format(format!(
+                            "the index names the shard {shard}, which is not there"
+                        ))
+                    })?;
+                left -= bytes.len() as u64;
+                Ok(bytes)
+            };
+            tabula_models::merge_shards(&index, &mut read).with_context(|| {
+                format!("{} cannot be served: its sharded weights", path.display())
+            })?
+        }
+        None => {
+            let hint = if at("pytorch_model.bin").exists() {
+                "it holds pytorch_model.bin: save the model with safetensors \
+                 (`model.save_pretrained(dir, safe_serialization=True)`)"
+            } else {
+                "the weights must be in model.safetensors, or in shards listed by \
+                 model.safetensors.index.json"
+            };
+            bail!("{} has no {BERT_WEIGHTS}: {hint}", path.display());
+        }
     };
     let Some(tokenizer) = side("tokenizer.json")? else {
         bail!(

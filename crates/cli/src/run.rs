@@ -27,7 +27,7 @@ use crate::{BackendChoice, Precision};
 
 #[derive(Args)]
 pub struct EmbedArgs {
-    /// Embedding model.
+    /// Embedding model: from the catalogue, or added with `tabula models add`.
     #[arg(long, default_value = "all-MiniLM-L6-v2")]
     model: String,
     /// Text file with one input per line, or `-` for stdin.
@@ -49,7 +49,7 @@ pub struct EmbedArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Decoder model.
+    /// Decoder model: from the catalogue, or added with `tabula models add`.
     #[arg(long, default_value = "SmolLM2-135M-Instruct")]
     model: String,
     /// The prompt text.
@@ -91,19 +91,82 @@ pub fn gpu_backend() -> Result<GpuBackend> {
     Ok(gpu)
 }
 
-fn spec(name: &str, family: Family) -> Result<&'static ModelSpec> {
-    let known = || {
-        catalog::ALL
-            .iter()
-            .filter(|m| m.family == family)
-            .map(|m| m.name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match catalog::find(name) {
-        Some(s) if s.family == family => Ok(s),
-        Some(_) => bail!("`{name}` cannot do this; use one of: {}", known()),
-        None => bail!("unknown model `{name}`; known: {}", known()),
+/// A model `embed`, `generate` and `bench` load from the models directory: one of the
+/// catalogue, or one `tabula models add` registered.
+pub enum LocalModel {
+    Catalogue(&'static ModelSpec),
+    Added(Box<crate::added::Added>),
+}
+
+impl LocalModel {
+    /// The model called `name` (catalogue first, then the added ones), which must be of
+    /// `family`.
+    pub fn find(dir: &std::path::Path, name: &str, family: Family) -> Result<Self> {
+        let added = crate::added::registered(dir)?;
+        let family_of = |a: &crate::added::Added| match a.family {
+            crate::added::AddedFamily::Llama => Family::Llama,
+            crate::added::AddedFamily::Bert => Family::Bert,
+        };
+        let known = || {
+            catalog::ALL
+                .iter()
+                .filter(|m| m.family == family)
+                .map(|m| m.name)
+                .chain(
+                    added
+                        .iter()
+                        .filter(|a| family_of(a) == family)
+                        .map(|a| a.name.as_str()),
+                )
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let found = match catalog::find(name) {
+            Some(spec) => Some((spec.family, LocalModel::Catalogue(spec))),
+            None => added
+                .iter()
+                .find(|a| a.name.eq_ignore_ascii_case(name))
+                .map(|a| (family_of(a), LocalModel::Added(Box::new(a.clone())))),
+        };
+        match found {
+            Some((f, model)) if f == family => Ok(model),
+            Some(_) => bail!("`{name}` cannot do this; use one of: {}", known()),
+            None => bail!(
+                "unknown model `{name}`; known: {} (`tabula models add` registers your own)",
+                known()
+            ),
+        }
+    }
+
+    /// The bytes of the model's file whose path ends with `suffix`.
+    pub fn file(&self, dir: &std::path::Path, suffix: &str) -> Result<Vec<u8>> {
+        match self {
+            LocalModel::Catalogue(spec) => {
+                let files = model_files(dir, spec)?;
+                Ok(file_by_suffix(spec, &files, suffix)?.to_vec())
+            }
+            LocalModel::Added(added) => {
+                let (path, _) = added
+                    .files(dir)
+                    .into_iter()
+                    .find(|(path, _)| path.to_string_lossy().ends_with(suffix))
+                    .with_context(|| format!("{} has no `{suffix}`", added.name))?;
+                std::fs::read(&path).with_context(|| {
+                    format!(
+                        "cannot read {}: add the model again with `tabula models add`",
+                        path.display()
+                    )
+                })
+            }
+        }
+    }
+
+    /// Its exact-precision file (quantised now if missing) and the SHA-256 in its name.
+    pub fn exact_file(&self, dir: &std::path::Path) -> Result<(PathBuf, String)> {
+        match self {
+            LocalModel::Catalogue(spec) => crate::quantize::exact_file(dir, spec),
+            LocalModel::Added(added) => crate::added::exact_file(dir, added),
+        }
     }
 }
 
@@ -144,14 +207,13 @@ pub fn load_embedder<B: Backend>(
     dir: &std::path::Path,
     name: &str,
 ) -> Result<SentenceEmbedder<B>> {
-    let spec = spec(name, Family::Bert)?;
-    let files = model_files(dir, spec)?;
-    let file = |suffix| file_by_suffix(spec, &files, suffix);
+    let model = LocalModel::find(dir, name, Family::Bert)?;
+    let file = |suffix| model.file(dir, suffix);
     Ok(SentenceEmbedder::load(
         backend,
-        file("config.json")?,
-        file("model.safetensors")?,
-        file("tokenizer.json")?,
+        &file("config.json")?,
+        &file("model.safetensors")?,
+        &file("tokenizer.json")?,
     )?)
 }
 
@@ -160,9 +222,8 @@ pub fn load_generator<B: Backend>(
     dir: &std::path::Path,
     name: &str,
 ) -> Result<Generator<B>> {
-    let spec = spec(name, Family::Llama)?;
-    let files = model_files(dir, spec)?;
-    Ok(Generator::load(backend, &files[0])?)
+    let model = LocalModel::find(dir, name, Family::Llama)?;
+    Ok(Generator::load(backend, &model.file(dir, ".gguf")?)?)
 }
 
 pub fn embed(args: EmbedArgs) -> Result<()> {
@@ -197,12 +258,11 @@ pub fn load_exact_embedder<B: ExactBackend>(
     dir: &std::path::Path,
     name: &str,
 ) -> Result<ExactEmbedder<B>> {
-    let spec = spec(name, Family::Bert)?;
-    let (path, hash) = crate::quantize::exact_file(dir, spec)?;
+    let model = LocalModel::find(dir, name, Family::Bert)?;
+    let (path, hash) = model.exact_file(dir)?;
     let file = ExactFile::open_path(&path, &hash)?;
-    let files = model_files(dir, spec)?;
-    let tokenizer = file_by_suffix(spec, &files, "tokenizer.json")?;
-    Ok(ExactEmbedder::load(backend, &file, tokenizer)?)
+    let tokenizer = model.file(dir, "tokenizer.json")?;
+    Ok(ExactEmbedder::load(backend, &file, &tokenizer)?)
 }
 
 /// The JSON fields of one exact embedding.
@@ -364,12 +424,12 @@ pub fn load_exact_generator<B: ExactBackend>(
     dir: &std::path::Path,
     name: &str,
 ) -> Result<ExactGenerator<B>> {
-    let spec = spec(name, Family::Llama)?;
-    let (path, hash) = crate::quantize::exact_file(dir, spec)?;
+    let model = LocalModel::find(dir, name, Family::Llama)?;
+    let (path, hash) = model.exact_file(dir)?;
     let file = ExactFile::open_path(&path, &hash)?;
     // The GGUF is read for its tokenizer only, and dropped before the model loads.
     let tokenizer = {
-        let gguf = model_files(dir, spec)?.remove(0);
+        let gguf = model.file(dir, ".gguf")?;
         LlamaTokenizer::from_gguf(&GgufFile::parse(&gguf)?)?
     };
     Ok(ExactGenerator::new(

@@ -639,6 +639,31 @@ fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_uncha
         "{list}"
     );
     assert!(list.contains(&format!("sha256 {sha}")), "{list}");
+    // `generate` runs the added model in both precisions (greedy, so a rerun is the same).
+    for precision in ["fast", "exact"] {
+        let args = [
+            "generate",
+            "--model",
+            "qwen2-gqa4",
+            "--models-dir",
+            &dir,
+            "--prompt",
+            "abc",
+            "--max-tokens",
+            "4",
+            "--precision",
+            precision,
+            "--json",
+        ];
+        let out: serde_json::Value = serde_json::from_str(&stdout(&tabula(&args, None))).unwrap();
+        assert_eq!(
+            out["ids"].as_array().unwrap().len(),
+            4,
+            "{precision}: {out}"
+        );
+        let again: serde_json::Value = serde_json::from_str(&stdout(&tabula(&args, None))).unwrap();
+        assert_eq!(out, again, "{precision}");
+    }
     std::fs::remove_dir_all(&work).unwrap();
 }
 
@@ -815,6 +840,86 @@ fn models_add_registers_a_bert_directory_and_refuses_broken_ones() {
         list.contains("my-bert                  added  ok"),
         "{list}"
     );
+
+    // The same model saved in three shards (`model.safetensors.index.json`) is merged into one
+    // file and embeds exactly as the single file does; a hostile or inconsistent index is
+    // refused and leaves the directory as it was.
+    let sharded = made.join("bert-cls-sharded");
+    let edited_index = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let d = work.path().join(name);
+        std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
+        for entry in tree(&sharded) {
+            if sharded.join(&entry).is_file() {
+                std::fs::copy(sharded.join(&entry), d.join(&entry)).unwrap();
+            }
+        }
+        let p = d.join("model.safetensors.index.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+        d.display().to_string()
+    };
+    let moved = "bert.encoder.layer.0.output.dense.weight";
+    let hostile = [
+        (
+            edited_index("shard-escape", &|v| {
+                v["weight_map"][moved] = "../bert-cls/model.safetensors".into()
+            }),
+            "is not a file of the model directory",
+        ),
+        (
+            edited_index("shard-moved", &|v| {
+                let other = if v["weight_map"][moved] == "model-00001-of-00003.safetensors" {
+                    "model-00002-of-00003.safetensors"
+                } else {
+                    "model-00001-of-00003.safetensors"
+                };
+                v["weight_map"][moved] = other.into()
+            }),
+            "but the index puts it in",
+        ),
+        (
+            edited_index("shard-missing", &|v| {
+                v["weight_map"][moved] = "model-00009-of-00009.safetensors".into()
+            }),
+            "the index names the shard model-00009-of-00009.safetensors, which is not there",
+        ),
+        (
+            edited_index("shard-unlisted", &|v| {
+                v["weight_map"].as_object_mut().unwrap().remove(moved);
+            }),
+            "is not in the index",
+        ),
+    ];
+    for (path, message) in &hostile {
+        let o = tabula(&["models", "add", path, "--dir", &dir], None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{path} was accepted");
+        assert!(err.contains(message), "{path}: {err}");
+        assert_eq!(tree(&models), before, "{path}");
+    }
+    let out = stdout(&tabula(
+        &[
+            "models",
+            "add",
+            &sharded.display().to_string(),
+            "--name",
+            "my-sharded",
+            "--dir",
+            &dir,
+        ],
+        None,
+    ));
+    assert!(out.contains("added my-sharded: bert (2 layers)"), "{out}");
+    let embed = |model: &str| {
+        stdout(&tabula(
+            &["embed", "--model", model, "--models-dir", &dir],
+            Some("hello world\nthe cat sat on the mat\n"),
+        ))
+    };
+    let single = embed("my-bert");
+    assert!(!single.is_empty());
+    assert_eq!(embed("my-sharded"), single);
     // A file of it damaged shows in the list.
     std::fs::write(&folder, b"{}").unwrap();
     let list = stdout(&tabula(&["models", "list", "--dir", &dir], None));

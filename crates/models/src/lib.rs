@@ -17,6 +17,7 @@ pub mod exact;
 pub mod gguf;
 pub mod llama;
 mod safetensors_io;
+pub use safetensors_io::merge_shards;
 pub mod sampling;
 pub mod tokenize;
 

@@ -65,3 +65,90 @@ impl SafetensorsFile<'_> {
         self.inner.tensor(name).is_ok()
     }
 }
+
+/// The most files a sharded checkpoint may be split into.
+pub const MAX_SHARDS: usize = 256;
+/// The most tensors a sharded checkpoint's index may name.
+pub const MAX_INDEXED_TENSORS: usize = 1 << 20;
+
+/// One safetensors file from a checkpoint saved in shards (`model.safetensors.index.json`,
+/// whose `weight_map` names the shard of every tensor, and the shards `read` returns by file
+/// name). Every tensor is checked to be in the shard the index names, and every tensor of a
+/// shard to be in the index, so nothing is silently dropped or taken twice; a shard's name must
+/// be a plain file name (`*.safetensors`, no folder), so the index cannot reach outside its
+/// directory. The caller bounds the shards' total size through `read`.
+pub fn merge_shards(
+    index: &[u8],
+    read: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let bad =
+        |what: String| ModelError::Safetensors(format!("model.safetensors.index.json: {what}"));
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_slice(index).map_err(|e| bad(e.to_string()))?;
+    let map = index.weight_map;
+    if map.is_empty() || map.len() > MAX_INDEXED_TENSORS {
+        return Err(bad(format!(
+            "its weight_map names {} tensors (1 to {MAX_INDEXED_TENSORS})",
+            map.len()
+        )));
+    }
+    let shards: std::collections::BTreeSet<&str> = map.values().map(String::as_str).collect();
+    if shards.len() > MAX_SHARDS {
+        return Err(bad(format!(
+            "{} shards, more than {MAX_SHARDS}",
+            shards.len()
+        )));
+    }
+    for shard in &shards {
+        let plain = !shard.is_empty()
+            && shard.ends_with(".safetensors")
+            && !shard.contains(['/', '\\', '\0'])
+            && !shard.starts_with('.');
+        if !plain {
+            return Err(bad(format!(
+                "shard `{}` is not a file of the model directory (a plain name ending in \
+                 .safetensors)",
+                shard.chars().take(100).collect::<String>()
+            )));
+        }
+    }
+    let bytes: Vec<(&str, Vec<u8>)> = shards
+        .iter()
+        .map(|shard| Ok((*shard, read(shard)?)))
+        .collect::<Result<_>>()?;
+    let mut tensors = Vec::with_capacity(map.len());
+    for (shard, data) in &bytes {
+        let file = SafeTensors::deserialize(data)
+            .map_err(|e| ModelError::Safetensors(format!("shard {shard}: {e}")))?;
+        for (name, view) in file.tensors() {
+            match map.get(&name) {
+                Some(listed) if listed == shard => tensors.push((name, view)),
+                Some(listed) => {
+                    return Err(bad(format!(
+                        "tensor `{name}` is in {shard}, but the index puts it in {listed}"
+                    )));
+                }
+                None => {
+                    return Err(bad(format!(
+                        "tensor `{name}` of {shard} is not in the index"
+                    )));
+                }
+            }
+        }
+    }
+    if tensors.len() != map.len() {
+        let found: std::collections::HashSet<&str> =
+            tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let (name, shard) = map
+            .iter()
+            .find(|(n, _)| !found.contains(n.as_str()))
+            .expect("fewer tensors found than indexed, each found one indexed once");
+        return Err(bad(format!(
+            "tensor `{name}` is not in {shard}, where the index puts it"
+        )));
+    }
+    safetensors::serialize(tensors, None).map_err(|e| ModelError::Safetensors(e.to_string()))
+}
