@@ -4052,8 +4052,9 @@ fn a_request_no_connected_worker_can_take_is_refused_with_what_to_do() {
 /// `make_bert_dirs.py`, with `gguf` and `numpy` from `$TABULA_PYLIB`): the BERT is added
 /// before `serve` starts, the Qwen2 while it runs, and `serve` (no `--models`: every model
 /// there) serves it from then on without a restart. `/v1/models` lists both, and a completion
-/// and embeddings for them are computed by two workers in exact precision, verified and
-/// credited; the embeddings are transformers' (`bert-random.json`). An unknown `--models`
+/// and embeddings for them are computed by two workers in exact precision, and embeddings by
+/// two more in fast precision, verified and credited; the embeddings are transformers'
+/// (`bert-random.json`). An unknown `--models`
 /// name is refused.
 #[test]
 fn a_model_added_by_the_user_is_served_verified_and_credited() {
@@ -4101,7 +4102,13 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
     let mut cluster = Cluster::start(Flavor::Sqlite, &["--models-dir", &dir]).unwrap();
     let port = cluster.port;
     let key = cluster.api_key();
-    let workers: Vec<String> = (0..2).map(|n| cluster.add_worker(n)).collect();
+    let workers: Vec<String> = (0..4)
+        .map(|n| match n {
+            0 | 1 => cluster.add_worker(n),
+            _ => cluster.add_worker_with(n, &["--precision", "fast"]),
+        })
+        .collect();
+    wait_for_workers(&cluster, 4);
     let served = || {
         let (status, listed) = get(port, "/v1/models");
         assert_eq!(status, 200, "{listed}");
@@ -4137,29 +4144,32 @@ fn a_model_added_by_the_user_is_served_verified_and_credited() {
     )
     .unwrap();
     let reference = &reference["bert-cls"];
-    let (status, body) = post(
-        port,
-        "/v1/embeddings",
-        &key,
-        json!({ "model": "my-bert", "input": reference["texts"] }),
-    );
-    assert_eq!(status, 200, "{body}\n{}", cluster.log());
-    let got = api_embeddings(&body);
-    let want = reference["embeddings"].as_array().unwrap();
-    assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let w: Vec<f32> = w
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        // Both are unit vectors (the model normalises): the dot product is the cosine.
-        let c: f32 = g.iter().zip(&w).map(|(a, b)| a * b).sum();
-        assert!(
-            c >= 0.998,
-            "text {i}: cosine {c} with transformers' CLS vector"
+    // Exact precision on the first two workers, fast on the other two.
+    for (precision, min_cosine) in [("exact", 0.998), ("fast", 0.99999)] {
+        let (status, body) = post(
+            port,
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "my-bert", "input": reference["texts"], "precision": precision }),
         );
+        assert_eq!(status, 200, "{body}\n{}", cluster.log());
+        let got = api_embeddings(&body);
+        let want = reference["embeddings"].as_array().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let w: Vec<f64> = w
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            // Both are unit vectors (the model normalises): the dot product is the cosine.
+            let c: f64 = g.iter().zip(&w).map(|(a, b)| f64::from(*a) * b).sum();
+            assert!(
+                c >= min_cosine,
+                "{precision}, text {i}: cosine {c} with transformers' CLS vector"
+            );
+        }
     }
     cluster.stop_workers();
     assert_credited_without_strikes(port, &workers);
