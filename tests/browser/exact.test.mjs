@@ -1,11 +1,12 @@
 // Exact precision in headless Chromium: WebGPU (SwiftShader) and the wasm CPU path must give
 // the same bytes as the native CLI (CPU backend) for every input: MiniLM's integer embeddings
-// by SHA-256, SmolLM2's and Gemma 3's chosen tokens and the SHA-256 of every step's integer
-// logits.
+// by SHA-256 (and those of random BERT directories added with `tabula models add`), SmolLM2's
+// and Gemma 3's chosen tokens and the SHA-256 of every step's integer logits.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
+import os from 'node:os';
 import { execFileSync } from 'node:child_process';
 import { serve, launch, readJsonl, root, modelsDir } from './harness.mjs';
 
@@ -17,6 +18,8 @@ const tabula = process.env.TABULA_BIN || path.join(targetDir, 'debug/tabula');
 // Decoding steps per prompt in the browser (SwiftShader is slow; every step is still hashed).
 const STEPS = 3;
 let server, browser, base;
+// Models of the user's own (`tabula models add`), made at test time: served at /added/.
+const added = fs.mkdtempSync(path.join(os.tmpdir(), 'tabula-added-'));
 
 function quantisedFile(model) {
   const files = fs.readdirSync(modelsDir).filter((f) => f.startsWith(`${model}.exact.`));
@@ -45,7 +48,7 @@ before(async () => {
     assert.ok(fs.existsSync(path.join(root, `www/${pkg}/tabula_web.js`)), `www/${pkg} is missing: run \`npm run build:wasm\` first`);
   }
   assert.ok(fs.existsSync(tabula), `native tabula binary missing at ${tabula} (set TABULA_BIN)`);
-  server = await serve();
+  server = await serve({ '/added/': added });
   base = `http://127.0.0.1:${server.address().port}`;
   browser = await launch();
 });
@@ -53,6 +56,7 @@ before(async () => {
 after(async () => {
   await browser?.close();
   server?.close();
+  fs.rmSync(added, { recursive: true, force: true });
 });
 
 async function inPage(fn, args, pkg = 'pkg') {
@@ -151,5 +155,40 @@ test('Gemma 3 exact on the wasm CPU path and WebGPU (SwiftShader): tokens and lo
     assert.deepEqual(result.out[0].ids, want.ids, `Gemma tokens on ${result.device}`);
     assert.deepEqual(result.out[0].logits_sha256, want.logits_sha256, `Gemma logits on ${result.device}`);
     console.log(`exact Gemma 3 ${backend}: device=${result.device} steps=${STEPS} ms=${result.ms.toFixed(0)}`);
+  }
+});
+
+// BERT directories of the user's own, added with `tabula models add` (random weights made now by
+// tests/fixtures/make_bert_dirs.py): CLS pooling with normalisation, and max pooling of F16
+// weights without token types nor normalisation. The browser computes what the native CLI does.
+test('BERT models added with `tabula models add` (CLS and max pooling) exact on wasm and WebGPU: hashes as natively', { timeout: 900_000 }, async () => {
+  const made = path.join(added, 'made');
+  const dir = path.join(added, 'models');
+  execFileSync('python3', [path.join(root, 'tests/fixtures/make_bert_dirs.py'), '--out', made], {
+    env: { ...process.env, PYTHONPATH: process.env.TABULA_PYLIB || '' },
+  });
+  const reference = JSON.parse(fs.readFileSync(path.join(root, 'tests/fixtures/bert-random.json')));
+  for (const variant of ['bert-cls', 'bert-max']) {
+    const name = `my-${variant}`;
+    execFileSync(tabula, ['models', 'add', path.join(made, variant), '--name', name, '--dir', dir]);
+    const texts = reference[variant].texts;
+    const want = execFileSync(tabula, ['embed', '--model', name, '--models-dir', dir, '--precision', 'exact'], {
+      input: texts.join('\n'),
+    }).toString().trim().split('\n').map((l) => JSON.parse(l));
+    const registry = JSON.parse(fs.readFileSync(path.join(dir, 'added/models.json')));
+    const entry = registry.find((m) => m.name === name);
+    const tokenizer = entry.others.find(([f]) => f.endsWith('tokenizer.json'))[0];
+    const exact = fs.readdirSync(path.join(dir, 'added')).find((f) => f.startsWith(`${name}.exact.`));
+    const sha256 = exact.split('.exact.')[1].replace('.safetensors', '');
+    for (const backend of ['cpu', 'gpu']) {
+      const result = await inPage('runExactEmbed', [backend, `/added/models/added/${exact}`, sha256, texts,
+        `/added/models/${tokenizer}`]);
+      assert.equal(result.out.length, texts.length);
+      result.out.forEach((e, i) => {
+        assert.deepEqual(e.input_ids, reference[variant].ids[i], `${variant} text ${i} tokens`);
+        assert.equal(e.sha256, want[i].sha256, `${variant} text ${i} on ${result.device}`);
+      });
+      console.log(`exact ${variant} ${backend}: device=${result.device} texts=${texts.length} ms=${result.ms.toFixed(0)}`);
+    }
   }
 });

@@ -13,11 +13,14 @@ export const modelsDir = process.env.TABULA_MODELS || path.join(os.homedir(), '.
 const types = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json' };
 
 // Routes: /pkg/* and /pkg-relaxed/* -> www/, /models/* -> the models directory, anything else -> tests/browser.
-export function serve() {
+// `mounts` serves more folders: { '/prefix/': '/a/folder' }.
+export function serve(mounts = {}) {
   const server = http.createServer((req, res) => {
     const url = decodeURIComponent(new URL(req.url, 'http://x').pathname);
     let file;
-    if (url.startsWith('/pkg/') || url.startsWith('/pkg-relaxed/')) file = path.join(root, 'www', url);
+    const mount = Object.keys(mounts).find((prefix) => url.startsWith(prefix));
+    if (mount) file = path.join(mounts[mount], url.slice(mount.length));
+    else if (url.startsWith('/pkg/') || url.startsWith('/pkg-relaxed/')) file = path.join(root, 'www', url);
     else if (url.startsWith('/models/')) file = path.join(modelsDir, url.slice('/models/'.length));
     else file = path.join(root, 'tests/browser', url);
     if (file.includes('..') || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
