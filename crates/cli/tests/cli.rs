@@ -539,6 +539,7 @@ fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_uncha
     mislabelled[at..at + 5].copy_from_slice(b"qwen9");
     // A RoPE scaling of a type the decoder does not compute (the same length as `linear`).
     let mut yarn = std::fs::read(made.join("llama-linear4.gguf")).unwrap();
+    // (`yarn` itself is computed: tests/llama_family.rs.)
     let at = yarn.windows(6).rposition(|w| w == b"linear").unwrap(); // not the name
     yarn[at..at + 6].copy_from_slice(b"yarn_x");
     let dir = models.display().to_string();
@@ -556,7 +557,7 @@ fn models_add_registers_a_gguf_and_refuses_bad_files_leaving_the_directory_uncha
         (
             write("yarn.gguf", &yarn),
             None,
-            "RoPE scaling `yarn_x` (factor 4) is not supported: linear scaling and Llama 3.1's \
+            "RoPE scaling `yarn_x` (factor 4) is not supported: linear, YaRN and Llama 3.1's \
              per-frequency factors (`rope_freqs.weight`) are",
         ),
         (

@@ -46,10 +46,15 @@ pub struct LlamaConfig {
     pub rope_theta: f32,
     pub context_length: usize,
     /// RoPE scaling as the GGUF states it: a divisor of each rotary pair's frequency
-    /// (`head_dim / 2` of them), from a linear `rope.scaling.factor` (the same for every pair)
-    /// or Llama 3.1's `rope_freqs.weight`; `None` when unscaled. Global layers only.
+    /// (`head_dim / 2` of them), from a linear `rope.scaling.factor` (the same for every pair),
+    /// Llama 3.1's `rope_freqs.weight`, or YaRN's blend of the two; `None` when unscaled.
+    /// Global layers only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_factors: Option<Vec<f32>>,
+    /// A factor on every query·key score besides `1/√head_dim`: YaRN's attention factor
+    /// squared (it scales the rotated queries and keys both); 1 otherwise.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub score_factor: f32,
     /// Gemma 3's additions; `None` for Llama and Qwen2.
     #[serde(default)]
     pub gemma: Option<GemmaConfig>,
@@ -71,16 +76,61 @@ pub struct GemmaConfig {
 /// The most a RoPE scaling factor may be (Llama 3.1 uses 8; YaRN files 4–40).
 const MAX_ROPE_FACTOR: f32 = 1024.0;
 
-/// RoPE scaling as a GGUF states it, as a divisor per rotary pair: `rope.scaling.type`
-/// `linear` (or the older `rope.scale_linear`) divides every frequency by its factor;
-/// a `rope_freqs.weight` tensor (Llama 3.1's converter writes it) divides each by its own.
-/// None, or a factor of 1, is `None`. Other types (YaRN, LongRoPE) are refused by name.
+fn one() -> f32 {
+    1.0
+}
+
+fn is_one(x: &f32) -> bool {
+    *x == 1.0
+}
+
+/// YaRN (arXiv 2309.00071) as llama.cpp's `rope_yarn` and transformers' `_compute_yarn_
+/// parameters` compute it: pairs that turn fewer than `beta_slow` times over the original
+/// context are interpolated (frequency / `factor`), those turning more than `beta_fast` times
+/// keep theirs, a linear ramp between; returns each pair's divisor and the attention factor
+/// `0.1·ln(factor) + 1` that multiplies the rotated queries and keys.
+pub fn yarn(
+    theta: f64,
+    head_dim: usize,
+    factor: f64,
+    original_context: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+) -> (Vec<f32>, f64) {
+    let d = head_dim as f64;
+    let dim_of = |rotations: f64| {
+        d * (original_context / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+    };
+    let low = dim_of(beta_fast).floor().max(0.0);
+    let high = dim_of(beta_slow).ceil().min(d - 1.0);
+    let span = if high == low { 0.001 } else { high - low };
+    let divisors = (0..head_dim / 2)
+        .map(|i| {
+            let extrapolated = 1.0 - ((i as f64 - low) / span).clamp(0.0, 1.0);
+            (1.0 / ((1.0 - extrapolated) / factor + extrapolated)) as f32
+        })
+        .collect();
+    let attention = if factor > 1.0 {
+        0.1 * factor.ln() + 1.0
+    } else {
+        1.0
+    };
+    (divisors, attention)
+}
+
+/// RoPE scaling as a GGUF states it, as a divisor per rotary pair and a factor on the
+/// scores: `rope.scaling.type` `linear` (or the older `rope.scale_linear`) divides every
+/// frequency by its factor; `yarn` blends interpolated and original frequencies ([`yarn`])
+/// and scales the scores; a `rope_freqs.weight` tensor (Llama 3.1's converter writes it)
+/// divides each by its own. None, or a factor of 1, is `None`. Other types (LongRoPE) are
+/// refused by name.
 fn rope_factors(
     gguf: &GgufFile,
     bytes: &[u8],
     key: &dyn Fn(&str) -> String,
     head_dim: usize,
-) -> Result<Option<Vec<f32>>> {
+    theta: f32,
+) -> Result<(Option<Vec<f32>>, f32)> {
     let check = |what: &str, f: f32| {
         if f.is_finite() && (1.0 / MAX_ROPE_FACTOR..=MAX_ROPE_FACTOR).contains(&f) {
             Ok(f)
@@ -99,9 +149,63 @@ fn rope_factors(
     let linear = match (scaling, factor) {
         (_, None) | ("none", _) => None,
         ("linear", Some(f)) => Some(check("rope.scaling.factor", f)?),
+        ("yarn", Some(f)) => {
+            let f = check("rope.scaling.factor", f)?;
+            // Settings that change YaRN's attention factor or ramp in ways the two references
+            // disagree on are refused rather than guessed.
+            for (name, default) in [
+                ("rope.scaling.attn_factor", 1.0),
+                ("rope.scaling.yarn_attn_factor", 1.0),
+                ("rope.scaling.yarn_ext_factor", 1.0),
+                ("rope.scaling.yarn_log_multiplier", 0.0),
+            ] {
+                if let Ok(v) = gguf.get_f32(&key(name))
+                    && v != default
+                    && !(name.ends_with("ext_factor") && v < 0.0)
+                {
+                    return Err(ModelError::Format(format!(
+                        "YaRN with {name} = {v} is not supported (only {default})"
+                    )));
+                }
+            }
+            let original = gguf
+                .get_u32(&key("rope.scaling.original_context_length"))
+                .map_err(|_| {
+                    ModelError::Format(
+                        "YaRN scaling without rope.scaling.original_context_length".into(),
+                    )
+                })?;
+            if original == 0 {
+                return Err(ModelError::Format(
+                    "rope.scaling.original_context_length is 0".into(),
+                ));
+            }
+            let beta = |name: &str, default: f32| -> Result<f64> {
+                let b = gguf.get_f32(&key(name)).unwrap_or(default);
+                if b.is_finite() && (1e-3..=1e4).contains(&b) {
+                    Ok(f64::from(b))
+                } else {
+                    Err(ModelError::Format(format!("{name} {b} is out of range")))
+                }
+            };
+            if gguf.tensor("rope_freqs.weight").is_some() {
+                return Err(ModelError::Format(
+                    "YaRN scaling and rope_freqs.weight together are not supported".into(),
+                ));
+            }
+            let (divisors, attention) = yarn(
+                f64::from(theta),
+                head_dim,
+                f64::from(f),
+                f64::from(original),
+                beta("rope.scaling.yarn_beta_fast", 32.0)?,
+                beta("rope.scaling.yarn_beta_slow", 1.0)?,
+            );
+            return Ok((Some(divisors), (attention * attention) as f32));
+        }
         (other, Some(f)) => {
             return Err(ModelError::Format(format!(
-                "RoPE scaling `{}` (factor {f}) is not supported: linear scaling and Llama 3.1's \
+                "RoPE scaling `{}` (factor {f}) is not supported: linear, YaRN and Llama 3.1's \
                  per-frequency factors (`rope_freqs.weight`) are",
                 other.escape_debug()
             )));
@@ -119,11 +223,12 @@ fn rope_factors(
             )
         }
     };
-    Ok(match (linear, tensor) {
+    let factors = match (linear, tensor) {
         (None, factors) => factors,
         (Some(l), None) => Some(vec![l; head_dim / 2]),
         (Some(l), Some(f)) => Some(f.into_iter().map(|f| f * l).collect()),
-    })
+    };
+    Ok((factors, 1.0))
 }
 
 /// The GGUF architectures this decoder reads (`general.architecture`).
@@ -196,7 +301,13 @@ impl LlamaConfig {
                  whole head only)"
             )));
         }
-        let rope_factors = rope_factors(gguf, bytes, &key, head_dim)?;
+        let rope_theta = gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0);
+        let (rope_factors, score_factor) = rope_factors(gguf, bytes, &key, head_dim, rope_theta)?;
+        if arch == "gemma3" && score_factor != 1.0 {
+            return Err(ModelError::Format(
+                "YaRN scaling on gemma3 is not supported".into(),
+            ));
+        }
         let gemma = if arch == "gemma3" {
             let window = gguf.get_u32(&key("attention.sliding_window"))? as usize;
             if window == 0 {
@@ -228,12 +339,13 @@ impl LlamaConfig {
             rms_eps: gguf
                 .get_f32(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
-            rope_theta: gguf.get_f32(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rope_theta,
             context_length: gguf
                 .get_u32(&key("context_length"))
                 .map(|v| v as usize)
                 .unwrap_or(2048),
             rope_factors,
+            score_factor,
             gemma,
         })
     }
@@ -494,6 +606,9 @@ pub struct LlamaModel<B: Backend> {
     /// `None` with tied embeddings (the head reuses `token_embd`).
     output: Option<RowBlocks<B>>,
     layers: Vec<Layer<B>>,
+    /// Each layer's sliding window and rotary frequencies (`LlamaConfig::layer_attention`),
+    /// computed once at load.
+    attention: Vec<(Option<usize>, Vec<f32>)>,
 }
 
 /// Keys and values of past positions for the layers of one shard.
@@ -621,6 +736,13 @@ impl<B: Backend> LlamaModel<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let attention = range
+            .clone()
+            .map(|i| {
+                let (window, freqs) = config.layer_attention(i);
+                (window, freqs.into_iter().map(|f| f as f32).collect())
+            })
+            .collect();
         Ok(Self {
             config,
             range,
@@ -628,6 +750,7 @@ impl<B: Backend> LlamaModel<B> {
             output_norm,
             output,
             layers,
+            attention,
         })
     }
 
@@ -712,8 +835,7 @@ impl<B: Backend> LlamaModel<B> {
         };
         let mut x = h.x;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (window, freqs) = c.layer_attention(self.range.start + i);
-            let freqs: Vec<f32> = freqs.iter().map(|&f| f as f32).collect();
+            let (window, freqs) = &self.attention[i];
             let a = backend.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let [bq, bk, bv] = match &layer.qkv_bias {
                 Some([q, k, v]) => [Some(q), Some(k), Some(v)],
@@ -725,12 +847,18 @@ impl<B: Backend> LlamaModel<B> {
                 q = head_norm(&q, &g.q)?;
                 k = head_norm(&k, &g.k)?;
             }
-            let q = backend.rope(&q, c.head_dim, h.pos_offset, &freqs)?;
-            let k = backend.rope(&k, c.head_dim, h.pos_offset, &freqs)?;
+            let mut q = backend.rope(&q, c.head_dim, h.pos_offset, freqs)?;
+            if c.score_factor != 1.0 {
+                q = backend.scale(&q, c.score_factor)?;
+            }
+            let k = backend.rope(&k, c.head_dim, h.pos_offset, freqs)?;
             let v = backend.linear(&a, &layer.wv, bv)?;
             backend.write_rows(&mut cache.k[i], h.pos_offset, &k)?;
             backend.write_rows(&mut cache.v[i], h.pos_offset, &v)?;
-            let params = AttentionParams { window, ..params };
+            let params = AttentionParams {
+                window: *window,
+                ..params
+            };
             let att = backend.attention(&q, &cache.k[i], &cache.v[i], &[total as u32], &params)?;
             let mut att = backend.linear(&att, &layer.wo, None)?;
             if let Some(g) = &layer.gemma {
@@ -879,6 +1007,21 @@ impl<B: Backend> Generator<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Head width 16, base 10 000, original context 64: pair 0 turns more than 32 times and
+    /// keeps its frequency, pairs from 3 on turn less than once and are divided by the factor,
+    /// pairs 1 and 2 are on the ramp between (the same numbers transformers computes).
+    #[test]
+    fn yarn_keeps_fast_pairs_interpolates_slow_ones_and_ramps_between() {
+        let (divisors, attention) = yarn(10_000.0, 16, 4.0, 64.0, 32.0, 1.0);
+        let want = [1.0, 4.0 / 3.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0];
+        for (got, want) in divisors.iter().zip(want) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{divisors:?}");
+        }
+        assert!((attention - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        // No stretch, no attention factor.
+        assert_eq!(yarn(10_000.0, 16, 1.0, 64.0, 32.0, 1.0).1, 1.0);
+    }
 
     #[test]
     fn interleaving_takes_each_heads_halves_in_turns() {

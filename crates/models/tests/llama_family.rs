@@ -3,7 +3,8 @@
 //! the logits transformers computed from the same files (`tests/fixtures/llama-family.json`):
 //! Qwen2 with Q/K/V biases, its own rotary layout, 4 query heads on 1 KV head, an untied head
 //! and Q4_K/Q5_K/Q6_K weights; Llama with no grouping, a tied head, F16 and Q5_0 weights;
-//! Llama with RoPE scaled linearly by 4, and with Llama 3.1's per-frequency factors. On
+//! Llama with RoPE scaled linearly by 4, by YaRN (factor 4), and with Llama 3.1's
+//! per-frequency factors. On
 //! the CPU and on wgpu; and in exact precision, the same bits on both, near the reference. Needs `python3` with `gguf` and `numpy` (or `$TABULA_PYLIB`, where
 //! `tests/run-all.sh` installs them).
 
@@ -62,7 +63,7 @@ fn variants() -> Vec<Variant> {
             }
         })
         .collect();
-    assert_eq!(variants.len(), 4);
+    assert_eq!(variants.len(), 5);
     variants
 }
 

@@ -148,10 +148,11 @@ fn act_table(f: impl Fn(f64) -> f64, lo: f64, steps_log2: u32, frac: u32) -> Vec
         .collect()
 }
 
-/// `log2(e) / (sqrt(head_dim) · 127² · 2^(2F)) · 2^SCORE_FRAC`.
-fn score_scale(head_dim: usize, frac: u32) -> Result<(i32, i32)> {
+/// `factor · log2(e) / (sqrt(head_dim) · 127² · 2^(2F)) · 2^SCORE_FRAC` (`factor`: YaRN's
+/// score factor, else 1).
+fn score_scale(head_dim: usize, frac: u32, factor: f64) -> Result<(i32, i32)> {
     split_scale(
-        std::f64::consts::LOG2_E / ((head_dim as f64).sqrt() * (Q_MAX * Q_MAX) as f64)
+        factor * std::f64::consts::LOG2_E / ((head_dim as f64).sqrt() * (Q_MAX * Q_MAX) as f64)
             * 2f64.powi(SCORE_FRAC as i32 - 2 * frac as i32),
     )
     .map_err(ModelError::from)
@@ -291,7 +292,7 @@ pub fn quantize_bert(
         act_table(gelu, lo, GELU_STEPS_LOG2, f),
         &[ACT_LEN + 1],
     );
-    let (score_mult, score_exp) = score_scale(h / heads, f)?;
+    let (score_mult, score_exp) = score_scale(h / heads, f, 1.0)?;
     let header = ExactHeader {
         format: FORMAT.into(),
         version: VERSION,
@@ -489,7 +490,7 @@ pub fn quantize_llama(model: &str, gguf_bytes: &[u8]) -> Result<(Vec<u8>, String
             &[positions * hd],
         );
     }
-    let (score_mult, score_exp) = score_scale(hd, f)?;
+    let (score_mult, score_exp) = score_scale(hd, f, f64::from(config.score_factor))?;
     let header = ExactHeader {
         format: FORMAT.into(),
         version: VERSION,
