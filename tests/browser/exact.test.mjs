@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import os from 'node:os';
 import { execFileSync } from 'node:child_process';
-import { serve, launch, readJsonl, root, modelsDir } from './harness.mjs';
+import { serve, launch, readJsonl, root, modelsDir, addRandomModels } from './harness.mjs';
 
 const minilm = readJsonl(path.join(root, 'tests/fixtures/minilm.jsonl'));
 const smol = readJsonl(path.join(root, 'tests/fixtures/smollm2.jsonl'));
@@ -18,7 +18,8 @@ const tabula = process.env.TABULA_BIN || path.join(targetDir, 'debug/tabula');
 // Decoding steps per prompt in the browser (SwiftShader is slow; every step is still hashed).
 const STEPS = 3;
 let server, browser, base;
-// Models of the user's own (`tabula models add`), made at test time: served at /added/.
+// Models of the user's own (`tabula models add`), made at test time: their models directory
+// is served at /added/.
 const added = fs.mkdtempSync(path.join(os.tmpdir(), 'tabula-added-'));
 
 function quantisedFile(model) {
@@ -48,7 +49,7 @@ before(async () => {
     assert.ok(fs.existsSync(path.join(root, `www/${pkg}/tabula_web.js`)), `www/${pkg} is missing: run \`npm run build:wasm\` first`);
   }
   assert.ok(fs.existsSync(tabula), `native tabula binary missing at ${tabula} (set TABULA_BIN)`);
-  server = await serve({ '/added/': added });
+  server = await serve({ '/added/': path.join(added, 'models') });
   base = `http://127.0.0.1:${server.address().port}`;
   browser = await launch();
 });
@@ -158,31 +159,24 @@ test('Gemma 3 exact on the wasm CPU path and WebGPU (SwiftShader): tokens and lo
   }
 });
 
-// BERT directories of the user's own, added with `tabula models add` (random weights made now by
-// tests/fixtures/make_bert_dirs.py): CLS pooling with normalisation, and max pooling of F16
-// weights without token types nor normalisation. The browser computes what the native CLI does.
-test('BERT models added with `tabula models add` (CLS and max pooling) exact on wasm and WebGPU: hashes as natively', { timeout: 900_000 }, async () => {
-  const made = path.join(added, 'made');
-  const dir = path.join(added, 'models');
-  execFileSync('python3', [path.join(root, 'tests/fixtures/make_bert_dirs.py'), '--out', made], {
-    env: { ...process.env, PYTHONPATH: process.env.TABULA_PYLIB || '' },
-  });
+// Models of the user's own, added with `tabula models add` (random weights made now): BERT
+// directories with CLS pooling and normalisation, and with max pooling of F16 weights without
+// token types nor normalisation, and a Qwen2 GGUF (biases, 4 query heads on 1 KV head, K-quants).
+// The browser computes what the native CLI does, bit for bit.
+test('models added with `tabula models add` (two BERTs, a Qwen2 GGUF) exact on wasm and WebGPU: hashes as natively', { timeout: 900_000 }, async () => {
+  const { dir, files, exact } = addRandomModels(tabula, added);
   const reference = JSON.parse(fs.readFileSync(path.join(root, 'tests/fixtures/bert-random.json')));
   for (const variant of ['bert-cls', 'bert-max']) {
     const name = `my-${variant}`;
-    execFileSync(tabula, ['models', 'add', path.join(made, variant), '--name', name, '--dir', dir]);
     const texts = reference[variant].texts;
     const want = execFileSync(tabula, ['embed', '--model', name, '--models-dir', dir, '--precision', 'exact'], {
       input: texts.join('\n'),
+      stdio: ['pipe', 'pipe', 'ignore'],
     }).toString().trim().split('\n').map((l) => JSON.parse(l));
-    const registry = JSON.parse(fs.readFileSync(path.join(dir, 'added/models.json')));
-    const entry = registry.find((m) => m.name === name);
-    const tokenizer = entry.others.find(([f]) => f.endsWith('tokenizer.json'))[0];
-    const exact = fs.readdirSync(path.join(dir, 'added')).find((f) => f.startsWith(`${name}.exact.`));
-    const sha256 = exact.split('.exact.')[1].replace('.safetensors', '');
+    const { file, sha256 } = exact(name);
+    const tokenizer = files(name).find((f) => f.endsWith('tokenizer.json'));
     for (const backend of ['cpu', 'gpu']) {
-      const result = await inPage('runExactEmbed', [backend, `/added/models/added/${exact}`, sha256, texts,
-        `/added/models/${tokenizer}`]);
+      const result = await inPage('runExactEmbed', [backend, `/added/${file}`, sha256, texts, `/added/${tokenizer}`]);
       assert.equal(result.out.length, texts.length);
       result.out.forEach((e, i) => {
         assert.deepEqual(e.input_ids, reference[variant].ids[i], `${variant} text ${i} tokens`);
@@ -190,5 +184,13 @@ test('BERT models added with `tabula models add` (CLS and max pooling) exact on 
       });
       console.log(`exact ${variant} ${backend}: device=${result.device} texts=${texts.length} ms=${result.ms.toFixed(0)}`);
     }
+  }
+  const want = JSON.parse(execFileSync(tabula, ['generate', '--model', 'my-qwen', '--models-dir', dir, '--precision', 'exact',
+    '--prompt', 'abcabc', '--max-tokens', '6', '--json'], { stdio: ['ignore', 'pipe', 'ignore'] }).toString());
+  const { file, sha256 } = exact('my-qwen');
+  for (const backend of ['cpu', 'gpu']) {
+    const result = await inPage('runExactDecode', [backend, `/added/${file}`, sha256, [want.prompt_ids], 6]);
+    assert.deepEqual(result.out[0].ids, want.ids, `Qwen2 tokens on ${result.device}`);
+    assert.deepEqual(result.out[0].logits_sha256, want.logits_sha256, `Qwen2 logits on ${result.device}`);
   }
 });

@@ -5,6 +5,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { execFileSync } from 'node:child_process';
+import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
 
 export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -74,4 +76,33 @@ export function cosine(a, b) {
   let dot = 0, na = 0, nb = 0;
   for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; na += a[i] * a[i]; nb += b[i] * b[i]; }
   return dot / Math.sqrt(na * nb);
+}
+
+// Models of the user's own, made at test time with random weights (tests/fixtures/
+// make_bert_dirs.py and make_llama_family.py, numpy and gguf from $TABULA_PYLIB) and added with
+// `<bin> models add` to `<work>/models` as `my-bert-cls`, `my-bert-max` and `my-qwen`. Returns
+// the models directory and, per name, its registered files (relative to it) and its exact file
+// (quantised by `quantise`, a command that loads the model in exact precision).
+export function addRandomModels(bin, work) {
+  const made = path.join(work, 'made');
+  const dir = path.join(work, 'models');
+  const env = { ...process.env, PYTHONPATH: process.env.TABULA_PYLIB || '' };
+  for (const script of ['make_bert_dirs.py', 'make_llama_family.py']) {
+    execFileSync('python3', [path.join(root, 'tests/fixtures', script), '--out', made], { env, stdio: 'ignore' });
+  }
+  const models = { 'my-bert-cls': 'bert-cls', 'my-bert-max': 'bert-max', 'my-qwen': 'qwen2-gqa4.gguf' };
+  for (const [name, source] of Object.entries(models)) {
+    execFileSync(bin, ['models', 'add', path.join(made, source), '--name', name, '--dir', dir]);
+  }
+  const registry = JSON.parse(fs.readFileSync(path.join(dir, 'added/models.json')));
+  const files = (name) => {
+    const entry = registry.find((m) => m.name === name);
+    return [entry.file, ...entry.others.map(([f]) => f)];
+  };
+  const exact = (name) => {
+    const file = fs.readdirSync(path.join(dir, 'added')).find((f) => f.startsWith(`${name}.exact.`));
+    assert.ok(file, `no exact file of ${name}: load it in exact precision first`);
+    return { file: `added/${file}`, sha256: file.split('.exact.')[1].replace('.safetensors', '') };
+  };
+  return { dir, files, exact };
 }
