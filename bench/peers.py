@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Peer baselines for Tabula's benchmarks, measured on this machine (CPU).
+"""Peer baselines for Tabula's benchmarks, measured on this machine (CPU; or PyTorch on CUDA with
+--device cuda, next to our GPU backend: scripts/gpu-bench.sh).
 
 Peers (CPU; fp32 unless named int8):
   * MiniLM-L6 (all-MiniLM-L6-v2) embeddings, batch 32, mean pooling + L2 norm, tokenization excluded:
@@ -74,6 +75,10 @@ def parse_args():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--only", choices=["minilm", "smollm2", "gemma3"], help="run only one model's peers")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the PyTorch peers run (default cpu); with cuda only they run (as "
+                         "torch-fp32-cuda, each timed until its result is back on the host), next to "
+                         "our GPU backend")
     ap.add_argument("--models-dir", default=os.environ.get("TABULA_MODELS", "/root/.cache/tabula/models"))
     ap.add_argument("--cache-dir", default=os.environ.get("TABULA_BENCH_CACHE", "/root/.cache/tabula-bench"),
                     help="where the exported ONNX model is cached")
@@ -217,6 +222,7 @@ def bench_minilm(a, texts, results, checks):
         quantize_dynamic(onnx_path, int8_path + ".tmp", weight_type=QuantType.QInt8)
         os.replace(int8_path + ".tmp", int8_path)
 
+    cuda = a.device == "cuda"
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1
@@ -224,7 +230,7 @@ def bench_minilm(a, texts, results, checks):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     sess_int8 = ort.InferenceSession(int8_path, so, providers=["CPUExecutionProvider"])
-    tm = AutoModel.from_pretrained(mdir, dtype=torch.float32).eval()
+    tm = AutoModel.from_pretrained(mdir, dtype=torch.float32).eval().to(a.device)
 
     def run_ort(b):
         return mean_pool(sess.run(None, b)[0], b["attention_mask"])
@@ -234,10 +240,13 @@ def bench_minilm(a, texts, results, checks):
 
     def run_torch(b):
         with torch.inference_mode():
-            h = tm(**{k: torch.from_numpy(v) for k, v in b.items()}).last_hidden_state.numpy()
+            h = tm(**{k: torch.from_numpy(v).to(a.device) for k, v in b.items()}).last_hidden_state
+            h = h.cpu().numpy()                          # waits for the GPU, as a caller would
         return mean_pool(h, b["attention_mask"])
 
-    peers = {"onnxruntime-fp32": run_ort, "onnxruntime-int8": run_ort_int8, "torch-fp32": run_torch}
+    torch_name = "torch-fp32-cuda" if cuda else "torch-fp32"
+    peers = {torch_name: run_torch} if cuda else {
+        "onnxruntime-fp32": run_ort, "onnxruntime-int8": run_ort_int8, "torch-fp32": run_torch}
     bs = a.batch_size
     modes = {f"minilm-short-b{bs}": (texts["short"], None), f"minilm-long-b{bs}": (texts["long"], 128)}
     for task, (T, fixed) in modes.items():
@@ -257,6 +266,8 @@ def bench_minilm(a, texts, results, checks):
                             "unit": "sentences/s", "value": round(v, 2),
                             "detail": {"texts": n, "batch_size": bs, "mean_padded_len": round(padded, 2),
                                        "mean_tokens": round(real, 2), "best_s": round(dt, 4), "reps": a.reps}})
+        if cuda:
+            continue
         cos = float(np.min(np.sum(embs["onnxruntime-fp32"] * embs["torch-fp32"], 1)))
         checks[f"{task}: min cosine onnxruntime vs torch"] = round(cos, 6)
         log(f"{task:18s} min cosine onnxruntime vs torch: {cos:.6f}")
@@ -275,6 +286,7 @@ def load_smollm(a, need_tokenizer):
     t = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(a.models_dir, gguf_file=SMOLLM_GGUF) if need_tokenizer else None
     m = AutoModelForCausalLM.from_pretrained(a.models_dir, gguf_file=SMOLLM_GGUF, dtype=torch.float32).eval()
+    m = m.to(a.device)
     log(f"SmolLM2 GGUF loaded by transformers ({type(m).__name__}, de-quantized to "
         f"{next(m.parameters()).dtype}) in {time.perf_counter() - t:.1f} s")
     return tok, m
@@ -285,8 +297,9 @@ def bench_smollm(a, texts, model, results, checks):
     from transformers import DynamicCache
 
     ids = texts["prompt_ids"]
-    prompt = torch.tensor([ids], dtype=torch.int64)
+    prompt = torch.tensor([ids], dtype=torch.int64, device=a.device)
     P, D = prompt.shape[1], a.decode_tokens
+    peer = "torch-fp32-cuda" if a.device == "cuda" else "torch-fp32"
 
     def prefill():
         cache = DynamicCache()
@@ -298,7 +311,8 @@ def bench_smollm(a, texts, model, results, checks):
         gen, nxt = [first], first
         with torch.inference_mode():
             for _ in range(D):                                     # D single-token forward passes
-                out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
+                out = model(input_ids=torch.tensor([[nxt]], device=a.device), past_key_values=cache,
+                            use_cache=True)
                 cache = out.past_key_values
                 nxt = out.logits[0, -1].argmax().item()
                 gen.append(nxt)
@@ -316,12 +330,12 @@ def bench_smollm(a, texts, model, results, checks):
             log("  WARNING: greedy decode not deterministic across repetitions")
         gen = g
     vp, vd = P / dt_p, D / dt_d
-    log(f"smollm2-prefill-{P:<4d} torch-fp32        {vp:8.1f} tokens/s  ({dt_p * 1000:.1f} ms)")
-    log(f"smollm2-decode-{D:<5d} torch-fp32        {vd:8.1f} tokens/s  ({dt_d / D * 1000:.1f} ms/token)")
+    log(f"smollm2-prefill-{P:<4d} {peer:17s} {vp:8.1f} tokens/s  ({dt_p * 1000:.1f} ms)")
+    log(f"smollm2-decode-{D:<5d} {peer:17s} {vd:8.1f} tokens/s  ({dt_d / D * 1000:.1f} ms/token)")
     common = {"model": SMOLLM_GGUF + " de-quantized to fp32 by transformers", "reps": a.reps}
-    results.append({"peer": "torch-fp32", "task": f"smollm2-prefill-{P}", "unit": "tokens/s", "value": round(vp, 2),
+    results.append({"peer": peer, "task": f"smollm2-prefill-{P}", "unit": "tokens/s", "value": round(vp, 2),
                     "detail": {**common, "prompt_tokens": P, "best_s": round(dt_p, 4)}})
-    results.append({"peer": "torch-fp32", "task": f"smollm2-decode-{D}", "unit": "tokens/s", "value": round(vd, 2),
+    results.append({"peer": peer, "task": f"smollm2-decode-{D}", "unit": "tokens/s", "value": round(vd, 2),
                     "detail": {**common, "prompt_tokens": P, "decode_steps": D, "best_s": round(dt_d, 4)}})
     # Greedy continuation (first id from the prefill, then one per decode step): a correctness reference.
     checks["smollm2 greedy ids after the prompt"] = gen
@@ -436,7 +450,16 @@ def main():
     except RuntimeError:
         pass
 
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: PyTorch sees no CUDA device (torch.cuda.is_available() is False; "
+                     f"torch {torch.__version__} built for CUDA {torch.version.cuda}); install a CUDA "
+                     "build of torch and check nvidia-smi")
+        if a.only == "gemma3":
+            sys.exit("--device cuda: Gemma 3's peer is llama.cpp on the CPU; use --only minilm or smollm2")
     machine = machine_info(a)
+    if a.device == "cuda":
+        machine["cuda_device"] = torch.cuda.get_device_name(0)
     machine["loadavg_before"] = loadavg()
     log(f"cpu: {machine['cpu']} ({machine['logical_cpus']} logical), threads={a.threads}, "
         f"torch {machine['versions']['torch']}, onnxruntime {machine['versions']['onnxruntime']}, "
@@ -444,7 +467,7 @@ def main():
 
     want_minilm = a.only in (None, "minilm")
     want_llm = a.only in (None, "smollm2")
-    want_gemma = a.only in (None, "gemma3")
+    want_gemma = a.only in (None, "gemma3") and a.device == "cpu"
     minilm_dir = os.path.join(a.models_dir, MINILM_DIR)
 
     if a.texts_in:
@@ -485,7 +508,8 @@ def main():
             log("no prompt_ids in the texts: SmolLM2 skipped")
         else:
             bench_smollm(a, texts, smollm, results, checks)
-            bench_llama_cpp(a, texts, results, checks)
+            if a.device == "cpu":
+                bench_llama_cpp(a, texts, results, checks)
     if want_gemma:
         bench_llama_cpp(a, texts, results, checks, "gemma3", GEMMA_GGUF, "gemma_prompt_ids")
     machine["loadavg_after"] = loadavg()

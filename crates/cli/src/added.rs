@@ -359,16 +359,20 @@ fn mb(bytes: u64) -> String {
 
 /// One line: family, parameters, file size, memory in each precision, SHA-256.
 pub fn describe(a: &Added) -> String {
-    let s = &a.summary;
+    summary_line(&a.summary, a.size, &a.sha256)
+}
+
+/// What `describe` says of a model with this summary, weights file size and SHA-256.
+pub fn summary_line(s: &ModelSummary, size: u64, sha256: &str) -> String {
     format!(
         "{} ({} layers), {:.1} M parameters, file {}, memory {} fast / about {} exact, sha256 {}",
         s.architecture,
         s.layers,
         s.parameters as f64 / 1e6,
-        mb(a.size),
+        mb(size),
         mb(s.fast_bytes),
         mb(s.exact_bytes),
-        a.sha256
+        sha256
     )
 }
 

@@ -44,6 +44,11 @@ pub struct BenchArgs {
     /// Write all results as JSON here.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Where the PyTorch peers run: `cpu`, or `cuda` (an NVIDIA GPU: then only PyTorch runs,
+    /// as torch-fp32-cuda, next to our GPU backend; see scripts/gpu-bench.sh).
+    #[arg(long, value_parser = ["cpu", "cuda"], default_value = "cpu")]
+    peers_device: String,
+    /// Models directory [default: $TABULA_MODELS or ~/.cache/tabula/models].
     #[arg(long)]
     models_dir: Option<PathBuf>,
 }
@@ -146,6 +151,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             if let Some(only) = &args.only {
                 cmd.args(["--only", only]);
             }
+            cmd.args(["--device", &args.peers_device]);
             if let Some(dir) = &args.models_dir {
                 cmd.arg("--models-dir").arg(dir);
             }

@@ -27,6 +27,39 @@ fn status(dir: &Path, spec: &ModelSpec) -> Result<Vec<(&'static str, FileState)>
         .collect()
 }
 
+/// A fetched catalogue model in one line, as `models add` describes a model: family,
+/// parameters, weights file size, memory in each precision, the weights file's SHA-256.
+fn summary(dir: &Path, spec: &ModelSpec) -> Result<String> {
+    let files = crate::run::model_files(dir, spec)?;
+    let file = |suffix| crate::run::file_by_suffix(spec, &files, suffix);
+    let (summary, weights) = match spec.family {
+        catalog::Family::Bert => {
+            let config = tabula_models::bert::BertConfig::from_json(file("config.json")?)?;
+            let weights = "model.safetensors";
+            (
+                tabula_models::bert::inspect(&config, file(weights)?)?,
+                weights,
+            )
+        }
+        catalog::Family::Llama => {
+            let bytes = file(".gguf")?;
+            let gguf = tabula_models::gguf::GgufFile::parse(bytes)
+                .map_err(tabula_models::ModelError::from)?;
+            (tabula_models::llama::inspect(&gguf, bytes)?, ".gguf")
+        }
+    };
+    let f = spec
+        .files
+        .iter()
+        .find(|f| f.local_path.ends_with(weights))
+        .context("the catalogue entry names no weights file")?;
+    Ok(crate::added::summary_line(
+        &summary,
+        file(weights)?.len() as u64,
+        f.sha256,
+    ))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FileState {
     Ok,
@@ -47,8 +80,15 @@ pub fn list(dir: &Path) -> Result<()> {
             "{:24} {:?}  {}  [{}]",
             spec.name, spec.family, state, spec.license
         );
+        let fetched = files.iter().all(|(_, s)| *s == FileState::Ok);
         for (path, s) in files {
             println!("    {path}: {s:?}");
+        }
+        if fetched {
+            match summary(dir, spec) {
+                Ok(line) => println!("    {line}"),
+                Err(e) => println!("    cannot be read: {e:#}"),
+            }
         }
         let quantised = crate::quantize::present(dir, spec)?;
         if quantised.is_empty() {

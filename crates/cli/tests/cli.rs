@@ -201,6 +201,16 @@ fn fetch_is_idempotent_and_list_reports_models() {
             && !list.contains("not fetched"),
         "{list}"
     );
+    // Each with family, parameters, file size, memory and the weights' SHA-256, as an added
+    // model is described.
+    for (what, sha) in [
+        ("bert (6 layers), 22.", "53aa51172d142c89"),
+        ("llama (30 layers), 134.", "b179c9523d0e6a0f"),
+        ("gemma3 (18 layers), 268.", "a5fd3b62230aa5ec"),
+    ] {
+        assert!(list.contains(what), "{what}: {list}");
+        assert!(list.contains(&format!("sha256 {sha}")), "{sha}: {list}");
+    }
 }
 
 /// Gemma 3 (fetched from four wheels) generates in fast and in exact precision, both
