@@ -255,18 +255,11 @@ pub fn tensor_shapes(c: &BertConfig) -> Vec<(String, Vec<usize>)> {
     }
     for i in 0..c.num_hidden_layers {
         let p = format!("encoder.layer.{i}");
-        for (name, rows, cols) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", f, h),
-            ("output.dense", h, f),
-        ] {
+        for (_, name, rows, cols) in layer_linears(h, f) {
             out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
             out.push((format!("{p}.{name}.bias"), vec![rows]));
         }
-        for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        for (_, name) in LAYER_NORMS {
             for part in ["weight", "bias"] {
                 out.push((format!("{p}.{name}.{part}"), vec![h]));
             }
@@ -274,6 +267,26 @@ pub fn tensor_shapes(c: &BertConfig) -> Vec<(String, Vec<usize>)> {
     }
     out
 }
+
+/// A layer's linear maps for hidden width `h` and feed-forward width `f`, in the order the
+/// encoder applies them: short name (the exact file's), the checkpoint's name (under
+/// `encoder.layer.N.`, with `.weight` and `.bias`), rows, columns.
+pub fn layer_linears(h: usize, f: usize) -> [(&'static str, &'static str, usize, usize); 6] {
+    [
+        ("q", "attention.self.query", h, h),
+        ("k", "attention.self.key", h, h),
+        ("v", "attention.self.value", h, h),
+        ("attn_out", "attention.output.dense", h, h),
+        ("ffn_in", "intermediate.dense", f, h),
+        ("ffn_out", "output.dense", h, f),
+    ]
+}
+
+/// A layer's two LayerNorms: short name, the checkpoint's name (`.weight` and `.bias`).
+pub const LAYER_NORMS: [(&str, &str); 2] = [
+    ("ln1", "attention.output.LayerNorm"),
+    ("ln2", "output.LayerNorm"),
+];
 
 /// Checks that the encoder can load `safetensors` with `config` without loading it: every
 /// tensor present with its shape and a type it reads. Each failure names the tensor.
@@ -513,15 +526,18 @@ impl<B: Backend> BertModel<B> {
             .clone()
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
+                let [q, k, v, attn_out, ffn_in, ffn_out] = layer_linears(h, ffn)
+                    .map(|(_, name, rows, cols)| linear(&format!("{p}.{name}"), rows, cols));
+                let [ln1, ln2] = LAYER_NORMS.map(|(_, name)| norm(&format!("{p}.{name}")));
                 Ok(Layer {
-                    q: linear(&format!("{p}.attention.self.query"), h, h)?,
-                    k: linear(&format!("{p}.attention.self.key"), h, h)?,
-                    v: linear(&format!("{p}.attention.self.value"), h, h)?,
-                    attn_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
-                    ln1: norm(&format!("{p}.attention.output.LayerNorm"))?,
-                    ffn_in: linear(&format!("{p}.intermediate.dense"), ffn, h)?,
-                    ffn_out: linear(&format!("{p}.output.dense"), h, ffn)?,
-                    ln2: norm(&format!("{p}.output.LayerNorm"))?,
+                    q: q?,
+                    k: k?,
+                    v: v?,
+                    attn_out: attn_out?,
+                    ln1: ln1?,
+                    ffn_in: ffn_in?,
+                    ffn_out: ffn_out?,
+                    ln2: ln2?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -254,15 +254,7 @@ pub fn quantize_bert(
     );
     for i in 0..config.num_hidden_layers {
         let p = format!("encoder.layer.{i}");
-        let linears = [
-            ("q", "attention.self.query", h, h),
-            ("k", "attention.self.key", h, h),
-            ("v", "attention.self.value", h, h),
-            ("attn_out", "attention.output.dense", h, h),
-            ("ffn_in", "intermediate.dense", ffn, h),
-            ("ffn_out", "output.dense", h, ffn),
-        ];
-        for (short, long, rows, cols) in linears {
+        for (short, long, rows, cols) in crate::bert::layer_linears(h, ffn) {
             let w = get(&format!("{p}.{long}.weight"), &[rows, cols])?;
             let b = get(&format!("{p}.{long}.bias"), &[rows])?;
             put_linear(
@@ -273,10 +265,7 @@ pub fn quantize_bert(
                 Some((&b, f)),
             )?;
         }
-        for (short, long) in [
-            ("ln1", "attention.output.LayerNorm"),
-            ("ln2", "output.LayerNorm"),
-        ] {
+        for (short, long) in crate::bert::LAYER_NORMS {
             put_norm(
                 &mut out,
                 &format!("layer.{i}.{short}"),
