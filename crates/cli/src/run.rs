@@ -142,8 +142,16 @@ impl LocalModel {
     pub fn file(&self, dir: &std::path::Path, suffix: &str) -> Result<Vec<u8>> {
         match self {
             LocalModel::Catalogue(spec) => {
-                let files = model_files(dir, spec)?;
-                Ok(file_by_suffix(spec, &files, suffix)?.to_vec())
+                // That file alone: the others can be large (a BERT's weights next to its
+                // tokenizer).
+                let f = spec
+                    .files
+                    .iter()
+                    .find(|f| f.local_path.ends_with(suffix))
+                    .with_context(|| {
+                        format!("the catalogue entry of {} has no `{suffix}`", spec.name)
+                    })?;
+                read_fetched(dir, f.local_path)
             }
             LocalModel::Added(added) => {
                 let (path, _) = added
@@ -174,17 +182,20 @@ impl LocalModel {
 pub fn model_files(dir: &std::path::Path, spec: &ModelSpec) -> Result<Vec<Vec<u8>>> {
     spec.files
         .iter()
-        .map(|f| {
-            let path = dir.join(f.local_path);
-            std::fs::read(&path).with_context(|| {
-                format!(
-                    "cannot read {}: run `tabula models fetch --dir {}` first",
-                    path.display(),
-                    dir.display()
-                )
-            })
-        })
+        .map(|f| read_fetched(dir, f.local_path))
         .collect()
+}
+
+/// One catalogue file, pointing at `tabula models fetch` when it is missing.
+fn read_fetched(dir: &std::path::Path, local_path: &str) -> Result<Vec<u8>> {
+    let path = dir.join(local_path);
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot read {}: run `tabula models fetch --dir {}` first",
+            path.display(),
+            dir.display()
+        )
+    })
 }
 
 /// The bytes of the catalogue file of `spec` whose path ends with `suffix`, out of `files` as
